@@ -1,0 +1,119 @@
+"""Root conftest: command-line options, scheme parametrization from schemes.yaml, session fixtures.
+
+Options live here (vLLM's tests do the same); the library in quantsuite/ never imports pytest.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from filelock import FileLock
+
+from quantsuite.data import DataConfig
+from quantsuite.models import ModelSpec
+from quantsuite.schemes import load_catalog
+
+ROOT = Path(__file__).resolve().parent
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("quantsuite")
+    group.addoption("--scheme", action="append", default=[], help="Scheme name or alias (repeatable; default all)")
+    group.addoption("--model", default="tiny", help="tiny (default), qwen2.5-vl-3b-shape, or a local model dir")
+    group.addoption("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
+    group.addoption("--dtype", default="bfloat16", help="bfloat16 (default), float16, float32")
+    group.addoption("--calib-data", default=None, help="COCO captions JSON (default: the bundled corpus)")
+    group.addoption("--batch-size", type=int, default=8, help="Batch size for calibration/scoring/evaluation")
+    group.addoption("--seq-len", type=int, default=64, help="Maximum tokens per caption sample")
+    group.addoption("--calib-samples", type=int, default=64, help="Captions for calibration")
+    group.addoption("--score-samples", type=int, default=64, help="Captions for AutoQuant scoring")
+    group.addoption("--eval-samples", type=int, default=64, help="Held-out captions for evaluation")
+    group.addoption("--data-seed", type=int, default=0, help="Seed of the caption splits")
+    group.addoption("--model-seed", type=int, default=0, help="Seed of random-weight models (3B shape)")
+    group.addoption("--cache-dir", default=os.environ.get("QUANTSUITE_CACHE", str(ROOT / ".quantsuite-cache")),
+                    help="Artifact cache (default .quantsuite-cache/ or $QUANTSUITE_CACHE)")  # fmt: skip
+    group.addoption("--reports-dir", default=str(ROOT / "reports"), help="Where manifests and reports go")
+
+
+def _catalog():
+    return load_catalog()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """`scheme` -> one case per catalog scheme (session scope, so tests group by scheme)."""
+    if "scheme" in metafunc.fixturenames:
+        marker = metafunc.definition.get_closest_marker("scheme_modes")
+        schemes = [s for s in _catalog().schemes if marker is None or s.mode in marker.args]
+        metafunc.parametrize("scheme", schemes, ids=[s.name for s in schemes], scope="session")
+
+
+@pytest.hookimpl(trylast=True)  # after syrupy records the full collection
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """--scheme deselects other schemes' cases (so their snapshots are not reported unused)."""
+    requested = config.getoption("--scheme")
+    if not requested:
+        return
+    wanted = {scheme.name for scheme in _catalog().select(requested)}  # unknown names fail here, listing valid ones
+    keep, drop = [], []
+    for item in items:
+        spec = getattr(item, "callspec", None)
+        scheme = spec.params.get("scheme") if spec else None
+        (drop if scheme is not None and scheme.name not in wanted else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+@pytest.fixture(scope="session")
+def catalog():
+    return _catalog()
+
+
+@pytest.fixture(scope="session")
+def model_spec(pytestconfig: pytest.Config) -> ModelSpec:
+    option = pytestconfig.getoption
+    return ModelSpec(option("--model"), option("--device"), option("--dtype"), option("--model-seed"))
+
+
+@pytest.fixture(scope="session")
+def data_config(pytestconfig: pytest.Config) -> DataConfig:
+    option = pytestconfig.getoption
+    return DataConfig(
+        path=option("--calib-data"), seed=option("--data-seed"), batch_size=option("--batch-size"),
+        sequence_length=option("--seq-len"), calibration_samples=option("--calib-samples"),
+        scoring_samples=option("--score-samples"), evaluation_samples=option("--eval-samples"),
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def workbench(pytestconfig, model_spec, data_config, catalog):
+    """One Workbench per session (per xdist worker); the disk cache + file locks share work across workers."""
+    from quantsuite.pipeline import Workbench
+
+    cache_dir = Path(pytestconfig.getoption("--cache-dir"))
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache_dir / "workbench.lock")):  # tokenizer / split set-up touches shared files once
+        bench = Workbench(model_spec, data_config, catalog, cache_dir, Path(pytestconfig.getoption("--reports-dir")))
+    pytestconfig.stash[WORKBENCH] = bench
+    return bench
+
+
+WORKBENCH = pytest.StashKey[object]()
+
+
+@pytest.fixture(scope="session")
+def scheme_result(workbench, scheme):
+    return workbench.scheme(scheme)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    bench = config.stash.get(WORKBENCH, None)
+    if bench is None or not bench.cache.events:
+        return
+    terminalreporter.section("quantsuite artifacts")
+    for event in bench.cache.events:
+        terminalreporter.write_line(event)
+    terminalreporter.write_line(f"AutoQuant scoring runs this session: {bench.scoring_runs}")
+    terminalreporter.write_line(f"manifests: {bench.reports_dir / 'manifests' / bench.model_tag}")

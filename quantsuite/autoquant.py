@@ -1,0 +1,195 @@
+"""LM-only AutoQuant: score once per (model, data, formats, method), then re-solve or rank per scheme.
+
+- `ScoringPlan.for_scheme` turns a scheme into the ModelOpt arguments: formats by preset name, the vision
+  tower (and lm_head unless a format makes it eligible) in `disabled_layers` *and* in the cost exclusion, so
+  effective bits are counted over LM linear weights only.
+- `run_scoring` calls `mtq.auto_quantize` once and returns its search state (calibration + sensitivity
+  scores for every candidate format of every layer group; q/k/v and gate/up are one group each).
+- `resolve_config` turns a stored search state into a `mtq.quantize` config for a scheme: `auto` re-solves
+  ModelOpt's LP at the scheme's target (`mtq.get_auto_quantize_config`), `top_k_blocks` ranks decoder blocks
+  by summed score cost (FP8 score - BF16 score) and quantizes the least sensitive K% of them.
+- `apply_config` quantizes a fresh model with that config and the calibration split.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from quantsuite.schemes import LM_HEAD_PATTERN, VISION_PATTERN, Catalog, SchemeError, SchemeSpec
+
+BLOCK_PATTERN = re.compile(r"(?:^|\.)language_model\.layers\.(\d+)\.")
+NO_QUANT = "NONE"
+
+
+def block_index(module_name: str) -> int | None:
+    """Decoder block of an in-memory module name (`model.language_model.layers.3.mlp.up_proj` -> 3)."""
+    match = BLOCK_PATTERN.search(module_name)
+    return int(match.group(1)) if match else None
+
+
+def recipe_name(recipe: object) -> str:
+    """`FP8_DEFAULT_CFG(effective-bits: 8.0)` -> `FP8_DEFAULT_CFG`; `NONE(...)` -> `NONE`."""
+    return str(recipe).split("(", 1)[0]
+
+
+@dataclass(frozen=True)
+class ScoringPlan:
+    """Everything a scoring pass depends on besides model and data; schemes with equal plans share one pass."""
+
+    method: str
+    presets: tuple[str, ...]
+    disabled_layers: tuple[str, ...]
+    cost_excluded: tuple[str, ...]
+    score_samples: int
+
+    @classmethod
+    def for_scheme(cls, scheme: SchemeSpec, catalog: Catalog, default_score_samples: int) -> ScoringPlan:
+        formats = [catalog.formats[name] for name in scheme.formats]
+        if len({(spec.exclude_modules, spec.lm_head) for spec in formats}) > 1:
+            raise SchemeError(f"schemes.yaml: {scheme.name}.formats: an autoquant scheme's formats must share "
+                              "exclude_modules and lm_head (eligibility is one set of disabled layers)")  # fmt: skip
+        if any(spec.kv_cache for spec in formats):
+            raise SchemeError(f"schemes.yaml: {scheme.name}.formats: KV-cache formats work in plain schemes only")
+        lm_head = formats[0].lm_head
+        disabled = (VISION_PATTERN, *(() if lm_head else (LM_HEAD_PATTERN,)), *formats[0].exclude_modules)
+        excluded = (VISION_PATTERN, *(() if lm_head else (LM_HEAD_PATTERN,)))
+        return cls(
+            method=scheme.method,
+            presets=tuple(spec.preset for spec in formats),
+            disabled_layers=disabled,
+            cost_excluded=excluded,
+            score_samples=scheme.score_samples or default_score_samples,
+        )
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+def run_scoring(
+    model: torch.nn.Module, plan: ScoringPlan, batches: list[dict], device: torch.device, target_bits: float = 12.0
+) -> dict:
+    """Run `mtq.auto_quantize` once on `model` (which it quantizes in place) and return its search state.
+
+    `batches` (the scoring split) serve both AutoQuant's internal calibration and the scores; the scheme's
+    own calibration later uses the separate calibration split.
+    """
+    import modelopt.torch.quantization as mtq
+
+    def forward_step(module: torch.nn.Module, batch: dict):
+        output = module(**_to_device(batch, device))
+        return output.logits if plan.method == "kl_div" else output
+
+    _, state = mtq.auto_quantize(
+        model,
+        constraints={"effective_bits": target_bits, "cost": {"excluded_module_name_patterns": list(plan.cost_excluded)}},
+        quantization_formats=list(plan.presets),
+        data_loader=batches,
+        forward_step=forward_step,
+        loss_func=(lambda output, batch: output.loss) if plan.method == "gradient" else None,
+        disabled_layers=list(plan.disabled_layers),
+        num_calib_steps=len(batches),
+        num_score_steps=len(batches),
+        method=plan.method,
+        verbose=False,
+    )
+    if hasattr(model, "gradient_checkpointing_disable"):
+        model.gradient_checkpointing_disable()  # the gradient method leaves it on
+    model.eval()
+    return {key: state[key] for key in state if key != "model"}
+
+
+def group_scores(state: dict) -> dict[str, dict]:
+    """Per layer group: module names, block, and score / cost per candidate format name."""
+    groups = {}
+    for hparam, stats in state["candidate_stats"].items():
+        names = [recipe_name(recipe) for recipe in stats["formats"]]
+        modules = list(stats["module_names"])
+        blocks = {block_index(name) for name in modules}
+        groups[hparam] = {
+            "modules": modules,
+            "block": blocks.pop() if len(blocks) == 1 else None,
+            "scores": {name: float(score) for name, score in zip(names, stats["scores"], strict=True)},
+            "costs": {name: float(cost) for name, cost in zip(names, stats["costs"], strict=True)},
+            "recipes": dict(zip(names, stats["formats"], strict=True)),
+        }
+    return groups
+
+
+def block_sensitivity(state: dict) -> dict[int, float]:
+    """Decoder block -> summed score cost of its groups' best FP8 format versus BF16 (higher = more sensitive)."""
+    totals: dict[int, float] = {}
+    for group in group_scores(state).values():
+        if group["block"] is None:
+            continue
+        quantized = [score for name, score in group["scores"].items() if name != NO_QUANT]
+        if quantized:
+            cost = min(quantized) - group["scores"].get(NO_QUANT, 0.0)
+            totals[group["block"]] = totals.get(group["block"], 0.0) + cost
+    return dict(sorted(totals.items()))
+
+
+def top_k_blocks(sensitivity: dict[int, float], coverage: float) -> list[int]:
+    """The least sensitive round(coverage * blocks) decoder blocks (at least one), ties broken by index."""
+    count = max(1, math.floor(coverage * len(sensitivity) + 0.5))
+    ranked = sorted(sensitivity, key=lambda block: (sensitivity[block], block))
+    return sorted(ranked[:count])
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """A scheme's decisions: the mtq.quantize config, group -> format name, and why (block ranking)."""
+
+    quant_config: dict
+    group_formats: dict[str, str]
+    block_sensitivity: dict[int, float]
+    chosen_blocks: tuple[int, ...] | None  # top_k_blocks only
+
+
+def resolve_config(state: dict, scheme: SchemeSpec) -> Resolution:
+    """Per-scheme decisions from one stored search state (no model, no data: a pure function of the scores)."""
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.quantization.algorithms import _resolve_best_recipe
+
+    groups = group_scores(state)
+    sensitivity = block_sensitivity(state)
+    chosen: tuple[int, ...] | None = None
+    if scheme.coverage_mode == "auto":
+        constraints = {"effective_bits": scheme.target_effective_bits}
+        recipes = _resolve_best_recipe(state, constraints)  # the LP pick get_auto_quantize_config applies
+    else:
+        chosen = tuple(top_k_blocks(sensitivity, scheme.target_coverage or 0.0))
+        recipes = {}
+        for hparam, group in groups.items():
+            quantized = {name: score for name, score in group["scores"].items() if name != NO_QUANT}
+            pick = min(quantized, key=quantized.get) if group["block"] in chosen and quantized else NO_QUANT
+            recipes[hparam] = group["recipes"][pick]
+    replay = copy.copy(state)
+    replay["best"] = dict(state["best"], recipe=recipes)
+    config = mtq.get_auto_quantize_config(replay)
+    group_formats = {hparam: recipe_name(recipe) for hparam, recipe in recipes.items()}
+    return Resolution(config, group_formats, sensitivity, chosen)
+
+
+@torch.no_grad()
+def calibrate_loop(batches: list[dict], device: torch.device, description: str):
+    def forward_loop(model: torch.nn.Module) -> None:
+        for batch in tqdm(batches, desc=description, leave=False):
+            model(**_to_device(batch, device))
+
+    return forward_loop
+
+
+def apply_config(model: torch.nn.Module, config: dict, batches: list[dict], device: torch.device) -> torch.nn.Module:
+    """mtq.quantize `model` in place with `config`, calibrated on `batches` (the calibration split)."""
+    import modelopt.torch.quantization as mtq
+
+    model = mtq.quantize(model, config, forward_loop=calibrate_loop(batches, device, "Calibrating scheme"))
+    model.eval()
+    return model

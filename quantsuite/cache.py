@@ -1,0 +1,99 @@
+"""Content-addressed artifact store: each artifact is a directory keyed by the hash of its inputs.
+
+A key is the sha256 of the JSON of everything the artifact is a pure function of (model identity, data,
+spec, package versions), so a changed input makes a new key, never a stale hit. Builds write into a temp
+directory next to the target and rename it into place after a `.complete` marker is written; a directory
+without the marker (a crash mid-build) is deleted and rebuilt, never read. A file lock per key makes
+pytest-xdist workers build each artifact once.
+
+    >>> cache = ArtifactCache(Path(tempfile.mkdtemp()))
+    >>> path, reused = cache.get_or_build("demo", cache.key({"x": 1}), lambda d: (d / "a.txt").write_text("1"))
+    >>> reused
+    False
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from filelock import FileLock
+
+COMPLETE_MARKER = ".complete"
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages whose behaviour the artifacts depend on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for package in ("torch", "transformers", "nvidia-modelopt", "quantsuite"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def stable_hash(payload: object) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a text file via a temp file in the same directory and an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(handle, "w") as stream:
+        stream.write(text)
+    os.chmod(temporary, 0o644)
+    os.replace(temporary, path)
+
+
+@dataclass
+class ArtifactCache:
+    root: Path
+    events: list[str] = field(default_factory=list)  # "built scores/<key> in 1.2 s", "reused ..."
+
+    def key(self, inputs: dict) -> str:
+        return stable_hash(inputs)
+
+    def path(self, kind: str, key: str) -> Path:
+        return Path(self.root) / kind / key
+
+    def is_complete(self, kind: str, key: str) -> bool:
+        return (self.path(kind, key) / COMPLETE_MARKER).is_file()
+
+    def get_or_build(
+        self, kind: str, key: str, build: Callable[[Path], object], label: str = ""
+    ) -> tuple[Path, bool]:
+        """Return (directory, reused). `build(staging_dir)` fills a fresh directory; it is renamed into place."""
+        target = self.path(kind, key)
+        if self.is_complete(kind, key):
+            self.events.append(f"reused {kind}/{key} {label}".rstrip())
+            return target, True
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(target) + ".lock"):
+            if self.is_complete(kind, key):  # another worker built it while we waited
+                self.events.append(f"reused {kind}/{key} {label}".rstrip())
+                return target, True
+            if target.exists():  # half-written leftovers: never reused
+                shutil.rmtree(target)
+            staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=target.parent))
+            started = time.perf_counter()
+            try:
+                build(staging)
+                (staging / COMPLETE_MARKER).write_text(json.dumps({"key": key, "versions": package_versions()}))
+                staging.chmod(0o755)
+                os.rename(staging, target)
+            finally:
+                if staging.exists():
+                    shutil.rmtree(staging, ignore_errors=True)
+            self.events.append(f"built {kind}/{key} {label} in {time.perf_counter() - started:.1f} s")
+        return target, False

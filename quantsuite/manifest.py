@@ -1,0 +1,166 @@
+"""Scheme manifests: every LM layer decision with its sensitivity, per-block decisions, and totals.
+
+One JSON per scheme (schema-versioned), built from the quantized model itself (which quantizers are enabled)
+and cross-checked against the scheme's decisions, so the manifest describes the model that was measured.
+
+Totals, with weights counted as `weight.numel()` and bits 16 (BF16) or the format's weight bits (FP8: 8):
+- `lm_effective_bits`: over LM decoder linear weights (the set a scheme's target refers to);
+- `lm_effective_bits_with_lm_head`: the same plus lm_head;
+- `model_effective_bits`: over every nn.Linear weight of the model, vision tower included;
+- `coverage_by_weights`: share of LM decoder linear weights in FP8 (= (16 - lm_effective_bits) / 8);
+- `coverage_by_blocks`: share of decoder blocks whose linears are all FP8.
+
+    >>> manifest = build_manifest(model, scheme, catalog, context)   # doctest: +SKIP
+    >>> manifest["totals"]["coverage_by_weights"]                    # doctest: +SKIP
+    0.5
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+from quantsuite.autoquant import NO_QUANT, Resolution, block_index, group_scores
+from quantsuite.schemes import Catalog, SchemeSpec
+
+SCHEMA_VERSION = 1
+BF16 = "BF16"
+
+
+class ManifestError(RuntimeError):
+    """The quantized model and the scheme's decisions disagree."""
+
+
+def _enabled(module: torch.nn.Module, attribute: str) -> bool:
+    quantizer = getattr(module, attribute, None)
+    return bool(quantizer is not None and quantizer.is_enabled)
+
+
+def enabled_quantizers(model: torch.nn.Module, prefix_filter: str) -> list[str]:
+    """Names of enabled TensorQuantizers whose module name contains `prefix_filter` (e.g. 'visual')."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    return [
+        name for name, module in model.named_modules()
+        if isinstance(module, TensorQuantizer) and prefix_filter in name and module.is_enabled
+    ]  # fmt: skip
+
+
+def linear_layers(model: torch.nn.Module) -> dict[str, tuple[str, torch.nn.Linear]]:
+    """name -> (role, module) for every nn.Linear; role is lm_linear, lm_head or vision."""
+    layers = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            role = "lm_linear" if block_index(name) is not None else "lm_head" if name.endswith("lm_head") else (
+                "vision" if "visual" in name else "other")  # fmt: skip
+            layers[name] = (role, module)
+    return layers
+
+
+def build_manifest(
+    model: torch.nn.Module,
+    scheme: SchemeSpec,
+    catalog: Catalog,
+    context: dict,
+    state: dict | None = None,
+    resolution: Resolution | None = None,
+) -> dict:
+    """Describe `model` (quantized with `scheme`) layer by layer; `context` carries model/data/version facts."""
+    groups = group_scores(state) if state else {}
+    module_group = {module: hparam for hparam, group in groups.items() for module in group["modules"]}
+    bits_of = {name: catalog.formats[name].weight_bits for name in scheme.formats}
+    modules, weights, bits = [], Counter(), Counter()
+    fp8_layers = bf16_layers = 0
+    for name, (role, module) in linear_layers(model).items():
+        quantized = _enabled(module, "weight_quantizer")
+        group = module_group.get(name)
+        if resolution is not None and group in resolution.group_formats:
+            fmt = resolution.group_formats[group]
+            fmt = BF16 if fmt == NO_QUANT else fmt
+        else:
+            fmt = scheme.formats[0] if quantized and scheme.formats else BF16
+        if quantized != (fmt != BF16):
+            raise ManifestError(f"{scheme.name}: {name} decision {fmt} but weight quantizer enabled={quantized}")
+        count = module.weight.numel()
+        layer_bits = bits_of.get(fmt, 16.0)
+        weights[role] += count
+        bits[role] += count * layer_bits
+        if fmt != BF16:
+            weights[f"{role}_fp8"] += count
+        if role in ("lm_linear", "lm_head"):
+            fp8_layers, bf16_layers = fp8_layers + (fmt != BF16), bf16_layers + (fmt == BF16)
+            modules.append({
+                "name": name, "role": role, "block": block_index(name), "group": group, "format": fmt,
+                "input_quantized": _enabled(module, "input_quantizer"), "weight_count": count,
+                "sensitivity": {(BF16 if k == NO_QUANT else k): v for k, v in groups[group]["scores"].items()}
+                if group in groups else {},
+            })  # fmt: skip
+
+    blocks = {}
+    sensitivity = resolution.block_sensitivity if resolution else {}
+    ranking = {block: rank for rank, block in enumerate(sorted(sensitivity, key=lambda b: (sensitivity[b], b)))}
+    for entry in modules:
+        if entry["block"] is None:
+            continue
+        block = blocks.setdefault(entry["block"], {"index": entry["block"], "formats": Counter()})
+        block["formats"][entry["format"]] += 1
+    block_list = []
+    for index in sorted(blocks):
+        formats = blocks[index]["formats"]
+        decision = next(iter(formats)) if len(formats) == 1 else "mixed"
+        block_list.append({
+            "index": index, "decision": decision, "layer_formats": dict(sorted(formats.items())),
+            "sensitivity": sensitivity.get(index), "sensitivity_rank": ranking.get(index),
+        })  # fmt: skip
+
+    lm_weights = weights["lm_linear"]
+    lm_bits = bits["lm_linear"]
+    all_weights = sum(weights[role] for role in ("lm_linear", "lm_head", "vision", "other"))
+    all_bits = sum(bits[role] for role in ("lm_linear", "lm_head", "vision", "other"))
+    lm_head_format = next((m["format"] for m in modules if m["role"] == "lm_head"), "tied-or-absent")
+    totals = {
+        "lm_linear_weights": lm_weights,
+        "lm_head_weights": weights["lm_head"],
+        "vision_linear_weights": weights["vision"],
+        "lm_effective_bits": lm_bits / lm_weights,
+        "lm_effective_bits_with_lm_head": (lm_bits + bits["lm_head"]) / (lm_weights + weights["lm_head"]),
+        "model_effective_bits": all_bits / all_weights,
+        "coverage_by_weights": weights["lm_linear_fp8"] / lm_weights,
+        "coverage_by_blocks": sum(b["decision"] not in (BF16, "mixed") for b in block_list) / max(len(block_list), 1),
+        "fp8_layers": fp8_layers,
+        "bf16_layers": bf16_layers,
+        "lm_head_format": lm_head_format,
+        "embedding_format": BF16 if not enabled_quantizers(model, "embed_tokens") else "quantized",
+        "kv_cache_format": "FP8" if any("language_model" in n for n in enabled_quantizers(model, "_bmm_quantizer"))
+        else BF16,
+        "vision_enabled_quantizers": len(enabled_quantizers(model, "visual")),
+    }  # fmt: skip
+    selection = {"coverage_mode": scheme.coverage_mode, "chosen_blocks": None, "reason": ""}
+    if resolution is not None and resolution.chosen_blocks is not None:
+        selection["chosen_blocks"] = list(resolution.chosen_blocks)
+        selection["reason"] = (
+            f"the {len(resolution.chosen_blocks)} of {len(sensitivity)} decoder blocks with the lowest summed "
+            f"{scheme.method} score cost (FP8 score - BF16 score over the block's layer groups) for target "
+            f"coverage {scheme.target_coverage}"
+        )
+    elif scheme.mode == "autoquant":
+        selection["reason"] = (f"ModelOpt AutoQuant LP solve ({scheme.method} scores) at "
+                               f"{scheme.target_effective_bits} effective bits over LM linear weights")  # fmt: skip
+    else:
+        selection["reason"] = f"mode {scheme.mode}: " + ("no quantization" if scheme.mode == "none" else
+                                                         f"mtq.quantize with {scheme.formats[0]}")  # fmt: skip
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "scheme": scheme.model_dump(mode="json"),
+        **context,
+        "selection": selection,
+        "totals": totals,
+        "blocks": block_list,
+        "modules": modules,
+    }
+
+
+def decisions(manifest: dict) -> dict[str, str]:
+    """Sorted module name -> format: the discrete facts a snapshot records."""
+    return {entry["name"]: entry["format"] for entry in sorted(manifest["modules"], key=lambda e: e["name"])}

@@ -1,0 +1,281 @@
+"""Models under test: the embedded tiny Qwen2.5-VL, a local directory of real weights, or the 3B shape.
+
+`--model` takes one of
+- `tiny` (default): a small Qwen2_5_VLForConditionalGeneration (8 LM layers, 2 vision blocks) with an
+  in-project BPE tokenizer carrying Qwen2.5-VL's special tokens, trained for a few CPU minutes on the bundled
+  captions and committed as a real HF directory (`quantsuite/assets/tiny-qwen2.5-vl`). Rebuild it with
+  `python scripts/train_tiny.py` (deterministic from its seed).
+- a local directory holding Qwen2.5-VL-3B-Instruct / 7B-Instruct (config.json + safetensors + tokenizer),
+  loaded offline; models too large for one GPU load with `device_map="auto"`.
+- `qwen2.5-vl-3b-shape`: the real 3B architecture with seeded random weights (GPU performance runs); it uses
+  the tiny model's tokenizer, with the special-token ids in its config set to match.
+
+Nothing here touches the network: a hub id without a local copy fails at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+TINY_DIR = Path(__file__).resolve().parent / "assets" / "tiny-qwen2.5-vl"
+SHAPE_3B = "qwen2.5-vl-3b-shape"
+NAMED_MODELS = ("tiny", SHAPE_3B)
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+)  # fmt: skip
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant."
+    "<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+class ModelSourceError(ValueError):
+    """A --model / --device / --dtype value that cannot be used; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to load and where. `name` is `tiny`, `qwen2.5-vl-3b-shape` or a local directory."""
+
+    name: str = "tiny"
+    device: str = "auto"
+    dtype: str = "bfloat16"
+    seed: int = 0
+
+    def source_dir(self) -> Path:
+        """Directory holding config / tokenizer for this model (the tiny one for the 3B shape)."""
+        if self.name in NAMED_MODELS:
+            return TINY_DIR
+        path = Path(self.name).expanduser()
+        if not (path / "config.json").is_file():
+            kind = "a hub id" if "/" in self.name and not path.exists() else "not a model directory"
+            raise ModelSourceError(
+                f"--model {self.name!r} is {kind}: nothing is downloaded here. Pass a local directory with "
+                f"config.json and safetensors (e.g. a copy of Qwen2.5-VL-3B-Instruct), or one of {NAMED_MODELS}"
+            )
+        return path
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype not in DTYPES:
+            raise ModelSourceError(f"--dtype {self.dtype!r}: use one of {sorted(DTYPES)}")
+        return DTYPES[self.dtype]
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ModelSourceError(f"--device {self.device!r}: use auto, cpu, cuda or cuda:N")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ModelSourceError(f"--device {self.device}: no CUDA device is visible; use --device cpu")
+        return torch.device(self.device)
+
+    def fingerprint(self) -> str:
+        """Identity of the weights: config + tokenizer + weight files (name, size, first MiB) + seed/dtype."""
+        digest = hashlib.sha256(f"{self.name if self.name in NAMED_MODELS else 'path'}|{self.dtype}".encode())
+        if self.name == SHAPE_3B:
+            digest.update(f"seed={self.seed}".encode())
+        source = self.source_dir()
+        for file in sorted(source.iterdir()):
+            if file.is_file() and (file.suffix in (".json", ".safetensors", ".jinja", ".txt")):
+                digest.update(file.name.encode() + str(file.stat().st_size).encode())
+                with file.open("rb") as handle:
+                    digest.update(handle.read(1 << 20))
+        return digest.hexdigest()
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    spec: ModelSpec
+    source_dir: Path
+    device: torch.device
+
+
+def _vision_config(hidden: int, depth: int, heads: int, intermediate: int, out_hidden: int) -> dict:
+    return {
+        "depth": depth, "hidden_size": hidden, "num_heads": heads, "intermediate_size": intermediate,
+        "out_hidden_size": out_hidden, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+        "window_size": 112, "fullatt_block_indexes": [depth - 1] if depth < 8 else [7, 15, 23, 31],
+    }  # fmt: skip
+
+
+def make_config(tokenizer, shape: str = "tiny"):
+    """Qwen2_5_VLConfig for `tiny` or the 3B shape, with special-token ids taken from `tokenizer`."""
+    from transformers import Qwen2_5_VLConfig
+
+    if shape == "tiny":
+        vocab = int(math.ceil(len(tokenizer) / 64) * 64)
+        text = {"hidden_size": 128, "num_hidden_layers": 8, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "intermediate_size": 512, "vocab_size": vocab, "max_position_embeddings": 2048,
+                "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}}
+        vision = _vision_config(64, 2, 2, 128, 128)
+    else:
+        text = {"hidden_size": 2048, "num_hidden_layers": 36, "num_attention_heads": 16, "num_key_value_heads": 2,
+                "intermediate_size": 11008, "vocab_size": 151936, "max_position_embeddings": 128000,
+                "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}}
+        vision = _vision_config(1280, 32, 16, 3420, 2048)
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}  # fmt: skip
+    text |= {"bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+             "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
+             "pad_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"), "tie_word_embeddings": True}  # fmt: skip
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids)
+    config.architectures = ["Qwen2_5_VLForConditionalGeneration"]  # export needs it (is_multimodal_model)
+    return config
+
+
+def build_tokenizer(texts: list[str], vocab_size: int = 1024):
+    """Byte-level BPE trained on `texts`, then Qwen2.5-VL's special tokens appended (ids after the BPE vocab)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - len(SPECIAL_TOKENS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(texts, trainer)
+    bpe.add_special_tokens(list(SPECIAL_TOKENS))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side="right",
+        model_max_length=32768, extra_special_tokens={"image_token": "<|image_pad|>",
+        "video_token": "<|video_pad|>", "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"},
+    )  # fmt: skip
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def save_processor(tokenizer, directory: Path) -> None:
+    """Write tokenizer + Qwen2.5-VL processor files (image/video processor configs, chat template).
+
+    Written as plain JSON: transformers' video processor needs torchvision, which the CPU set-up lacks.
+    """
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tokenizer.save_pretrained(directory)
+    image = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2).to_dict()
+    image |= {"image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor"}
+    video = {key: image[key] for key in ("do_resize", "do_rescale", "rescale_factor", "do_normalize",
+             "image_mean", "image_std", "do_convert_rgb", "patch_size", "merge_size", "temporal_patch_size")}
+    video |= {"video_processor_type": "Qwen2VLVideoProcessor", "processor_class": "Qwen2_5_VLProcessor",
+              "min_pixels": 3136, "max_pixels": 12845056}
+    files = {"preprocessor_config.json": image, "video_preprocessor_config.json": video,
+             "processor_config.json": {"processor_class": "Qwen2_5_VLProcessor"}}
+    for name, content in files.items():
+        (directory / name).write_text(json.dumps(content, indent=2, sort_keys=True, default=str) + "\n")
+    (directory / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+
+
+def load_tokenizer(directory: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+
+
+def load_model(spec: ModelSpec) -> LoadedModel:
+    """Load the model in eval mode on the requested device (HF offline: no network is attempted)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    source, dtype, device = spec.source_dir(), spec.torch_dtype(), spec.torch_device()
+    tokenizer = load_tokenizer(source)
+    if spec.name == SHAPE_3B:
+        torch.manual_seed(spec.seed)
+        with device:
+            model = Qwen2_5_VLForConditionalGeneration._from_config(make_config(tokenizer, "3b"), dtype=dtype)
+    else:
+        options: dict = {"dtype": dtype, "local_files_only": True}
+        if device.type == "cuda" and spec.name not in NAMED_MODELS:
+            options["device_map"] = "auto"  # spreads models larger than one GPU
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(source, **options)
+        if "device_map" not in options:
+            model.to(device)
+    model.eval()
+    return LoadedModel(model, tokenizer, spec, source, device)
+
+
+def train_tiny(output_dir: Path = TINY_DIR, seed: int = 1234, steps: int = 600, log=print) -> dict:
+    """Build and train the tiny model on the training split of the bundled captions; write it atomically.
+
+    Returns `{"evaluation_perplexity", "uniform_perplexity", "steps"}`. Deterministic for a given seed, torch
+    version and thread count (training runs in float32 on the CPU, weights are saved in bfloat16).
+    """
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from quantsuite.data import DataConfig, load_splits, tokenize_batches
+
+    torch.manual_seed(seed)
+    splits = load_splits(DataConfig())
+    tokenizer = build_tokenizer([caption.text for caption in splits.training])
+    config = make_config(tokenizer, "tiny")
+    model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.float32)
+    batches = tokenize_batches(splits.training, tokenizer, batch_size=16, sequence_length=64)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for step in range(steps):
+        batch = batches[int(torch.randint(len(batches), (1,), generator=generator))]
+        loss = model(**batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"step {step:4d} loss {loss.item():.3f}")
+    model.eval()
+    model.to(torch.bfloat16)
+    evaluation = tokenize_batches(splits.evaluation, tokenizer, batch_size=16, sequence_length=64)
+    result = {
+        "evaluation_perplexity": perplexity(model, evaluation),
+        "uniform_perplexity": float(len(tokenizer)),
+        "steps": steps,
+        "seed": seed,
+    }
+    output_dir = Path(output_dir)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=output_dir.parent))
+    model.save_pretrained(staging)
+    save_processor(tokenizer, staging)
+    (staging / "training.json").write_text(json.dumps(result, indent=1) + "\n")
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
+    staging.chmod(0o755)
+    staging.rename(output_dir)
+    return result
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, batches: list[dict]) -> float:
+    """Token-weighted perplexity of `model` on causal-LM batches (padding excluded by the labels)."""
+    device = next(model.parameters()).device
+    total_loss, total_tokens = 0.0, 0
+    for batch in batches:
+        batch = {key: value.to(device) for key, value in batch.items()}
+        tokens = int((batch["labels"][:, 1:] != -100).sum())
+        total_loss += float(model(**batch).loss) * tokens
+        total_tokens += tokens
+    return math.exp(total_loss / max(total_tokens, 1))

@@ -1,0 +1,205 @@
+"""The workbench: one model + data + catalog + cache; produces each scheme once and remembers it.
+
+    >>> bench = Workbench(ModelSpec("tiny"), DataConfig(), load_catalog(), cache_root=Path(".quantsuite-cache"))
+    >>> result = bench.scheme(bench.catalog.scheme("top50"))   # scores (once), re-solve, calibrate, manifest
+    >>> result.manifest["totals"]["coverage_by_weights"]         # doctest: +SKIP
+    0.5
+
+Scores live in the cache under `scores/<key>` (key: model fingerprint, data fingerprint, scoring plan,
+device, package versions); each scheme's decisions (quant config + manifest) under `schemes/<key>`, whose
+key includes the scores key. A second run reuses both and only re-applies the stored config (calibration).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from quantsuite.autoquant import Resolution, ScoringPlan, apply_config, resolve_config, run_scoring
+from quantsuite.cache import ArtifactCache, package_versions, write_atomic
+from quantsuite.data import CaptionDataError, DataConfig, load_splits, tokenize_batches
+from quantsuite.manifest import build_manifest
+from quantsuite.models import NAMED_MODELS, LoadedModel, ModelSpec, load_model, load_tokenizer
+from quantsuite.schemes import Catalog, SchemeSpec
+
+REPORTS_DIR = Path(__file__).resolve().parents[1] / "reports"
+
+
+@dataclass
+class SchemeResult:
+    scheme: SchemeSpec
+    manifest: dict
+    manifest_path: Path
+    artifact_dir: Path  # the scheme's cache directory (later stages add the export here)
+    reused: bool
+    resolution: Resolution | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Workbench:
+    """Produces schemes for one model and one data configuration (see module docstring)."""
+
+    def __init__(
+        self,
+        model_spec: ModelSpec,
+        data_config: DataConfig,
+        catalog: Catalog,
+        cache_root: Path,
+        reports_dir: Path = REPORTS_DIR,
+        live_models: int = 1,
+    ) -> None:
+        self.model_spec = model_spec
+        self.data_config = data_config
+        self.catalog = catalog
+        self.cache = ArtifactCache(Path(cache_root))
+        self.reports_dir = Path(reports_dir)
+        self.live_models = live_models
+        self.device = model_spec.torch_device()
+        self.source_dir = model_spec.source_dir()
+        self.tokenizer = load_tokenizer(self.source_dir)
+        self.splits = load_splits(data_config)
+        self.model_fingerprint = model_spec.fingerprint()
+        self.versions = package_versions()
+        self.scoring_runs = 0  # how many times AutoQuant scoring actually ran in this process
+        self._states: dict[str, dict] = {}
+        self._results: dict[str, SchemeResult] = {}
+        self._models: OrderedDict[str, torch.nn.Module] = OrderedDict()
+        self._configs: dict[str, tuple[dict | None, int]] = {}
+
+    # -- inputs -------------------------------------------------------------------------------------------
+    @property
+    def model_tag(self) -> str:
+        return self.model_spec.name if self.model_spec.name in NAMED_MODELS else Path(self.model_spec.name).name
+
+    def batches(self, split: str, samples: int | None = None) -> list[dict]:
+        captions = getattr(self.splits, split)
+        if samples is not None:
+            if samples > len(captions):
+                option = {"calibration": "--calib-samples", "scoring": "--score-samples"}.get(split, split)
+                raise CaptionDataError(f"a scheme asks for {samples} {split} samples but the split holds "
+                                       f"{len(captions)}; raise {option}")  # fmt: skip
+            captions = captions[:samples]
+        return tokenize_batches(captions, self.tokenizer, self.data_config.batch_size, self.data_config.sequence_length)
+
+    def load(self) -> LoadedModel:
+        return load_model(self.model_spec)
+
+    def _base_key(self) -> dict:
+        return {
+            "model": self.model_fingerprint, "data": self.splits.fingerprint, "versions": self.versions,
+            "device": self.device.type, "dtype": self.model_spec.dtype,
+        }  # fmt: skip
+
+    # -- scoring --------------------------------------------------------------------------------------------
+    def scoring_plan(self, scheme: SchemeSpec) -> ScoringPlan:
+        return ScoringPlan.for_scheme(scheme, self.catalog, self.data_config.scoring_samples)
+
+    def scoring_key(self, plan: ScoringPlan) -> str:
+        return self.cache.key(self._base_key() | {"plan": asdict(plan)})
+
+    def scoring_state(self, plan: ScoringPlan) -> tuple[dict, str]:
+        """The AutoQuant search state for `plan`: from memory, the disk cache, or one scoring run."""
+        key = self.scoring_key(plan)
+        if key not in self._states:
+
+            def build(directory: Path) -> None:
+                loaded = self.load()
+                started = time.perf_counter()
+                state = run_scoring(loaded.model, plan, self.batches("scoring", plan.score_samples), loaded.device)
+                self.scoring_runs += 1
+                torch.save(state, directory / "search_state.pt")
+                (directory / "plan.json").write_text(json.dumps(asdict(plan) | {"seconds": time.perf_counter()
+                                                                                 - started}, indent=1))  # fmt: skip
+                del loaded
+                self._release_memory()
+
+            path, _ = self.cache.get_or_build("scores", key, build, f"({plan.method}, {'+'.join(plan.presets)})")
+            self._states[key] = torch.load(path / "search_state.pt", weights_only=False)
+        return self._states[key], key
+
+    # -- schemes --------------------------------------------------------------------------------------------
+    def scheme(self, scheme: SchemeSpec) -> SchemeResult:
+        """Produce `scheme` once per process (and once per cache key across runs)."""
+        if scheme.name in self._results:
+            return self._results[scheme.name]
+        timings: dict[str, float] = {}
+        calibration = scheme.calibration_samples or self.data_config.calibration_samples
+        started = time.perf_counter()
+        state = scores_key = resolution = None
+        if scheme.mode == "autoquant":
+            state, scores_key = self.scoring_state(self.scoring_plan(scheme))
+            timings["scoring_s"] = time.perf_counter() - started
+            resolution = resolve_config(state, scheme)
+            timings["resolve_s"] = time.perf_counter() - started - timings["scoring_s"]
+            quant_config = resolution.quant_config
+        elif scheme.mode == "plain":
+            quant_config = self.catalog.formats[scheme.formats[0]].quant_config()
+        else:
+            quant_config = None
+        key = self.cache.key(self._base_key() | {
+            "scheme": scheme.spec_hash_input(), "scores": scores_key, "calibration_samples": calibration,
+            "formats": {name: self.catalog.formats[name].model_dump(mode="json") for name in scheme.formats},
+        })  # fmt: skip
+
+        def build(directory: Path) -> None:
+            model = self.quantized_model(scheme, quant_config, calibration)
+            context = self.context(scheme, calibration, scores_key)
+            manifest = build_manifest(model, scheme, self.catalog, context, state, resolution)
+            (directory / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+            torch.save(quant_config, directory / "quant_config.pt")
+
+        artifact_dir, reused = self.cache.get_or_build("schemes", key, build, scheme.name)
+        manifest = json.loads((artifact_dir / "manifest.json").read_text())
+        manifest_path = self.reports_dir / "manifests" / self.model_tag / f"{scheme.name}.json"
+        write_atomic(manifest_path, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        timings["total_s"] = time.perf_counter() - started
+        result = SchemeResult(scheme, manifest, manifest_path, artifact_dir, reused, resolution, timings)
+        self._results[scheme.name] = result
+        self._configs[scheme.name] = (quant_config, calibration)
+        return result
+
+    def context(self, scheme: SchemeSpec, calibration: int, scores_key: str | None) -> dict:
+        return {
+            "model": {"name": self.model_tag, "fingerprint": self.model_fingerprint, "dtype": self.model_spec.dtype,
+                      "seed": self.model_spec.seed},
+            "data": {"source": str(self.data_config.source), "fingerprint": self.splits.fingerprint,
+                     "seed": self.data_config.seed, "calibration_samples": calibration,
+                     "score_samples": scheme.score_samples or self.data_config.scoring_samples,
+                     "batch_size": self.data_config.batch_size, "sequence_length": self.data_config.sequence_length},
+            "scores_key": scores_key,
+            "versions": self.versions,
+            "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+        }  # fmt: skip
+
+    def quantized_model(
+        self, scheme: SchemeSpec, quant_config: dict | None = None, calibration: int | None = None
+    ) -> torch.nn.Module:
+        """The model quantized with `scheme` (kept for reuse; at most `live_models` stay in memory)."""
+        if scheme.name in self._models:
+            self._models.move_to_end(scheme.name)
+            return self._models[scheme.name]
+        if quant_config is None and calibration is None:
+            self.scheme(scheme)
+            if scheme.name in self._models:
+                return self._models[scheme.name]
+            quant_config, calibration = self._configs[scheme.name]
+        while len(self._models) >= self.live_models:
+            self._models.popitem(last=False)
+            self._release_memory()
+        model = self.load().model
+        if quant_config is not None:
+            apply_config(model, quant_config, self.batches("calibration", calibration), self.device)
+        self._models[scheme.name] = model
+        return model
+
+    @staticmethod
+    def _release_memory() -> None:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

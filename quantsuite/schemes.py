@@ -1,0 +1,221 @@
+"""The scheme catalog: pydantic schema for schemes.yaml (formats + schemes) and name/alias selection.
+
+A format is a ModelOpt quantization config: a preset by name, optionally with modules excluded, lm_head
+made eligible or an FP8 KV cache merged in. A scheme says how formats are applied to the language model:
+`autoquant` (AutoQuant search at a target, `auto` or `top_k_blocks`), `plain` (mtq.quantize with one format)
+or `none` (the BF16 reference). Coverage c (fraction of LM linear weights in FP8) and effective bits b over
+LM linear weights are one target in two units for FP8 + BF16 searches: b = 16 - 8c, c = (16 - b) / 8.
+
+    >>> catalog = load_catalog()
+    >>> [scheme.name for scheme in catalog.select(["top50"])]
+    ['fp8_autoquant_top50']
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+CATALOG_PATH = Path(__file__).resolve().parents[1] / "schemes.yaml"
+VISION_PATTERN = "*visual*"
+LM_HEAD_PATTERN = "*lm_head*"
+
+
+class SchemeError(ValueError):
+    """schemes.yaml or a --scheme value that cannot be used; the message names the field and the fix."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FormatSpec(Strict):
+    """A named quantization config usable by any scheme (see module docstring)."""
+
+    description: str = Field(description="What the format quantizes, in one sentence")
+    preset: str = Field(description="ModelOpt config the format starts from, e.g. FP8_DEFAULT_CFG")
+    exclude_modules: tuple[str, ...] = Field(
+        default=(), description="Module-name globs kept BF16 under this format, e.g. '*self_attn*'"
+    )
+    lm_head: bool = Field(default=False, description="Make lm_head eligible (the preset keeps it BF16)")
+    kv_cache: str | None = Field(default=None, description="ModelOpt KV-cache preset merged in, e.g. FP8_KV_CFG")
+
+    @field_validator("preset", "kv_cache")
+    @classmethod
+    def _known_preset(cls, value: str | None) -> str | None:
+        import modelopt.torch.quantization as mtq
+
+        if value is not None and value not in mtq.config.choices:
+            raise ValueError(f"unknown ModelOpt preset {value!r}; accepted: {sorted(mtq.config.choices)}")
+        return value
+
+    @property
+    def weight_bits(self) -> float:
+        """Bits per weight of the preset's weight quantizer (FP8 (4, 3) -> 8)."""
+        for entry in self._preset(self.preset)["quant_cfg"]:
+            if entry.get("quantizer_name") == "*weight_quantizer" and "cfg" in entry:
+                bits = entry["cfg"].get("num_bits", 8)
+                return float(1 + sum(bits)) if isinstance(bits, tuple | list) else float(bits)
+        raise SchemeError(f"preset {self.preset} has no '*weight_quantizer' entry to read its bits from")
+
+    @staticmethod
+    def _preset(name: str) -> dict:
+        import modelopt.torch.quantization as mtq
+
+        return copy.deepcopy(getattr(mtq, name))
+
+    def quant_config(self) -> dict:
+        """The ModelOpt config for mtq.quantize; the vision tower is disabled last, whatever the preset says."""
+        config = self._preset(self.preset)
+        entries = list(config["quant_cfg"])
+        if self.kv_cache:
+            entries += self._preset(self.kv_cache)["quant_cfg"]
+        if self.lm_head:
+            entries.append({"quantizer_name": LM_HEAD_PATTERN, "enable": True})
+        entries += [{"quantizer_name": f"{pattern}quantizer", "enable": False} for pattern in self.exclude_modules]
+        entries.append({"quantizer_name": VISION_PATTERN, "enable": False})
+        return {"quant_cfg": entries, "algorithm": config["algorithm"]}
+
+
+class DriftBounds(Strict):
+    """Per-model bounds on drift against the BF16 reference (asserted by the drift tests)."""
+
+    kl_mean_max: float = Field(ge=0, description="Upper bound on mean per-token KL(ref || quant), nats")
+    top1_agreement_min: float = Field(ge=0, le=1, description="Lower bound on top-1 agreement with BF16")
+
+
+class VllmOutcome(Strict):
+    outcome: Literal["loads", "fails"] = Field(description="Expected result of loading the export in vLLM")
+    reason: str = Field(description="Why (the error's key line when it fails)")
+
+
+class Expectations(Strict):
+    drift: dict[str, DriftBounds] = Field(default_factory=dict, description="Model name -> drift bounds")
+    vllm: dict[Literal["cpu", "cpu_patched", "cuda"], VllmOutcome] = Field(
+        default_factory=dict, description="vLLM backend -> expected outcome with reason"
+    )
+
+
+class SchemeSpec(Strict):
+    """One scheme of the catalog (see module docstring for the modes)."""
+
+    name: str = Field(pattern=r"^[a-z0-9_]+$", description="Unique name, used in reports and cache keys")
+    alias: str | None = Field(default=None, description="Short name accepted by --scheme, e.g. top50")
+    description: str = Field(description="What the scheme is for")
+    mode: Literal["autoquant", "plain", "none"] = Field(description="AutoQuant search, mtq.quantize, or BF16")
+    formats: tuple[str, ...] = Field(default=(), description="Names from `formats` (one for plain, none for none)")
+    method: Literal["gradient", "kl_div"] = Field(default="gradient", description="AutoQuant scoring method")
+    coverage: float | None = Field(default=None, description="Target fraction of LM linear weights in FP8, (0, 1]")
+    effective_bits: float | None = Field(default=None, description="Target effective bits over LM linear weights")
+    coverage_mode: Literal["auto", "top_k_blocks"] = Field(
+        default="auto", description="auto: AutoQuant's pick; top_k_blocks: least sensitive K% of decoder blocks"
+    )
+    calibration_samples: int | None = Field(default=None, ge=1, description="Overrides --calib-samples")
+    score_samples: int | None = Field(default=None, ge=1, description="Overrides --score-samples")
+    expect: Expectations = Field(default_factory=Expectations, description="Expectations of later tests")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SchemeSpec:
+        if self.mode == "autoquant":
+            if (self.coverage is None) == (self.effective_bits is None):
+                raise ValueError("an autoquant scheme needs exactly one of `coverage` or `effective_bits`")
+            if not self.formats:
+                raise ValueError("an autoquant scheme needs at least one entry in `formats`")
+        else:
+            if self.coverage is not None or self.effective_bits is not None:
+                raise ValueError(f"mode {self.mode} takes no `coverage` / `effective_bits` (only autoquant searches)")
+            if self.coverage_mode != "auto":
+                raise ValueError("coverage_mode top_k_blocks needs mode: autoquant (it ranks AutoQuant scores)")
+            if len(self.formats) != (1 if self.mode == "plain" else 0):
+                raise ValueError(f"mode {self.mode} takes {'exactly one' if self.mode == 'plain' else 'no'} format")
+        if self.coverage is not None and not 0 < self.coverage <= 1:
+            raise ValueError(f"coverage {self.coverage} must lie in (0, 1]")
+        return self
+
+    @property
+    def target_effective_bits(self) -> float | None:
+        if self.effective_bits is not None:
+            return self.effective_bits
+        return None if self.coverage is None else 16.0 - 8.0 * self.coverage
+
+    @property
+    def target_coverage(self) -> float | None:
+        if self.coverage is not None:
+            return self.coverage
+        return None if self.effective_bits is None else (16.0 - self.effective_bits) / 8.0
+
+    def spec_hash_input(self) -> str:
+        """JSON of what changes the scheme's decisions (not its description or later-stage expectations)."""
+        return json.dumps(self.model_dump(exclude={"description", "expect", "alias"}), sort_keys=True)
+
+
+class Catalog(Strict):
+    formats: dict[str, FormatSpec] = Field(description="Format name -> quantization config")
+    schemes: tuple[SchemeSpec, ...] = Field(description="The schemes under test")
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Catalog:
+        seen: dict[str, str] = {}
+        for index, scheme in enumerate(self.schemes):
+            where = f"schemes[{index}] ({scheme.name})"
+            for key in {scheme.name, scheme.alias} - {None}:
+                if key in seen:
+                    raise ValueError(f"{where}: name or alias {key!r} already used by {seen[key]}")
+                seen[key] = scheme.name
+            for position, name in enumerate(scheme.formats):
+                if name not in self.formats:
+                    raise ValueError(f"{where}.formats[{position}]: unknown format {name!r}; "
+                                     f"defined formats: {sorted(self.formats)}")  # fmt: skip
+            bits = [self.formats[name].weight_bits for name in scheme.formats]
+            if scheme.effective_bits is not None and bits:
+                low = min(bits)
+                if not low <= scheme.effective_bits <= 16:
+                    raise ValueError(f"{where}.effective_bits: {scheme.effective_bits} is outside [{low:g}, 16], "
+                                     f"the range reachable with formats {list(scheme.formats)}")  # fmt: skip
+        return self
+
+    def scheme(self, name: str) -> SchemeSpec:
+        return self.select([name])[0]
+
+    def select(self, requested: list[str] | None) -> list[SchemeSpec]:
+        """Schemes by name or alias, in catalog order; None or [] means all."""
+        if not requested:
+            return list(self.schemes)
+        index = {key: scheme for scheme in self.schemes for key in filter(None, (scheme.name, scheme.alias))}
+        unknown = [name for name in requested if name not in index]
+        if unknown:
+            valid = ", ".join(f"{s.name} ({s.alias})" if s.alias else s.name for s in self.schemes)
+            raise SchemeError(f"--scheme {', '.join(unknown)}: unknown; valid schemes (alias): {valid}")
+        wanted = {index[name].name for name in requested}
+        return [scheme for scheme in self.schemes if scheme.name in wanted]
+
+
+def parse_catalog(document: object, source: str = "schemes.yaml") -> Catalog:
+    """Validate a parsed YAML document; errors name the file and the field path."""
+    try:
+        return Catalog.model_validate(document)
+    except ValidationError as error:
+        lines = []
+        for problem in error.errors():
+            path = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+            lines.append(f"{source}: {path}: {problem['msg']}")
+        raise SchemeError("\n".join(lines)) from None
+
+
+def load_catalog(path: str | Path = CATALOG_PATH) -> Catalog:
+    path = Path(path)
+    try:
+        document = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise SchemeError(f"{path}: cannot read the scheme catalog ({error})") from error
+    return parse_catalog(document, str(path.name))
+
+
+def dump_catalog(catalog: Catalog) -> str:
+    """YAML text that parses back to an equal catalog (round trip)."""
+    return yaml.safe_dump(json.loads(catalog.model_dump_json(exclude_defaults=True)), sort_keys=False)

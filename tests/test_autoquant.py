@@ -1,0 +1,175 @@
+"""AutoQuant scheme production on the selected model (-m autoquant): invariants of every scheme's decisions."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from itertools import combinations
+
+import pytest
+from syrupy.extensions.json import JSONSnapshotExtension
+
+from quantsuite.autoquant import block_index, resolve_config, top_k_blocks
+from quantsuite.manifest import BF16, decisions, enabled_quantizers
+from quantsuite.pipeline import Workbench
+
+pytestmark = pytest.mark.autoquant
+FUSED = {"qkv": re.compile(r"self_attn\.[qkv]_proj$"), "gate_up": re.compile(r"mlp\.(gate|up)_proj$")}
+
+
+def test_vision_tower_never_quantized(workbench, scheme, scheme_result):
+    model = workbench.quantized_model(scheme)
+    assert enabled_quantizers(model, "visual") == []
+    assert scheme_result.manifest["totals"]["vision_enabled_quantizers"] == 0
+
+
+def test_lm_head_and_embeddings_follow_spec(workbench, catalog, scheme, scheme_result):
+    totals = scheme_result.manifest["totals"]
+    lm_head_eligible = any(catalog.formats[name].lm_head for name in scheme.formats)
+    if not lm_head_eligible:
+        assert totals["lm_head_format"] == BF16
+    elif scheme.mode == "plain":
+        assert totals["lm_head_format"] == scheme.formats[0]
+    assert totals["embedding_format"] == BF16
+    assert enabled_quantizers(workbench.quantized_model(scheme), "embed_tokens") == []
+
+
+def test_kv_cache_follows_spec(catalog, scheme, scheme_result):
+    wants_kv = any(catalog.formats[name].kv_cache for name in scheme.formats)
+    assert scheme_result.manifest["totals"]["kv_cache_format"] == ("FP8" if wants_kv else BF16)
+
+
+def test_fused_groups_share_a_decision(workbench, scheme, scheme_result):
+    formats: dict[tuple[int, str], set[str]] = defaultdict(set)
+    for entry in scheme_result.manifest["modules"]:
+        for group, pattern in FUSED.items():
+            if pattern.search(entry["name"]):
+                formats[(entry["block"], group)].add(entry["format"])
+        assert entry["input_quantized"] == (entry["format"] != BF16), entry["name"]
+    assert formats, "no q/k/v or gate/up layers found"
+    split = {key: value for key, value in formats.items() if len(value) > 1}
+    assert not split, f"fused groups with split decisions: {split}"
+
+
+@pytest.mark.scheme_modes("autoquant")
+def test_coverage_near_target(scheme, scheme_result):
+    """top_k_blocks: exactly the chosen blocks (tolerance half a block); auto: at least the target, and less
+    than one layer group above it (AutoQuant minimises score, so it quantizes no more than it must)."""
+    manifest = scheme_result.manifest
+    totals = manifest["totals"]
+    target = scheme.target_coverage
+    blocks = len(manifest["blocks"])
+    if scheme.coverage_mode == "top_k_blocks":
+        chosen = manifest["selection"]["chosen_blocks"]
+        assert abs(totals["coverage_by_weights"] - target) <= 0.5 / blocks + 1e-9
+        assert totals["coverage_by_blocks"] == pytest.approx(len(chosen) / blocks)
+        assert {b["index"] for b in manifest["blocks"] if b["decision"] != BF16} == set(chosen)
+    else:
+        group_weights = defaultdict(int)
+        for entry in manifest["modules"]:
+            if entry["role"] == "lm_linear":
+                group_weights[entry["group"]] += entry["weight_count"]
+        largest_group = max(group_weights.values()) / totals["lm_linear_weights"]
+        assert target - 1e-9 <= totals["coverage_by_weights"] < target + largest_group
+
+
+@pytest.mark.scheme_modes("autoquant")
+def test_effective_bits_within_bounds(scheme, scheme_result):
+    totals = scheme_result.manifest["totals"]
+    assert 8.0 <= totals["lm_effective_bits"] <= scheme.target_effective_bits + 1e-9
+    assert totals["lm_effective_bits"] == pytest.approx(16 - 8 * totals["coverage_by_weights"])
+    # the whole-model figure counts the BF16 vision tower and lm_head too, so it can only be higher
+    assert totals["model_effective_bits"] >= totals["lm_effective_bits"]
+
+
+@pytest.mark.scheme_modes("autoquant")
+def test_effective_bits_match_modelopt_accounting(workbench, scheme, scheme_result):
+    """Our count from the quantized model equals ModelOpt's cost model applied to the same decisions."""
+    state, _ = workbench.scoring_state(workbench.scoring_plan(scheme))
+    stats = state["candidate_stats"]
+    chosen_cost = 0.0
+    for hparam, fmt in scheme_result.resolution.group_formats.items():
+        names = [str(recipe).split("(")[0] for recipe in stats[hparam]["formats"]]
+        chosen_cost += stats[hparam]["costs"][names.index(fmt)]
+    assert 16 * chosen_cost / state["cost_denominator"] == pytest.approx(
+        scheme_result.manifest["totals"]["lm_effective_bits"], rel=1e-6
+    )
+
+
+def _nested_pairs():
+    from quantsuite.schemes import load_catalog
+
+    ranked = [s for s in load_catalog().schemes if s.coverage_mode == "top_k_blocks"]
+    return [(a, b) if a.coverage < b.coverage else (b, a) for a, b in combinations(ranked, 2)
+            if a.method == b.method and a.formats == b.formats and a.coverage != b.coverage]  # fmt: skip
+
+
+@pytest.mark.parametrize("smaller,larger", _nested_pairs(), ids=lambda s: s.name)
+def test_nested_coverage(request, workbench, smaller, larger):
+    wanted = request.config.getoption("--scheme")
+    if wanted and not {smaller.name, larger.name} & {s.name for s in workbench.catalog.select(wanted)}:
+        pytest.skip("neither scheme selected by --scheme")
+    small, large = workbench.scheme(smaller), workbench.scheme(larger)
+    assert small.manifest["scores_key"] == large.manifest["scores_key"]
+    assert set(small.manifest["selection"]["chosen_blocks"]) < set(large.manifest["selection"]["chosen_blocks"])
+
+
+@pytest.mark.scheme_modes("autoquant")
+def test_same_inputs_same_decisions(workbench, scheme, scheme_result):
+    state, _ = workbench.scoring_state(workbench.scoring_plan(scheme))
+    assert resolve_config(state, scheme).group_formats == scheme_result.resolution.group_formats
+
+
+@pytest.mark.scheme_modes("autoquant")
+def test_blocks_explained(scheme, scheme_result):
+    """Each block carries its summed sensitivity and rank; top_k picks exactly the lowest-ranked blocks."""
+    manifest = scheme_result.manifest
+    ranks = sorted(block["sensitivity_rank"] for block in manifest["blocks"])
+    assert ranks == list(range(len(manifest["blocks"])))
+    assert manifest["selection"]["reason"]
+    if scheme.coverage_mode == "top_k_blocks":
+        chosen = set(manifest["selection"]["chosen_blocks"])
+        assert {b["index"] for b in manifest["blocks"] if b["sensitivity_rank"] < len(chosen)} == chosen
+
+
+def test_decisions_snapshot(workbench, scheme, scheme_result, snapshot):
+    """Per-layer decisions (sorted names -> format) are recorded for the tiny model on CPU."""
+    if workbench.model_tag != "tiny" or workbench.device.type != "cpu":
+        pytest.skip("decision snapshots are recorded for --model tiny on CPU only")
+    assert decisions(scheme_result.manifest) == snapshot.use_extension(JSONSnapshotExtension)
+
+
+def test_second_scheme_and_second_run_reuse_scores(tmp_path, monkeypatch, model_spec, data_config, catalog):
+    """One scoring pass serves every scheme sharing (model, data, formats, method); a new run reuses the cache."""
+    import modelopt.torch.quantization as mtq
+
+    calls = []
+    original = mtq.auto_quantize
+    monkeypatch.setattr(mtq, "auto_quantize", lambda *a, **k: calls.append(1) or original(*a, **k))
+    first = Workbench(model_spec, data_config, catalog, tmp_path / "cache", tmp_path / "reports")
+    top25, top50 = catalog.scheme("top25"), catalog.scheme("top50")
+    assert not first.scheme(top25).reused
+    assert not first.scheme(top50).reused
+    assert len(calls) == 1 and first.scoring_runs == 1
+    second = Workbench(model_spec, data_config, catalog, tmp_path / "cache", tmp_path / "reports")
+    again = second.scheme(top50)
+    assert again.reused and second.scoring_runs == 0 and len(calls) == 1
+    assert again.manifest == first.scheme(top50).manifest
+    assert any(event.startswith("reused scores/") for event in second.cache.events)
+
+
+def test_scoring_is_deterministic(tmp_path, model_spec, data_config, catalog):
+    """Two independent scoring runs (fresh caches) give the same per-layer decisions."""
+    scheme = catalog.scheme("top50")
+    runs = [Workbench(model_spec, data_config, catalog, tmp_path / f"cache{i}", tmp_path / "r") for i in range(2)]
+    assert decisions(runs[0].scheme(scheme).manifest) == decisions(runs[1].scheme(scheme).manifest)
+
+
+def test_top_k_blocks_ranking():
+    sensitivity = {0: 5.0, 1: 1.0, 2: 3.0, 3: 1.0}
+    assert top_k_blocks(sensitivity, 0.5) == [1, 3]
+    assert top_k_blocks(sensitivity, 0.25) == [1]  # tie broken by index
+    assert top_k_blocks(sensitivity, 0.01) == [1]  # at least one block
+    assert top_k_blocks(sensitivity, 1.0) == [0, 1, 2, 3]
+    assert block_index("model.language_model.layers.12.mlp.up_proj") == 12
+    assert block_index("model.visual.blocks.1.attn.qkv") is None
