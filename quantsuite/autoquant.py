@@ -88,7 +88,10 @@ def run_scoring(
 
     _, state = mtq.auto_quantize(
         model,
-        constraints={"effective_bits": target_bits, "cost": {"excluded_module_name_patterns": list(plan.cost_excluded)}},
+        constraints={
+            "effective_bits": target_bits,
+            "cost": {"excluded_module_name_patterns": list(plan.cost_excluded)},
+        },
         quantization_formats=list(plan.presets),
         data_loader=batches,
         forward_step=forward_step,

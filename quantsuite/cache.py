@@ -70,9 +70,7 @@ class ArtifactCache:
     def is_complete(self, kind: str, key: str) -> bool:
         return (self.path(kind, key) / COMPLETE_MARKER).is_file()
 
-    def get_or_build(
-        self, kind: str, key: str, build: Callable[[Path], object], label: str = ""
-    ) -> tuple[Path, bool]:
+    def get_or_build(self, kind: str, key: str, build: Callable[[Path], object], label: str = "") -> tuple[Path, bool]:
         """Return (directory, reused). `build(staging_dir)` fills a fresh directory; it is renamed into place."""
         target = self.path(kind, key)
         if self.is_complete(kind, key):

@@ -88,8 +88,7 @@ def load_captions(path: str | Path) -> list[Caption]:
             captions.append(Caption(int(annotation["image_id"]), int(annotation["id"]), text))
         except (KeyError, TypeError, ValueError) as error:
             raise CaptionDataError(
-                f'{path}: annotations[{index}] needs integer "image_id" and "id" and a "caption" string '
-                f"({error!r})"
+                f'{path}: annotations[{index}] needs integer "image_id" and "id" and a "caption" string ({error!r})'
             ) from error
     return [caption for caption in captions if caption.text]
 
@@ -149,9 +148,7 @@ def tokenize_batches(
     batches = []
     for start in range(0, len(captions), batch_size):
         texts = [caption.text + end for caption in captions[start : start + batch_size]]
-        encoded = tokenizer(
-            texts, padding=True, truncation=True, max_length=sequence_length, return_tensors="pt"
-        )
+        encoded = tokenizer(texts, padding=True, truncation=True, max_length=sequence_length, return_tensors="pt")
         labels = encoded["input_ids"].clone()
         labels[encoded["attention_mask"] == 0] = IGNORE_INDEX
         batches.append(

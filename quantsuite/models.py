@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -67,7 +68,8 @@ class ModelSpec:
             return TINY_DIR
         path = Path(self.name).expanduser()
         if not (path / "config.json").is_file():
-            kind = "a hub id" if "/" in self.name and not path.exists() else "not a model directory"
+            hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", self.name) and not path.exists()
+            kind = "a hub id" if hub_id else "not a model directory"
             raise ModelSourceError(
                 f"--model {self.name!r} is {kind}: nothing is downloaded here. Pass a local directory with "
                 f"config.json and safetensors (e.g. a copy of Qwen2.5-VL-3B-Instruct), or one of {NAMED_MODELS}"
@@ -125,14 +127,28 @@ def make_config(tokenizer, shape: str = "tiny"):
 
     if shape == "tiny":
         vocab = int(math.ceil(len(tokenizer) / 64) * 64)
-        text = {"hidden_size": 128, "num_hidden_layers": 8, "num_attention_heads": 4, "num_key_value_heads": 2,
-                "intermediate_size": 512, "vocab_size": vocab, "max_position_embeddings": 2048,
-                "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}}
+        text = {
+            "hidden_size": 128,
+            "num_hidden_layers": 8,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "intermediate_size": 512,
+            "vocab_size": vocab,
+            "max_position_embeddings": 2048,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
+        }
         vision = _vision_config(64, 2, 2, 128, 128)
     else:
-        text = {"hidden_size": 2048, "num_hidden_layers": 36, "num_attention_heads": 16, "num_key_value_heads": 2,
-                "intermediate_size": 11008, "vocab_size": 151936, "max_position_embeddings": 128000,
-                "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}}
+        text = {
+            "hidden_size": 2048,
+            "num_hidden_layers": 36,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 2,
+            "intermediate_size": 11008,
+            "vocab_size": 151936,
+            "max_position_embeddings": 128000,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+        }
         vision = _vision_config(1280, 32, 16, 3420, 2048)
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
@@ -154,7 +170,8 @@ def build_tokenizer(texts: list[str], vocab_size: int = 1024):
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - len(SPECIAL_TOKENS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab_size - len(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     bpe.train_from_iterator(texts, trainer)
@@ -178,12 +195,32 @@ def save_processor(tokenizer, directory: Path) -> None:
     tokenizer.save_pretrained(directory)
     image = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2).to_dict()
     image |= {"image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor"}
-    video = {key: image[key] for key in ("do_resize", "do_rescale", "rescale_factor", "do_normalize",
-             "image_mean", "image_std", "do_convert_rgb", "patch_size", "merge_size", "temporal_patch_size")}
-    video |= {"video_processor_type": "Qwen2VLVideoProcessor", "processor_class": "Qwen2_5_VLProcessor",
-              "min_pixels": 3136, "max_pixels": 12845056}
-    files = {"preprocessor_config.json": image, "video_preprocessor_config.json": video,
-             "processor_config.json": {"processor_class": "Qwen2_5_VLProcessor"}}
+    video = {
+        key: image[key]
+        for key in (
+            "do_resize",
+            "do_rescale",
+            "rescale_factor",
+            "do_normalize",
+            "image_mean",
+            "image_std",
+            "do_convert_rgb",
+            "patch_size",
+            "merge_size",
+            "temporal_patch_size",
+        )
+    }
+    video |= {
+        "video_processor_type": "Qwen2VLVideoProcessor",
+        "processor_class": "Qwen2_5_VLProcessor",
+        "min_pixels": 3136,
+        "max_pixels": 12845056,
+    }
+    files = {
+        "preprocessor_config.json": image,
+        "video_preprocessor_config.json": video,
+        "processor_config.json": {"processor_class": "Qwen2_5_VLProcessor"},
+    }
     for name, content in files.items():
         (directory / name).write_text(json.dumps(content, indent=2, sort_keys=True, default=str) + "\n")
     (directory / "chat_template.jinja").write_text(CHAT_TEMPLATE)

@@ -1,6 +1,6 @@
 """Rebuild the embedded tiny Qwen2.5-VL (quantsuite/assets/tiny-qwen2.5-vl) from the bundled captions.
 
-    python scripts/train_tiny.py            # ~1-2 CPU minutes, deterministic from --seed
+python scripts/train_tiny.py            # ~1-2 CPU minutes, deterministic from --seed
 """
 
 import argparse

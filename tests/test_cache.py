@@ -1,0 +1,65 @@
+"""Artifact cache: keyed by inputs, atomic, half-written directories rebuilt, one build across processes."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from pathlib import Path
+
+import pytest
+
+from quantsuite.cache import COMPLETE_MARKER, ArtifactCache
+
+
+def test_build_then_reuse(tmp_path):
+    cache = ArtifactCache(tmp_path)
+    built = []
+    key = cache.key({"model": "a", "scheme": 1})
+    path, reused = cache.get_or_build("x", key, lambda d: built.append((d / "f").write_text("1")))
+    assert not reused and (path / "f").read_text() == "1" and (path / COMPLETE_MARKER).is_file()
+    assert cache.get_or_build("x", key, lambda d: built.append(1))[1]
+    assert len(built) == 1
+    assert cache.key({"model": "a", "scheme": 2}) != key
+
+
+def test_half_written_directory_is_rebuilt(tmp_path):
+    cache = ArtifactCache(tmp_path)
+    stale = cache.path("x", "k")
+    stale.mkdir(parents=True)
+    (stale / "f").write_text("partial")  # no .complete marker: a crash mid-build
+    path, reused = cache.get_or_build("x", "k", lambda d: (d / "f").write_text("whole"))
+    assert not reused and (path / "f").read_text() == "whole"
+
+
+def test_failed_build_leaves_nothing(tmp_path):
+    cache = ArtifactCache(tmp_path)
+
+    def explode(directory: Path) -> None:
+        (directory / "f").write_text("x")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        cache.get_or_build("x", "k", explode)
+    assert not cache.path("x", "k").exists()
+    assert [p.name for p in (tmp_path / "x").iterdir() if not p.name.endswith(".lock")] == []
+
+
+def _slow_build(root: str, counter: str) -> None:
+    def build(directory: Path) -> None:
+        with open(counter, "a") as handle:
+            handle.write("built\n")
+        time.sleep(0.5)
+        (directory / "f").write_text("1")
+
+    ArtifactCache(Path(root)).get_or_build("x", "shared", build)
+
+
+def test_concurrent_processes_build_once(tmp_path):
+    counter = tmp_path / "count.txt"
+    processes = [multiprocessing.Process(target=_slow_build, args=(str(tmp_path / "c"), str(counter)))
+                 for _ in range(3)]  # fmt: skip
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(30)
+    assert counter.read_text().count("built") == 1

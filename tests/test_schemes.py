@@ -1,0 +1,99 @@
+"""schemes.yaml schema: every entry validates and round-trips; each bad input fails naming its field."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from quantsuite.schemes import CATALOG_PATH, SchemeError, dump_catalog, load_catalog, parse_catalog
+
+
+@pytest.fixture
+def document() -> dict:
+    return yaml.safe_load(CATALOG_PATH.read_text())
+
+
+def test_catalog_validates_and_round_trips():
+    catalog = load_catalog()
+    assert parse_catalog(yaml.safe_load(dump_catalog(catalog))) == catalog
+    for scheme in catalog.schemes:
+        assert parse_catalog({"formats": catalog.formats, "schemes": [scheme.model_dump()]}).schemes == (scheme,)
+
+
+def test_initial_catalog_present():
+    names = {scheme.name for scheme in load_catalog().schemes}
+    assert {"fp8_autoquant_top25", "fp8_autoquant_top50", "fp8_autoquant_full", "fp8_modelopt_default",
+            "fp8_all_layers", "fp8_mlp_only", "fp8_attn_only", "bf16"} <= names  # fmt: skip
+    assert {"FP8_ALL_LAYERS", "FP8_MLP_ONLY", "FP8_ATTN_ONLY", "FP8_KV_CACHE"} <= set(load_catalog().formats)
+
+
+def test_coverage_effective_bits_mapping():
+    catalog = load_catalog()
+    assert catalog.scheme("top50").target_effective_bits == 12.0
+    assert catalog.scheme("full").target_coverage == pytest.approx(0.875)
+    assert catalog.scheme("eb13").target_coverage == pytest.approx(0.375)
+
+
+def test_select_by_alias_and_several():
+    catalog = load_catalog()
+    assert [s.name for s in catalog.select(["top50", "fp8_autoquant_top25"])] == [
+        "fp8_autoquant_top25", "fp8_autoquant_top50"]  # fmt: skip
+    assert len(catalog.select([])) == len(catalog.schemes)
+
+
+def test_unknown_scheme_lists_valid_ones():
+    with pytest.raises(SchemeError, match=r"--scheme top99: unknown; valid schemes .*fp8_autoquant_top50 \(top50\)"):
+        load_catalog().select(["top99"])
+
+
+def _scheme(document: dict, name: str) -> dict:
+    return next(s for s in document["schemes"] if s["name"] == name)
+
+
+BAD_INPUTS = [
+    ("effective_bits", lambda d: _scheme(d, "fp8_autoquant_full").update(effective_bits=7.5),
+     r"schemes\.yaml: \(top level\).*schemes\[\d+\] \(fp8_autoquant_full\)\.effective_bits: 7\.5 is outside \[8, 16\]"),
+    ("effective_bits high", lambda d: _scheme(d, "fp8_autoquant_full").update(effective_bits=17),
+     r"fp8_autoquant_full\)\.effective_bits: 17.* outside \[8, 16\]"),
+    ("coverage zero", lambda d: _scheme(d, "fp8_autoquant_top50").update(coverage=0.0),
+     r"schemes\.\d+: Value error, coverage 0\.0 must lie in \(0, 1\]"),
+    ("coverage above one", lambda d: _scheme(d, "fp8_autoquant_top50").update(coverage=1.5),
+     r"coverage 1\.5 must lie in \(0, 1\]"),
+    ("unknown format", lambda d: _scheme(d, "fp8_mlp_only").update(formats=["FP8_NOPE"]),
+     r"\(fp8_mlp_only\)\.formats\[0\]: unknown format 'FP8_NOPE'; defined formats: \['FP8_ALL_LAYERS'"),
+    ("top_k without a search", lambda d: _scheme(d, "fp8_mlp_only").update(coverage_mode="top_k_blocks"),
+     r"coverage_mode top_k_blocks needs mode: autoquant"),
+    ("unknown key", lambda d: _scheme(d, "fp8_mlp_only").update(covrage=0.5),
+     r"schemes\.\d+\.covrage: Extra inputs are not permitted"),
+    ("both targets", lambda d: _scheme(d, "fp8_autoquant_top50").update(effective_bits=12),
+     r"exactly one of `coverage` or `effective_bits`"),
+    ("bad method", lambda d: _scheme(d, "fp8_autoquant_top50").update(method="hessian"),
+     r"schemes\.\d+\.method: Input should be 'gradient' or 'kl_div'"),
+    ("unknown preset", lambda d: d["formats"]["FP8_MLP_ONLY"].update(preset="FP9_CFG"),
+     r"formats\.FP8_MLP_ONLY\.preset: Value error, unknown ModelOpt preset 'FP9_CFG'; accepted: \["),
+    ("duplicate alias", lambda d: _scheme(d, "fp8_mlp_only").update(alias="top50"),
+     r"name or alias 'top50' already used by fp8_autoquant_top50"),
+    ("plain with a target", lambda d: _scheme(d, "fp8_mlp_only").update(coverage=0.5),
+     r"mode plain takes no `coverage`"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("mutate,message", [case[1:] for case in BAD_INPUTS], ids=[case[0] for case in BAD_INPUTS])
+def test_bad_input_fails_with_field_path(document, mutate, message):
+    broken = copy.deepcopy(document)
+    mutate(broken)
+    with pytest.raises(SchemeError, match=message):
+        parse_catalog(broken)
+
+
+def test_format_quant_config_keeps_vision_disabled_last():
+    catalog = load_catalog()
+    for name, spec in catalog.formats.items():
+        entries = spec.quant_config()["quant_cfg"]
+        assert entries[-1] == {"quantizer_name": "*visual*", "enable": False}, name
+    mlp_only = catalog.formats["FP8_MLP_ONLY"].quant_config()["quant_cfg"]
+    assert {"quantizer_name": "*self_attn*quantizer", "enable": False} in mlp_only
+    kv = catalog.formats["FP8_KV_CACHE"].quant_config()["quant_cfg"]
+    assert any(entry["quantizer_name"] == "*[kv]_bmm_quantizer" for entry in kv)
