@@ -24,7 +24,7 @@ import torch
 from quantsuite.autoquant import NO_QUANT, Resolution, block_index, group_scores
 from quantsuite.schemes import Catalog, SchemeSpec
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BF16 = "BF16"
 
 
@@ -56,6 +56,11 @@ def linear_layers(model: torch.nn.Module) -> dict[str, tuple[str, torch.nn.Linea
                 "vision" if "visual" in name else "other")  # fmt: skip
             layers[name] = (role, module)
     return layers
+
+
+def _tied(model: torch.nn.Module) -> bool:
+    output, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    return bool(output is not None and output.weight is embedding.weight)
 
 
 def build_manifest(
@@ -135,6 +140,8 @@ def build_manifest(
         "kv_cache_format": "FP8" if any("language_model" in n for n in enabled_quantizers(model, "_bmm_quantizer"))
         else BF16,
         "vision_enabled_quantizers": len(enabled_quantizers(model, "visual")),
+        "unique_parameters": sum(parameter.numel() for parameter in model.parameters()),
+        "tied_lm_head": _tied(model),
     }  # fmt: skip
     selection = {"coverage_mode": scheme.coverage_mode, "chosen_blocks": None, "reason": ""}
     if resolution is not None and resolution.chosen_blocks is not None:

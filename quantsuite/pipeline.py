@@ -12,8 +12,10 @@ key includes the scores key. A second run reuses both and only re-applies the st
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
+import shutil
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
@@ -24,7 +26,9 @@ import torch
 from quantsuite.autoquant import Resolution, ScoringPlan, apply_config, resolve_config, run_scoring
 from quantsuite.cache import ArtifactCache, package_versions, write_atomic
 from quantsuite.data import CaptionDataError, DataConfig, load_splits, tokenize_batches
-from quantsuite.manifest import build_manifest
+from quantsuite.drift import Capture, capture, compare
+from quantsuite.export import ExportError, export_fidelity, export_model, load_export, tensor_index, verify_export
+from quantsuite.manifest import SCHEMA_VERSION, build_manifest
 from quantsuite.models import NAMED_MODELS, LoadedModel, ModelSpec, load_model, load_tokenizer
 from quantsuite.schemes import Catalog, SchemeSpec
 
@@ -71,6 +75,9 @@ class Workbench:
         self._results: dict[str, SchemeResult] = {}
         self._models: OrderedDict[str, torch.nn.Module] = OrderedDict()
         self._configs: dict[str, tuple[dict | None, int]] = {}
+        self._exports: dict[str, Path] = {}
+        self._measurements: dict[str, dict] = {}
+        self._reference: Capture | None = None
 
     # -- inputs -------------------------------------------------------------------------------------------
     @property
@@ -144,6 +151,7 @@ class Workbench:
             quant_config = None
         key = self.cache.key(self._base_key() | {
             "scheme": scheme.spec_hash_input(), "scores": scores_key, "calibration_samples": calibration,
+            "quant_config": json.dumps(quant_config, sort_keys=True, default=str), "manifest": SCHEMA_VERSION,
             "formats": {name: self.catalog.formats[name].model_dump(mode="json") for name in scheme.formats},
         })  # fmt: skip
 
@@ -203,3 +211,81 @@ class Workbench:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+    # -- export ---------------------------------------------------------------------------------------------
+    def export(self, scheme: SchemeSpec) -> Path:
+        """The scheme's HF checkpoint (built once; a corrupt cached export is deleted and rebuilt, never loaded)."""
+        if scheme.name in self._exports:
+            return self._exports[scheme.name]
+        result = self.scheme(scheme)
+        key = self.cache.key({"scheme": result.artifact_dir.name, "versions": self.versions, "stage": "export"})
+
+        def build(directory: Path) -> None:
+            started = time.perf_counter()
+            export_model(copy.deepcopy(self.quantized_model(scheme)), result.manifest, self.source_dir, directory)
+            (directory / "timing.json").write_text(json.dumps({"export_s": time.perf_counter() - started}))
+
+        path, reused = self.cache.get_or_build("exports", key, build, scheme.name)
+        try:
+            verify_export(path, result.manifest)
+        except ExportError as error:
+            if not reused:
+                raise
+            self.cache.events.append(f"rebuilt exports/{key} {scheme.name}: {error}")
+            shutil.rmtree(path)
+            path, _ = self.cache.get_or_build("exports", key, build, scheme.name)
+            verify_export(path, result.manifest)
+        size = sum(entry["bytes"] for entry in tensor_index(path).values())
+        pointer = {"scheme": scheme.name, "export_dir": str(path), "tensor_bytes": size,
+                   "files_bytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file())}  # fmt: skip
+        write_atomic(
+            self.reports_dir / "exports" / self.model_tag / f"{scheme.name}.json", json.dumps(pointer, indent=1)
+        )
+        self._exports[scheme.name] = path
+        return path
+
+    # -- drift ----------------------------------------------------------------------------------------------
+    def evaluation_batches(self) -> list[dict]:
+        return self.batches("evaluation")
+
+    def reference(self) -> Capture:
+        """BF16 logits and block outputs on the evaluation split, computed once per session."""
+        if self._reference is None:
+            model = self.load().model
+            self._reference = capture(model, self.evaluation_batches(), self.device)
+            del model
+            self._release_memory()
+        return self._reference
+
+    def measure(self, scheme: SchemeSpec) -> dict:
+        """Drift of (a) the fake-quantized model and (b) the reloaded export against BF16, and (a) vs (b)."""
+        if scheme.name in self._measurements:
+            return self._measurements[scheme.name]
+        export_dir = self.export(scheme)
+        key = self.cache.key({"export": export_dir.name, "evaluation": self.splits.fingerprint, "stage": "drift"})
+
+        def build(directory: Path) -> None:
+            batches = self.evaluation_batches()
+            quantized = self.quantized_model(scheme)
+            fake = capture(quantized, batches, self.device)  # (a): measured before anything touches the export
+            fidelity = export_fidelity(quantized, export_dir)
+            reloaded = load_export(export_dir, self.device)
+            exported = capture(reloaded, batches, self.device)  # (b)
+            del reloaded
+            self._release_memory()
+            fidelity.pop("per_layer")
+            measurement = {
+                "scheme": scheme.name, "model": self.model_tag, "export_dir": str(export_dir),
+                "fake_quant": compare(self.reference(), fake, self.device),
+                "export": compare(self.reference(), exported, self.device),
+                "fake_vs_export": compare(fake, exported, self.device), "export_fidelity": fidelity,
+            }  # fmt: skip
+            (directory / "drift.json").write_text(json.dumps(measurement, indent=1))
+
+        path, _ = self.cache.get_or_build("drift", key, build, scheme.name)
+        measurement = json.loads((path / "drift.json").read_text())
+        write_atomic(
+            self.reports_dir / "drift" / self.model_tag / f"{scheme.name}.json", json.dumps(measurement, indent=1)
+        )
+        self._measurements[scheme.name] = measurement
+        return measurement

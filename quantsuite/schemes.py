@@ -76,7 +76,9 @@ class FormatSpec(Strict):
         if self.kv_cache:
             entries += self._preset(self.kv_cache)["quant_cfg"]
         if self.lm_head:
-            entries.append({"quantizer_name": LM_HEAD_PATTERN, "enable": True})
+            entries += [
+                {"quantizer_name": f"{LM_HEAD_PATTERN}{kind}_quantizer", "enable": True} for kind in ("weight", "input")
+            ]
         entries += [{"quantizer_name": f"{pattern}quantizer", "enable": False} for pattern in self.exclude_modules]
         entries.append({"quantizer_name": VISION_PATTERN, "enable": False})
         return {"quant_cfg": entries, "algorithm": config["algorithm"]}
@@ -85,8 +87,14 @@ class FormatSpec(Strict):
 class DriftBounds(Strict):
     """Per-model bounds on drift against the BF16 reference (asserted by the drift tests)."""
 
-    kl_mean_max: float = Field(ge=0, description="Upper bound on mean per-token KL(ref || quant), nats")
+    kl_mean_max: float = Field(ge=0, description="Upper bound on mean per-token KL(BF16 || fake quant), nats")
     top1_agreement_min: float = Field(ge=0, le=1, description="Lower bound on top-1 agreement with BF16")
+    export_top1_agreement_min: float = Field(
+        ge=0, le=1, description="Lower bound on top-1 agreement of the reloaded export with the fake-quant model"
+    )
+    export_code_mismatch_max: float = Field(
+        ge=0, le=1, description="Upper bound on the share of exported FP8 weights differing from fake quant"
+    )
 
 
 class VllmOutcome(Strict):

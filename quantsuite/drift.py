@@ -1,0 +1,127 @@
+"""What quantization did to the model, in plain PyTorch: logit drift and where error enters.
+
+`capture(model, batches)` runs the held-out evaluation batches once and keeps, for every non-padding token,
+the logits, and for every decoder block (and the final norm) the output hidden states. `compare(reference,
+candidate)` then gives
+- KL(ref || quant) per token: mean and p99 (nats); top-1 agreement; perplexity of both and its delta;
+- logit SQNR in dB (10 log10 of signal power over error power; None when the two are identical);
+- per block and for the final norm: SQNR (dB) and relative error ||h_q - h_ref|| / ||h_ref||, so error can
+  be followed from the block where it enters to the logits.
+
+    >>> reference = capture(bf16_model, batches, device)            # doctest: +SKIP
+    >>> compare(reference, capture(fp8_model, batches, device))["kl_mean"]   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from quantsuite.data import IGNORE_INDEX
+
+
+@dataclass
+class Capture:
+    """Per-token logits (float32, CPU) and per-block hidden states of one model on the evaluation batches."""
+
+    logits: torch.Tensor  # (tokens, vocab) at non-padding positions
+    next_tokens: torch.Tensor  # (tokens,) label of the next position, IGNORE_INDEX where there is none
+    hidden: dict[str, torch.Tensor]  # "block.N" / "final_norm" -> (tokens, hidden)
+
+
+def _language_model(model: torch.nn.Module) -> torch.nn.Module:
+    return model.model.language_model
+
+
+@torch.no_grad()
+def capture(model: torch.nn.Module, batches: list[dict], device: torch.device) -> Capture:
+    language_model = _language_model(model)
+    stores: dict[str, list[torch.Tensor]] = {}
+    masks: list[torch.Tensor] = []
+
+    def hook(name: str):
+        def record(_module, _inputs, output):
+            tensor = output[0] if isinstance(output, tuple) else output
+            stores.setdefault(name, []).append(tensor[masks[-1].to(tensor.device)].float().cpu())
+
+        return record
+
+    handles = [layer.register_forward_hook(hook(f"block.{i}")) for i, layer in enumerate(language_model.layers)]
+    handles.append(language_model.norm.register_forward_hook(hook("final_norm")))
+    logits, next_tokens = [], []
+    try:
+        for batch in batches:
+            mask = batch["attention_mask"].bool()
+            masks.append(mask)
+            output = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+            logits.append(output.logits[mask.to(output.logits.device)].float().cpu())
+            shifted = torch.full_like(batch["labels"], IGNORE_INDEX)
+            shifted[:, :-1] = batch["labels"][:, 1:]
+            next_tokens.append(shifted[mask])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return Capture(torch.cat(logits), torch.cat(next_tokens), {k: torch.cat(v) for k, v in stores.items()})
+
+
+def sqnr_db(reference: torch.Tensor, candidate: torch.Tensor) -> float | None:
+    noise = float((reference - candidate).double().pow(2).sum())
+    if noise == 0.0:
+        return None
+    return 10.0 * math.log10(float(reference.double().pow(2).sum()) / noise)
+
+
+def relative_error(reference: torch.Tensor, candidate: torch.Tensor) -> float:
+    return float((reference - candidate).double().norm() / reference.double().norm().clamp_min(1e-30))
+
+
+def perplexity(capture_: Capture) -> float:
+    valid = capture_.next_tokens != IGNORE_INDEX
+    losses = torch.nn.functional.cross_entropy(capture_.logits[valid], capture_.next_tokens[valid])
+    return math.exp(float(losses))
+
+
+def _token_kl_and_top1(reference: torch.Tensor, candidate: torch.Tensor, device: torch.device, chunk: int = 256):
+    """Per-token KL(ref || cand) in float64 and top-1 matches, chunked over tokens on `device`."""
+    kl, top1 = [], []
+    for start in range(0, reference.shape[0], chunk):
+        p = reference[start : start + chunk].to(device, torch.float64)
+        q = candidate[start : start + chunk].to(device, torch.float64)
+        log_p, log_q = torch.log_softmax(p, dim=-1), torch.log_softmax(q, dim=-1)
+        kl.append((log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0.0).cpu())
+        top1.append((p.argmax(-1) == q.argmax(-1)).cpu())
+    return torch.cat(kl), torch.cat(top1)
+
+
+def compare(reference: Capture, candidate: Capture, device: torch.device | str = "cpu") -> dict:
+    """Drift metrics of `candidate` against `reference` (see module docstring); plain JSON-able floats."""
+    kl, top1 = _token_kl_and_top1(reference.logits, candidate.logits, torch.device(device))
+    reference_ppl, candidate_ppl = perplexity(reference), perplexity(candidate)
+    layers = []
+    for name, hidden in reference.hidden.items():
+        other = candidate.hidden[name]
+        layers.append(
+            {"layer": name, "sqnr_db": sqnr_db(hidden, other), "relative_error": relative_error(hidden, other)}
+        )
+    return {
+        "tokens": int(kl.numel()),
+        "kl_mean": float(kl.mean()),
+        "kl_p99": float(torch.quantile(kl.float(), 0.99)),
+        "top1_agreement": float(top1.float().mean()),
+        "perplexity_reference": reference_ppl,
+        "perplexity": candidate_ppl,
+        "perplexity_delta": candidate_ppl - reference_ppl,
+        "logit_sqnr_db": sqnr_db(reference.logits, candidate.logits),
+        "max_abs_logit_difference": float((reference.logits - candidate.logits).abs().max()),
+        "layers": layers,
+    }
+
+
+def first_degraded_layer(drift: dict, threshold_db: float) -> str | None:
+    """Where error 'enters': the first block (or final norm) whose SQNR falls below `threshold_db`."""
+    for layer in drift["layers"]:
+        if layer["sqnr_db"] is not None and layer["sqnr_db"] < threshold_db:
+            return layer["layer"]
+    return None

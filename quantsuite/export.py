@@ -1,0 +1,327 @@
+"""Export a scheme as a Hugging Face checkpoint, check it against its manifest, and load it back exactly.
+
+- `export_model` runs ModelOpt's `export_hf_checkpoint` on the quantized model (it mutates the model, so the
+  caller passes a copy) and adds the tokenizer / processor files and `quantsuite_export.json`, which records
+  the manifest the export was made from.
+- `check_export` reads the files back and lists every disagreement with the manifest: FP8 layers must be
+  `float8_e4m3fn` with `weight_scale` / `input_scale`, BF16 and vision tensors BF16, the exclusion lists of
+  `config.json` and `hf_quant_config.json` must match the manifest exactly (prefix wildcards `X*` expanded as
+  vLLM does: `X` itself or `X.*`), and the tensor bytes must be within 1% of the size the manifest predicts.
+- `load_export` loads an export for PyTorch inference *with* its scales: FP8 layers become `Fp8Linear`
+  (weight = fp8 code x weight_scale; input fake-quantized to FP8 with input_scale). Plain
+  `from_pretrained(export_dir)` silently drops the scales (transformers skips the modelopt config).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+EXPORT_INFO = "quantsuite_export.json"
+PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
+                   "video_preprocessor_config.json", "processor_config.json")  # fmt: skip
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+HUB_TO_MEMORY = (  # exported (hub) names -> in-memory Qwen2_5_VLForConditionalGeneration names
+    (re.compile(r"^model\.(layers|embed_tokens|norm)\b"), r"model.language_model.\1"),
+    (re.compile(r"^visual\."), "model.visual."),
+)
+
+
+class ExportError(RuntimeError):
+    """An export directory that is incomplete, corrupt, or made from another manifest."""
+
+
+def memory_name(hub_name: str) -> str:
+    for pattern, replacement in HUB_TO_MEMORY:
+        if pattern.search(hub_name):
+            return pattern.sub(replacement, hub_name)
+    return hub_name
+
+
+def hub_name(memory: str) -> str:
+    return memory.replace("model.language_model.", "model.").replace("model.visual.", "visual.")
+
+
+def manifest_fingerprint(manifest: dict) -> str:
+    """Identity of the decisions an export must carry (scheme, model, per-layer formats)."""
+    facts = {"scheme": manifest["scheme"]["name"], "model": manifest["model"]["fingerprint"],
+             "modules": [(m["name"], m["format"]) for m in manifest["modules"]]}  # fmt: skip
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def export_model(model: torch.nn.Module, manifest: dict, source_dir: Path, export_dir: Path) -> None:
+    """Write the HF checkpoint of `model` (mutated by ModelOpt: pass a copy) plus processor files."""
+    from modelopt.torch.export import export_hf_checkpoint
+
+    export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=export_dir)
+    for name in PROCESSOR_FILES:
+        if (Path(source_dir) / name).is_file():
+            shutil.copy2(Path(source_dir) / name, export_dir / name)
+    info = {"scheme": manifest["scheme"]["name"], "manifest_fingerprint": manifest_fingerprint(manifest)}
+    (export_dir / EXPORT_INFO).write_text(json.dumps(info, indent=1))
+
+
+def tensor_files(export_dir: Path) -> list[Path]:
+    files = sorted(Path(export_dir).glob("*.safetensors"))
+    if not files:
+        raise ExportError(f"{export_dir}: no *.safetensors file; the export is incomplete (delete it to rebuild)")
+    return files
+
+
+def read_header(path: Path) -> dict[str, dict]:
+    """name -> {"dtype", "shape"} from a safetensors header, validating the file's length."""
+    with path.open("rb") as handle:
+        raw = handle.read(8)
+        if len(raw) != 8:
+            raise ExportError(f"{path}: truncated safetensors file")
+        size = int.from_bytes(raw, "little")
+        try:
+            header = json.loads(handle.read(size))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ExportError(f"{path}: corrupt safetensors header ({error})") from error
+    end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    if path.stat().st_size != 8 + size + end:
+        raise ExportError(f"{path}: {path.stat().st_size} bytes on disk, header says {8 + size + end}: truncated")
+    return {key: entry for key, entry in header.items() if key != "__metadata__"}
+
+
+def tensor_index(export_dir: Path) -> dict[str, dict]:
+    index = {}
+    for path in tensor_files(export_dir):
+        for name, entry in read_header(path).items():
+            index[name] = entry | {"file": path.name, "bytes": entry["data_offsets"][1] - entry["data_offsets"][0]}
+    return index
+
+
+def verify_export(export_dir: Path, manifest: dict) -> dict:
+    """Raise ExportError unless `export_dir` is complete and was made from `manifest`; return its info."""
+    export_dir = Path(export_dir)
+    info_path = export_dir / EXPORT_INFO
+    if not (export_dir / "config.json").is_file() or not info_path.is_file():
+        raise ExportError(f"{export_dir}: config.json or {EXPORT_INFO} missing; the export is incomplete")
+    info = json.loads(info_path.read_text())
+    expected = manifest_fingerprint(manifest)
+    if info.get("manifest_fingerprint") != expected:
+        raise ExportError(
+            f"{export_dir} was exported from manifest {info.get('manifest_fingerprint')} (scheme "
+            f"{info.get('scheme')}), but manifest {expected} (scheme {manifest['scheme']['name']}) was given"
+        )
+    tensor_index(export_dir)  # headers parse and file lengths match
+    return info
+
+
+def _excluded(name: str, patterns: list[str]) -> bool:
+    """vLLM's reading of ModelOpt exclusions: `X*` means X or X.*; other patterns fnmatch."""
+    for pattern in patterns:
+        if pattern.endswith("*") and not any(c in pattern[:-1] for c in "*?["):
+            prefix = pattern[:-1]
+            if name == prefix.rstrip(".") or name.startswith(prefix.rstrip(".") + "."):
+                return True
+        elif fnmatch.fnmatch(name, pattern) or name == pattern:
+            return True
+    return False
+
+
+def predicted_bytes(manifest: dict) -> int:
+    """Tensor bytes the export should hold: BF16 parameters, FP8 weights at 1 byte + two fp32 scales."""
+    totals = manifest["totals"]
+    size = 2 * totals["unique_parameters"]
+    for module in manifest["modules"]:
+        if module["format"] != "BF16":
+            extra_copy = module["role"] == "lm_head" and totals["tied_lm_head"]  # FP8 lm_head + BF16 embedding
+            size += module["weight_count"] * (1 if extra_copy else -1) + 8
+    return size
+
+
+def check_export(export_dir: Path, manifest: dict) -> list[str]:
+    """Every disagreement between the export and the manifest, as readable lines (empty: consistent)."""
+    problems = []
+    index = tensor_index(export_dir)
+    config = json.loads((Path(export_dir) / "config.json").read_text())
+    quant = config.get("quantization_config")
+    fp8_modules = {hub_name(m["name"]) for m in manifest["modules"] if m["format"] != "BF16"}
+    for module in manifest["modules"]:
+        name = hub_name(module["name"])
+        weight = index.get(f"{name}.weight")
+        if weight is None:
+            if not (module["role"] == "lm_head" and manifest["totals"]["tied_lm_head"] and name not in fp8_modules):
+                problems.append(f"{name}: weight missing from the export")
+            continue
+        if name in fp8_modules:
+            if weight["dtype"] != "F8_E4M3":
+                problems.append(f"{name}: manifest says FP8, export stores {weight['dtype']}")
+            for scale in ("weight_scale", "input_scale"):
+                if f"{name}.{scale}" not in index:
+                    problems.append(f"{name}: FP8 layer without {scale}")
+        elif weight["dtype"] != "BF16" or f"{name}.weight_scale" in index:
+            problems.append(f"{name}: manifest says BF16, export stores {weight['dtype']} (scales present: "
+                            f"{f'{name}.weight_scale' in index})")  # fmt: skip
+    for name, entry in index.items():
+        if name.startswith("visual.") and entry["dtype"] != "BF16":
+            problems.append(f"{name}: vision tensor stored as {entry['dtype']}")
+    linear_names = {hub_name(m["name"]) for m in manifest["modules"]}
+    hf_quant_path = Path(export_dir) / "hf_quant_config.json"
+    exclusion_lists = {}
+    if quant is not None:
+        exclusion_lists["config.json quantization_config.ignore"] = quant.get("ignore", [])
+    if hf_quant_path.is_file():
+        exclusion_lists["hf_quant_config.json exclude_modules"] = json.loads(hf_quant_path.read_text())[
+            "quantization"].get("exclude_modules") or []  # fmt: skip
+    if fp8_modules and not exclusion_lists:
+        problems.append("FP8 layers in the manifest but no quantization_config in config.json")
+    for source, patterns in exclusion_lists.items():
+        treated_fp8 = {name for name in linear_names if not _excluded(name, patterns)}
+        for name in sorted(treated_fp8 - fp8_modules):
+            problems.append(f"{source}: {name} not excluded, but the manifest keeps it BF16")
+        for name in sorted(fp8_modules - treated_fp8):
+            problems.append(f"{source}: {name} excluded, but the manifest quantizes it")
+        vision = [name for name in index if name.startswith("visual.") and name.endswith(".weight")]
+        for name in vision:
+            if not _excluded(name.rsplit(".", 1)[0], patterns):
+                problems.append(f"{source}: vision module {name.rsplit('.', 1)[0]} not excluded")
+                break
+    actual, expected = sum(entry["bytes"] for entry in index.values()), predicted_bytes(manifest)
+    if abs(actual - expected) > 0.01 * expected:
+        problems.append(f"tensor bytes {actual} differ from the manifest's prediction {expected} by more than 1%")
+    return problems
+
+
+def wildcard_ambiguities(export_dir: Path, manifest: dict) -> list[str]:
+    """Exclusions whose plain-fnmatch reading (X* = any name starting with X) differs from vLLM's (X or X.*)."""
+    config = json.loads((Path(export_dir) / "config.json").read_text())
+    patterns = (config.get("quantization_config") or {}).get("ignore", [])
+    found = []
+    for module in manifest["modules"]:
+        name = hub_name(module["name"])
+        loose = any(fnmatch.fnmatch(name, pattern) for pattern in patterns)
+        if loose != _excluded(name, patterns):
+            found.append(name)
+    return found
+
+
+class Fp8Linear(torch.nn.Module):
+    """y = fakequant_fp8(x / input_scale) * input_scale @ (w_fp8 * weight_scale)^T + bias."""
+
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor, bias=None):
+        super().__init__()
+        self.register_buffer("weight_fp8", weight)
+        self.register_buffer("weight_scale", weight_scale.float().reshape(-1, 1) if weight_scale.numel() > 1
+                             else weight_scale.float())  # fmt: skip
+        self.register_buffer("input_scale", input_scale.float())
+        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        return (self.weight_fp8.float() * self.weight_scale).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scaled = (x.float() / self.input_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        x_quantized = (scaled.float() * self.input_scale).to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return torch.nn.functional.linear(x_quantized, self.dequantized_weight(x.dtype), bias)
+
+
+class Fp8Output(torch.nn.Module):
+    """Wraps k_proj / v_proj of an FP8-KV-cache export: outputs fake-quantized to FP8 with k_scale / v_scale.
+
+    An approximation of the FP8 KV cache in plain PyTorch: ModelOpt quantizes K after RoPE, this quantizes
+    the projection output (RoPE is applied afterwards); V is the same point in both.
+    """
+
+    def __init__(self, inner: torch.nn.Module, scale: torch.Tensor):
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("scale", scale.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.inner(x)
+        return ((y.float() / self.scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).float() * self.scale).to(y.dtype)
+
+
+def load_export(export_dir: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16):
+    """Qwen2.5-VL from an export, FP8 layers applied with their scales (strict: every tensor is used)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    export_dir = Path(export_dir)
+    config_dict = json.loads((export_dir / "config.json").read_text())
+    config_dict.pop("quantization_config", None)
+    config = Qwen2_5_VLConfig.from_dict(config_dict)
+    tensors = {}
+    for path in tensor_files(export_dir):
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            tensors.update({name: handle.get_tensor(name) for name in handle.keys()})  # noqa: SIM118
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype)
+    fp8_layers = sorted(
+        name[: -len(".weight")] for name, t in tensors.items() if name.endswith(".weight") and t.dtype == FP8
+    )
+    used = set()
+    for layer in fp8_layers:
+        parent_name, _, child = memory_name(layer).rpartition(".")
+        parent = model.get_submodule(parent_name)
+        keys = [f"{layer}.{suffix}" for suffix in ("weight", "weight_scale", "input_scale")]
+        missing = [key for key in keys if key not in tensors]
+        if missing:
+            raise ExportError(f"{export_dir}: FP8 layer {layer} lacks {missing}")
+        bias = tensors.get(f"{layer}.bias")
+        module = Fp8Linear(*(tensors[key] for key in keys), None if bias is None else bias.to(dtype))
+        setattr(parent, child, module.to(device))
+        used.update(keys + ([f"{layer}.bias"] if bias is not None else []))
+    kv_scales = sorted(name for name in tensors if name.endswith((".k_scale", ".v_scale")))
+    used.update(kv_scales)
+    if "lm_head" in fp8_layers:
+        model.config.tie_word_embeddings = False  # the checkpoint holds a separate FP8 lm_head
+    state = {memory_name(name): tensor for name, tensor in tensors.items() if name not in used}
+    result = model.load_state_dict(state, strict=False)
+    tied_ok = {"lm_head.weight"} if config.tie_word_embeddings and "lm_head" not in fp8_layers else set()
+    missing = [key for key in result.missing_keys if key not in tied_ok and "weight_fp8" not in key]
+    missing = [key for key in missing if not any(key.startswith(memory_name(layer) + ".") for layer in fp8_layers)]
+    if missing or result.unexpected_keys:
+        raise ExportError(f"{export_dir}: parameters not in the checkpoint {missing[:5]}, "
+                          f"checkpoint tensors not in the model {result.unexpected_keys[:5]}")  # fmt: skip
+    if tied_ok:
+        model.tie_weights()
+    for name in kv_scales:  # FP8 KV cache scales, stored on k_proj / v_proj
+        parent_name, _, child = memory_name(name.rsplit(".", 1)[0]).rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, Fp8Output(getattr(parent, child), tensors[name].to(device)))
+    return model.to(device).eval()
+
+
+def export_fidelity(model: torch.nn.Module, export_dir: Path) -> dict:
+    """Share of exported FP8 weight values that differ from the fake-quantized weights the model computes.
+
+    Both are compared as dequantized values (code x scale); a difference of one FP8 step (>= 1/16 relative)
+    is far above the bf16 rounding of the fake-quant output (<= 1/256), so the 1/32 threshold separates them.
+    """
+    index = tensor_index(export_dir)
+    differing = total = 0
+    per_layer = {}
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            quantizer = getattr(module, "weight_quantizer", None)
+            hub = hub_name(name)
+            if (
+                quantizer is None
+                or not quantizer.is_enabled
+                or index.get(f"{hub}.weight", {}).get("dtype") != "F8_E4M3"
+            ):
+                continue
+            fake = quantizer(module.weight).float()
+            file = Path(export_dir) / index[f"{hub}.weight"]["file"]
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                exported = handle.get_tensor(f"{hub}.weight").float() * handle.get_tensor(f"{hub}.weight_scale").float()
+            exported = exported.to(fake.device)
+            mismatch = int(((exported - fake).abs() > fake.abs() / 32 + 1e-12).sum())
+            per_layer[hub] = mismatch / fake.numel()
+            differing, total = differing + mismatch, total + fake.numel()
+    return {"differing_code_share": differing / total if total else 0.0, "fp8_weights": total, "per_layer": per_layer}

@@ -1,0 +1,77 @@
+"""Drift against the BF16 reference (-m drift), for the fake-quant model (a) and the reloaded export (b)."""
+
+from __future__ import annotations
+
+import pytest
+
+from quantsuite.manifest import BF16
+
+pytestmark = pytest.mark.drift
+
+
+@pytest.fixture(scope="session")
+def measurement(workbench, scheme):
+    return workbench.measure(scheme)
+
+
+def _bounds(workbench, scheme):
+    bounds = scheme.expect.drift.get(workbench.model_tag)
+    if bounds is None:
+        pytest.skip(f"schemes.yaml has no expect.drift.{workbench.model_tag} bounds for {scheme.name}; measured "
+                    f"values are in {workbench.reports_dir / 'drift' / workbench.model_tag}")  # fmt: skip
+    return bounds
+
+
+def test_drift_within_bounds(workbench, scheme, measurement):
+    bounds = _bounds(workbench, scheme)
+    fake = measurement["fake_quant"]
+    assert fake["kl_mean"] <= bounds.kl_mean_max
+    assert fake["top1_agreement"] >= bounds.top1_agreement_min
+
+
+def test_fake_quant_and_export_agree(workbench, scheme, measurement):
+    """(a) and (b) agree: top-1 within the scheme's bound, and the export adds no more error than quantization."""
+    bounds = _bounds(workbench, scheme)
+    between = measurement["fake_vs_export"]
+    assert between["top1_agreement"] >= bounds.export_top1_agreement_min
+    assert between["kl_mean"] <= measurement["fake_quant"]["kl_mean"] + 1e-4
+    assert measurement["export_fidelity"]["differing_code_share"] <= bounds.export_code_mismatch_max
+
+
+@pytest.mark.scheme_modes("none")
+def test_bf16_reference_has_zero_drift(scheme, measurement):
+    for form in ("fake_quant", "export", "fake_vs_export"):
+        assert measurement[form]["kl_mean"] == 0.0 and measurement[form]["max_abs_logit_difference"] == 0.0, form
+        assert all(layer["relative_error"] == 0.0 for layer in measurement[form]["layers"]), form
+
+
+def test_error_localized_to_quantized_blocks(scheme, scheme_result, measurement):
+    """Blocks before the first FP8 block are exact; the first FP8 block shows error; all blocks are reported."""
+    manifest = scheme_result.manifest
+    layers = measurement["fake_quant"]["layers"]
+    assert [layer["layer"] for layer in layers] == [f"block.{b['index']}" for b in manifest["blocks"]] + ["final_norm"]
+    quantized = [b["index"] for b in manifest["blocks"] if b["decision"] != BF16]
+    kv = manifest["totals"]["kv_cache_format"] != BF16
+    first = min(quantized, default=None)
+    for block in manifest["blocks"]:
+        error = layers[block["index"]]["relative_error"]
+        if first is None or block["index"] < first:
+            assert error == 0.0, f"block {block['index']} precedes every FP8 layer but drifted"
+        elif block["index"] == first:
+            assert error > 0.0 or kv
+
+
+def test_more_fp8_never_means_less_drift(workbench, catalog, request):
+    """Where scheme B quantizes a superset of scheme A's layers, KL(B) >= KL(A) within a noise margin of
+    10% + 2e-5 nats (measured tiny gaps between nested schemes: >= 40% apart)."""
+    wanted = request.config.getoption("--scheme")
+    schemes = catalog.select(wanted)
+    fp8 = {s.name: {m["name"] for m in workbench.scheme(s).manifest["modules"] if m["format"] != BF16}
+           for s in schemes}  # fmt: skip
+    kl = {s.name: workbench.measure(s)["fake_quant"]["kl_mean"] for s in schemes}
+    kv = {s.name: workbench.scheme(s).manifest["totals"]["kv_cache_format"] for s in schemes}
+    pairs = [(a, b) for a in fp8 for b in fp8 if a != b and fp8[a] < fp8[b] and kv[a] == kv[b] == BF16]
+    if not pairs:
+        pytest.skip("no nested pair of schemes selected")
+    violations = [f"{b} ({kl[b]:.2e}) < {a} ({kl[a]:.2e})" for a, b in pairs if kl[b] < 0.9 * kl[a] - 2e-5]
+    assert not violations, violations
