@@ -34,6 +34,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--model-seed", type=int, default=0, help="Seed of random-weight models (3B shape)")
     group.addoption("--cache-dir", default=os.environ.get("QUANTSUITE_CACHE", str(ROOT / ".quantsuite-cache")),
                     help="Artifact cache (default .quantsuite-cache/ or $QUANTSUITE_CACHE)")  # fmt: skip
+    group.addoption("--drop-exports", action="store_true",
+                    help="Delete each scheme's export once its tests are done (disk-bound machines; 3B: ~6 GB each)")
     group.addoption("--reports-dir", default=str(ROOT / "reports"), help="Where manifests and reports go")
 
 
@@ -106,6 +108,14 @@ WORKBENCH = pytest.StashKey[object]()
 @pytest.fixture(scope="session")
 def scheme_result(workbench, scheme):
     return workbench.scheme(scheme)
+
+
+@pytest.fixture(scope="session")
+def exported(pytestconfig, workbench, scheme):
+    """The scheme's export directory; with --drop-exports it is deleted when the scheme's tests are done."""
+    yield workbench.export(scheme)
+    if pytestconfig.getoption("--drop-exports"):
+        workbench.drop_export(scheme)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:

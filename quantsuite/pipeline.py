@@ -244,6 +244,13 @@ class Workbench:
         self._exports[scheme.name] = path
         return path
 
+    def drop_export(self, scheme: SchemeSpec) -> None:
+        """Delete the scheme's export from the cache (measurements stay); a later export() rebuilds it."""
+        path = self._exports.pop(scheme.name, None)
+        if path is not None and path.exists():
+            shutil.rmtree(path)
+            self.cache.events.append(f"dropped {path.parent.name}/{path.name} {scheme.name}")
+
     # -- drift ----------------------------------------------------------------------------------------------
     def evaluation_batches(self) -> list[dict]:
         return self.batches("evaluation")

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.drift
 
 
 @pytest.fixture(scope="session")
-def measurement(workbench, scheme):
+def measurement(workbench, scheme, exported):
     return workbench.measure(scheme)
 
 
