@@ -104,5 +104,8 @@ def test_plain_from_pretrained_misloads_and_our_loader_does_not(workbench, catal
     ours = compare(fake, capture(load_export(path, workbench.device), batches, workbench.device))
     plain_model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16).to(workbench.device)
     plain = compare(fake, capture(plain_model, batches, workbench.device))
-    assert ours["top1_agreement"] >= 0.98
-    assert plain["top1_agreement"] < 0.5 and plain["kl_mean"] > 100 * ours["kl_mean"]
+    assert plain["kl_mean"] > 100 * ours["kl_mean"], (plain["kl_mean"], ours["kl_mean"])
+    assert plain["top1_agreement"] < ours["top1_agreement"]
+    bounds = scheme.expect.drift.get(workbench.model_tag)
+    if bounds is not None:  # the scheme's own (a)-vs-(b) bound holds for our loader, on these batches too
+        assert ours["top1_agreement"] >= bounds.export_top1_agreement_min
