@@ -34,8 +34,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--model-seed", type=int, default=0, help="Seed of random-weight models (3B shape)")
     group.addoption("--cache-dir", default=os.environ.get("QUANTSUITE_CACHE", str(ROOT / ".quantsuite-cache")),
                     help="Artifact cache (default .quantsuite-cache/ or $QUANTSUITE_CACHE)")  # fmt: skip
-    group.addoption("--drop-exports", action="store_true",
-                    help="Delete each scheme's export once its tests are done (disk-bound machines; 3B: ~6 GB each)")
+    group.addoption(
+        "--drop-exports",
+        action="store_true",
+        help="Delete each scheme's export once its tests are done (disk-bound machines; 3B: ~6 GB each)",
+    )
     group.addoption("--reports-dir", default=str(ROOT / "reports"), help="Where manifests and reports go")
 
 
