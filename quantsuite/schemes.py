@@ -97,15 +97,21 @@ class DriftBounds(Strict):
     )
 
 
+VLLM_CHECKS = ("model_free", "cpu", "cpu_patched", "cuda")
+
+
 class VllmOutcome(Strict):
-    outcome: Literal["loads", "fails"] = Field(description="Expected result of loading the export in vLLM")
+    outcome: Literal["pass", "fail"] = Field(
+        description="model_free: vLLM's per-layer reading agrees with disk and manifest; cpu / cpu_patched / cuda: "
+        "the export loads in that vLLM backend and its greedy tokens agree with the PyTorch reference"
+    )
     reason: str = Field(description="Why (the error's key line when it fails)")
 
 
 class Expectations(Strict):
     drift: dict[str, DriftBounds] = Field(default_factory=dict, description="Model name -> drift bounds")
-    vllm: dict[Literal["cpu", "cpu_patched", "cuda"], VllmOutcome] = Field(
-        default_factory=dict, description="vLLM backend -> expected outcome with reason"
+    vllm: dict[Literal["model_free", "cpu", "cpu_patched", "cuda"], VllmOutcome] = Field(
+        default_factory=dict, description="vLLM check (model_free, cpu, cpu_patched, cuda) -> expected outcome"
     )
 
 

