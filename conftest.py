@@ -44,6 +44,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         help="Python of the vLLM environment (default .venv-vllm/bin/python or $QUANTSUITE_VLLM_PYTHON)",
     )
+    group.addoption("--run-id", default=None, help="Name of the report directory reports/<run-id> (default: time)")
+    group.addoption("--no-report", action="store_true", help="Do not write reports/<run-id>/report.md at the end")
     group.addoption("--reports-dir", default=str(ROOT / "reports"), help="Where manifests and reports go")
 
 
@@ -73,11 +75,21 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("scheme", schemes, ids=[s.name for s in schemes], scope="session")
 
 
+STAGE_MARKERS = {"autoquant", "export", "drift", "vllm_compat", "benchmark"}
+WANT_REPORT = pytest.StashKey[bool]()
+
+
 @pytest.hookimpl(trylast=True)  # after syrupy records the full collection
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """--scheme deselects other schemes' cases (so their snapshots are not reported unused)."""
+    """--scheme deselects other schemes' cases (so their snapshots are not reported unused); each scheme's
+    tests form one xdist group, so `-n <GPUs> --dist loadgroup` runs one scheme per worker (and GPU)."""
+    for item in items:
+        spec = getattr(item, "callspec", None)
+        if spec and "scheme" in spec.params and item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(spec.params["scheme"].name))
     requested = config.getoption("--scheme")
     if not requested:
+        config.stash[WANT_REPORT] = any(m.name in STAGE_MARKERS for item in items for m in item.iter_markers())
         return
     wanted = {scheme.name for scheme in _catalog().select(requested)}  # unknown names fail here, listing valid ones
     keep, drop = [], []
@@ -88,6 +100,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+    config.stash[WANT_REPORT] = any(m.name in STAGE_MARKERS for item in items for m in item.iter_markers())
 
 
 @pytest.fixture(scope="session")
@@ -95,10 +108,20 @@ def catalog():
     return _catalog()
 
 
+def worker_device(device: str) -> str:
+    """Several GPUs + pytest-xdist: worker gwN takes cuda:(N mod GPUs), so schemes spread over the GPUs."""
+    import torch
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if device == "auto" and worker.startswith("gw") and torch.cuda.device_count() > 1:
+        return f"cuda:{int(worker[2:]) % torch.cuda.device_count()}"
+    return device
+
+
 @pytest.fixture(scope="session")
 def model_spec(pytestconfig: pytest.Config) -> ModelSpec:
     option = pytestconfig.getoption
-    return ModelSpec(option("--model"), option("--device"), option("--dtype"), option("--model-seed"))
+    return ModelSpec(option("--model"), worker_device(option("--device")), option("--dtype"), option("--model-seed"))
 
 
 @pytest.fixture(scope="session")
@@ -159,3 +182,22 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
         terminalreporter.write_line(event)
     terminalreporter.write_line(f"AutoQuant scoring runs this session: {bench.scoring_runs}")
     terminalreporter.write_line(f"manifests: {bench.reports_dir / 'manifests' / bench.model_tag}")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """After a run that exercised schemes: reports/<run-id>/report.md from the JSON the run left (controller
+    process only; after pytest-benchmark has written --benchmark-json)."""
+    if hasattr(config, "workerinput") or config.getoption("--no-report") or not config.stash.get(WANT_REPORT, False):
+        return
+    from quantsuite.report import build_report
+
+    reports = Path(config.getoption("--reports-dir"))
+    name = config.getoption("--model")
+    tag = name if name in ("tiny", "qwen2.5-vl-3b-shape") else Path(name).name
+    if (reports / "manifests" / tag).is_dir():
+        benchmark_json = getattr(config.option, "benchmark_json", None)
+        if hasattr(benchmark_json, "flush"):
+            benchmark_json.flush()  # pytest-benchmark writes through an open file object
+        path = getattr(benchmark_json, "name", None)
+        out = build_report(reports, tag, config.getoption("--run-id"), Path(path) if path else None)
+        print(f"\nquantsuite report: {out / 'report.md'}")

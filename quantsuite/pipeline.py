@@ -338,3 +338,53 @@ class Workbench:
             merged[check] = {k: v for k, v in summary.items() if v is not None}
             write_atomic(report_path, json.dumps(merged, indent=1, sort_keys=True))
         return result
+
+    # -- research -------------------------------------------------------------------------------------------
+    SWEEP_TARGETS = (15.0, 14.0, 13.0, 12.0, 11.0, 10.0, 9.0, 8.5)
+
+    def research(self) -> dict:
+        """Method comparison, Pareto sweep (re-solved from one scoring pass) and solver optimality gap."""
+        from quantsuite import research
+
+        searches = [s for s in self.catalog.schemes if s.mode == "autoquant"]
+        plans = {}
+        for scheme in searches:
+            plans.setdefault(scheme.method, (scheme, self.scoring_plan(scheme)))
+        if "gradient" not in plans:
+            raise ValueError("research needs a gradient autoquant scheme in schemes.yaml")
+        states = {method: self.scoring_state(plan) for method, (_, plan) in plans.items()}
+        base = plans["gradient"][0]
+        key = self.cache.key({"scores": {m: k for m, (_, k) in states.items()}, "evaluation": self.splits.fingerprint,
+                              "targets": self.SWEEP_TARGETS, "stage": "research"})  # fmt: skip
+
+        def factory(bits: float) -> SchemeSpec:
+            return base.model_copy(update={"name": f"sweep_eb{bits:g}", "coverage": None, "effective_bits": bits,
+                                           "coverage_mode": "auto"})  # fmt: skip
+
+        def build(directory: Path) -> None:
+            state = states["gradient"][0]
+            sweep = []
+            for bits in self.SWEEP_TARGETS:
+                resolution = resolve_config(state, factory(bits))
+                model = self.load().model
+                apply_config(model, resolution.quant_config, self.batches("calibration"), self.device)
+                drift = compare(self.reference(), capture(model, self.evaluation_batches(), self.device), self.device)
+                del model
+                self._release_memory()
+                groups = state["candidate_stats"]
+                cost = sum(groups[h]["costs"][[str(r).split("(")[0] for r in groups[h]["formats"]].index(f)]
+                           for h, f in resolution.group_formats.items())  # fmt: skip
+                sweep.append({"target_effective_bits": bits, "lm_effective_bits": 16 * cost / state["cost_denominator"],
+                              "kl_mean": drift["kl_mean"], "top1_agreement": drift["top1_agreement"],
+                              "perplexity_delta": drift["perplexity_delta"]})  # fmt: skip
+            result = {
+                "sensitivity": research.block_sensitivities({m: s for m, (s, _) in states.items()}),
+                "sweep": sweep,
+                "optimality_gap": research.optimality_gap(state, factory, list(self.SWEEP_TARGETS)),
+            }
+            (directory / "research.json").write_text(json.dumps(result, indent=1))
+
+        path, _ = self.cache.get_or_build("research", key, build, "research")
+        result = json.loads((path / "research.json").read_text())
+        write_atomic(self.reports_dir / "research" / f"{self.model_tag}.json", json.dumps(result, indent=1))
+        return result

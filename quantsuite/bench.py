@@ -1,0 +1,106 @@
+"""Throughput of schemes in plain PyTorch: prefill and decode of the fake-quant model and of a real-FP8 path.
+
+- `prefill_step` / `decode_step` return closures that run one timed unit of work (device-synchronised inside,
+  so a benchmark's clock covers the GPU work) and the number of tokens it processes.
+- `to_scaled_mm` converts a model loaded by `export.load_export` so that every FP8 layer runs a real FP8 GEMM
+  (`torch._scaled_mm`, FP8 activations quantized with the checkpoint's input_scale); it needs a GPU with FP8
+  tensor cores (compute capability >= 8.9) and raises `Fp8MatmulUnavailable` elsewhere.
+
+pytest-benchmark times these closures (`tests/test_bench.py`); ratios to BF16 come from the same run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from quantsuite.export import FP8, FP8_MAX, Fp8Linear
+
+
+class Fp8MatmulUnavailable(RuntimeError):
+    """The device has no FP8 matrix multiply (torch._scaled_mm)."""
+
+
+def fp8_matmul_support(device: torch.device) -> str | None:
+    """None if torch._scaled_mm runs on `device`, else the reason it does not."""
+    if device.type != "cuda":
+        return f"torch._scaled_mm FP8 GEMM needs a CUDA GPU (device is {device.type})"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        return f"FP8 GEMM needs compute capability >= 8.9 (Ada/Hopper); this GPU is {major}.{minor}"
+    return None
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class ScaledMmLinear(torch.nn.Module):
+    """Real FP8 W8A8 linear: fp8(x / input_scale) @ w_fp8^T via torch._scaled_mm, bf16 out, + bias."""
+
+    def __init__(self, source: Fp8Linear):
+        super().__init__()
+        self.register_buffer("weight_t", source.weight_fp8.t())  # column-major view for _scaled_mm
+        self.register_buffer("weight_scale", source.weight_scale.reshape(()).float())
+        self.register_buffer("input_scale", source.input_scale.reshape(()).float())
+        self.bias = source.bias
+        self.out_features = source.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x_2d = x.reshape(-1, shape[-1])
+        x_fp8 = (x_2d.float() / self.input_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        rows = x_fp8.shape[0]
+        padded = -rows % 16  # _scaled_mm wants dimensions that are multiples of 16
+        if padded:
+            x_fp8 = torch.nn.functional.pad(x_fp8.view(torch.uint8), (0, 0, 0, padded)).view(FP8)
+        out = torch._scaled_mm(x_fp8, self.weight_t, scale_a=self.input_scale, scale_b=self.weight_scale,
+                               bias=None if self.bias is None else self.bias.to(torch.bfloat16),
+                               out_dtype=torch.bfloat16)  # fmt: skip
+        return out[:rows].reshape(*shape[:-1], self.out_features)
+
+
+def to_scaled_mm(model: torch.nn.Module, device: torch.device) -> int:
+    """Swap every Fp8Linear of a reloaded export for ScaledMmLinear; returns how many were swapped."""
+    reason = fp8_matmul_support(device)
+    if reason:
+        raise Fp8MatmulUnavailable(reason)
+    swaps = [(name, module) for name, module in model.named_modules() if isinstance(module, Fp8Linear)]
+    for name, module in swaps:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, ScaledMmLinear(module))
+    return len(swaps)
+
+
+def prefill_step(model: torch.nn.Module, batch_size: int, sequence_length: int, device: torch.device,
+                 vocab: int, seed: int = 0) -> tuple[Callable[[], None], int]:  # fmt: skip
+    """One forward over batch_size x sequence_length random tokens; returns (step, tokens per step)."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch_size, sequence_length), generator=generator).to(device)
+
+    @torch.no_grad()
+    def step() -> None:
+        model(input_ids=ids, use_cache=False)
+        synchronize(device)
+
+    return step, batch_size * sequence_length
+
+
+def decode_step(model: torch.nn.Module, batch_size: int, prompt_length: int, new_tokens: int,
+                device: torch.device, vocab: int, seed: int = 0) -> tuple[Callable[[], None], int]:  # fmt: skip
+    """Greedy decoding of `new_tokens` after a prompt, KV cache on (prefill included once per step)."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch_size, prompt_length), generator=generator).to(device)
+
+    @torch.no_grad()
+    def step() -> None:
+        output = model(input_ids=ids, use_cache=True)
+        cache, token = output.past_key_values, output.logits[:, -1:].argmax(-1)
+        for _ in range(new_tokens - 1):
+            output = model(input_ids=token, past_key_values=cache, use_cache=True)
+            cache, token = output.past_key_values, output.logits[:, -1:].argmax(-1)
+        synchronize(device)
+
+    return step, batch_size * new_tokens

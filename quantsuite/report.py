@@ -1,0 +1,212 @@
+"""Research report from what a run wrote under reports/: `reports/<run-id>/report.md`, `summary.json`, PNGs.
+
+Reads only JSON (manifests, drift, vLLM results, research, pytest-benchmark output); it never runs a model.
+
+    python -m quantsuite.report --model tiny --benchmark-json reports/benchmarks.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+PLOTS = ("sensitivity.png", "coverage_heatmap.png", "pareto.png", "localization.png", "optimality_gap.png")
+
+
+def _load_dir(path: Path) -> dict[str, dict]:
+    return {file.stem: json.loads(file.read_text()) for file in sorted(path.glob("*.json"))} if path.is_dir() else {}
+
+
+def throughput(benchmark_json: Path | None) -> dict[str, dict[str, float]]:
+    """scheme -> {benchmark kind: tokens/s (median round)} from a pytest-benchmark JSON file."""
+    if not benchmark_json or not Path(benchmark_json).is_file():
+        return {}
+    result: dict[str, dict[str, float]] = {}
+    for entry in json.loads(Path(benchmark_json).read_text()).get("benchmarks", []):
+        info = entry.get("extra_info", {})
+        if info.get("tokens") and info.get("scheme"):
+            result.setdefault(info["scheme"], {})[info["kind"]] = info["tokens"] / entry["stats"]["median"]
+    return result
+
+
+def _fmt(value, spec: str = ".3g") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, spec)
+
+
+def _vllm_cell(result: dict | None) -> str:
+    if not result:
+        return "-"
+    cells = []
+    for check in ("model_free", "cpu", "cpu_patched", "cuda"):
+        if check in result:
+            entry = result[check]
+            if check == "model_free":
+                ok = not entry.get("problems")
+            else:
+                ok = not entry.get("error") and (entry.get("agreement") or {}).get("prefix_agreement", 0) >= 0.75
+            cells.append(f"{check}:{'ok' if ok else 'FAIL'}")
+    return " ".join(cells)
+
+
+def build_report(reports_dir: Path, model: str, run_id: str | None = None, benchmark_json: Path | None = None) -> Path:
+    """Write reports/<run-id>/{report.md, summary.json, *.png}; returns the report directory."""
+    reports_dir = Path(reports_dir)
+    run_id = run_id or time.strftime("%Y%m%d-%H%M%S") + f"-{model}"
+    out = reports_dir / run_id
+    out.mkdir(parents=True, exist_ok=True)
+    manifests = _load_dir(reports_dir / "manifests" / model)
+    drift = _load_dir(reports_dir / "drift" / model)
+    vllm = _load_dir(reports_dir / "vllm" / model)
+    research_path = reports_dir / "research" / f"{model}.json"
+    research = json.loads(research_path.read_text()) if research_path.is_file() else {}
+    speed = throughput(benchmark_json)
+    baseline = speed.get("bf16", {})
+
+    rows, summary = [], {"model": model, "run_id": run_id, "schemes": {}}
+    for name, manifest in manifests.items():
+        spec, totals = manifest["scheme"], manifest["totals"]
+        fake = drift.get(name, {}).get("fake_quant", {})
+        ratios = {kind: value / baseline[kind] for kind, value in speed.get(name, {}).items() if baseline.get(kind)}
+        target = spec.get("coverage") if spec.get("coverage") is not None else spec.get("effective_bits")
+        settings = f"{spec['mode']} {spec['method'] if spec['mode'] == 'autoquant' else ''} {spec['coverage_mode'] if spec['mode'] == 'autoquant' else ''} {_fmt(target)}"  # noqa: E501
+        summary["schemes"][name] = {"settings": settings.split(), "totals": totals, "drift": {k: fake.get(k) for k in
+                                    ("kl_mean", "kl_p99", "top1_agreement", "perplexity_delta", "logit_sqnr_db")},
+                                    "vllm": vllm.get(name), "throughput": speed.get(name),
+                                    "ratios": ratios}  # fmt: skip
+        rows.append(f"| {name} | {' '.join(settings.split())} | {totals['fp8_layers']}/{totals['bf16_layers']} | "
+                    f"{totals['lm_effective_bits']:.2f} | {totals['model_effective_bits']:.2f} | "
+                    f"{totals['coverage_by_weights']:.3f} | {_fmt(fake.get('kl_mean'))} | {_fmt(fake.get('top1_agreement'), '.4f')} | "  # noqa: E501
+                    f"{_fmt(fake.get('perplexity_delta'), '+.3g')} | {_vllm_cell(vllm.get(name))} | "
+                    + " ".join(f"{k}:{v:.2f}x" for k, v in sorted(ratios.items())) + " |")  # fmt: skip
+
+    _plot_sensitivity(research, out / "sensitivity.png")
+    _plot_heatmap(manifests, out / "coverage_heatmap.png")
+    _plot_pareto(research, manifests, drift, out / "pareto.png")
+    _plot_localization(drift, out / "localization.png")
+    _plot_gap(research, out / "optimality_gap.png")
+    summary["research"] = research
+    device = next(iter(manifests.values()), {}).get("device", "unknown")
+    sensitivity = research.get("sensitivity", {})
+    lines = [
+        f"# quantsuite report — {model} ({run_id})", "",
+        f"Device: {device}. Generated from reports/ JSON (manifests, drift, vLLM, research, benchmarks).", "",
+        "## Schemes", "",
+        "| scheme | settings | FP8/BF16 layers | LM eff. bits | model eff. bits | coverage | KL mean | top-1 | Δppl | vLLM | speed vs BF16 (same run) |",  # noqa: E501
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        *rows, "",
+        "## Which layers are sensitive, and does the method change that?", "",
+        f"![per-block sensitivity](sensitivity.png)  Spearman rank correlation of per-block sensitivity between "
+        f"{' and '.join(sensitivity.get('methods', []))}: {_fmt(sensitivity.get('spearman'))}.", "",
+        "![coverage heatmap](coverage_heatmap.png)", "",
+        "## Drift versus effective bits (targets re-solved from one scoring pass)", "",
+        "![pareto](pareto.png)", "",
+        "## Where error enters (per-block relative error of the hidden states)", "",
+        "![localization](localization.png)", "",
+        "## AutoQuant's pick versus an exact solve of the same scores", "",
+        "![optimality gap](optimality_gap.png)", "",
+        "| target bits | AutoQuant objective | exact objective | gap |", "|---|---|---|---|",
+        *[f"| {r['effective_bits']} | {r['autoquant_objective']:.4g} | {r['exact_objective']:.4g} | {100 * r['relative_gap']:.1f}% |"  # noqa: E501
+          for r in research.get("optimality_gap", [])],
+    ]  # fmt: skip
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    return out
+
+
+def _save(figure, path: Path) -> None:
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _plot_sensitivity(research: dict, path: Path) -> None:
+    figure, axis = plt.subplots(figsize=(9, 3.5))
+    blocks = research.get("sensitivity", {}).get("blocks", {})
+    width = 0.8 / max(len(blocks), 1)
+    for offset, (method, values) in enumerate(blocks.items()):
+        keys = sorted(values, key=int)
+        total = sum(values.values()) or 1.0
+        axis.bar([int(k) + offset * width for k in keys], [values[k] / total for k in keys], width, label=method)
+    rank = _fmt(research.get("sensitivity", {}).get("spearman"))
+    axis.set(xlabel="decoder block", ylabel="share of summed sensitivity",
+             title=f"Per-block sensitivity (Spearman {rank})")  # fmt: skip
+    axis.legend()
+    _save(figure, path)
+
+
+def _plot_heatmap(manifests: dict, path: Path) -> None:
+    names = list(manifests)
+    blocks = max((len(m["blocks"]) for m in manifests.values()), default=0)
+    grid = [[0.0] * blocks for _ in names]
+    for row, name in enumerate(names):
+        weights: dict[int, list[int]] = {}
+        for module in manifests[name]["modules"]:
+            if module["block"] is not None:
+                entry = weights.setdefault(module["block"], [0, 0])
+                entry[0] += module["weight_count"] * (module["format"] != "BF16")
+                entry[1] += module["weight_count"]
+        for block, (fp8, total) in weights.items():
+            grid[row][block] = fp8 / total
+    figure, axis = plt.subplots(figsize=(max(6, blocks * 0.3 + 3), 0.35 * len(names) + 1.5))
+    image = axis.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    axis.set_yticks(range(len(names)), names, fontsize=7)
+    axis.set(xlabel="decoder block", title="FP8 share of each block's linear weights")
+    figure.colorbar(image, ax=axis)
+    _save(figure, path)
+
+
+def _plot_pareto(research: dict, manifests: dict, drift: dict, path: Path) -> None:
+    figure, axis = plt.subplots(figsize=(6, 4))
+    sweep = research.get("sweep", [])
+    if sweep:
+        axis.plot([r["lm_effective_bits"] for r in sweep], [r["kl_mean"] for r in sweep], "o-", label="AutoQuant sweep")
+    for name, measured in drift.items():
+        if name in manifests and measured["fake_quant"]["kl_mean"] > 0:
+            axis.scatter(manifests[name]["totals"]["lm_effective_bits"], measured["fake_quant"]["kl_mean"], marker="x")
+            axis.annotate(name.replace("fp8_", ""), (manifests[name]["totals"]["lm_effective_bits"],
+                          measured["fake_quant"]["kl_mean"]), fontsize=6)  # fmt: skip
+    axis.set(xlabel="LM effective bits", ylabel="KL(BF16 || quant), mean per token", yscale="log",
+             title="Drift versus effective bits")  # fmt: skip
+    axis.legend(fontsize=7)
+    _save(figure, path)
+
+
+def _plot_localization(drift: dict, path: Path) -> None:
+    figure, axis = plt.subplots(figsize=(8, 4))
+    for name, measured in drift.items():
+        layers = measured["fake_quant"]["layers"]
+        if any(layer["relative_error"] > 0 for layer in layers):
+            axis.plot(range(len(layers)), [max(layer["relative_error"], 1e-8) for layer in layers], label=name)
+    axis.set(xlabel="decoder block (last point: final norm)", ylabel="relative error of hidden states",
+             yscale="log", title="Where quantization error enters and how it accumulates")  # fmt: skip
+    axis.legend(fontsize=6, ncol=2)
+    _save(figure, path)
+
+
+def _plot_gap(research: dict, path: Path) -> None:
+    rows = research.get("optimality_gap", [])
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    axis.bar([str(r["effective_bits"]) for r in rows], [100 * r["relative_gap"] for r in rows])
+    axis.set(xlabel="target effective bits", ylabel="objective gap to exact solve (%)",
+             title="AutoQuant pick versus exact 0/1 solve")  # fmt: skip
+    _save(figure, path)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--reports-dir", default=str(Path(__file__).resolve().parents[1] / "reports"))
+    parser.add_argument("--run-id", default=None)
+    parser.add_argument("--benchmark-json", default=None)
+    arguments = parser.parse_args()
+    print(build_report(Path(arguments.reports_dir), arguments.model, arguments.run_id, arguments.benchmark_json))

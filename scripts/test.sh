@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The whole test suite (what CI runs): everything on 2 xdist workers (vLLM tests grouped on one worker), then
+# the benchmarks in one process (never under xdist), which write their JSON and the run's report.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+.venv/bin/pytest -n 2 --dist loadgroup "$@"
+QUANTSUITE_BENCH_ROUNDS=${QUANTSUITE_BENCH_ROUNDS:-3} QUANTSUITE_BENCH_WARMUP=${QUANTSUITE_BENCH_WARMUP:-1} \
+  .venv/bin/pytest -m benchmark -p no:xdist --benchmark-json reports/benchmarks-tiny.json --run-id latest-tiny "$@"

@@ -1,0 +1,48 @@
+"""The research report: generated from the run's JSON, every plot a valid PNG with data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from quantsuite.report import PLOTS, build_report
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory, workbench, catalog, request):
+    for scheme in catalog.select(request.config.getoption("--scheme")):
+        workbench.measure(scheme)
+    research = workbench.research()
+    assert research["sweep"] and research["optimality_gap"]
+    return build_report(workbench.reports_dir, workbench.model_tag, run_id=f"test-{workbench.model_tag}")
+
+
+def test_report_and_summary_exist(report_dir, workbench, catalog, request):
+    text = (report_dir / "report.md").read_text()
+    summary = json.loads((report_dir / "summary.json").read_text())
+    for scheme in catalog.select(request.config.getoption("--scheme")):
+        assert f"| {scheme.name} |" in text
+        assert summary["schemes"][scheme.name]["totals"]["lm_effective_bits"] >= 8
+    assert "Spearman" in text and "exact objective" in text
+
+
+@pytest.mark.parametrize("plot", PLOTS)
+def test_plot_is_a_png_with_data(report_dir, plot):
+    from PIL import Image, ImageStat
+
+    path = report_dir / plot
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    image = Image.open(path).convert("L")
+    assert image.size[0] > 300 and image.size[1] > 200
+    assert ImageStat.Stat(image).stddev[0] > 10, "blank plot"
+
+
+def test_research_numbers_are_consistent(workbench):
+    research = workbench.research()
+    gap = research["optimality_gap"]
+    assert all(row["relative_gap"] >= -1e-9 for row in gap), "an exact solve cannot be worse than a heuristic"
+    bits = [row["lm_effective_bits"] for row in research["sweep"]]
+    targets = [row["target_effective_bits"] for row in research["sweep"]]
+    assert all(b <= t + 1e-9 for b, t in zip(bits, targets, strict=True))
+    assert -1.0 <= research["sensitivity"].get("spearman", 0.0) <= 1.0
