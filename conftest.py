@@ -196,7 +196,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     tag = name if name in ("tiny", "qwen2.5-vl-3b-shape") else Path(name).name
     if (reports / "manifests" / tag).is_dir():
         benchmark_json = getattr(config.option, "benchmark_json", None)
-        if hasattr(benchmark_json, "flush"):
+        if hasattr(benchmark_json, "flush") and not benchmark_json.closed:
             benchmark_json.flush()  # pytest-benchmark writes through an open file object
         path = getattr(benchmark_json, "name", None)
         out = build_report(reports, tag, config.getoption("--run-id"), Path(path) if path else None)
