@@ -192,8 +192,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     from quantsuite.report import build_report
 
     reports = Path(config.getoption("--reports-dir"))
-    name = config.getoption("--model")
-    tag = name if name in ("tiny", "qwen2.5-vl-3b-shape") else Path(name).name
+    tag = ModelSpec(config.getoption("--model")).tag
     if (reports / "manifests" / tag).is_dir():
         benchmark_json = getattr(config.option, "benchmark_json", None)
         if hasattr(benchmark_json, "flush") and not benchmark_json.closed:

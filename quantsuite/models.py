@@ -62,6 +62,11 @@ class ModelSpec:
     dtype: str = "bfloat16"
     seed: int = 0
 
+    @property
+    def tag(self) -> str:
+        """Short name used in report paths: `tiny`, `qwen2.5-vl-3b-shape` or the model directory's name."""
+        return self.name if self.name in NAMED_MODELS else Path(self.name).name
+
     def source_dir(self) -> Path:
         """Directory holding config / tokenizer for this model (the tiny one for the 3B shape)."""
         if self.name in NAMED_MODELS:

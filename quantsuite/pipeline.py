@@ -25,13 +25,13 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
-from quantsuite.autoquant import Resolution, ScoringPlan, apply_config, resolve_config, run_scoring
+from quantsuite.autoquant import Resolution, ScoringPlan, apply_config, group_scores, resolve_config, run_scoring
 from quantsuite.cache import ArtifactCache, package_versions, write_atomic
 from quantsuite.data import CaptionDataError, DataConfig, load_splits, tokenize_batches
 from quantsuite.drift import Capture, capture, compare
 from quantsuite.export import ExportError, export_fidelity, export_model, load_export, tensor_index, verify_export
 from quantsuite.manifest import SCHEMA_VERSION, build_manifest
-from quantsuite.models import NAMED_MODELS, LoadedModel, ModelSpec, load_model, load_tokenizer
+from quantsuite.models import LoadedModel, ModelSpec, load_model, load_tokenizer
 from quantsuite.schemes import Catalog, SchemeSpec
 
 REPORTS_DIR = Path(__file__).resolve().parents[1] / "reports"
@@ -84,7 +84,11 @@ class Workbench:
     # -- inputs -------------------------------------------------------------------------------------------
     @property
     def model_tag(self) -> str:
-        return self.model_spec.name if self.model_spec.name in NAMED_MODELS else Path(self.model_spec.name).name
+        return self.model_spec.tag
+
+    @property
+    def device_name(self) -> str:
+        return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
 
     def batches(self, split: str, samples: int | None = None) -> list[dict]:
         captions = getattr(self.splits, split)
@@ -184,7 +188,7 @@ class Workbench:
                      "batch_size": self.data_config.batch_size, "sequence_length": self.data_config.sequence_length},
             "scores_key": scores_key,
             "versions": self.versions,
-            "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+            "device": self.device_name,
         }  # fmt: skip
 
     def quantized_model(
@@ -371,9 +375,8 @@ class Workbench:
                 drift = compare(self.reference(), capture(model, self.evaluation_batches(), self.device), self.device)
                 del model
                 self._release_memory()
-                groups = state["candidate_stats"]
-                cost = sum(groups[h]["costs"][[str(r).split("(")[0] for r in groups[h]["formats"]].index(f)]
-                           for h, f in resolution.group_formats.items())  # fmt: skip
+                groups = group_scores(state)
+                cost = sum(groups[hparam]["costs"][fmt] for hparam, fmt in resolution.group_formats.items())
                 sweep.append({"target_effective_bits": bits, "lm_effective_bits": 16 * cost / state["cost_denominator"],
                               "kl_mean": drift["kl_mean"], "top1_agreement": drift["top1_agreement"],
                               "perplexity_delta": drift["perplexity_delta"]})  # fmt: skip

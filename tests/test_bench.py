@@ -30,7 +30,7 @@ def _not_under_xdist():
 
 def _info(benchmark, workbench, scheme_name: str, kind: str, tokens: int) -> None:
     benchmark.extra_info.update({"scheme": scheme_name, "kind": kind, "tokens": tokens, "model": workbench.model_tag,
-                                 "device": workbench.context(workbench.catalog.schemes[0], 0, None)["device"],
+                                 "device": workbench.device_name,
                                  "versions": workbench.versions})  # fmt: skip
 
 
