@@ -34,6 +34,8 @@ def throughput(benchmark_json: Path | None) -> dict[str, dict[str, float]]:
         info = entry.get("extra_info", {})
         if info.get("tokens") and info.get("scheme"):
             result.setdefault(info["scheme"], {})[info["kind"]] = info["tokens"] / entry["stats"]["median"]
+        if info.get("vllm_output_tokens_per_s") and info.get("scheme"):  # timed inside the vLLM process
+            result.setdefault(info["scheme"], {})[f"vllm_{info['vllm_check']}"] = info["vllm_output_tokens_per_s"]
     return result
 
 

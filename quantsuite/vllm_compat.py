@@ -133,11 +133,12 @@ def verdict_problems(raw: dict, export_dir: Path, manifest: dict) -> list[str]:
 
 
 def vllm_generate(python: Path, export_dir: Path, prompts: list[list[int]], max_tokens: int, patched: bool,
-                  timeout: float = 600) -> dict:  # fmt: skip
+                  timeout: float = 600, throughput: bool = False) -> dict:  # fmt: skip
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
         json.dump(prompts, handle)
     try:
-        arguments = ["generate", str(export_dir), handle.name, str(max_tokens), *(["--patch"] if patched else [])]
+        flags = [*(["--patch"] if patched else []), *(["--throughput"] if throughput else [])]
+        arguments = ["generate", str(export_dir), handle.name, str(max_tokens), *flags]
         return run_worker(python, arguments, timeout)
     finally:
         os.unlink(handle.name)

@@ -1,7 +1,7 @@
 """Runs inside the vLLM environment (a subprocess of the suite); prints one JSON result line.
 
 Not imported by the suite: `python vllm_worker.py verdict EXPORT_DIR` or
-`python vllm_worker.py generate EXPORT_DIR PROMPTS_JSON MAX_TOKENS [--patch]`. Only the standard library,
+`python vllm_worker.py generate EXPORT_DIR PROMPTS_JSON MAX_TOKENS [--patch] [--throughput]`. Only the standard library,
 torch, safetensors and vLLM are used, so it runs in vLLM's own environment.
 
 - verdict: vLLM's own ModelOpt config class (chosen by vLLM's `override_quantization_method`, as the engine
@@ -95,7 +95,7 @@ def verdict(export_dir: Path) -> dict:
     return result
 
 
-def generate(export_dir: Path, prompts_file: Path, max_tokens: int, patch: bool) -> dict:
+def generate(export_dir: Path, prompts_file: Path, max_tokens: int, patch: bool, throughput: bool = False) -> dict:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -133,6 +133,22 @@ def generate(export_dir: Path, prompts_file: Path, max_tokens: int, patch: bool)
         logprobs = [float(step[token].logprob) for step, token in zip(completion.logprobs or [], completion.token_ids,
                                                                        strict=False)]  # fmt: skip
         result["outputs"].append({"token_ids": list(completion.token_ids), "logprobs": logprobs})
+    if throughput:  # batch of 16 x 32 new tokens: one warm-up round, then 3 timed rounds
+        batch = [{"prompt_token_ids": prompts[i % len(prompts)]} for i in range(16)]
+        timed = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+        llm.generate(batch, timed, use_tqdm=False)
+        rounds = []
+        for _ in range(3):
+            started = time.perf_counter()
+            llm.generate(batch, timed, use_tqdm=False)
+            rounds.append(time.perf_counter() - started)
+        median = sorted(rounds)[1]
+        result["throughput"] = {
+            "batch": 16,
+            "new_tokens": 32,
+            "rounds_s": rounds,
+            "output_tokens_per_s": 16 * 32 / median,
+        }
     return result
 
 
@@ -142,6 +158,7 @@ if __name__ == "__main__":
         if command == "verdict":
             emit(verdict(directory))
         else:
-            emit(generate(directory, Path(sys.argv[3]), int(sys.argv[4]), "--patch" in sys.argv[5:]))
+            flags = sys.argv[5:]
+            emit(generate(directory, Path(sys.argv[3]), int(sys.argv[4]), "--patch" in flags, "--throughput" in flags))
     except Exception as error:
         emit({"error": error_record(error) | {"stage": "worker"}})

@@ -117,3 +117,28 @@ def test_export_time_and_size(benchmark, workbench, scheme, scheme_result):
     _info(benchmark, workbench, scheme.name, "export", 0)
     benchmark.pedantic(target, setup=setup, teardown=lambda copied, directory: shutil.rmtree(directory), rounds=2)
     benchmark.extra_info["checkpoint_bytes"] = sizes[-1]
+
+
+def test_vllm_throughput(benchmark, workbench, scheme, exported, vllm_python):
+    """vLLM output tokens/s of each export (16 prompts x 32 tokens, median of 3 rounds after a warm-up, timed
+    inside the vLLM process); the benchmark's own clock covers the whole subprocess (engine start included)."""
+    from quantsuite import vllm_compat
+
+    check = "cpu_patched" if vllm_compat.is_cpu_build(vllm_python) else "cuda"
+    expected = scheme.expect.vllm.get(check)
+    if expected is not None and expected.outcome == "fail":
+        pytest.skip(f"expected to fail in vLLM ({check}): {expected.reason}")
+    prompts = vllm_compat.prompt_token_ids(workbench.tokenizer)
+    results = []
+
+    def run():
+        results.append(vllm_compat.vllm_generate(vllm_python, exported, prompts, 4, patched=check == "cpu_patched",
+                                                 throughput=True))  # fmt: skip
+
+    _info(benchmark, workbench, scheme.name, "vllm_end_to_end", 0)
+    benchmark.pedantic(run, rounds=1)
+    result = results[-1]
+    assert result.get("throughput"), result.get("error")
+    benchmark.extra_info.update({"vllm_check": check, "vllm": vllm_compat.vllm_version(vllm_python),
+                                 "vllm_output_tokens_per_s": result["throughput"]["output_tokens_per_s"],
+                                 "vllm_rounds_s": result["throughput"]["rounds_s"]})  # fmt: skip
