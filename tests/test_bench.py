@@ -119,7 +119,7 @@ def test_export_time_and_size(benchmark, workbench, scheme, scheme_result):
     benchmark.extra_info["checkpoint_bytes"] = sizes[-1]
 
 
-def test_vllm_throughput(benchmark, workbench, scheme, exported, vllm_python):
+def test_vllm_throughput(benchmark, workbench, scheme, vllm_python, exported):
     """vLLM output tokens/s of each export (16 prompts x 32 tokens, median of 3 rounds after a warm-up, timed
     inside the vLLM process); the benchmark's own clock covers the whole subprocess (engine start included)."""
     from quantsuite import vllm_compat
