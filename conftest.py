@@ -194,9 +194,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     reports = Path(config.getoption("--reports-dir"))
     tag = ModelSpec(config.getoption("--model")).tag
     if (reports / "manifests" / tag).is_dir():
-        benchmark_json = getattr(config.option, "benchmark_json", None)
-        if hasattr(benchmark_json, "flush") and not benchmark_json.closed:
-            benchmark_json.flush()  # pytest-benchmark writes through an open file object
-        path = getattr(benchmark_json, "name", None)
+        benchmark_json = getattr(config.option, "benchmark_json", None)  # a Path (pytest-benchmark >= 5)
+        if hasattr(benchmark_json, "flush") and not benchmark_json.closed:  # older versions: an open file
+            benchmark_json.flush()
+        path = getattr(benchmark_json, "name", None) if hasattr(benchmark_json, "flush") else benchmark_json
         out = build_report(reports, tag, config.getoption("--run-id"), Path(path) if path else None)
         print(f"\nquantsuite report: {out / 'report.md'}")

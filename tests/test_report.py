@@ -46,3 +46,16 @@ def test_research_numbers_are_consistent(workbench):
     targets = [row["target_effective_bits"] for row in research["sweep"]]
     assert all(b <= t + 1e-9 for b, t in zip(bits, targets, strict=True))
     assert -1.0 <= research["sensitivity"].get("spearman", 0.0) <= 1.0
+
+
+def test_speed_ratios_come_from_the_benchmark_json(tmp_path, report_dir, workbench):
+    """Ratios to BF16 are computed from the same benchmark JSON (same run, same device)."""
+    entries = [{"stats": {"median": median}, "extra_info": {"scheme": name, "kind": "fake_quant_prefill", "tokens": 100}}
+               for name, median in (("bf16", 0.1), ("fp8_autoquant_top50", 0.2))]  # fmt: skip
+    (tmp_path / "bench.json").write_text(json.dumps({"benchmarks": entries}))
+    out = build_report(workbench.reports_dir, workbench.model_tag, f"test-speed-{workbench.model_tag}",
+                       tmp_path / "bench.json")  # fmt: skip
+    line = next(
+        row for row in (out / "report.md").read_text().splitlines() if row.startswith("| fp8_autoquant_top50 |")
+    )
+    assert "fake_quant_prefill:0.50x" in line
