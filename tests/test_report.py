@@ -50,8 +50,10 @@ def test_research_numbers_are_consistent(workbench):
 
 def test_speed_ratios_come_from_the_benchmark_json(tmp_path, report_dir, workbench):
     """Ratios to BF16 are computed from the same benchmark JSON (same run, same device)."""
-    entries = [{"stats": {"median": median}, "extra_info": {"scheme": name, "kind": "fake_quant_prefill", "tokens": 100}}
-               for name, median in (("bf16", 0.1), ("fp8_autoquant_top50", 0.2))]  # fmt: skip
+    entries = [
+        {"stats": {"median": median}, "extra_info": {"scheme": name, "kind": "fake_quant_prefill", "tokens": 100}}
+        for name, median in (("bf16", 0.1), ("fp8_autoquant_top50", 0.2))
+    ]
     (tmp_path / "bench.json").write_text(json.dumps({"benchmarks": entries}))
     out = build_report(workbench.reports_dir, workbench.model_tag, f"test-speed-{workbench.model_tag}",
                        tmp_path / "bench.json")  # fmt: skip
