@@ -125,6 +125,12 @@ def group_scores(state: dict) -> dict[str, dict]:
     return groups
 
 
+def picked_effective_bits(state: dict, group_formats: dict[str, str]) -> float:
+    """ModelOpt's cost model applied to a pick: 16 x chosen costs / cost denominator (LM linear weights)."""
+    groups = group_scores(state)
+    return 16 * sum(groups[hparam]["costs"][fmt] for hparam, fmt in group_formats.items()) / state["cost_denominator"]
+
+
 def block_sensitivity(state: dict) -> dict[int, float]:
     """Decoder block -> summed score cost of its groups' best FP8 format versus BF16 (higher = more sensitive)."""
     totals: dict[int, float] = {}

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from quantsuite.export import FP8, FP8_MAX, Fp8Linear
+from quantsuite.export import FP8, Fp8Linear, to_fp8
 
 
 class Fp8MatmulUnavailable(RuntimeError):
@@ -51,7 +51,7 @@ class ScaledMmLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x_2d = x.reshape(-1, shape[-1])
-        x_fp8 = (x_2d.float() / self.input_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        x_fp8 = to_fp8(x_2d, self.input_scale)
         rows = x_fp8.shape[0]
         padded = -rows % 16  # _scaled_mm wants dimensions that are multiples of 16
         if padded:

@@ -25,7 +25,14 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
-from quantsuite.autoquant import Resolution, ScoringPlan, apply_config, group_scores, resolve_config, run_scoring
+from quantsuite.autoquant import (
+    Resolution,
+    ScoringPlan,
+    apply_config,
+    picked_effective_bits,
+    resolve_config,
+    run_scoring,
+)
 from quantsuite.cache import ArtifactCache, package_versions, write_atomic
 from quantsuite.data import CaptionDataError, DataConfig, load_splits, tokenize_batches
 from quantsuite.drift import Capture, capture, compare
@@ -286,7 +293,6 @@ class Workbench:
             exported = capture(reloaded, batches, self.device)  # (b)
             del reloaded
             self._release_memory()
-            fidelity.pop("per_layer")
             measurement = {
                 "scheme": scheme.name, "model": self.model_tag, "export_dir": str(export_dir),
                 "fake_quant": compare(self.reference(), fake, self.device),
@@ -375,9 +381,8 @@ class Workbench:
                 drift = compare(self.reference(), capture(model, self.evaluation_batches(), self.device), self.device)
                 del model
                 self._release_memory()
-                groups = group_scores(state)
-                cost = sum(groups[hparam]["costs"][fmt] for hparam, fmt in resolution.group_formats.items())
-                sweep.append({"target_effective_bits": bits, "lm_effective_bits": 16 * cost / state["cost_denominator"],
+                lm_bits = picked_effective_bits(state, resolution.group_formats)
+                sweep.append({"target_effective_bits": bits, "lm_effective_bits": lm_bits,
                               "kl_mean": drift["kl_mean"], "top1_agreement": drift["top1_agreement"],
                               "perplexity_delta": drift["perplexity_delta"]})  # fmt: skip
             result = {

@@ -18,6 +18,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from quantsuite.vllm_compat import PREFIX_AGREEMENT_MIN
+
 PLOTS = ("sensitivity.png", "coverage_heatmap.png", "pareto.png", "localization.png", "optimality_gap.png")
 
 
@@ -55,7 +57,8 @@ def _vllm_cell(result: dict | None) -> str:
             if check == "model_free":
                 ok = not entry.get("problems")
             else:
-                ok = not entry.get("error") and (entry.get("agreement") or {}).get("prefix_agreement", 0) >= 0.75
+                agreement = (entry.get("agreement") or {}).get("prefix_agreement", 0)
+                ok = not entry.get("error") and agreement >= PREFIX_AGREEMENT_MIN
             cells.append(f"{check}:{'ok' if ok else 'FAIL'}")
     return " ".join(cells)
 

@@ -9,7 +9,7 @@ from itertools import combinations
 import pytest
 from syrupy.extensions.json import JSONSnapshotExtension
 
-from quantsuite.autoquant import block_index, group_scores, resolve_config, top_k_blocks
+from quantsuite.autoquant import block_index, picked_effective_bits, resolve_config, top_k_blocks
 from quantsuite.manifest import BF16, decisions, enabled_quantizers
 from quantsuite.pipeline import Workbench
 
@@ -86,9 +86,7 @@ def test_effective_bits_within_bounds(scheme, scheme_result):
 def test_effective_bits_match_modelopt_accounting(workbench, scheme, scheme_result):
     """Our count from the quantized model equals ModelOpt's cost model applied to the same decisions."""
     state, _ = workbench.scoring_state(workbench.scoring_plan(scheme))
-    groups = group_scores(state)
-    chosen_cost = sum(groups[hparam]["costs"][fmt] for hparam, fmt in scheme_result.resolution.group_formats.items())
-    assert 16 * chosen_cost / state["cost_denominator"] == pytest.approx(
+    assert picked_effective_bits(state, scheme_result.resolution.group_formats) == pytest.approx(
         scheme_result.manifest["totals"]["lm_effective_bits"], rel=1e-6
     )
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from quantsuite.export import (
     PROCESSOR_FILES,
     ExportError,
     check_export,
+    linked_copy,
     load_export,
     predicted_bytes,
     tensor_index,
@@ -55,10 +55,7 @@ def test_exclusion_wildcards_read_the_same_by_fnmatch_and_vllm(scheme_result, ex
 def test_check_export_catches_a_wrong_exclusion(tmp_path, workbench, catalog):
     scheme = catalog.scheme("top50")
     manifest = workbench.scheme(scheme).manifest
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    for file in workbench.export(scheme).iterdir():  # link the tensors (GBs on the 3B shape), copy the config
-        (broken / file.name).symlink_to(file) if file.suffix == ".safetensors" else shutil.copy(file, broken)
+    broken = linked_copy(workbench.export(scheme), tmp_path / "broken")
     config = json.loads((broken / "config.json").read_text())
     config["quantization_config"]["ignore"] = ["visual*"]  # too short: BF16 layers would be read as FP8
     (broken / "config.json").write_text(json.dumps(config))

