@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from quantsuite.cache import write_atomic
 from quantsuite.vllm_compat import PREFIX_AGREEMENT_MIN
 
 PLOTS = ("sensitivity.png", "coverage_heatmap.png", "pareto.png", "localization.png", "optimality_gap.png")
@@ -123,15 +126,20 @@ def build_report(reports_dir: Path, model: str, run_id: str | None = None, bench
         *[f"| {r['effective_bits']} | {r['autoquant_objective']:.4g} | {r['exact_objective']:.4g} | {100 * r['relative_gap']:.1f}% |"  # noqa: E501
           for r in research.get("optimality_gap", [])],
     ]  # fmt: skip
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    write_atomic(out / "report.md", "\n".join(lines) + "\n")
+    write_atomic(out / "summary.json", json.dumps(summary, indent=1, default=str))
     return out
 
 
 def _save(figure, path: Path) -> None:
+    """Write the PNG to a temp file and rename it, so a reader (another xdist worker) never sees half a file."""
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(handle)
+    figure.savefig(temporary, dpi=110)
     plt.close(figure)
+    os.chmod(temporary, 0o644)
+    os.replace(temporary, path)
 
 
 def _plot_sensitivity(research: dict, path: Path) -> None:
