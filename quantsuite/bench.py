@@ -23,12 +23,17 @@ class Fp8MatmulUnavailable(RuntimeError):
 
 
 def fp8_matmul_support(device: torch.device) -> str | None:
-    """None if torch._scaled_mm runs on `device`, else the reason it does not."""
-    if device.type != "cuda":
-        return f"torch._scaled_mm FP8 GEMM needs a CUDA GPU (device is {device.type})"
-    major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) < (8, 9):
-        return f"FP8 GEMM needs compute capability >= 8.9 (Ada/Hopper); this GPU is {major}.{minor}"
+    """None if torch._scaled_mm runs on `device` (CUDA >= 8.9, or a CPU build that has the op), else why not."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 9):
+            return f"FP8 GEMM needs compute capability >= 8.9 (Ada/Hopper); this GPU is {major}.{minor}"
+    one = torch.tensor(1.0, device=device)
+    try:
+        torch._scaled_mm(torch.zeros(16, 16, device=device).to(FP8), torch.zeros(16, 16, device=device).to(FP8).t(),
+                         scale_a=one, scale_b=one, out_dtype=torch.bfloat16)  # fmt: skip
+    except (RuntimeError, NotImplementedError) as error:
+        return f"torch._scaled_mm FP8 GEMM does not run on {device} with torch {torch.__version__}: {error}"
     return None
 
 

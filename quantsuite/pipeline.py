@@ -219,6 +219,11 @@ class Workbench:
         self._models[scheme.name] = model
         return model
 
+    def release_models(self) -> None:
+        """Free the quantized models kept for reuse (before a measurement that should not share the device)."""
+        self._models.clear()
+        self._release_memory()
+
     @staticmethod
     def _release_memory() -> None:
         gc.collect()
@@ -226,12 +231,17 @@ class Workbench:
             torch.cuda.empty_cache()
 
     # -- export ---------------------------------------------------------------------------------------------
+    def export_key(self, scheme: SchemeSpec) -> str:
+        """Cache key of the scheme's export (known without building it: later stages key on it)."""
+        result = self.scheme(scheme)
+        return self.cache.key({"scheme": result.artifact_dir.name, "versions": self.versions, "stage": "export"})
+
     def export(self, scheme: SchemeSpec) -> Path:
         """The scheme's HF checkpoint (built once; a corrupt cached export is deleted and rebuilt, never loaded)."""
         if scheme.name in self._exports:
             return self._exports[scheme.name]
         result = self.scheme(scheme)
-        key = self.cache.key({"scheme": result.artifact_dir.name, "versions": self.versions, "stage": "export"})
+        key = self.export_key(scheme)
 
         def build(directory: Path) -> None:
             started = time.perf_counter()
@@ -281,10 +291,11 @@ class Workbench:
         """Drift of (a) the fake-quantized model and (b) the reloaded export against BF16, and (a) vs (b)."""
         if scheme.name in self._measurements:
             return self._measurements[scheme.name]
-        export_dir = self.export(scheme)
-        key = self.cache.key({"export": export_dir.name, "evaluation": self.splits.fingerprint, "stage": "drift"})
+        key = self.cache.key({"export": self.export_key(scheme), "evaluation": self.splits.fingerprint,
+                              "stage": "drift"})  # fmt: skip
 
         def build(directory: Path) -> None:
+            export_dir = self.export(scheme)  # only when the drift is not cached (an export is GBs at 3B)
             batches = self.evaluation_batches()
             quantized = self.quantized_model(scheme)
             fake = capture(quantized, batches, self.device)  # (a): measured before anything touches the export
@@ -315,14 +326,15 @@ class Workbench:
         compared with the PyTorch reference of the same checkpoint. Cached per (export, check, vLLM version)."""
         from quantsuite import vllm_compat
 
-        export_dir = self.export(scheme)
         manifest = self.scheme(scheme).manifest
         prompts = vllm_compat.prompt_token_ids(self.tokenizer)
         code = hashlib.sha256(b"".join(p.read_bytes() for p in vllm_compat.WORKER_FILES)).hexdigest()[:12]
-        key = self.cache.key({"export": export_dir.name, "check": check, "vllm": vllm_compat.vllm_version(python),
+        export_key = self.export_key(scheme)
+        key = self.cache.key({"export": export_key, "check": check, "vllm": vllm_compat.vllm_version(python),
                               "prompts": prompts, "code": code, "tokens": vllm_compat.MAX_NEW_TOKENS})  # fmt: skip
 
         def build(directory: Path) -> None:
+            export_dir = self.export(scheme)
             if check == "model_free":
                 result = vllm_compat.model_free_verdict(python, export_dir, manifest)
             else:

@@ -13,6 +13,7 @@ import math
 import os
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
@@ -30,18 +31,46 @@ def _load_dir(path: Path) -> dict[str, dict]:
     return {file.stem: json.loads(file.read_text()) for file in sorted(path.glob("*.json"))} if path.is_dir() else {}
 
 
-def throughput(benchmark_json: Path | None) -> dict[str, dict[str, float]]:
-    """scheme -> {benchmark kind: tokens/s (median round)} from a pytest-benchmark JSON file."""
+@dataclass(frozen=True)
+class BenchmarkResults:
+    """What the report takes from one pytest-benchmark JSON file.
+
+    tokens_per_s: scheme -> {kind: tokens/s of the median round}; paired: scheme -> {kind: median of per-round
+    ratios to BF16} for benchmarks that alternate BF16 and the scheme (no separate BF16 entry); context: device,
+    versions and prefill shape of the run.
+    """
+
+    tokens_per_s: dict[str, dict[str, float]] = field(default_factory=dict)
+    paired: dict[str, dict[str, float]] = field(default_factory=dict)
+    context: dict = field(default_factory=dict)
+
+
+def read_benchmarks(benchmark_json: Path | None) -> BenchmarkResults:
     if not benchmark_json or not Path(benchmark_json).is_file():
-        return {}
-    result: dict[str, dict[str, float]] = {}
+        return BenchmarkResults()
+    results = BenchmarkResults()
     for entry in json.loads(Path(benchmark_json).read_text()).get("benchmarks", []):
         info = entry.get("extra_info", {})
-        if info.get("tokens") and info.get("scheme"):
-            result.setdefault(info["scheme"], {})[info["kind"]] = info["tokens"] / entry["stats"]["median"]
-        if info.get("vllm_output_tokens_per_s") and info.get("scheme"):  # timed inside the vLLM process
-            result.setdefault(info["scheme"], {})[f"vllm_{info['vllm_check']}"] = info["vllm_output_tokens_per_s"]
-    return result
+        scheme = info.get("scheme")
+        if not scheme:
+            continue
+        for key in ("device", "versions", "prefill_shape"):
+            results.context.setdefault(key, info.get(key))
+        if info.get("tokens"):
+            results.tokens_per_s.setdefault(scheme, {})[info["kind"]] = info["tokens"] / entry["stats"]["median"]
+        if info.get("vllm_output_tokens_per_s"):  # timed inside the vLLM process
+            results.tokens_per_s.setdefault(scheme, {})[f"vllm_{info['vllm_check']}"] = info["vllm_output_tokens_per_s"]
+        if info.get("paired_ratio_median"):
+            results.paired.setdefault(scheme, {})[info["kind"]] = info["paired_ratio_median"]
+    return results
+
+
+def _context_line(context: dict) -> str:
+    parts = [str(context.get("device"))]
+    if context.get("prefill_shape"):
+        parts.append(f"prefill shape (batch x tokens) {context['prefill_shape']}")
+    parts.append(", ".join(f"{name} {version}" for name, version in (context.get("versions") or {}).items()))
+    return "; ".join([*parts, "speed ratios are medians from this one run"])
 
 
 def _fmt(value, spec: str = ".3g") -> str:
@@ -73,11 +102,16 @@ def build_report(reports_dir: Path, model: str, run_id: str | None = None, bench
     out = reports_dir / run_id
     out.mkdir(parents=True, exist_ok=True)
     manifests = _load_dir(reports_dir / "manifests" / model)
+    if not manifests:
+        raise FileNotFoundError(f"no scheme manifests in {reports_dir / 'manifests' / model}: a report needs a "
+                                f"run first, e.g. pytest -m autoquant --model {model} --reports-dir "
+                                f"{reports_dir}")  # fmt: skip
     drift = _load_dir(reports_dir / "drift" / model)
     vllm = _load_dir(reports_dir / "vllm" / model)
     research_path = reports_dir / "research" / f"{model}.json"
     research = json.loads(research_path.read_text()) if research_path.is_file() else {}
-    speed = throughput(benchmark_json)
+    benchmarks = read_benchmarks(benchmark_json)
+    speed = benchmarks.tokens_per_s
     baseline = speed.get("bf16", {})
 
     rows, summary = [], {"model": model, "run_id": run_id, "schemes": {}}
@@ -85,6 +119,7 @@ def build_report(reports_dir: Path, model: str, run_id: str | None = None, bench
         spec, totals = manifest["scheme"], manifest["totals"]
         fake = drift.get(name, {}).get("fake_quant", {})
         ratios = {kind: value / baseline[kind] for kind, value in speed.get(name, {}).items() if baseline.get(kind)}
+        ratios |= benchmarks.paired.get(name, {})
         target = spec.get("coverage") if spec.get("coverage") is not None else spec.get("effective_bits")
         settings = f"{spec['mode']} {spec['method'] if spec['mode'] == 'autoquant' else ''} {spec['coverage_mode'] if spec['mode'] == 'autoquant' else ''} {_fmt(target)}"  # noqa: E501
         summary["schemes"][name] = {"settings": settings.split(), "totals": totals, "drift": {k: fake.get(k) for k in
@@ -108,6 +143,7 @@ def build_report(reports_dir: Path, model: str, run_id: str | None = None, bench
     lines = [
         f"# quantsuite report — {model} ({run_id})", "",
         f"Device: {device}. Generated from reports/ JSON (manifests, drift, vLLM, research, benchmarks).", "",
+        *([f"Benchmarks: {_context_line(benchmarks.context)}.", ""] if benchmarks.context else []),
         "## Schemes", "",
         "| scheme | settings | FP8/BF16 layers | LM eff. bits | model eff. bits | coverage | KL mean | top-1 | Δppl | vLLM | speed vs BF16 (same run) |",  # noqa: E501
         "|---|---|---|---|---|---|---|---|---|---|---|",

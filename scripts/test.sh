@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 .venv/bin/pytest -n 2 --dist loadgroup "$@"
 QUANTSUITE_BENCH_ROUNDS=${QUANTSUITE_BENCH_ROUNDS:-3} QUANTSUITE_BENCH_WARMUP=${QUANTSUITE_BENCH_WARMUP:-1} \
-  .venv/bin/pytest -m benchmark -p no:xdist --benchmark-json reports/benchmarks-tiny.json --run-id latest-tiny "$@"
+  .venv/bin/pytest -m benchmark --benchmark-disable-gc -p no:xdist --benchmark-json reports/benchmarks-tiny.json --run-id latest-tiny "$@"

@@ -38,6 +38,16 @@ def test_fake_quant_and_export_agree(workbench, scheme, measurement):
     assert measurement["export_fidelity"]["differing_code_share"] <= bounds.export_code_mismatch_max
 
 
+def test_cached_drift_touches_no_export(workbench, scheme, measurement, tmp_path):
+    """A later session that finds the drift cached must not build (or even look up) the export: at 3B each is
+    5-7.5 GB, and re-exporting every scheme filled the nightly's disk."""
+    from quantsuite.pipeline import Workbench
+
+    later = Workbench(workbench.model_spec, workbench.data_config, workbench.catalog, workbench.cache.root, tmp_path)
+    assert later.measure(scheme) == measurement
+    assert not [event for event in later.cache.events if "exports/" in event], later.cache.events
+
+
 @pytest.mark.scheme_modes("none")
 def test_bf16_reference_has_zero_drift(scheme, measurement):
     for form in ("fake_quant", "export", "fake_vs_export"):

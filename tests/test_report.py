@@ -13,6 +13,8 @@ from quantsuite.report import PLOTS, build_report
 def report_dir(tmp_path_factory, workbench, catalog, request):
     for scheme in catalog.select(request.config.getoption("--scheme")):
         workbench.measure(scheme)
+        if request.config.getoption("--drop-exports"):
+            workbench.drop_export(scheme)
     research = workbench.research()
     assert research["sweep"] and research["optimality_gap"]
     return build_report(workbench.reports_dir, workbench.model_tag, run_id=f"test-{workbench.model_tag}")
@@ -53,7 +55,8 @@ def test_speed_ratios_come_from_the_benchmark_json(tmp_path, report_dir, workben
     entries = [
         {"stats": {"median": median}, "extra_info": {"scheme": name, "kind": "fake_quant_prefill", "tokens": 100}}
         for name, median in (("bf16", 0.1), ("fp8_autoquant_top50", 0.2))
-    ]
+    ] + [{"stats": {"median": 0.1}, "extra_info": {"scheme": "fp8_autoquant_top50", "kind": "real_fp8_prefill_paired",
+                                                   "tokens": 100, "paired_ratio_median": 1.25}}]  # fmt: skip
     (tmp_path / "bench.json").write_text(json.dumps({"benchmarks": entries}))
     out = build_report(workbench.reports_dir, workbench.model_tag, f"test-speed-{workbench.model_tag}",
                        tmp_path / "bench.json")  # fmt: skip
@@ -61,3 +64,9 @@ def test_speed_ratios_come_from_the_benchmark_json(tmp_path, report_dir, workben
         row for row in (out / "report.md").read_text().splitlines() if row.startswith("| fp8_autoquant_top50 |")
     )
     assert "fake_quant_prefill:0.50x" in line
+    assert "real_fp8_prefill_paired:1.25x" in line, "paired benchmarks carry their own BF16 rounds"
+
+
+def test_report_without_a_run_names_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="pytest -m autoquant --model tiny"):
+        build_report(tmp_path, "tiny", "empty")
