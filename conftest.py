@@ -112,10 +112,9 @@ def worker_device(device: str) -> str:
     """Several GPUs + pytest-xdist: worker gwN takes cuda:(N mod GPUs), so schemes spread over the GPUs."""
     import torch
 
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
-    if device == "auto" and worker.startswith("gw") and torch.cuda.device_count() > 1:
-        return f"cuda:{int(worker[2:]) % torch.cuda.device_count()}"
-    return device
+    from quantsuite.models import device_for_worker
+
+    return device_for_worker(device, os.environ.get("PYTEST_XDIST_WORKER", ""), torch.cuda.device_count())
 
 
 @pytest.fixture(scope="session")

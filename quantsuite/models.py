@@ -109,6 +109,18 @@ class ModelSpec:
         return digest.hexdigest()
 
 
+def device_for_worker(device: str, worker: str, gpu_count: int) -> str:
+    """The device of one pytest-xdist worker: with `auto` and several GPUs, worker gwN takes cuda:(N mod GPUs), so
+    `-n <GPUs> --dist loadgroup` puts one scheme on each GPU; otherwise the device as given.
+
+    >>> device_for_worker("auto", "gw3", 2)
+    'cuda:1'
+    """
+    if device == "auto" and worker.startswith("gw") and worker[2:].isdigit() and gpu_count > 1:
+        return f"cuda:{int(worker[2:]) % gpu_count}"
+    return device
+
+
 @dataclass
 class LoadedModel:
     model: torch.nn.Module

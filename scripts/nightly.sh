@@ -3,17 +3,20 @@
 # calls this script). Environment:
 #   QUANTSUITE_MODEL   --model value: a local Qwen2.5-VL-3B-Instruct directory or qwen2.5-vl-3b-shape (default)
 #   QUANTSUITE_VLLM_PYTHON  python of your vLLM environment (vllm_compat tests skip without one)
+#   PYTHON             interpreter with quantsuite's dependencies and CUDA torch (default python3)
 #   GPUS               number of GPUs: >1 runs one scheme per GPU (pytest-xdist, --dist loadgroup)
 #   RUN_ID             report directory name under reports/ (default nightly-<date>)
-#   COMPARE            a previous benchmark JSON to compare against (fails on a >10% median regression)
+#   COMPARE            a previous benchmark JSON: fails on a >10% median regression of the gated benchmarks
+#                      (real-FP8 prefill at >= 8192 tokens; see GATED_KINDS in quantsuite/bench.py)
 #   QUANTSUITE_BENCH_BATCH / QUANTSUITE_BENCH_PREFILL_TOKENS  prefill shape (default 8 x 1024 here)
 #   QUANTSUITE_BENCH_ROUNDS / QUANTSUITE_BENCH_WARMUP         rounds per benchmark (default 5 / 2)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${QUANTSUITE_MODEL:-qwen2.5-vl-3b-shape}
-GPUS=${GPUS:-$(python3 -c "import torch; print(max(torch.cuda.device_count(), 1))")}
+PYTHON=${PYTHON:-python3}
+GPUS=${GPUS:-$($PYTHON -c "import torch; print(max(torch.cuda.device_count(), 1))")}
 RUN_ID=${RUN_ID:-nightly-$(date +%Y%m%d)}
-PYTEST=${PYTEST:-python3 -m pytest}
+PYTEST=${PYTEST:-$PYTHON -m pytest}
 common=(--model "$MODEL" --drop-exports --run-id "$RUN_ID")
 # Prefill benchmarks at a compute-bound shape: at 4 x 64 tokens eager PyTorch is host-bound and BF16 prefill
 # moved 5000-9500 tokens/s between identical runs on an H200; at 8 x 1024 ratios repeated within 1%.
@@ -30,7 +33,10 @@ $PYTEST -m "autoquant or export or drift or vllm_compat" "${common[@]}" "${paral
 $PYTEST tests/test_report.py "${common[@]}" -p no:xdist --no-report || failed+=(research)
 # 3. benchmarks: one process, never under xdist; the report is written at the end of this run
 compare=()
-[ -n "${COMPARE:-}" ] && compare=(--benchmark-compare="$COMPARE" --benchmark-compare-fail=median:10%)
+if [ -n "${COMPARE:-}" ]; then  # gate only on benchmarks that repeat (quantsuite/bench.py GATED_KINDS)
+  $PYTHON -m quantsuite.bench gate-baseline "$COMPARE" "reports/$RUN_ID-gate-baseline.json"
+  compare=(--benchmark-compare="reports/$RUN_ID-gate-baseline.json" --benchmark-compare-fail=median:10%)
+fi
 $PYTEST -m benchmark --benchmark-disable-gc "${common[@]}" -p no:xdist --benchmark-json "reports/$RUN_ID-benchmarks.json" "${compare[@]}" || failed+=(benchmark)
 echo "report: reports/$RUN_ID/report.md"
 if [ ${#failed[@]} -gt 0 ]; then echo "nightly: failed steps: ${failed[*]}" >&2; exit 1; fi

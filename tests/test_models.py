@@ -12,6 +12,7 @@ from quantsuite.models import (
     TINY_DIR,
     ModelSourceError,
     ModelSpec,
+    device_for_worker,
     load_model,
     load_tokenizer,
     make_config,
@@ -90,3 +91,12 @@ def test_fingerprint_tracks_identity(tmp_path):
     before = ModelSpec(str(local)).fingerprint()
     (local / "config.json").write_text((local / "config.json").read_text() + " ")
     assert ModelSpec(str(local)).fingerprint() != before
+
+
+@pytest.mark.parametrize(
+    ("device", "worker", "gpus", "expected"),
+    [("auto", "gw0", 2, "cuda:0"), ("auto", "gw3", 2, "cuda:1"), ("auto", "gw5", 4, "cuda:1"),
+     ("auto", "gw1", 1, "auto"), ("auto", "", 4, "auto"), ("cuda:1", "gw0", 4, "cuda:1"), ("cpu", "gw2", 4, "cpu")],
+)  # fmt: skip
+def test_one_scheme_per_gpu_worker_mapping(device, worker, gpus, expected):
+    assert device_for_worker(device, worker, gpus) == expected
