@@ -99,13 +99,13 @@ def build_report(reports_dir: Path, model: str, run_id: str | None = None, bench
     """Write reports/<run-id>/{report.md, summary.json, *.png}; returns the report directory."""
     reports_dir = Path(reports_dir)
     run_id = run_id or time.strftime("%Y%m%d-%H%M%S") + f"-{model}"
-    out = reports_dir / run_id
-    out.mkdir(parents=True, exist_ok=True)
     manifests = _load_dir(reports_dir / "manifests" / model)
     if not manifests:
         raise FileNotFoundError(f"no scheme manifests in {reports_dir / 'manifests' / model}: a report needs a "
                                 f"run first, e.g. pytest -m autoquant --model {model} --reports-dir "
                                 f"{reports_dir}")  # fmt: skip
+    out = reports_dir / run_id
+    out.mkdir(parents=True, exist_ok=True)
     drift = _load_dir(reports_dir / "drift" / model)
     vllm = _load_dir(reports_dir / "vllm" / model)
     research_path = reports_dir / "research" / f"{model}.json"

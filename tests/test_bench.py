@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from quantsuite.bench import Fp8MatmulUnavailable, decode_step, fp8_matmul_support, prefill_step, to_scaled_mm
+from quantsuite.bench import decode_step, fp8_matmul_support, prefill_step, to_scaled_mm
 from quantsuite.export import export_model, load_export
 
 benchmark_test = pytest.mark.benchmark  # every timing test; the kernel check below runs in the default suite
@@ -43,6 +43,21 @@ def _vocab(workbench) -> int:
     return len(workbench.tokenizer)
 
 
+def _skip_without_fp8_matmul(workbench) -> None:
+    reason = fp8_matmul_support(workbench.device)
+    if reason:
+        pytest.skip(reason)
+
+
+def _real_fp8_model(workbench, export_dir):
+    """The reloaded export with every FP8 layer on torch._scaled_mm, alone on the device (skips without the op)."""
+    _skip_without_fp8_matmul(workbench)
+    workbench.release_models()  # nothing else of ours on the device while this one is timed
+    model = load_export(export_dir, workbench.device)
+    to_scaled_mm(model, workbench.device)
+    return model
+
+
 @benchmark_test
 @pytest.mark.parametrize("kind", ["prefill", "decode"])
 def test_fake_quant_throughput(benchmark, workbench, scheme, kind):
@@ -59,15 +74,7 @@ def test_fake_quant_throughput(benchmark, workbench, scheme, kind):
 @pytest.mark.parametrize("kind", ["prefill", "decode"])
 def test_real_fp8_throughput(benchmark, workbench, scheme, exported, kind):
     """The exported checkpoint with real FP8 GEMMs (torch._scaled_mm); BF16 export as its baseline."""
-    reason = fp8_matmul_support(workbench.device)
-    if reason:
-        pytest.skip(reason)
-    workbench.release_models()  # nothing else of ours on the device while this one is timed
-    model = load_export(exported, workbench.device)
-    try:
-        to_scaled_mm(model, workbench.device)
-    except Fp8MatmulUnavailable as error:
-        pytest.skip(str(error))
+    model = _real_fp8_model(workbench, exported)
     maker = prefill_step if kind == "prefill" else decode_step
     arguments = (BATCH, PREFILL_TOKENS) if kind == "prefill" else (BATCH, PROMPT, NEW_TOKENS)
     step, tokens = maker(model, *arguments, workbench.device, _vocab(workbench))
@@ -88,9 +95,7 @@ def test_scaled_mm_layers_match_the_dequantized_export(workbench, scheme, scheme
     from quantsuite.bench import ScaledMmLinear
     from quantsuite.export import Fp8Linear
 
-    reason = fp8_matmul_support(workbench.device)
-    if reason:
-        pytest.skip(reason)
+    _skip_without_fp8_matmul(workbench)
     model = load_export(exported, workbench.device)
     layers = [(name, module) for name, module in model.named_modules() if isinstance(module, Fp8Linear)]
     assert len(layers) == scheme_result.manifest["totals"]["fp8_layers"]
@@ -118,14 +123,9 @@ def test_real_fp8_prefill_paired(benchmark, workbench, catalog, scheme, exported
 
     from quantsuite.bench import synchronize
 
-    reason = fp8_matmul_support(workbench.device)
-    if reason:
-        pytest.skip(reason)
     bf16 = next(s for s in catalog.schemes if s.mode == "none")
-    workbench.release_models()
+    model = _real_fp8_model(workbench, exported)
     baseline = load_export(workbench.export(bf16), workbench.device)
-    model = load_export(exported, workbench.device)
-    to_scaled_mm(model, workbench.device)
     vocab = _vocab(workbench)
     baseline_step, tokens = prefill_step(baseline, BATCH, PREFILL_TOKENS, workbench.device, vocab)
     step, _ = prefill_step(model, BATCH, PREFILL_TOKENS, workbench.device, vocab)

@@ -70,3 +70,4 @@ def test_speed_ratios_come_from_the_benchmark_json(tmp_path, report_dir, workben
 def test_report_without_a_run_names_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="pytest -m autoquant --model tiny"):
         build_report(tmp_path, "tiny", "empty")
+    assert not (tmp_path / "empty").exists(), "a failed report leaves no directory behind"
