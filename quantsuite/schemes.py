@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -103,9 +104,25 @@ VLLM_CHECKS = ("model_free", "cpu", "cpu_patched", "cuda")
 class VllmOutcome(Strict):
     outcome: Literal["pass", "fail"] = Field(
         description="model_free: vLLM's per-layer reading agrees with disk and manifest; cpu / cpu_patched / cuda: "
-        "the export loads in that vLLM backend and its greedy tokens agree with the PyTorch reference"
+        "the export loads in that vLLM backend and computes what the checkpoint means (teacher-forced, against "
+        "the BF16 noise floor)"
     )
     reason: str = Field(description="Why (the error's key line when it fails)")
+    match: str | None = Field(
+        default=None,
+        description="outcome fail: a regular expression the failure text must contain; another failure fails",
+    )
+
+    @model_validator(mode="after")
+    def _match_for_failures(self) -> VllmOutcome:
+        if self.outcome == "fail" and not self.match:
+            raise ValueError("an expected failure needs `match`: a regular expression of its error text")
+        if self.match:
+            try:
+                re.compile(self.match)
+            except re.error as error:
+                raise ValueError(f"match {self.match!r} is not a regular expression: {error}") from None
+        return self
 
 
 class Expectations(Strict):

@@ -1,36 +1,43 @@
-"""Runs inside the vLLM environment (a subprocess of the suite); prints one JSON result line.
+"""Runs inside the vLLM environment as a long-lived subprocess of the suite: `python vllm_worker.py serve`.
 
-Not imported by the suite: `python vllm_worker.py verdict EXPORT_DIR` or
-`python vllm_worker.py generate EXPORT_DIR PROMPTS_JSON MAX_TOKENS [--patch] [--throughput]`. Only the standard library,
-torch, safetensors and vLLM are used, so it runs in vLLM's own environment.
+Not imported by the suite (only the standard library, torch, safetensors and vLLM are used here, so it runs in
+vLLM's own environment). It imports vLLM once, then answers JSON requests, one per line on stdin; each reply is
+a JSON file written atomically to the path the request names (`reply`).
 
-- verdict: vLLM's own ModelOpt config class (chosen by vLLM's `override_quantization_method`, as the engine
-  does), its `apply_vllm_mapper` with Qwen2.5-VL's `hf_to_vllm_mapper`, and `is_layer_excluded` per vLLM
-  linear layer (q/k/v and gate/up fused as `packed_modules_mapping` says): FP8 or unquantized, per layer.
-- generate: `LLM(model=EXPORT_DIR, quantization="modelopt" when the export is quantized, enforce_eager=True)`,
-  greedy decoding with logprobs. `--patch` applies quantsuite's opt-in CPU FP8 compatibility layer first.
+- `verdict` (in the server): vLLM's own ModelOpt config class (chosen by vLLM's `override_quantization_method`,
+  as the engine does), its `apply_vllm_mapper` with Qwen2.5-VL's `hf_to_vllm_mapper`, and `is_layer_excluded`
+  per vLLM linear layer (q/k/v and gate/up fused as `packed_modules_mapping` says): FP8 or unquantized.
+- `open` forks an engine process from the server (vLLM already imported; CUDA is never touched in the server)
+  that builds `LLM(model=EXPORT, quantization="modelopt" when quantized, **options)` and then serves `call`s:
+  `score` (teacher-forced: per position, the logprob of the actual next token and vLLM's top-1 token, from
+  `prompt_logprobs`), `generate` (greedy tokens with logprobs), `timed` (one timed `generate` of a workload).
+  `close` ends it; the process exit frees all its memory. An engine that dies is reported as `Crashed`.
+  With `patch: true` the engine applies quantsuite's opt-in CPU FP8 compatibility layer first.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import select
+import signal
 import sys
 import time
 import traceback
 from pathlib import Path
 
-MARKER = "QUANTSUITE_RESULT "
+
+def reply(path: str, result: dict) -> None:
+    temporary = f"{path}.tmp"
+    with open(temporary, "w") as stream:
+        json.dump(result, stream)
+    os.replace(temporary, path)
 
 
-def emit(result: dict) -> None:
-    print(MARKER + json.dumps(result), flush=True)
-
-
-def error_record(error: BaseException) -> dict:
+def error_record(error: BaseException, stage: str) -> dict:
     lines = [line for line in str(error).splitlines() if line.strip()]
-    return {"type": type(error).__name__, "key_line": lines[0][:500] if lines else "", "traceback":
-            traceback.format_exc()[-3000:]}  # fmt: skip
+    return {"type": type(error).__name__, "key_line": lines[0][:500] if lines else "", "stage": stage,
+            "traceback": traceback.format_exc()[-3000:]}  # fmt: skip
 
 
 def linear_dtypes(export_dir: Path) -> dict[str, str]:
@@ -72,7 +79,7 @@ def verdict(export_dir: Path) -> dict:
         result["method"] = f"{method or 'modelopt'} ({config_class.__name__})"
         result["kv_cache"] = getattr(quant_config, "kv_cache_quant_method", None)
     except Exception as error:  # vLLM rejects the config: that is the verdict
-        result["error"] = error_record(error)
+        result["error"] = error_record(error, "config")
         return result
     fused: dict[str, list[str]] = {}
     for name in linear:
@@ -90,75 +97,163 @@ def verdict(export_dir: Path) -> dict:
         try:
             entry["fp8"] = not quant_config.is_layer_excluded(prefix)
         except Exception as error:
-            entry["error"] = error_record(error)
+            entry["error"] = error_record(error, "layer")
         result["layers"].append(entry)
     return result
 
 
-def generate(export_dir: Path, prompts_file: Path, max_tokens: int, patch: bool, throughput: bool = False) -> dict:
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    prompts = json.loads(prompts_file.read_text())
-    result: dict = {"loaded": False, "patched": patch, "error": None, "outputs": [], "load_seconds": None}
-    if patch:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        import vllm_cpu_fp8_compat
+class EngineCalls:
+    """What an engine process answers; `llm` is a built vllm.LLM."""
 
-        result["patches"] = vllm_cpu_fp8_compat.apply()
-    import vllm
-    from vllm import LLM, SamplingParams
+    def __init__(self, llm) -> None:
+        self.llm = llm
 
-    result["vllm_version"] = vllm.__version__
-    quantized = "quantization_config" in json.loads((export_dir / "config.json").read_text())
-    started = time.perf_counter()
+    def score(self, prompts: list[list[int]]) -> dict:
+        from vllm import SamplingParams
+
+        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1)
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
+        sequences = []
+        for ids, output in zip(prompts, outputs, strict=True):
+            positions = output.prompt_logprobs[1:]  # position i predicts token i + 1
+            actual = [float(step[token].logprob) for step, token in zip(positions, ids[1:], strict=True)]
+            top1 = [next(token for token, entry in step.items() if entry.rank == 1) for step in positions]
+            sequences.append({"actual_logprobs": actual, "top1": top1})
+        return {"sequences": sequences}
+
+    def generate(self, prompts: list[list[int]], max_tokens: int) -> dict:
+        from vllm import SamplingParams
+
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=1, ignore_eos=True)
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
+        results = []
+        for output in outputs:
+            completion = output.outputs[0]
+            steps = zip(completion.logprobs or [], completion.token_ids, strict=False)
+            logprobs = [float(step[token].logprob) for step, token in steps]
+            results.append({"token_ids": list(completion.token_ids), "logprobs": logprobs})
+        return {"outputs": results}
+
+    def timed(self, prompts: list[list[int]], max_tokens: int) -> dict:
+        from vllm import SamplingParams
+
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        requests = [{"prompt_token_ids": ids} for ids in prompts]
+        started = time.perf_counter()
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        seconds = time.perf_counter() - started
+        return {"seconds": seconds, "output_tokens": sum(len(o.outputs[0].token_ids) for o in outputs)}
+
+
+def engine_main(request: dict, commands: int) -> None:
+    """In the forked engine process: build the LLM, answer `open`, then serve calls until `close`."""
+    result: dict = {"loaded": False, "error": None, "patched": bool(request.get("patch"))}
     try:
-        llm = LLM(
-            model=str(export_dir), quantization="modelopt" if quantized else None, enforce_eager=True,
-            dtype="bfloat16", max_model_len=512, limit_mm_per_prompt={"image": 0, "video": 0}, seed=0,
-        )  # fmt: skip
-    except Exception as error:
-        result["error"] = error_record(error) | {"stage": "load"}
-        return result
-    result["loaded"] = True
-    result["load_seconds"] = time.perf_counter() - started
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=1, ignore_eos=True)
-    try:
-        outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params)
-    except Exception as error:
-        result["error"] = error_record(error) | {"stage": "generate"}
-        return result
-    for output in outputs:
-        completion = output.outputs[0]
-        logprobs = [float(step[token].logprob) for step, token in zip(completion.logprobs or [], completion.token_ids,
-                                                                       strict=False)]  # fmt: skip
-        result["outputs"].append({"token_ids": list(completion.token_ids), "logprobs": logprobs})
-    if throughput:  # batch of 16 x 32 new tokens: one warm-up round, then 3 timed rounds
-        batch = [{"prompt_token_ids": prompts[i % len(prompts)]} for i in range(16)]
-        timed = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
-        llm.generate(batch, timed, use_tqdm=False)
-        rounds = []
-        for _ in range(3):
-            started = time.perf_counter()
-            llm.generate(batch, timed, use_tqdm=False)
-            rounds.append(time.perf_counter() - started)
-        median = sorted(rounds)[1]
-        result["throughput"] = {
-            "batch": 16,
-            "new_tokens": 32,
-            "rounds_s": rounds,
-            "output_tokens_per_s": 16 * 32 / median,
-        }
-    return result
+        if request.get("patch"):
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            import vllm_cpu_fp8_compat
+
+            result["patches"] = vllm_cpu_fp8_compat.apply()
+        import vllm
+        from vllm import LLM
+
+        export_dir = Path(request["export"])
+        quantized = "quantization_config" in json.loads((export_dir / "config.json").read_text())
+        started = time.perf_counter()
+        llm = LLM(model=str(export_dir), quantization="modelopt" if quantized else None, dtype="bfloat16",
+                  limit_mm_per_prompt={"image": 0, "video": 0}, seed=0, **request.get("options", {}))  # fmt: skip
+        result |= {"loaded": True, "load_seconds": time.perf_counter() - started, "vllm_version": vllm.__version__}
+    except BaseException as error:
+        reply(request["reply"], result | {"error": error_record(error, "load")})
+        os._exit(0)
+    reply(request["reply"], result)
+    calls = EngineCalls(llm)
+    with os.fdopen(commands) as stream:
+        for line in stream:
+            call = json.loads(line)
+            if call.get("method") == "close":
+                break
+            try:
+                answer = getattr(calls, call["method"])(**call.get("args", {}))
+            except BaseException as error:
+                answer = {"error": error_record(error, call["method"])}
+            reply(call["reply"], answer)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def serve() -> None:
+    """The server loop (see module docstring): requests on stdin, replies as files, engines as forked children."""
+    import vllm  # noqa: F401  (imported once here; every engine process inherits it)
+
+    engines: dict[str, dict] = {}  # name -> {"pid", "commands" (fd), "pending" (reply path or None)}
+    buffer = b""
+    print("QUANTSUITE_SERVER_READY", flush=True)
+    while True:
+        for name, engine in list(engines.items()):  # an engine that died answers its pending request
+            pid, status = os.waitpid(engine["pid"], os.WNOHANG)
+            if pid:
+                code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+                if engine["pending"] and not os.path.exists(engine["pending"]):
+                    how = f"signal {-code}" if code < 0 else f"exit code {code}"
+                    reply(engine["pending"], {"error": {"type": "Crashed", "stage": engine["stage"],
+                                                        "key_line": f"vLLM engine process ended ({how})"}})  # fmt: skip
+                os.close(engine["commands"])
+                del engines[name]
+        for engine in engines.values():
+            if engine["pending"] and os.path.exists(engine["pending"]):
+                engine["pending"] = None
+        ready, _, _ = select.select([0], [], [], 0.1)
+        if not ready:
+            continue
+        chunk = os.read(0, 1 << 20)
+        if not chunk:
+            break
+        buffer += chunk
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            request = json.loads(line)
+            op = request["op"]
+            if op == "exit":
+                for engine in engines.values():
+                    os.kill(engine["pid"], signal.SIGKILL)
+                return
+            if op == "verdict":
+                try:
+                    reply(request["reply"], verdict(Path(request["export"])))
+                except Exception as error:
+                    reply(request["reply"], {"error": error_record(error, "verdict")})
+            elif op == "open":
+                read_end, write_end = os.pipe()
+                pid = os.fork()
+                if pid == 0:
+                    os.close(write_end)
+                    engine_main(request, read_end)
+                os.close(read_end)
+                engines[request["engine"]] = {"pid": pid, "commands": write_end, "pending": request["reply"],
+                                              "stage": "load"}  # fmt: skip
+            elif op in ("call", "close"):
+                engine = engines.get(request["engine"])
+                if engine is None:
+                    reply(request["reply"], {"error": {"type": "NoEngine", "stage": request.get("method", op),
+                                                       "key_line": f"no engine {request['engine']!r}"}})  # fmt: skip
+                    continue
+                method = request.get("method", "close")
+                message = {"method": method, "args": request.get("args", {}), "reply": request["reply"]}
+                data = (json.dumps(message) + "\n").encode()
+                while data:
+                    data = data[os.write(engine["commands"], data) :]
+                if op == "close":
+                    os.waitpid(engine["pid"], 0)
+                    os.close(engine["commands"])
+                    del engines[request["engine"]]
+                    reply(request["reply"], {"closed": True})
+                else:
+                    engine["pending"], engine["stage"] = request["reply"], method
 
 
 if __name__ == "__main__":
-    command, directory = sys.argv[1], Path(sys.argv[2])
-    try:
-        if command == "verdict":
-            emit(verdict(directory))
-        else:
-            flags = sys.argv[5:]
-            emit(generate(directory, Path(sys.argv[3]), int(sys.argv[4]), "--patch" in flags, "--throughput" in flags))
-    except Exception as error:
-        emit({"error": error_record(error) | {"stage": "worker"}})
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    serve()

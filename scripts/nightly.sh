@@ -17,7 +17,7 @@ PYTHON=${PYTHON:-python3}
 GPUS=${GPUS:-$($PYTHON -c "import torch; print(max(torch.cuda.device_count(), 1))")}
 RUN_ID=${RUN_ID:-nightly-$(date +%Y%m%d)}
 PYTEST=${PYTEST:-$PYTHON -m pytest}
-common=(--model "$MODEL" --drop-exports --run-id "$RUN_ID")
+common=(--model="$MODEL" --drop-exports --run-id="$RUN_ID")
 # Prefill benchmarks at a compute-bound shape: at 4 x 64 tokens eager PyTorch is host-bound and BF16 prefill
 # moved 5000-9500 tokens/s between identical runs on an H200; at 8 x 1024 ratios repeated within 1%.
 export QUANTSUITE_BENCH_BATCH=${QUANTSUITE_BENCH_BATCH:-8} QUANTSUITE_BENCH_PREFILL_TOKENS=${QUANTSUITE_BENCH_PREFILL_TOKENS:-1024}
@@ -37,6 +37,9 @@ if [ -n "${COMPARE:-}" ]; then  # gate only on benchmarks that repeat (quantsuit
   $PYTHON -m quantsuite.bench gate-baseline "$COMPARE" "reports/$RUN_ID-gate-baseline.json"
   compare=(--benchmark-compare="reports/$RUN_ID-gate-baseline.json" --benchmark-compare-fail=median:10%)
 fi
-$PYTEST -m benchmark --benchmark-disable-gc "${common[@]}" -p no:xdist --benchmark-json "reports/$RUN_ID-benchmarks.json" "${compare[@]}" || failed+=(benchmark)
+# 3a. vLLM speed, BF16 and each scheme alternating inside one test (CUDA graphs): one scheme per GPU
+$PYTEST -m paired "${common[@]}" "${parallel[@]}" --no-report || failed+=(vllm-speed)
+# 3b. PyTorch benchmarks in one process; this run writes the report
+$PYTEST -m "benchmark and not paired" --benchmark-disable-gc "${common[@]}" -p no:xdist --benchmark-json "reports/$RUN_ID-benchmarks.json" "${compare[@]}" || failed+=(benchmark)
 echo "report: reports/$RUN_ID/report.md"
 if [ ${#failed[@]} -gt 0 ]; then echo "nightly: failed steps: ${failed[*]}" >&2; exit 1; fi

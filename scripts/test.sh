@@ -3,6 +3,6 @@
 # the benchmarks in one process (never under xdist), which write their JSON and the run's report.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-.venv/bin/pytest -n 2 --dist loadgroup "$@"
+.venv/bin/pytest -n 2 --dist loadgroup -m "not benchmark" "$@"
 QUANTSUITE_BENCH_ROUNDS=${QUANTSUITE_BENCH_ROUNDS:-3} QUANTSUITE_BENCH_WARMUP=${QUANTSUITE_BENCH_WARMUP:-1} \
   .venv/bin/pytest -m benchmark --benchmark-disable-gc -p no:xdist --benchmark-json reports/benchmarks-tiny.json --run-id latest-tiny "$@"

