@@ -17,6 +17,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -271,11 +272,17 @@ class Fp8Output(torch.nn.Module):
         return (to_fp8(y, self.scale).float() * self.scale).to(y.dtype)
 
 
-def linked_copy(export_dir: Path, target: Path) -> Path:
-    """A copy of an export whose safetensors are symlinks (GBs on the 3B shape) and other files real copies."""
+def linked_copy(export_dir: Path, target: Path, hard: bool = False) -> Path:
+    """A copy of an export whose safetensors are links (GBs on the 3B shape) and other files real copies; hard
+    links (same file system) keep the tensors alive when the original export is deleted."""
     target.mkdir(parents=True)
     for file in Path(export_dir).iterdir():
-        (target / file.name).symlink_to(file) if file.suffix == ".safetensors" else shutil.copy(file, target)
+        if file.suffix != ".safetensors":
+            shutil.copy(file, target)
+        elif hard:
+            os.link(file, target / file.name)
+        else:
+            (target / file.name).symlink_to(file)
     return target
 
 

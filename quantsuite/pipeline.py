@@ -275,6 +275,8 @@ class Workbench:
 
     def drop_export(self, scheme: SchemeSpec) -> None:
         """Delete the scheme's export from the cache (measurements stay); a later export() rebuilds it."""
+        if scheme.mode == "none":
+            return  # the BF16 reference is loaded by every worker (vLLM noise floor, speed baseline): kept
         path = self._exports.pop(scheme.name, None)
         if path is not None and path.exists():
             shutil.rmtree(path)
@@ -380,7 +382,7 @@ class Workbench:
 
         sequences, prompts = self.teacher_forced_sequences(), vllm_compat.prompt_token_ids(self.tokenizer)
         self.release_models()  # the engine gets the device: nothing of ours stays on it
-        options = vllm_compat.engine_options(self.device, "check")
+        options = vllm_compat.engine_options(self.device, "check", share=0.35)
         with service.engine(export_dir, options, patch=check == "cpu_patched") as engine:
             result = {key: engine.opened.get(key) for key in ("loaded", "error", "kernels", "patches",
                                                                "load_seconds", "vllm_version")}  # fmt: skip
@@ -393,11 +395,16 @@ class Workbench:
             if answer.get("error"):
                 return result | {"error": answer["error"]}
         reloaded = load_export(export_dir, self.device)
-        reference = vllm_compat.reference_scores(reloaded, sequences, self.device)
+        per_shard = vllm_compat.reference_scores(reloaded, sequences, self.device)
+        fused_groups = vllm_compat.fuse_like_vllm(reloaded)  # what vLLM must compute: one scale per fused GEMM
+        reference = vllm_compat.reference_scores(reloaded, sequences, self.device) if fused_groups else per_shard
         greedy_reference = vllm_compat.reference_generate(reloaded, prompts, vllm_compat.GREEDY_TOKENS, self.device)
         del reloaded
         self._release_memory()
         return result | {"teacher_forced": vllm_compat.teacher_forced(reference, scores),
+                         "teacher_forced_per_shard": vllm_compat.teacher_forced(per_shard, scores),
+                         "fusion_effect": vllm_compat.teacher_forced(per_shard, reference),
+                         "fused_groups": fused_groups,
                          "greedy": vllm_compat.agreement(greedy_reference, greedy["outputs"]),
                          "greedy_outputs": greedy["outputs"]}  # fmt: skip
 
@@ -422,8 +429,9 @@ class Workbench:
                                   "bound": decision.bound, "text": decision.text, "floor": floor}  # fmt: skip
             failures = [] if decision.compatible else [f"vLLM computes something else: {decision.text}"]
         result["failures"] = failures
-        keys = ("failures", "problems", "loaded", "error", "decision", "teacher_forced", "greedy", "kernels",
-                "patches", "load_seconds", "vllm_version")  # fmt: skip
+        keys = ("failures", "problems", "loaded", "error", "decision", "teacher_forced", "teacher_forced_per_shard",
+                "fusion_effect", "fused_groups", "greedy", "kernels", "patches", "load_seconds",
+                "vllm_version")  # fmt: skip
         self._merge_vllm_report(scheme, check, {k: result[k] for k in keys if result.get(k) is not None})
         return result
 

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+from pathlib import Path
 
 import pytest
 
+from quantsuite.cache import write_atomic
 from quantsuite.export import linked_copy
 from quantsuite.vllm_compat import FLOOR_MAX, decide, is_cpu_build, model_free_verdict
 
@@ -51,8 +55,12 @@ def test_noise_floor_is_small(workbench, vllm_python, vllm_service):
 
 @pytest.fixture(scope="module")
 def top50_export(workbench, catalog):
+    """A hard-linked copy of top50's export: another xdist worker's --drop-exports cannot pull it away."""
     scheme = catalog.scheme("top50")
-    return workbench.export(scheme), workbench.scheme(scheme).manifest
+    copy = Path(workbench.cache.root) / "tmp" / f"top50-{os.getpid()}"  # the cache's file system: hard links
+    shutil.rmtree(copy, ignore_errors=True)
+    export_dir = linked_copy(workbench.export(scheme), copy, hard=True)
+    return export_dir, workbench.scheme(scheme).manifest
 
 
 def _with_config(tmp_path, export_dir, edit):
@@ -112,4 +120,6 @@ def test_garbage_load_is_not_called_compatible(tmp_path, workbench, vllm_python,
     assert result.get("loaded"), result.get("error")
     floor = workbench.vllm_check(workbench.reference_scheme(), check, vllm_service)["teacher_forced"]
     decision = decide(result["teacher_forced"], floor)
+    record = {"teacher_forced": result["teacher_forced"], "floor": floor, "error_ratio": decision.error_ratio}
+    write_atomic(workbench.reports_dir / "vllm" / workbench.model_tag / "_garbage_control.json", json.dumps(record))
     assert not decision.compatible, decision.text
