@@ -27,12 +27,21 @@ VLLM_PYTHON = pytest.StashKey[object]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Refuse a bad --vllm-python (or $QUANTSUITE_VLLM_PYTHON) once, before any work, naming the fix."""
+    """Refuse bad input once, before any work, as a usage error naming the fix: --scheme, --model, --device,
+    --dtype, --calib-data, --vllm-python (or $QUANTSUITE_VLLM_PYTHON), schemes.yaml."""
+    from quantsuite.data import CaptionDataError, load_captions
+    from quantsuite.models import ModelSourceError
+    from quantsuite.schemes import SchemeError
     from quantsuite.vllm_compat import VllmSetupError, resolve_vllm_python
 
+    option = config.getoption
     try:
-        config.stash[VLLM_PYTHON] = resolve_vllm_python(config.getoption("--vllm-python"))
-    except VllmSetupError as error:
+        _catalog().select(option("--scheme"))
+        ModelSpec(option("--model"), option("--device"), option("--dtype"), option("--model-seed")).validate()
+        if option("--calib-data"):
+            load_captions(option("--calib-data"))
+        config.stash[VLLM_PYTHON] = resolve_vllm_python(option("--vllm-python"))
+    except (SchemeError, ModelSourceError, CaptionDataError, VllmSetupError) as error:
         raise pytest.UsageError(str(error)) from None
 
 

@@ -31,6 +31,7 @@ TINY_DIR = Path(__file__).resolve().parent / "assets" / "tiny-qwen2.5-vl"
 SHAPE_3B = "qwen2.5-vl-3b-shape"
 NAMED_MODELS = ("tiny", SHAPE_3B)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+SUPPORTED_DTYPES = ("bfloat16",)  # export_hf_checkpoint(dtype=bf16) and load_export are bf16 end to end
 
 SPECIAL_TOKENS = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
@@ -73,13 +74,29 @@ class ModelSpec:
             return TINY_DIR
         path = Path(self.name).expanduser()
         if not (path / "config.json").is_file():
-            hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", self.name) and not path.exists()
-            kind = "a hub id" if hub_id else "not a model directory"
+            hub_like = re.fullmatch(r"[\w.-]+/[\w.-]+", self.name) and not path.exists()
+            where = f"no model directory at {path.absolute()}" + (" (a hub id?)" if hub_like else "")
             raise ModelSourceError(
-                f"--model {self.name!r} is {kind}: nothing is downloaded here. Pass a local directory with "
+                f"--model {self.name!r}: {where}; nothing is downloaded here. Pass a local directory with "
                 f"config.json and safetensors (e.g. a copy of Qwen2.5-VL-3B-Instruct), or one of {NAMED_MODELS}"
             )
         return path
+
+    def validate(self) -> None:
+        """Every problem with --model / --device / --dtype at once, as a ModelSourceError naming the fix."""
+        source = self.source_dir()
+        if self.name not in NAMED_MODELS:
+            config = json.loads((source / "config.json").read_text())
+            kind, architectures = config.get("model_type"), config.get("architectures") or []
+            if kind != "qwen2_5_vl" and "Qwen2_5_VLForConditionalGeneration" not in architectures:
+                raise ModelSourceError(f"--model {self.name}: config.json says model_type {kind!r} {architectures}; "
+                                       "the suite runs Qwen2.5-VL (model_type qwen2_5_vl), e.g. a local copy of "
+                                       "Qwen2.5-VL-3B-Instruct")  # fmt: skip
+        if self.dtype not in SUPPORTED_DTYPES:
+            supported = ", ".join(SUPPORTED_DTYPES)
+            raise ModelSourceError(f"--dtype {self.dtype}: only {supported} is supported end to end (ModelOpt's "
+                                   "export and the FP8 reload write and read bf16); leave --dtype out")  # fmt: skip
+        self.torch_device()
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype not in DTYPES:

@@ -92,6 +92,49 @@ def _vllm_cell(result: dict | None) -> str:
     return " ".join(cells)
 
 
+def _vllm_sections(vllm: dict[str, dict], garbage: dict | None) -> list[str]:
+    """The vLLM verdict table (teacher-forced error against the BF16 noise floor) and the paired speed table;
+    a section without data is left out."""
+    verdicts, speeds = [], []
+    for name, checks in sorted(vllm.items()):
+        for check, entry in sorted(checks.items()):
+            if check == "speed":
+                for workload, paired in sorted(entry.get("workloads", {}).items()):
+                    share = paired.get("bound_share")
+                    speeds.append(f"| {name} | {workload} | {paired['ratio']:.3f}x | {min(paired['ratios']):.3f}-"
+                                  f"{max(paired['ratios']):.3f} | {paired['baseline_ms_per_token']:.2f} / "
+                                  f"{paired['candidate_ms_per_token']:.2f} | {entry['weight_bytes_bound']:.2f}x | "
+                                  f"{_fmt(None if share is None else 100 * share, '.0f')}% | "
+                                  f"{entry['device']} |")  # fmt: skip
+            elif "decision" in entry or entry.get("failures"):
+                decision, forced = entry.get("decision") or {}, entry.get("teacher_forced") or {}
+                verdicts.append(f"| {name} | {check} | {'FAIL' if entry.get('failures') else 'ok'} | "
+                                f"{_fmt(decision.get('error_ratio'), '.2f')} | "
+                                f"{_fmt(forced.get('logprob_mae'), '.4f')} | "
+                                f"{_fmt(forced.get('top1_agreement'), '.3f')} | "
+                                f"{_fmt((entry.get('fusion_effect') or {}).get('logprob_mae'), '.4f')} | "
+                                f"{_fmt((entry.get('greedy') or {}).get('prefix_agreement'), '.2f')} | "
+                                f"{'; '.join(entry.get('failures', []))[:200]} |")  # fmt: skip
+    lines = []
+    if verdicts:
+        lines += ["## vLLM: does it compute what the checkpoint means?", "",
+                  "Teacher-forced on the evaluation captions: vLLM's logprob of each actual next token against the "
+                  "PyTorch reference of the same export (with vLLM's fused-layer scales); the bound is a multiple of "
+                  "the BF16 export's error (the noise floor). Greedy agreement is reported, not decisive.", "",
+                  "| scheme | check | verdict | error / floor | logprob MAE | top-1 agreement | fusion effect | "
+                  "greedy prefix | failure |", "|---|---|---|---|---|---|---|---|---|", *verdicts, ""]  # fmt: skip
+        if garbage:
+            lines += [f"Negative control (BF16 layers of top50 read as FP8 by vLLM): {garbage['error_ratio']:.0f}x "
+                      f"the floor, top-1 agreement {garbage['teacher_forced']['top1_agreement']:.3f}.", ""]  # fmt: skip
+    if speeds:
+        lines += ["## vLLM speed as users run it (paired with BF16, same prompts)", "",
+                  "Ratio = median over rounds of scheme tokens/s / BF16 tokens/s (alternating rounds); bound = BF16 "
+                  "checkpoint bytes / scheme bytes (memory-bound decode); share = (ratio - 1) / (bound - 1).", "",
+                  "| scheme | workload | ratio | per-round range | BF16 / scheme ms per token | bound | share of "
+                  "bound's gain | device |", "|---|---|---|---|---|---|---|---|", *speeds, ""]  # fmt: skip
+    return lines
+
+
 def build_report(reports_dir: Path, model: str, run_id: str | None = None, benchmark_json: Path | None = None) -> Path:
     """Write reports/<run-id>/{report.md, summary.json, *.png}; returns the report directory."""
     reports_dir = Path(reports_dir)
@@ -145,6 +188,7 @@ def build_report(reports_dir: Path, model: str, run_id: str | None = None, bench
         "| scheme | settings | FP8/BF16 layers | LM eff. bits | model eff. bits | coverage | KL mean | top-1 | Δppl | vLLM | speed vs BF16 (same run) |",  # noqa: E501
         "|---|---|---|---|---|---|---|---|---|---|---|",
         *rows, "",
+        *_vllm_sections(vllm, _load_dir(reports_dir / "vllm" / model / "controls").get("garbage_load")),
         "## Which layers are sensitive, and does the method change that?", "",
         f"![per-block sensitivity](sensitivity.png)  Spearman rank correlation of per-block sensitivity between "
         f"{' and '.join(sensitivity.get('methods', []))}: {_fmt(sensitivity.get('spearman'))}.", "",

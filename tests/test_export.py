@@ -52,6 +52,19 @@ def test_exclusion_wildcards_read_the_same_by_fnmatch_and_vllm(scheme_result, ex
     assert ambiguous == []
 
 
+def test_fp8_lm_head_export_is_untied(workbench, catalog):
+    """A tied model with an FP8 lm_head: ModelOpt keeps tie_word_embeddings=true (vLLM would then tie lm_head to
+    the BF16 embeddings and ignore the FP8 one); the suite's export unties it and keeps both tensors."""
+    scheme = next(s for s in catalog.schemes if any(catalog.formats[f].lm_head for f in s.formats))
+    export_dir = workbench.export(scheme)
+    config = json.loads((export_dir / "config.json").read_text())
+    source = json.loads((workbench.source_dir / "config.json").read_text())
+    assert source["tie_word_embeddings"], "the premise: the source model ties lm_head to the embeddings"
+    assert config["tie_word_embeddings"] is False and config["text_config"]["tie_word_embeddings"] is False
+    index = tensor_index(export_dir)
+    assert index["lm_head.weight"]["dtype"] == "F8_E4M3" and index["model.embed_tokens.weight"]["dtype"] == "BF16"
+
+
 def test_check_export_catches_a_wrong_exclusion(tmp_path, workbench, catalog):
     scheme = catalog.scheme("top50")
     manifest = workbench.scheme(scheme).manifest

@@ -66,12 +66,26 @@ def test_3b_shape_config_matches_qwen25_vl_3b():
 
 
 @pytest.mark.parametrize("name,message", [
-    ("Qwen/Qwen2.5-VL-3B-Instruct", "is a hub id: nothing is downloaded here. Pass a local directory"),
-    ("/nonexistent/dir", "not a model directory"),
+    ("Qwen/Qwen2.5-VL-3B-Instruct", r"no model directory at .*Qwen2.5-VL-3B-Instruct \(a hub id\?\); nothing is "
+                                    r"downloaded here. Pass a local directory"),
+    ("/nonexistent/dir", r"'/nonexistent/dir': no model directory at /nonexistent/dir; nothing is downloaded"),
 ])  # fmt: skip
 def test_unknown_model_source_fails_at_once(name, message):
     with pytest.raises(ModelSourceError, match=message):
-        ModelSpec(name).source_dir()
+        ModelSpec(name).validate()
+
+
+def test_model_that_is_not_qwen2_5_vl_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}')
+    with pytest.raises(ModelSourceError, match=r"model_type 'llama' \['LlamaForCausalLM'\]; the suite runs Qwen2.5-VL"):
+        ModelSpec(str(tmp_path)).validate()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_dtypes_other_than_bf16_are_refused_up_front(dtype):
+    """Export and reload are bf16 end to end: another dtype used to be accepted and silently ignored there."""
+    with pytest.raises(ModelSourceError, match=f"--dtype {dtype}: only bfloat16 is supported end to end"):
+        ModelSpec(dtype=dtype).validate()
 
 
 def test_bad_device_and_dtype():

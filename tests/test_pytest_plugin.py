@@ -4,6 +4,7 @@ project root, in a real pytest subprocess; a bad --vllm-python is a usage error 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -77,3 +78,22 @@ def test_bad_vllm_python_is_a_usage_error(tmp_path, case):
     assert completed.returncode == pytest.ExitCode.USAGE_ERROR, completed.stdout[-2000:] + completed.stderr[-2000:]
     expected = "no executable file there" if case == "missing" else "has no vllm"
     assert f"--vllm-python {python}: " in completed.stderr and expected in completed.stderr, completed.stderr
+
+
+BAD_INPUT = {
+    "unknown scheme": (["--scheme", "top99"], r"--scheme top99: unknown; valid schemes \(alias\): bf16"),
+    "missing model": (["--model=/nonexistent/model"], r"--model '/nonexistent/model': no model directory at"),
+    "bad calib data": (["--calib-data=/nonexistent/captions.json"], r"--calib-data: /nonexistent/captions.json does "
+                                                                    r"not exist; pass a COCO captions file"),
+    "dtype": (["--dtype=float16"], r"--dtype float16: only bfloat16 is supported end to end"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD_INPUT, ids=list(BAD_INPUT))
+def test_bad_input_is_one_usage_error_before_any_work(case):
+    """Before: an unknown --scheme was an INTERNALERROR from a collection hook; a missing --model or bad
+    --calib-data errored once per test at setup; --dtype float16 was accepted and ignored by export."""
+    arguments, message = BAD_INPUT[case]
+    completed = _pytest("--collect-only", "-q", *arguments)
+    assert completed.returncode == pytest.ExitCode.USAGE_ERROR, completed.stdout[-2000:] + completed.stderr[-2000:]
+    assert re.search(message, completed.stderr) and "INTERNALERROR" not in completed.stdout + completed.stderr

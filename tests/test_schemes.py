@@ -77,6 +77,10 @@ BAD_INPUTS = [
      r"name or alias 'top50' already used by fp8_autoquant_top50"),
     ("plain with a target", lambda d: _scheme(d, "fp8_mlp_only").update(coverage=0.5),
      r"mode plain takes no `coverage`"),
+    ("expected failure without match", lambda d: _scheme(d, "fp8_mlp_only")["expect"]["vllm"].update(
+        cuda={"outcome": "fail", "reason": "x"}), r"expect\.vllm\.cuda: .*needs `match`"),
+    ("match not a regex", lambda d: _scheme(d, "fp8_mlp_only")["expect"]["vllm"].update(
+        cuda={"outcome": "fail", "reason": "x", "match": "("}), r"match '\(' is not a regular expression"),
 ]  # fmt: skip
 
 

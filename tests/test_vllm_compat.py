@@ -9,12 +9,24 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from quantsuite.cache import write_atomic
-from quantsuite.export import linked_copy
-from quantsuite.vllm_compat import FLOOR_MAX, decide, is_cpu_build, model_free_verdict
+from quantsuite.export import Fp8Linear, linked_copy, to_fp8
+from quantsuite.vllm_compat import (
+    FLOOR_MAX,
+    FLOOR_MIN,
+    NOISE_FACTOR,
+    VllmService,
+    decide,
+    fuse_like_vllm,
+    is_cpu_build,
+    is_transient,
+    model_free_verdict,
+    teacher_forced,
+)
 
-pytestmark = pytest.mark.vllm_compat  # xdist groups: conftest (one per scheme on a GPU, one on the CPU build)
+vllm = pytest.mark.vllm_compat  # xdist groups: conftest (one per scheme on a GPU, one on the CPU build)
 
 
 def judge_expected(scheme, check: str, failures: list[str]) -> None:
@@ -33,6 +45,7 @@ def judge_expected(scheme, check: str, failures: list[str]) -> None:
     pytest.xfail(f"{check}: {expectation.reason}")
 
 
+@vllm
 def test_vllm(workbench, scheme, vllm_check, vllm_service, exported):
     """model_free: vLLM's reading agrees with disk and manifest; cpu / cpu_patched / cuda: the export loads and
     vLLM's teacher-forced logprobs agree with the PyTorch reference of the same checkpoint within NOISE_FACTOR x
@@ -45,6 +58,7 @@ def _backend(vllm_python) -> str:
     return "cpu_patched" if is_cpu_build(vllm_python) else "cuda"
 
 
+@vllm
 def test_noise_floor_is_small(workbench, vllm_python, vllm_service):
     """The floor must itself be kernel noise: a BF16 load that computed something else would raise the bound of
     every scheme. Bound FLOOR_MAX set from measurement (see vllm_compat)."""
@@ -94,6 +108,7 @@ BROKEN = {
 }  # fmt: skip
 
 
+@vllm
 @pytest.mark.parametrize("case", BROKEN, ids=list(BROKEN))
 def test_broken_export_caught_by_model_free_verdict(tmp_path, vllm_service, top50_export, case):
     export_dir, manifest = top50_export
@@ -104,6 +119,7 @@ def test_broken_export_caught_by_model_free_verdict(tmp_path, vllm_service, top5
     assert any(re.search(message, line) for line in problems), problems
 
 
+@vllm
 def test_garbage_load_is_not_called_compatible(tmp_path, workbench, vllm_python, vllm_service, top50_export):
     """Negative control: BF16 layers not excluded load in vLLM (with a warning) but compute garbage; the
     teacher-forced comparison against the reference of the intended checkpoint, not the absence of a crash,
@@ -121,5 +137,98 @@ def test_garbage_load_is_not_called_compatible(tmp_path, workbench, vllm_python,
     floor = workbench.vllm_check(workbench.reference_scheme(), check, vllm_service)["teacher_forced"]
     decision = decide(result["teacher_forced"], floor)
     record = {"teacher_forced": result["teacher_forced"], "floor": floor, "error_ratio": decision.error_ratio}
-    write_atomic(workbench.reports_dir / "vllm" / workbench.model_tag / "_garbage_control.json", json.dumps(record))
+    write_atomic(workbench.reports_dir / "vllm" / workbench.model_tag / "controls" / "garbage_load.json",
+                 json.dumps(record))  # fmt: skip
     assert not decision.compatible, decision.text
+
+
+# -- the verdict's parts, on CPU without vLLM (default suite) ------------------------------------------------------
+def test_decide_against_the_floor():
+    floor = {"logprob_mae": 0.01, "top1_agreement": 0.9}
+    assert decide({"logprob_mae": 0.05, "top1_agreement": 0.9}, floor).compatible
+    assert not decide({"logprob_mae": 0.01 * (NOISE_FACTOR + 1), "top1_agreement": 0.5}, floor).compatible
+    tiny_floor = {"logprob_mae": 0.0, "top1_agreement": 1.0}  # FLOOR_MIN keeps a zero floor from rejecting all
+    assert decide({"logprob_mae": FLOOR_MIN, "top1_agreement": 1.0}, tiny_floor).compatible
+
+
+def test_teacher_forced_metrics():
+    reference = {"sequences": [{"actual_logprobs": [-1.0, -2.0], "top1": [3, 4]}]}
+    same = teacher_forced(reference, reference)
+    assert same["logprob_mae"] == 0 and same["top1_agreement"] == 1
+    other = {"sequences": [{"actual_logprobs": [-1.5, -2.0], "top1": [3, 5]}]}
+    assert teacher_forced(reference, other) | {"positions": 2} == {"logprob_mae": 0.25, "logprob_p99": 0.5,
+                                                                  "top1_agreement": 0.5, "positions": 2}  # fmt: skip
+
+
+def test_fuse_like_vllm_requantizes_to_the_max_scale():
+    """q/k/v with different weight scales become one scale (the max); weights stay within FP8 rounding; a group
+    with a BF16 shard is left alone (vLLM would refuse it: model_free's job)."""
+    torch.manual_seed(0)
+    attention = torch.nn.Module()
+    scales = (0.013, 0.02, 0.04)  # not powers of 2 apart: requantization must round
+    for name, scale in zip(("q_proj", "k_proj", "v_proj"), scales, strict=True):
+        weight = torch.randn(16, 8) * scale * 100
+        setattr(attention, name, Fp8Linear(to_fp8(weight, torch.tensor(scale)), torch.tensor(scale),
+                                           torch.tensor(0.1 * scale)))  # fmt: skip
+    mlp = torch.nn.Module()
+    mlp.gate_proj = Fp8Linear(to_fp8(torch.randn(4, 8), torch.tensor(0.01)), torch.tensor(0.01), torch.tensor(0.1))
+    mlp.up_proj = torch.nn.Linear(8, 4)
+    model = torch.nn.ModuleDict({"attention": attention, "mlp": mlp})
+    before = {n: getattr(attention, n).dequantized_weight(torch.float32) for n in ("q_proj", "k_proj", "v_proj")}
+    assert fuse_like_vllm(model) == 1
+    for name in ("q_proj", "k_proj", "v_proj"):
+        shard = getattr(attention, name)
+        assert float(shard.weight_scale) == pytest.approx(0.04) and float(shard.input_scale) == pytest.approx(0.004)
+        error = (shard.dequantized_weight(torch.float32) - before[name]).abs().max() / before[name].abs().max()
+        assert error < 0.07, (name, float(error))  # one more FP8 rounding (3 mantissa bits) at most
+    assert not torch.equal(attention.q_proj.dequantized_weight(torch.float32), before["q_proj"])  # requantized
+    assert float(mlp.gate_proj.weight_scale) == pytest.approx(0.01)
+
+
+def test_judge_expected_is_strict():
+    """An expected failure must fail with its recorded text; a pass or a different failure fails the test."""
+    from quantsuite.schemes import Expectations, SchemeSpec
+
+    expect = Expectations(vllm={"cuda": {"outcome": "fail", "reason": "op missing", "match": r"static_scaled_fp8"}})
+    scheme = SchemeSpec(name="demo", description="d", mode="none", expect=expect)
+    with pytest.raises(pytest.xfail.Exception):
+        judge_expected(scheme, "cuda", ["load: RuntimeError: _C::static_scaled_fp8_quant() expected"])
+    with pytest.raises(pytest.fail.Exception, match="failed, but not as expected"):
+        judge_expected(scheme, "cuda", ["load: OutOfMemoryError: CUDA out of memory"])
+    with pytest.raises(pytest.fail.Exception, match="XPASS"):
+        judge_expected(scheme, "cuda", [])
+    with pytest.raises(AssertionError):
+        judge_expected(scheme, "model_free", ["a problem"])  # no expectation: must pass
+
+
+class _FailingService:
+    """Stands in for VllmService: every verdict is a transient failure."""
+
+    python, log_path = Path("/nonexistent/python"), Path("/nonexistent/log")
+
+    def __init__(self, error_type: str) -> None:
+        self.error_type = error_type
+
+    def verdict(self, export_dir):
+        return {"error": {"type": self.error_type, "stage": "verdict", "key_line": "simulated"}}
+
+
+@pytest.mark.parametrize("error_type", ["Timeout", "Crashed"])
+def test_transient_vllm_failures_are_not_cached(workbench, catalog, error_type):
+    from quantsuite.pipeline import TransientVllmFailure
+
+    scheme = catalog.scheme("bf16")
+    with pytest.raises(TransientVllmFailure, match="not cached"):
+        workbench.vllm_check(scheme, "model_free", _FailingService(error_type))
+    cached = [p for p in (Path(workbench.cache.root) / "vllm").glob("*/result.json")
+              if (json.loads(p.read_text()).get("error") or {}).get("key_line") == "simulated"]  # fmt: skip
+    assert cached == []
+
+
+def test_a_server_without_vllm_is_a_crash_record(tmp_path):
+    """The server dies importing vLLM: the request returns a `Crashed` record (transient), not a hang."""
+    import sys
+
+    with VllmService(Path(sys.executable), tmp_path) as service:
+        result = service.verdict(tmp_path)
+    assert result["error"]["type"] == "Crashed" and is_transient(result["error"]), result
