@@ -17,6 +17,7 @@ import copy
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -106,6 +107,39 @@ def run_scoring(
         model.gradient_checkpointing_disable()  # the gradient method leaves it on
     model.eval()
     return {key: state[key] for key in state if key != "model"}
+
+
+class UnsafeCacheEntry(RuntimeError):
+    """A cached search state that is not plain data (tensors, builtins, ModelOpt's QuantRecipe): refused."""
+
+
+def _plain(value: object) -> object:
+    """defaultdicts (which torch's weights-only loader cannot rebuild) as plain dicts, recursively."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    return value
+
+
+def save_search_state(state: dict, path: Path) -> None:
+    """The AutoQuant search state as data torch's weights-only loader reads back (see load_search_state)."""
+    torch.save(_plain(state), path)
+
+
+def load_search_state(path: Path) -> dict:
+    """Read a search state with `weights_only=True` and one allowed class, ModelOpt's QuantRecipe: a cache entry
+    that anyone could write (a shared runner cache, a copied .quantsuite-cache) cannot run code here."""
+    import pickle
+
+    from modelopt.torch.quantization.algorithms import QuantRecipe
+
+    try:
+        with torch.serialization.safe_globals([QuantRecipe]):
+            return torch.load(path, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError) as error:
+        raise UnsafeCacheEntry(f"{path}: refused, not plain data ({str(error).splitlines()[0][:200]}); delete the "
+                               f"cache entry {Path(path).parent} and run again") from None  # fmt: skip
 
 
 def group_scores(state: dict) -> dict[str, dict]:

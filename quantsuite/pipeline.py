@@ -24,13 +24,17 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
+from quantsuite import autoquant as autoquant_module
+from quantsuite import manifest as manifest_module
 from quantsuite.autoquant import (
     Resolution,
     ScoringPlan,
     apply_config,
+    load_search_state,
     picked_effective_bits,
     resolve_config,
     run_scoring,
+    save_search_state,
 )
 from quantsuite.cache import ArtifactCache, code_hash, package_versions, write_atomic
 from quantsuite.data import CaptionDataError, DataConfig, load_splits, tokenize_batches
@@ -124,7 +128,7 @@ class Workbench:
         return ScoringPlan.for_scheme(scheme, self.catalog, self.data_config.scoring_samples)
 
     def scoring_key(self, plan: ScoringPlan) -> str:
-        return self.cache.key(self._base_key() | {"plan": asdict(plan)})
+        return self.cache.key(self._base_key() | {"plan": asdict(plan), "code": code_hash(autoquant_module)})
 
     def scoring_state(self, plan: ScoringPlan) -> tuple[dict, str]:
         """The AutoQuant search state for `plan`: from memory, the disk cache, or one scoring run."""
@@ -136,14 +140,14 @@ class Workbench:
                 started = time.perf_counter()
                 state = run_scoring(loaded.model, plan, self.batches("scoring", plan.score_samples), loaded.device)
                 self.scoring_runs += 1
-                torch.save(state, directory / "search_state.pt")
+                save_search_state(state, directory / "search_state.pt")
                 (directory / "plan.json").write_text(json.dumps(asdict(plan) | {"seconds": time.perf_counter()
                                                                                  - started}, indent=1))  # fmt: skip
                 del loaded
                 self._release_memory()
 
             path, _ = self.cache.get_or_build("scores", key, build, f"({plan.method}, {'+'.join(plan.presets)})")
-            self._states[key] = torch.load(path / "search_state.pt", weights_only=False)
+            self._states[key] = load_search_state(path / "search_state.pt")
         return self._states[key], key
 
     # -- schemes --------------------------------------------------------------------------------------------
@@ -169,6 +173,7 @@ class Workbench:
             "scheme": scheme.spec_hash_input(), "scores": scores_key, "calibration_samples": calibration,
             "quant_config": json.dumps(quant_config, sort_keys=True, default=str), "manifest": SCHEMA_VERSION,
             "formats": {name: self.catalog.formats[name].model_dump(mode="json") for name in scheme.formats},
+            "code": code_hash(autoquant_module, manifest_module),
         })  # fmt: skip
 
         def build(directory: Path) -> None:

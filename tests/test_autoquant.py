@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from itertools import combinations
+from pathlib import Path
 
 import pytest
 from syrupy.extensions.json import JSONSnapshotExtension
@@ -168,3 +169,47 @@ def test_top_k_blocks_ranking():
     assert top_k_blocks(sensitivity, 1.0) == [0, 1, 2, 3]
     assert block_index("model.language_model.layers.12.mlp.up_proj") == 12
     assert block_index("model.visual.blocks.1.attn.qkv") is None
+
+
+class _Trap:
+    """Pickles to a call of os.system: what a hostile cache entry would hold."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch /tmp/quantsuite-trap-fired",))
+
+
+def test_booby_trapped_search_state_is_refused(workbench, catalog, tmp_path):
+    """Before: the state was read back with torch.load(weights_only=False), so a planted pickle ran code."""
+    import pickle
+
+    from quantsuite.autoquant import UnsafeCacheEntry, load_search_state
+
+    marker = Path("/tmp/quantsuite-trap-fired")
+    marker.unlink(missing_ok=True)
+    scheme = catalog.scheme("top50")
+    key = workbench.scoring_key(workbench.scoring_plan(scheme))
+    workbench.scoring_state(workbench.scoring_plan(scheme))  # the real entry exists
+    genuine = load_search_state(workbench.cache.path("scores", key) / "search_state.pt")
+    assert "candidate_stats" in genuine  # the safe loader reads what the suite writes
+    trapped = tmp_path / "search_state.pt"
+    trapped.write_bytes(pickle.dumps({"best": _Trap()}))
+    with pytest.raises(UnsafeCacheEntry, match="refused, not plain data"):
+        load_search_state(trapped)
+    assert not marker.exists()
+
+
+def test_a_code_change_means_a_rebuild(tmp_path, monkeypatch, workbench, model_spec, data_config, catalog):
+    """Keys of scores, schemes and exports cover the code that made them (before: only package versions, so a
+    changed compare() or export_model reused old artifacts)."""
+    from quantsuite import pipeline
+
+    scheme = catalog.scheme("top50")
+    before = (workbench.scoring_key(workbench.scoring_plan(scheme)), workbench.scheme(scheme).artifact_dir.name,
+              workbench.export_key(scheme))  # fmt: skip
+    monkeypatch.setattr(pipeline, "code_hash", lambda *modules: "changed")
+    changed = Workbench(model_spec, data_config, catalog, tmp_path / "cache", tmp_path / "reports")
+    after = (changed.scoring_key(changed.scoring_plan(scheme)), changed.scheme(scheme).artifact_dir.name,
+             changed.export_key(scheme))  # fmt: skip
+    assert all(b != a for b, a in zip(before, after, strict=True)), (before, after)
