@@ -221,19 +221,6 @@ def check_export(export_dir: Path, manifest: dict) -> list[str]:
     return problems
 
 
-def wildcard_ambiguities(export_dir: Path, manifest: dict) -> list[str]:
-    """Exclusions whose plain-fnmatch reading (X* = any name starting with X) differs from vLLM's (X or X.*)."""
-    config = json.loads((Path(export_dir) / "config.json").read_text())
-    patterns = (config.get("quantization_config") or {}).get("ignore", [])
-    found = []
-    for module in manifest["modules"]:
-        name = hub_name(module["name"])
-        loose = any(fnmatch.fnmatch(name, pattern) for pattern in patterns)
-        if loose != _excluded(name, patterns):
-            found.append(name)
-    return found
-
-
 class Fp8Linear(torch.nn.Module):
     """y = fakequant_fp8(x / input_scale) * input_scale @ (w_fp8 * weight_scale)^T + bias."""
 

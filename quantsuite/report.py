@@ -172,14 +172,27 @@ def build_report(reports_dir: Path, model: str, run_id: str | None = None, bench
                     f"{_fmt(fake.get('perplexity_delta'), '+.3g')} | {_vllm_cell(vllm.get(name))} | "
                     + " ".join(f"{k}:{v:.2f}x" for k, v in sorted(ratios.items())) + " |")  # fmt: skip
 
-    _plot_sensitivity(research, out / "sensitivity.png")
-    _plot_heatmap(manifests, out / "coverage_heatmap.png")
-    _plot_pareto(research, manifests, drift, out / "pareto.png")
-    _plot_localization(drift, out / "localization.png")
-    _plot_gap(research, out / "optimality_gap.png")
+    plots = {
+        "sensitivity.png": _plot_sensitivity(research, out / "sensitivity.png"),
+        "coverage_heatmap.png": _plot_heatmap(manifests, out / "coverage_heatmap.png"),
+        "pareto.png": _plot_pareto(research, manifests, drift, out / "pareto.png"),
+        "localization.png": _plot_localization(drift, out / "localization.png"),
+        "optimality_gap.png": _plot_gap(research, out / "optimality_gap.png"),
+    }
     summary["research"] = research
+    summary["plots"] = plots  # data points drawn per plot; a plot without data is not written
     device = next(iter(manifests.values()), {}).get("device", "unknown")
     sensitivity = research.get("sensitivity", {})
+
+    def section(title: str, plot: str, *text: str) -> list[str]:
+        if not plots[plot]:
+            return []  # no data for it in this run: no empty plot, no empty section
+        return [f"## {title}", "", f"![{plot}]({plot}){'  ' + ' '.join(text) if text else ''}", ""]
+
+    spearman = (f"Spearman rank correlation of per-block sensitivity between {' and '.join(sensitivity['methods'])}: "
+                f"{_fmt(sensitivity.get('spearman'))}." if sensitivity.get("methods") else "")  # fmt: skip
+    gap_rows = [f"| {r['effective_bits']} | {r['autoquant_objective']:.4g} | {r['exact_objective']:.4g} | "
+                f"{100 * r['relative_gap']:.1f}% |" for r in research.get("optimality_gap", [])]  # fmt: skip
     lines = [
         f"# quantsuite report — {model} ({run_id})", "",
         f"Device: {device}. Generated from reports/ JSON (manifests, drift, vLLM, research, benchmarks).", "",
@@ -189,19 +202,13 @@ def build_report(reports_dir: Path, model: str, run_id: str | None = None, bench
         "|---|---|---|---|---|---|---|---|---|---|---|",
         *rows, "",
         *_vllm_sections(vllm, _load_dir(reports_dir / "vllm" / model / "controls").get("garbage_load")),
-        "## Which layers are sensitive, and does the method change that?", "",
-        f"![per-block sensitivity](sensitivity.png)  Spearman rank correlation of per-block sensitivity between "
-        f"{' and '.join(sensitivity.get('methods', []))}: {_fmt(sensitivity.get('spearman'))}.", "",
-        "![coverage heatmap](coverage_heatmap.png)", "",
-        "## Drift versus effective bits (targets re-solved from one scoring pass)", "",
-        "![pareto](pareto.png)", "",
-        "## Where error enters (per-block relative error of the hidden states)", "",
-        "![localization](localization.png)", "",
-        "## AutoQuant's pick versus an exact solve of the same scores", "",
-        "![optimality gap](optimality_gap.png)", "",
-        "| target bits | AutoQuant objective | exact objective | gap |", "|---|---|---|---|",
-        *[f"| {r['effective_bits']} | {r['autoquant_objective']:.4g} | {r['exact_objective']:.4g} | {100 * r['relative_gap']:.1f}% |"  # noqa: E501
-          for r in research.get("optimality_gap", [])],
+        *section("Which layers are sensitive, and does the method change that?", "sensitivity.png", spearman),
+        *section("Which blocks each scheme puts in FP8", "coverage_heatmap.png"),
+        *section("Drift versus effective bits (targets re-solved from one scoring pass)", "pareto.png"),
+        *section("Where error enters (per-block relative error of the hidden states)", "localization.png"),
+        *section("AutoQuant's pick versus an exact solve of the same scores", "optimality_gap.png"),
+        *(["| target bits | AutoQuant objective | exact objective | gap |", "|---|---|---|---|", *gap_rows]
+          if gap_rows else []),
     ]  # fmt: skip
     write_atomic(out / "report.md", "\n".join(lines) + "\n")
     write_atomic(out / "summary.json", json.dumps(summary, indent=1, default=str))
@@ -219,9 +226,12 @@ def _save(figure, path: Path) -> None:
     os.replace(temporary, path)
 
 
-def _plot_sensitivity(research: dict, path: Path) -> None:
-    figure, axis = plt.subplots(figsize=(9, 3.5))
+def _plot_sensitivity(research: dict, path: Path) -> int:
     blocks = research.get("sensitivity", {}).get("blocks", {})
+    points = sum(len(values) for values in blocks.values())
+    if not points:
+        return 0
+    figure, axis = plt.subplots(figsize=(9, 3.5))
     width = 0.8 / max(len(blocks), 1)
     for offset, (method, values) in enumerate(blocks.items()):
         keys = sorted(values, key=int)
@@ -232,11 +242,14 @@ def _plot_sensitivity(research: dict, path: Path) -> None:
              title=f"Per-block sensitivity (Spearman {rank})")  # fmt: skip
     axis.legend()
     _save(figure, path)
+    return points
 
 
-def _plot_heatmap(manifests: dict, path: Path) -> None:
+def _plot_heatmap(manifests: dict, path: Path) -> int:
     names = list(manifests)
     blocks = max((len(m["blocks"]) for m in manifests.values()), default=0)
+    if not names or not blocks:
+        return 0
     grid = [[0.0] * blocks for _ in names]
     for row, name in enumerate(names):
         weights: dict[int, list[int]] = {}
@@ -253,43 +266,55 @@ def _plot_heatmap(manifests: dict, path: Path) -> None:
     axis.set(xlabel="decoder block", title="FP8 share of each block's linear weights")
     figure.colorbar(image, ax=axis)
     _save(figure, path)
+    return len(names) * blocks
 
 
-def _plot_pareto(research: dict, manifests: dict, drift: dict, path: Path) -> None:
-    figure, axis = plt.subplots(figsize=(6, 4))
+def _plot_pareto(research: dict, manifests: dict, drift: dict, path: Path) -> int:
     sweep = research.get("sweep", [])
+    measured_points = [n for n, m in drift.items() if n in manifests and m["fake_quant"]["kl_mean"] > 0]
+    if not sweep and not measured_points:
+        return 0
+    figure, axis = plt.subplots(figsize=(6, 4))
     if sweep:
         axis.plot([r["lm_effective_bits"] for r in sweep], [r["kl_mean"] for r in sweep], "o-", label="AutoQuant sweep")
     for name, measured in drift.items():
-        if name in manifests and measured["fake_quant"]["kl_mean"] > 0:
+        if name in measured_points:
             axis.scatter(manifests[name]["totals"]["lm_effective_bits"], measured["fake_quant"]["kl_mean"], marker="x")
             axis.annotate(name.replace("fp8_", ""), (manifests[name]["totals"]["lm_effective_bits"],
                           measured["fake_quant"]["kl_mean"]), fontsize=6)  # fmt: skip
     axis.set(xlabel="LM effective bits", ylabel="KL(BF16 || quant), mean per token", yscale="log",
              title="Drift versus effective bits")  # fmt: skip
-    axis.legend(fontsize=7)
+    if sweep:
+        axis.legend(fontsize=7)
     _save(figure, path)
+    return len(sweep) + len(measured_points)
 
 
-def _plot_localization(drift: dict, path: Path) -> None:
+def _plot_localization(drift: dict, path: Path) -> int:
+    lines = {name: measured["fake_quant"]["layers"] for name, measured in drift.items()
+             if any(layer["relative_error"] > 0 for layer in measured["fake_quant"]["layers"])}  # fmt: skip
+    if not lines:
+        return 0
     figure, axis = plt.subplots(figsize=(8, 4))
-    for name, measured in drift.items():
-        layers = measured["fake_quant"]["layers"]
-        if any(layer["relative_error"] > 0 for layer in layers):
-            axis.plot(range(len(layers)), [max(layer["relative_error"], 1e-8) for layer in layers], label=name)
+    for name, layers in lines.items():
+        axis.plot(range(len(layers)), [max(layer["relative_error"], 1e-8) for layer in layers], label=name)
     axis.set(xlabel="decoder block (last point: final norm)", ylabel="relative error of hidden states",
              yscale="log", title="Where quantization error enters and how it accumulates")  # fmt: skip
     axis.legend(fontsize=6, ncol=2)
     _save(figure, path)
+    return sum(len(layers) for layers in lines.values())
 
 
-def _plot_gap(research: dict, path: Path) -> None:
+def _plot_gap(research: dict, path: Path) -> int:
     rows = research.get("optimality_gap", [])
+    if not rows:
+        return 0
     figure, axis = plt.subplots(figsize=(6, 3.5))
     axis.bar([str(r["effective_bits"]) for r in rows], [100 * r["relative_gap"] for r in rows])
     axis.set(xlabel="target effective bits", ylabel="objective gap to exact solve (%)",
              title="AutoQuant pick versus exact 0/1 solve")  # fmt: skip
     _save(figure, path)
+    return len(rows)
 
 
 if __name__ == "__main__":

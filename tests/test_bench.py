@@ -148,7 +148,7 @@ def test_real_fp8_prefill_paired(benchmark, workbench, catalog, scheme, exported
     ratios = [base / own for base, own in zip(baseline_rounds, benchmark.stats.stats.data, strict=True)]
     benchmark.extra_info.update({"bf16_rounds_s": baseline_rounds, "paired_ratios": ratios,
                                  "paired_ratio_median": statistics.median(ratios)})  # fmt: skip
-    assert all(ratio > 0 for ratio in ratios)
+    assert len(baseline_rounds) == len(benchmark.stats.stats.data), "every scheme round has its own BF16 round"
 
 
 @benchmark_test

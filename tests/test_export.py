@@ -12,13 +12,13 @@ from quantsuite.export import (
     EXPORT_INFO,
     PROCESSOR_FILES,
     ExportError,
+    _excluded,
     check_export,
     linked_copy,
     load_export,
     predicted_bytes,
     tensor_index,
     verify_export,
-    wildcard_ambiguities,
 )  # fmt: skip
 from quantsuite.pipeline import Workbench
 
@@ -44,12 +44,13 @@ def test_export_carries_processor_and_provenance(workbench, scheme, scheme_resul
     assert pointer["export_dir"] == str(exported)
 
 
-def test_exclusion_wildcards_read_the_same_by_fnmatch_and_vllm(scheme_result, exported):
-    """ModelOpt writes `model.layers.1*`; fnmatch would also exclude layers 10-19. Report any such module."""
-    ambiguous = wildcard_ambiguities(exported, scheme_result.manifest)
-    if ambiguous and scheme_result.manifest["totals"]["fp8_layers"]:
-        pytest.xfail(f"{len(ambiguous)} modules excluded only under plain fnmatch, e.g. {ambiguous[:3]}")
-    assert ambiguous == []
+def test_exclusion_wildcards_are_read_as_vllm_reads_them():
+    """ModelOpt writes `model.layers.1*`, which vLLM splits into `model.layers.1` and `model.layers.1.*`; plain
+    fnmatch would also exclude layers 10-19 (before: an imperative xfail whose failing branch could not happen)."""
+    patterns = ["model.layers.1*", "lm_head", "visual*"]
+    assert _excluded("model.layers.1.mlp.down_proj", patterns) and _excluded("model.layers.1", patterns)
+    assert not _excluded("model.layers.10.mlp.down_proj", patterns), "read like fnmatch, not like vLLM"
+    assert _excluded("lm_head", patterns) and _excluded("visual.blocks.0.attn.qkv", patterns)
 
 
 def test_fp8_lm_head_export_is_untied(workbench, catalog):
