@@ -329,13 +329,16 @@ def train_tiny(output_dir: Path = TINY_DIR, seed: int = 1234, steps: int = 600, 
     }
     output_dir = Path(output_dir)
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=output_dir.parent))
-    model.save_pretrained(staging)
-    save_processor(tokenizer, staging)
-    (staging / "training.json").write_text(json.dumps(result, indent=1) + "\n")
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    staging.chmod(0o755)
-    staging.rename(output_dir)
+    try:
+        model.save_pretrained(staging)
+        save_processor(tokenizer, staging)
+        (staging / "training.json").write_text(json.dumps(result, indent=1) + "\n")
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        staging.chmod(0o755)
+        staging.rename(output_dir)
+    finally:  # a failed save leaves no half-written copy next to the model (one was once committed)
+        shutil.rmtree(staging, ignore_errors=True)
     return result
 
 

@@ -7,7 +7,10 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -c constraints/cpu.txt "torch==2.13.0+cpu"
+# QUANTSUITE_TORCH_INDEX: an index that serves torch 2.13.0+cpu (e.g. https://download.pytorch.org/whl/cpu) on a
+# machine without the wheel on disk; here pip finds the wheel on disk without it.
+.venv/bin/python -m pip install -q -c constraints/cpu.txt ${QUANTSUITE_TORCH_INDEX:+--extra-index-url "$QUANTSUITE_TORCH_INDEX"} \
+  "torch==2.13.0+cpu"
 .venv/bin/python -m pip install -q -c constraints/cpu.txt -e ".[test,plots]"
 .venv/bin/python - <<'PY'
 import torch

@@ -114,3 +114,16 @@ def test_fingerprint_tracks_identity(tmp_path):
 )  # fmt: skip
 def test_one_scheme_per_gpu_worker_mapping(device, worker, gpus, expected):
     assert device_for_worker(device, worker, gpus) == expected
+
+
+def test_train_tiny_leaves_nothing_behind_when_saving_fails(tmp_path, monkeypatch):
+    """A failed save used to leave `.tiny-*` next to the model (a 4.7 MB copy was once committed)."""
+    from quantsuite import models
+
+    def broken_save(tokenizer, directory):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(models, "save_processor", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        models.train_tiny(tmp_path / "tiny", steps=1, log=lambda line: None)
+    assert list(tmp_path.iterdir()) == []
