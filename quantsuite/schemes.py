@@ -125,11 +125,27 @@ class VllmOutcome(Strict):
         return self
 
 
+DRIFT_MODEL_KEYS = ("tiny", "qwen2.5-vl-3b-shape")  # models.NAMED_MODELS (not imported: models pulls torch)
+
+
 class Expectations(Strict):
-    drift: dict[str, DriftBounds] = Field(default_factory=dict, description="Model name -> drift bounds")
+    drift: dict[str, DriftBounds] = Field(
+        default_factory=dict,
+        description="Model tag -> drift bounds: tiny, qwen2.5-vl-3b-shape, or a local model directory's name that "
+        "starts with Qwen2.5-VL (e.g. Qwen2.5-VL-3B-Instruct)",
+    )
     vllm: dict[Literal["model_free", "cpu", "cpu_patched", "cuda"], VllmOutcome] = Field(
         default_factory=dict, description="vLLM check (model_free, cpu, cpu_patched, cuda) -> expected outcome"
     )
+
+    @field_validator("drift")
+    @classmethod
+    def _known_models(cls, value: dict[str, DriftBounds]) -> dict[str, DriftBounds]:
+        unknown = [key for key in value if key not in DRIFT_MODEL_KEYS and not key.lower().startswith("qwen2.5-vl")]
+        if unknown:
+            raise ValueError(f"unknown model {unknown} in expect.drift; accepted: {list(DRIFT_MODEL_KEYS)} or a "
+                             "local model directory's name starting with Qwen2.5-VL")  # fmt: skip
+        return value
 
 
 class SchemeSpec(Strict):
@@ -188,6 +204,15 @@ class SchemeSpec(Strict):
 class Catalog(Strict):
     formats: dict[str, FormatSpec] = Field(description="Format name -> quantization config")
     schemes: tuple[SchemeSpec, ...] = Field(description="The schemes under test")
+    drift_default: DriftBounds | None = Field(
+        default=None, description="Drift bounds for a model without its own expect.drift.<model> entry"
+    )
+
+    def drift_bounds(self, scheme: SchemeSpec, model_tag: str) -> tuple[DriftBounds | None, str]:
+        """The scheme's bounds for `model_tag`, else the catalog-wide default; with where they came from."""
+        if model_tag in scheme.expect.drift:
+            return scheme.expect.drift[model_tag], f"expect.drift.{model_tag} of {scheme.name}"
+        return self.drift_default, "drift_default (no bounds of its own for this model)"
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Catalog:

@@ -77,6 +77,9 @@ BAD_INPUTS = [
      r"name or alias 'top50' already used by fp8_autoquant_top50"),
     ("plain with a target", lambda d: _scheme(d, "fp8_mlp_only").update(coverage=0.5),
      r"mode plain takes no `coverage`"),
+    ("unknown drift model", lambda d: _scheme(d, "fp8_mlp_only")["expect"]["drift"].update(tinny={
+        "kl_mean_max": 1, "top1_agreement_min": 0, "export_top1_agreement_min": 0, "export_code_mismatch_max": 1}),
+     r"expect\.drift: Value error, unknown model \['tinny'\] in expect\.drift; accepted: \['tiny'"),
     ("expected failure without match", lambda d: _scheme(d, "fp8_mlp_only")["expect"]["vllm"].update(
         cuda={"outcome": "fail", "reason": "x"}), r"expect\.vllm\.cuda: .*needs `match`"),
     ("match not a regex", lambda d: _scheme(d, "fp8_mlp_only")["expect"]["vllm"].update(
@@ -101,3 +104,13 @@ def test_format_quant_config_keeps_vision_disabled_last():
     assert {"quantizer_name": "*self_attn*quantizer", "enable": False} in mlp_only
     kv = catalog.formats["FP8_KV_CACHE"].quant_config()["quant_cfg"]
     assert any(entry["quantizer_name"] == "*[kv]_bmm_quantizer" for entry in kv)
+
+
+def test_a_model_without_bounds_gets_the_catalog_default():
+    """Before: a local model directory had no expect.drift entry, so every drift bound check skipped."""
+    catalog = load_catalog()
+    scheme = catalog.scheme("top50")
+    own, source = catalog.drift_bounds(scheme, "tiny")
+    assert own == scheme.expect.drift["tiny"] and source.startswith("expect.drift.tiny")
+    default, source = catalog.drift_bounds(scheme, "Qwen2.5-VL-3B-Instruct")
+    assert default == catalog.drift_default is not None and source.startswith("drift_default")
