@@ -6,6 +6,7 @@ Options live here (vLLM's tests do the same); the library in quantsuite/ never i
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,8 @@ def pytest_configure(config: pytest.Config) -> None:
     from quantsuite.vllm_compat import VllmSetupError, resolve_vllm_python
 
     option = config.getoption
+    if option("--run-id") is None:  # one id per run: the controller sets it, xdist workers inherit the options
+        config.option.run_id = time.strftime("%Y%m%d-%H%M%S") + f"-{ModelSpec(option('--model')).tag}"
     try:
         _catalog().select(option("--scheme"))
         ModelSpec(option("--model"), option("--device"), option("--dtype"), option("--model-seed")).validate()
@@ -141,7 +144,8 @@ def workbench(pytestconfig, model_spec, data_config, catalog):
     cache_dir = Path(pytestconfig.getoption("--cache-dir"))
     cache_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(cache_dir / "workbench.lock")):  # tokenizer / split set-up touches shared files once
-        bench = Workbench(model_spec, data_config, catalog, cache_dir, Path(pytestconfig.getoption("--reports-dir")))
+        bench = Workbench(model_spec, data_config, catalog, cache_dir, Path(pytestconfig.getoption("--reports-dir")),
+                          run_id=pytestconfig.getoption("--run-id"))  # fmt: skip
     pytestconfig.stash[WORKBENCH] = bench
     return bench
 
@@ -207,5 +211,10 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         if hasattr(benchmark_json, "flush") and not benchmark_json.closed:  # older versions: an open file
             benchmark_json.flush()
         path = getattr(benchmark_json, "name", None) if hasattr(benchmark_json, "flush") else benchmark_json
-        out = build_report(reports, tag, config.getoption("--run-id"), Path(path) if path else None)
+        run_id = config.getoption("--run-id")
+        try:
+            out = build_report(reports, tag, run_id, Path(path) if path else None, results_of=run_id)
+        except FileNotFoundError as error:  # the run made no manifest (it failed before): nothing to join
+            print(f"\nquantsuite report not written: {error}")
+            return
         print(f"\nquantsuite report: {out / 'report.md'}")

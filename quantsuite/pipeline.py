@@ -73,12 +73,14 @@ class Workbench:
         cache_root: Path,
         reports_dir: Path = REPORTS_DIR,
         live_models: int = 1,
+        run_id: str = "adhoc",
     ) -> None:
         self.model_spec = model_spec
         self.data_config = data_config
         self.catalog = catalog
         self.cache = ArtifactCache(Path(cache_root))
         self.reports_dir = Path(reports_dir)
+        self.run_id = run_id  # stamped on every JSON this workbench writes under reports/; the report joins one run
         self.live_models = live_models
         self.device = model_spec.torch_device()
         self.source_dir = model_spec.source_dir()
@@ -103,6 +105,12 @@ class Workbench:
     @property
     def device_name(self) -> str:
         return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+
+    def publish(self, kind: str, name: str, document: dict) -> Path:
+        """Write a stage's result to reports/<kind>/<model>/<name>.json, stamped with this run's id."""
+        path = self.reports_dir / kind / self.model_tag / f"{name}.json"
+        write_atomic(path, json.dumps(document | {"run_id": self.run_id}, indent=1, sort_keys=True) + "\n")
+        return path
 
     def batches(self, split: str, samples: int | None = None) -> list[dict]:
         captions = getattr(self.splits, split)
@@ -185,8 +193,7 @@ class Workbench:
 
         artifact_dir, reused = self.cache.get_or_build("schemes", key, build, scheme.name)
         manifest = json.loads((artifact_dir / "manifest.json").read_text())
-        manifest_path = self.reports_dir / "manifests" / self.model_tag / f"{scheme.name}.json"
-        write_atomic(manifest_path, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        manifest_path = self.publish("manifests", scheme.name, manifest)
         timings["total_s"] = time.perf_counter() - started
         result = SchemeResult(scheme, manifest, manifest_path, artifact_dir, reused, resolution, timings)
         self._results[scheme.name] = result
@@ -272,9 +279,7 @@ class Workbench:
         size = sum(entry["bytes"] for entry in tensor_index(path).values())
         pointer = {"scheme": scheme.name, "export_dir": str(path), "tensor_bytes": size,
                    "files_bytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file())}  # fmt: skip
-        write_atomic(
-            self.reports_dir / "exports" / self.model_tag / f"{scheme.name}.json", json.dumps(pointer, indent=1)
-        )
+        self.publish("exports", scheme.name, pointer)
         self._exports[scheme.name] = path
         return path
 
@@ -329,9 +334,7 @@ class Workbench:
 
         path, _ = self.cache.get_or_build("drift", key, build, scheme.name)
         measurement = json.loads((path / "drift.json").read_text())
-        write_atomic(
-            self.reports_dir / "drift" / self.model_tag / f"{scheme.name}.json", json.dumps(measurement, indent=1)
-        )
+        self.publish("drift", scheme.name, measurement)
         self._measurements[scheme.name] = measurement
         return measurement
 
@@ -482,8 +485,9 @@ class Workbench:
         report_path = self.reports_dir / "vllm" / self.model_tag / f"{scheme.name}.json"
         with FileLock(str(report_path) + ".lock"):
             merged = json.loads(report_path.read_text()) if report_path.is_file() else {}
-            merged[key] = value
-            write_atomic(report_path, json.dumps(merged, indent=1, sort_keys=True))
+            if merged.get("run_id") != self.run_id:
+                merged = {}  # another run's checks: not this run's results
+            self.publish("vllm", scheme.name, merged | {key: value})
 
     # -- research -------------------------------------------------------------------------------------------
     SWEEP_TARGETS = (15.0, 14.0, 13.0, 12.0, 11.0, 10.0, 9.0, 8.5)
@@ -530,5 +534,6 @@ class Workbench:
 
         path, _ = self.cache.get_or_build("research", key, build, "research")
         result = json.loads((path / "research.json").read_text())
-        write_atomic(self.reports_dir / "research" / f"{self.model_tag}.json", json.dumps(result, indent=1))
+        write_atomic(self.reports_dir / "research" / f"{self.model_tag}.json",
+                     json.dumps(result | {"run_id": self.run_id}, indent=1))  # fmt: skip
         return result

@@ -26,8 +26,12 @@ from quantsuite.cache import write_atomic
 PLOTS = ("sensitivity.png", "coverage_heatmap.png", "pareto.png", "localization.png", "optimality_gap.png")
 
 
-def _load_dir(path: Path) -> dict[str, dict]:
-    return {file.stem: json.loads(file.read_text()) for file in sorted(path.glob("*.json"))} if path.is_dir() else {}
+def _load_dir(path: Path, results_of: str | None = None) -> dict[str, dict]:
+    """name -> JSON of the files in `path`; with `results_of`, only those stamped with that run id."""
+    if not path.is_dir():
+        return {}
+    documents = {file.stem: json.loads(file.read_text()) for file in sorted(path.glob("*.json"))}
+    return {name: doc for name, doc in documents.items() if results_of is None or doc.get("run_id") == results_of}
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,8 @@ def _vllm_sections(vllm: dict[str, dict], garbage: dict | None) -> list[str]:
     verdicts, speeds = [], []
     for name, checks in sorted(vllm.items()):
         for check, entry in sorted(checks.items()):
+            if not isinstance(entry, dict):
+                continue  # run_id
             if check == "speed":
                 for workload, paired in sorted(entry.get("workloads", {}).items()):
                     share = paired.get("bound_share")
@@ -135,26 +141,31 @@ def _vllm_sections(vllm: dict[str, dict], garbage: dict | None) -> list[str]:
     return lines
 
 
-def build_report(reports_dir: Path, model: str, run_id: str | None = None, benchmark_json: Path | None = None) -> Path:
-    """Write reports/<run-id>/{report.md, summary.json, *.png}; returns the report directory."""
+def build_report(reports_dir: Path, model: str, run_id: str | None = None, benchmark_json: Path | None = None,
+                 results_of: str | None = None) -> Path:  # fmt: skip
+    """Write reports/<run-id>/{report.md, summary.json, *.png} from the JSON stamped with `results_of` (a run id;
+    None joins everything under reports/); returns the report directory."""
     reports_dir = Path(reports_dir)
     run_id = run_id or time.strftime("%Y%m%d-%H%M%S") + f"-{model}"
-    manifests = _load_dir(reports_dir / "manifests" / model)
+    manifests = _load_dir(reports_dir / "manifests" / model, results_of)
     if not manifests:
-        raise FileNotFoundError(f"no scheme manifests in {reports_dir / 'manifests' / model}: a report needs a "
+        raise FileNotFoundError(f"no scheme manifests{f' of run {results_of}' if results_of else ''} in "
+                                f"{reports_dir / 'manifests' / model}: a report needs a "
                                 f"run first, e.g. pytest -m autoquant --model {model} --reports-dir "
                                 f"{reports_dir}")  # fmt: skip
     out = reports_dir / run_id
     out.mkdir(parents=True, exist_ok=True)
-    drift = _load_dir(reports_dir / "drift" / model)
-    vllm = _load_dir(reports_dir / "vllm" / model)
+    drift = _load_dir(reports_dir / "drift" / model, results_of)
+    vllm = _load_dir(reports_dir / "vllm" / model, results_of)
     research_path = reports_dir / "research" / f"{model}.json"
     research = json.loads(research_path.read_text()) if research_path.is_file() else {}
+    if results_of is not None and research.get("run_id") != results_of:
+        research = {}
     benchmarks = read_benchmarks(benchmark_json)
     speed = benchmarks.tokens_per_s
     baseline = speed.get("bf16", {})
 
-    rows, summary = [], {"model": model, "run_id": run_id, "schemes": {}}
+    rows, summary = [], {"model": model, "run_id": run_id, "results_of": results_of, "schemes": {}}
     for name, manifest in manifests.items():
         spec, totals = manifest["scheme"], manifest["totals"]
         fake = drift.get(name, {}).get("fake_quant", {})
@@ -201,7 +212,7 @@ def build_report(reports_dir: Path, model: str, run_id: str | None = None, bench
         "| scheme | settings | FP8/BF16 layers | LM eff. bits | model eff. bits | coverage | KL mean | top-1 | Δppl | vLLM | speed vs BF16 (same run) |",  # noqa: E501
         "|---|---|---|---|---|---|---|---|---|---|---|",
         *rows, "",
-        *_vllm_sections(vllm, _load_dir(reports_dir / "vllm" / model / "controls").get("garbage_load")),
+        *_vllm_sections(vllm, _load_dir(reports_dir / "vllm" / model / "controls", results_of).get("garbage_load")),
         *section("Which layers are sensitive, and does the method change that?", "sensitivity.png", spearman),
         *section("Which blocks each scheme puts in FP8", "coverage_heatmap.png"),
         *section("Drift versus effective bits (targets re-solved from one scoring pass)", "pareto.png"),
@@ -322,6 +333,8 @@ if __name__ == "__main__":
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--reports-dir", default=str(Path(__file__).resolve().parents[1] / "reports"))
     parser.add_argument("--run-id", default=None)
+    parser.add_argument("--results-of", default=None, help="join only the JSON of this run id (default: all)")
     parser.add_argument("--benchmark-json", default=None)
     arguments = parser.parse_args()
-    print(build_report(Path(arguments.reports_dir), arguments.model, arguments.run_id, arguments.benchmark_json))
+    print(build_report(Path(arguments.reports_dir), arguments.model, arguments.run_id, arguments.benchmark_json,
+                       arguments.results_of))  # fmt: skip

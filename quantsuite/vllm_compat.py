@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -169,6 +170,7 @@ class VllmService:
             except (OSError, subprocess.TimeoutExpired):
                 pass
         self._stop()
+        shutil.rmtree(self.replies, ignore_errors=True)
 
     def log_since(self, offset: int) -> str:
         with open(self.log_path, "rb") as log:

@@ -17,7 +17,8 @@ def report_dir(tmp_path_factory, workbench, catalog, request):
             workbench.drop_export(scheme)
     research = workbench.research()
     assert research["sweep"] and research["optimality_gap"]
-    return build_report(workbench.reports_dir, workbench.model_tag, run_id=f"test-{workbench.model_tag}")
+    return build_report(workbench.reports_dir, workbench.model_tag, run_id=f"test-{workbench.model_tag}",
+                        results_of=workbench.run_id)  # fmt: skip
 
 
 def test_report_and_summary_exist(report_dir, workbench, catalog, request):
@@ -92,6 +93,28 @@ def test_speed_ratios_come_from_the_benchmark_json(tmp_path, report_dir, workben
     )
     assert "fake_quant_prefill:0.50x" in line
     assert "real_fp8_prefill_paired:1.25x" in line, "paired benchmarks carry their own BF16 rounds"
+
+
+def test_report_joins_one_run(tmp_path, workbench, catalog):
+    """Before: report.md joined every JSON under reports/, whatever run left it. Now `--scheme top50` after an
+    earlier full run reports top50 only."""
+    earlier, latest = catalog.scheme("top25"), catalog.scheme("top50")
+    manifests = tmp_path / "manifests" / workbench.model_tag
+    manifests.mkdir(parents=True)
+    for scheme, run in ((earlier, "run-a"), (latest, "run-b")):
+        source = workbench.reports_dir / "manifests" / workbench.model_tag / f"{scheme.name}.json"
+        workbench.scheme(scheme)
+        (manifests / source.name).write_text(json.dumps(json.loads(source.read_text()) | {"run_id": run}))
+    text = (build_report(tmp_path, workbench.model_tag, "report-b", results_of="run-b") / "report.md").read_text()
+    assert "| fp8_autoquant_top50 |" in text and "fp8_autoquant_top25" not in text
+    everything = (build_report(tmp_path, workbench.model_tag, "report-all") / "report.md").read_text()
+    assert "| fp8_autoquant_top25 |" in everything  # by hand, without --results-of, everything is joined
+
+
+def test_stage_results_carry_the_run_id(workbench, catalog):
+    path = workbench.reports_dir / "manifests" / workbench.model_tag / "fp8_autoquant_top50.json"
+    workbench.scheme(catalog.scheme("top50"))
+    assert json.loads(path.read_text())["run_id"] == workbench.run_id
 
 
 def test_report_without_a_run_names_the_fix(tmp_path):

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from quantsuite.cache import write_atomic
 from quantsuite.export import Fp8Linear, linked_copy, to_fp8
 from quantsuite.vllm_compat import (
     FLOOR_MAX,
@@ -137,8 +136,7 @@ def test_garbage_load_is_not_called_compatible(tmp_path, workbench, vllm_python,
     floor = workbench.vllm_check(workbench.reference_scheme(), check, vllm_service)["teacher_forced"]
     decision = decide(result["teacher_forced"], floor)
     record = {"teacher_forced": result["teacher_forced"], "floor": floor, "error_ratio": decision.error_ratio}
-    write_atomic(workbench.reports_dir / "vllm" / workbench.model_tag / "controls" / "garbage_load.json",
-                 json.dumps(record))  # fmt: skip
+    workbench.publish("vllm", "controls/garbage_load", record)
     assert not decision.compatible, decision.text
 
 
