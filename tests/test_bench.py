@@ -229,6 +229,7 @@ def test_vllm_speed(benchmark, workbench, scheme, vllm_python, vllm_service, vll
     and one engine pair per GPU); results go to reports/vllm/<model>/<scheme>.json (`speed`) and, without xdist,
     to the benchmark JSON's extra_info."""
     from quantsuite import vllm_compat
+    from quantsuite.pipeline import VllmUnsupportedHere
 
     if scheme.mode == "none":
         pytest.skip("the BF16 reference is the baseline of every pair (its tokens/s are in each scheme's result)")
@@ -239,13 +240,13 @@ def test_vllm_speed(benchmark, workbench, scheme, vllm_python, vllm_service, vll
     results = []
     rounds = int(os.environ.get("QUANTSUITE_VLLM_ROUNDS", 4 if workbench.device.type == "cuda" else 2))
 
-    def run():
-        from quantsuite.pipeline import VllmUnsupportedHere
+    try:  # decided before the benchmark starts: a skip inside it leaves pytest-benchmark an empty entry to save
+        workbench.vllm_check(scheme, check, vllm_service)  # cached by the vllm_compat run
+    except VllmUnsupportedHere as error:
+        pytest.skip(f"this machine cannot run it in vLLM: {error}")
 
-        try:
-            results.append(workbench.vllm_speed(scheme, vllm_service, vllm_speed_baseline, rounds))
-        except VllmUnsupportedHere as error:
-            pytest.skip(f"this machine cannot run it in vLLM: {error}")
+    def run():
+        results.append(workbench.vllm_speed(scheme, vllm_service, vllm_speed_baseline, rounds))
 
     _info(benchmark, workbench, scheme.name, "vllm_paired", 0)
     benchmark.pedantic(run, rounds=1)
