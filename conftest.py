@@ -159,11 +159,18 @@ def scheme_result(workbench, scheme):
 
 
 @pytest.fixture(scope="session")
-def exported(pytestconfig, workbench, scheme):
-    """The scheme's export directory; with --drop-exports it is deleted when the scheme's tests are done."""
-    yield workbench.export(scheme)
+def export_dropped_after(pytestconfig, workbench, scheme):
+    """Builds nothing (a test served from the cache needs no export); with --drop-exports the scheme's export,
+    if one was made, is deleted when the scheme's tests are done."""
+    yield
     if pytestconfig.getoption("--drop-exports"):
         workbench.drop_export(scheme)
+
+
+@pytest.fixture(scope="session")
+def exported(workbench, scheme, export_dropped_after):
+    """The scheme's export directory (built once; see export_dropped_after for --drop-exports)."""
+    return workbench.export(scheme)
 
 
 @pytest.fixture(scope="session")

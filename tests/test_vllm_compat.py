@@ -46,7 +46,7 @@ def judge_expected(scheme, check: str, failures: list[str]) -> None:
 
 
 @vllm
-def test_vllm(workbench, scheme, vllm_check, vllm_service, exported):
+def test_vllm(workbench, scheme, vllm_check, vllm_service, export_dropped_after):
     """model_free: vLLM's reading agrees with disk and manifest; cpu / cpu_patched / cuda: the export loads and
     vLLM's teacher-forced logprobs agree with the PyTorch reference of the same checkpoint within NOISE_FACTOR x
     the BF16 export's (the noise floor). Expected failures must fail with their recorded text."""
