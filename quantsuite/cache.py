@@ -73,6 +73,12 @@ class ArtifactCache:
     def path(self, kind: str, key: str) -> Path:
         return Path(self.root) / kind / key
 
+    def exclusive(self, name: str) -> FileLock:
+        """A lock shared by every process using this cache (e.g. all xdist workers on one host): `with
+        cache.exclusive("vllm-speed"):` runs one speed measurement at a time, nothing of another worker's beside it."""
+        Path(self.root).mkdir(parents=True, exist_ok=True)
+        return FileLock(str(Path(self.root) / f"{name}.lock"))
+
     def is_complete(self, kind: str, key: str) -> bool:
         return (self.path(kind, key) / COMPLETE_MARKER).is_file()
 

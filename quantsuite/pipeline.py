@@ -45,6 +45,7 @@ from quantsuite.models import LoadedModel, ModelSpec, load_model, load_tokenizer
 from quantsuite.schemes import Catalog, SchemeSpec
 
 REPORTS_DIR = Path(__file__).resolve().parents[1] / "reports"
+SPEED_LOCK = "vllm-speed"  # cache.exclusive name held by every vLLM speed measurement and speed-engine load
 
 
 @dataclass
@@ -453,7 +454,13 @@ class Workbench:
     def vllm_speed(self, scheme: SchemeSpec, service, baseline, rounds: int) -> dict:
         """vLLM speed of the scheme's export as users run it, paired with the BF16 export's engine `baseline`
         (already open): per workload the median per-round ratio, the weight-bytes bound (BF16 checkpoint bytes /
-        the scheme's) and the share of the bound's gain realized, (ratio - 1) / (bound - 1). Never cached."""
+        the scheme's) and the share of the bound's gain realized, (ratio - 1) / (bound - 1). Never cached. One
+        measurement at a time per host (SPEED_LOCK): another worker's exports or engine loads beside the rounds
+        moved batch-256 ratios by up to 35% between identical runs on a 2 x H200 host."""
+        with self.cache.exclusive(SPEED_LOCK):  # export, load and rounds: no other worker's work beside them
+            return self._vllm_speed(scheme, service, baseline, rounds)
+
+    def _vllm_speed(self, scheme: SchemeSpec, service, baseline, rounds: int) -> dict:
         from quantsuite import vllm_compat
 
         export_dir = self.export(scheme)

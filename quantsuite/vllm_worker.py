@@ -159,12 +159,18 @@ def engine_main(request: dict, commands: int) -> None:
 
         export_dir = Path(request["export"])
         quantized = "quantization_config" in json.loads((export_dir / "config.json").read_text())
+        options = dict(request.get("options", {}))
+        # vLLM's default runs the engine core in its own process (scheduling overlaps the GPU); checks keep it in
+        # this process (one process to watch), speed engines run it as users get it
+        separate = options.pop("separate_engine_core", False)
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if separate else "0"
         started = time.perf_counter()
         llm = LLM(model=str(export_dir), quantization="modelopt" if quantized else None, dtype="bfloat16",
-                  limit_mm_per_prompt={"image": 0, "video": 0}, seed=0, **request.get("options", {}))  # fmt: skip
+                  limit_mm_per_prompt={"image": 0, "video": 0}, seed=0, **options)  # fmt: skip
         result |= {"loaded": True, "load_seconds": time.perf_counter() - started, "vllm_version": vllm.__version__}
     except BaseException as error:
         reply(request["reply"], result | {"error": error_record(error, "load")})
+        end_children(None)
         os._exit(0)
     reply(request["reply"], result)
     calls = EngineCalls(llm)
@@ -178,9 +184,24 @@ def engine_main(request: dict, commands: int) -> None:
             except BaseException as error:
                 answer = {"error": error_record(error, call["method"])}
             reply(call["reply"], answer)
+    end_children(llm)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def end_children(llm=None) -> None:
+    """Stop a separate engine core process (and anything else this engine started) before the engine exits; on
+    a crash instead, the suite's restart kills the server's whole process group, these included."""
+    import psutil
+
+    client = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    try:
+        if client is not None and hasattr(client, "shutdown"):
+            client.shutdown()
+    finally:
+        for child in psutil.Process().children(recursive=True):
+            child.kill()
 
 
 def serve() -> None:

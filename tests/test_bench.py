@@ -6,6 +6,7 @@ tokens/s by BF16's from the same JSON (same run, same device).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import shutil
@@ -210,12 +211,16 @@ def test_export_time_and_size(benchmark, workbench, scheme, scheme_result):
 def vllm_speed_baseline(workbench, vllm_service):
     """The BF16 export's vLLM engine, as users run it (CUDA graphs on a GPU), opened once per test process and
     kept alive so every scheme alternates with it round by round."""
+    from quantsuite.pipeline import SPEED_LOCK
     from quantsuite.vllm_compat import engine_options, error_text
 
-    export_dir = workbench.export(workbench.reference_scheme())
-    workbench.release_models()
-    options = engine_options(workbench.device, "speed", share=0.3)
-    with vllm_service.engine(export_dir, options, patch=workbench.device.type != "cuda", name="bf16-speed") as engine:
+    with contextlib.ExitStack() as stack:
+        with workbench.cache.exclusive(SPEED_LOCK):  # loading beside another worker's rounds would disturb them
+            export_dir = workbench.export(workbench.reference_scheme())
+            workbench.release_models()
+            options = engine_options(workbench.device, "speed", share=0.3)
+            engine = stack.enter_context(vllm_service.engine(export_dir, options, name="bf16-speed",
+                                                             patch=workbench.device.type != "cuda"))  # fmt: skip
         if engine.error:
             pytest.fail(f"the BF16 export does not load in vLLM for the speed runs: {error_text(engine.error)}")
         yield engine

@@ -63,3 +63,18 @@ def test_concurrent_processes_build_once(tmp_path):
     for process in processes:
         process.join(30)
     assert counter.read_text().count("built") == 1
+
+
+def test_exclusive_is_one_lock_for_every_user_of_the_cache(tmp_path):
+    """Two ArtifactCache objects on one root (two xdist workers) share `exclusive(name)`: the second cannot take
+    it while the first holds it; another name is independent."""
+    from filelock import Timeout
+
+    first, second = ArtifactCache(tmp_path), ArtifactCache(tmp_path)
+    with first.exclusive("vllm-speed"):
+        with pytest.raises(Timeout):
+            second.exclusive("vllm-speed").acquire(timeout=0.1)
+        with second.exclusive("other"):
+            pass
+    with second.exclusive("vllm-speed"):
+        pass

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from quantsuite.vllm_compat import (
     NOISE_FACTOR,
     VllmService,
     decide,
+    engine_options,
     fuse_like_vllm,
     is_cpu_build,
     is_transient,
@@ -122,6 +124,39 @@ def test_broken_export_caught_by_model_free_verdict(tmp_path, vllm_service, top5
     problems = model_free_verdict(vllm_service, broken, manifest)["problems"]
     assert problems, f"{case}: vLLM's reading was not flagged"
     assert any(re.search(message, line) for line in problems), problems
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc)."""
+    found = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        for child in map(int, children.read_text().split()):
+            found += [child, *descendants(child)]
+    return found
+
+
+@vllm
+def test_separate_engine_core_ends_with_its_engine(workbench, vllm_service):
+    """Speed engines run vLLM's engine core in a process of its own (vLLM's default, as users get it); closing
+    the engine must end that process too, or its memory stays taken for the next engine."""
+    options = engine_options(torch.device("cpu"), "check") | {"separate_engine_core": True}  # BF16: no patch
+    with vllm_service.engine(workbench.export(workbench.reference_scheme()), options, name="separate-core") as engine:
+        assert not engine.error, engine.error
+        running = descendants(vllm_service.process.pid)
+        assert len(running) >= 2, running  # the engine process and its engine core (plus vLLM's workers)
+        timed = engine.call("timed", prompts=[[1, 2, 3, 4]], max_tokens=4)
+        assert timed.get("output_tokens") == 4, timed
+    deadline = time.monotonic() + 10  # an orphan leaves the server's tree, so the pids seen above are followed
+    while (alive := [pid for pid in running if _alive(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert alive == [], f"left running after the engine closed: {alive}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
 
 
 @vllm
