@@ -155,7 +155,7 @@ WORKBENCH = pytest.StashKey[object]()
 
 @pytest.fixture(scope="session")
 def scheme_result(workbench, scheme):
-    return workbench.scheme(scheme)
+    return workbench.schemes.result(scheme)
 
 
 @pytest.fixture(scope="session")
@@ -164,13 +164,13 @@ def export_dropped_after(pytestconfig, workbench, scheme):
     if one was made, is deleted when the scheme's tests are done."""
     yield
     if pytestconfig.getoption("--drop-exports"):
-        workbench.drop_export(scheme)
+        workbench.exports.drop(scheme)
 
 
 @pytest.fixture(scope="session")
 def exported(workbench, scheme, export_dropped_after):
     """The scheme's export directory (built once; see export_dropped_after for --drop-exports)."""
-    return workbench.export(scheme)
+    return workbench.exports.path(scheme)
 
 
 @pytest.fixture(scope="session")
@@ -189,19 +189,19 @@ def vllm_service(pytestconfig, vllm_python, workbench):
     from quantsuite.vllm_compat import VllmService, pinned_environment
 
     log_dir = Path(pytestconfig.getoption("--cache-dir")) / "logs"
-    with VllmService(vllm_python, log_dir, pinned_environment(workbench.device)) as service:
+    with VllmService(vllm_python, log_dir, pinned_environment(workbench.context.device)) as service:
         yield service
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     bench = config.stash.get(WORKBENCH, None)
-    if bench is None or not bench.cache.events:
+    if bench is None or not bench.context.cache.events:
         return
     terminalreporter.section("quantsuite artifacts")
-    for event in bench.cache.events:
+    for event in bench.context.cache.events:
         terminalreporter.write_line(event)
-    terminalreporter.write_line(f"AutoQuant scoring runs this session: {bench.scoring_runs}")
-    terminalreporter.write_line(f"manifests: {bench.reports_dir / 'manifests' / bench.model_tag}")
+    terminalreporter.write_line(f"AutoQuant scoring runs this session: {bench.scores.runs}")
+    terminalreporter.write_line(f"manifests: {bench.context.reports_dir / 'manifests' / bench.context.model_tag}")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -157,7 +157,7 @@ def build_report(reports_dir: Path, model: str, run_id: str | None = None, bench
     out.mkdir(parents=True, exist_ok=True)
     drift = _load_dir(reports_dir / "drift" / model, results_of)
     vllm = _load_dir(reports_dir / "vllm" / model, results_of)
-    research_path = reports_dir / "research" / f"{model}.json"
+    research_path = reports_dir / "research" / model / "research.json"
     research = json.loads(research_path.read_text()) if research_path.is_file() else {}
     if results_of is not None and research.get("run_id") != results_of:
         research = {}

@@ -5,21 +5,19 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from itertools import combinations
-from pathlib import Path
 
 import pytest
 from syrupy.extensions.json import JSONSnapshotExtension
 
 from quantsuite.autoquant import block_index, picked_effective_bits, resolve_config, top_k_blocks
 from quantsuite.manifest import BF16, decisions, enabled_quantizers
-from quantsuite.pipeline import Workbench
 
 pytestmark = pytest.mark.autoquant
 FUSED = {"qkv": re.compile(r"self_attn\.[qkv]_proj$"), "gate_up": re.compile(r"mlp\.(gate|up)_proj$")}
 
 
 def test_vision_tower_never_quantized(workbench, scheme, scheme_result):
-    model = workbench.quantized_model(scheme)
+    model = workbench.schemes.model(scheme)
     assert enabled_quantizers(model, "visual") == []
     assert scheme_result.manifest["totals"]["vision_enabled_quantizers"] == 0
 
@@ -32,7 +30,7 @@ def test_lm_head_and_embeddings_follow_spec(workbench, catalog, scheme, scheme_r
     elif scheme.mode == "plain":
         assert totals["lm_head_format"] == scheme.formats[0]
     assert totals["embedding_format"] == BF16
-    assert enabled_quantizers(workbench.quantized_model(scheme), "embed_tokens") == []
+    assert enabled_quantizers(workbench.schemes.model(scheme), "embed_tokens") == []
 
 
 def test_kv_cache_follows_spec(catalog, scheme, scheme_result):
@@ -86,7 +84,7 @@ def test_effective_bits_within_bounds(scheme, scheme_result):
 @pytest.mark.scheme_modes("autoquant")
 def test_effective_bits_match_modelopt_accounting(workbench, scheme, scheme_result):
     """Our count from the quantized model equals ModelOpt's cost model applied to the same decisions."""
-    state, _ = workbench.scoring_state(workbench.scoring_plan(scheme))
+    state, _ = workbench.scores.state(workbench.scores.plan(scheme))
     assert picked_effective_bits(state, scheme_result.resolution.group_formats) == pytest.approx(
         scheme_result.manifest["totals"]["lm_effective_bits"], rel=1e-6
     )
@@ -103,16 +101,16 @@ def _nested_pairs():
 @pytest.mark.parametrize("smaller,larger", _nested_pairs(), ids=lambda s: s.name)
 def test_nested_coverage(request, workbench, smaller, larger):
     wanted = request.config.getoption("--scheme")
-    if wanted and not {smaller.name, larger.name} & {s.name for s in workbench.catalog.select(wanted)}:
+    if wanted and not {smaller.name, larger.name} & {s.name for s in workbench.context.catalog.select(wanted)}:
         pytest.skip("neither scheme selected by --scheme")
-    small, large = workbench.scheme(smaller), workbench.scheme(larger)
+    small, large = workbench.schemes.result(smaller), workbench.schemes.result(larger)
     assert small.manifest["scores_key"] == large.manifest["scores_key"]
     assert set(small.manifest["selection"]["chosen_blocks"]) < set(large.manifest["selection"]["chosen_blocks"])
 
 
 @pytest.mark.scheme_modes("autoquant")
 def test_same_inputs_same_decisions(workbench, scheme, scheme_result):
-    state, _ = workbench.scoring_state(workbench.scoring_plan(scheme))
+    state, _ = workbench.scores.state(workbench.scores.plan(scheme))
     assert resolve_config(state, scheme).group_formats == scheme_result.resolution.group_formats
 
 
@@ -133,36 +131,14 @@ def test_decisions_snapshot(workbench, scheme, scheme_result, snapshot):
     and default data settings; other models or data are checked by the invariants in this file."""
     from quantsuite.data import DataConfig
 
-    if workbench.model_tag != "tiny" or workbench.device.type != "cpu" or workbench.data_config != DataConfig():
+    if (
+        workbench.context.model_tag != "tiny"
+        or workbench.context.device.type != "cpu"
+        or workbench.context.data_config != DataConfig()
+    ):
         pytest.skip("decision snapshots were recorded for --model tiny on CPU with the bundled captions and default "
                     "data settings; these inputs are checked by the invariants only")  # fmt: skip
     assert decisions(scheme_result.manifest) == snapshot.use_extension(JSONSnapshotExtension)
-
-
-def test_second_scheme_and_second_run_reuse_scores(tmp_path, monkeypatch, model_spec, data_config, catalog):
-    """One scoring pass serves every scheme sharing (model, data, formats, method); a new run reuses the cache."""
-    import modelopt.torch.quantization as mtq
-
-    calls = []
-    original = mtq.auto_quantize
-    monkeypatch.setattr(mtq, "auto_quantize", lambda *a, **k: calls.append(1) or original(*a, **k))
-    first = Workbench(model_spec, data_config, catalog, tmp_path / "cache", tmp_path / "reports")
-    top25, top50 = catalog.scheme("top25"), catalog.scheme("top50")
-    assert not first.scheme(top25).reused
-    assert not first.scheme(top50).reused
-    assert len(calls) == 1 and first.scoring_runs == 1
-    second = Workbench(model_spec, data_config, catalog, tmp_path / "cache", tmp_path / "reports")
-    again = second.scheme(top50)
-    assert again.reused and second.scoring_runs == 0 and len(calls) == 1
-    assert again.manifest == first.scheme(top50).manifest
-    assert any(event.startswith("reused scores/") for event in second.cache.events)
-
-
-def test_scoring_is_deterministic(tmp_path, model_spec, data_config, catalog):
-    """Two independent scoring runs (fresh caches) give the same per-layer decisions."""
-    scheme = catalog.scheme("top50")
-    runs = [Workbench(model_spec, data_config, catalog, tmp_path / f"cache{i}", tmp_path / "r") for i in range(2)]
-    assert decisions(runs[0].scheme(scheme).manifest) == decisions(runs[1].scheme(scheme).manifest)
 
 
 def test_top_k_blocks_ranking():
@@ -173,47 +149,3 @@ def test_top_k_blocks_ranking():
     assert top_k_blocks(sensitivity, 1.0) == [0, 1, 2, 3]
     assert block_index("model.language_model.layers.12.mlp.up_proj") == 12
     assert block_index("model.visual.blocks.1.attn.qkv") is None
-
-
-class _Trap:
-    """Pickles to a call of os.system: what a hostile cache entry would hold."""
-
-    def __reduce__(self):
-        import os
-
-        return (os.system, ("touch /tmp/quantsuite-trap-fired",))
-
-
-def test_booby_trapped_search_state_is_refused(workbench, catalog, tmp_path):
-    """Before: the state was read back with torch.load(weights_only=False), so a planted pickle ran code."""
-    import pickle
-
-    from quantsuite.autoquant import UnsafeCacheEntry, load_search_state
-
-    marker = Path("/tmp/quantsuite-trap-fired")
-    marker.unlink(missing_ok=True)
-    scheme = catalog.scheme("top50")
-    key = workbench.scoring_key(workbench.scoring_plan(scheme))
-    workbench.scoring_state(workbench.scoring_plan(scheme))  # the real entry exists
-    genuine = load_search_state(workbench.cache.path("scores", key) / "search_state.pt")
-    assert "candidate_stats" in genuine  # the safe loader reads what the suite writes
-    trapped = tmp_path / "search_state.pt"
-    trapped.write_bytes(pickle.dumps({"best": _Trap()}))
-    with pytest.raises(UnsafeCacheEntry, match="refused, not plain data"):
-        load_search_state(trapped)
-    assert not marker.exists()
-
-
-def test_a_code_change_means_a_rebuild(tmp_path, monkeypatch, workbench, model_spec, data_config, catalog):
-    """Keys of scores, schemes and exports cover the code that made them (before: only package versions, so a
-    changed compare() or export_model reused old artifacts)."""
-    from quantsuite import pipeline
-
-    scheme = catalog.scheme("top50")
-    before = (workbench.scoring_key(workbench.scoring_plan(scheme)), workbench.scheme(scheme).artifact_dir.name,
-              workbench.export_key(scheme))  # fmt: skip
-    monkeypatch.setattr(pipeline, "code_hash", lambda *modules: "changed")
-    changed = Workbench(model_spec, data_config, catalog, tmp_path / "cache", tmp_path / "reports")
-    after = (changed.scoring_key(changed.scoring_plan(scheme)), changed.scheme(scheme).artifact_dir.name,
-             changed.export_key(scheme))  # fmt: skip
-    assert all(b != a for b, a in zip(before, after, strict=True)), (before, after)

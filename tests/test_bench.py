@@ -35,18 +35,19 @@ def _not_under_xdist(request):
 
 
 def _info(benchmark, workbench, scheme_name: str, kind: str, tokens: int) -> None:
-    benchmark.extra_info.update({"scheme": scheme_name, "kind": kind, "tokens": tokens, "model": workbench.model_tag,
+    benchmark.extra_info.update({"scheme": scheme_name, "kind": kind, "tokens": tokens,
+                                 "model": workbench.context.model_tag,
                                  "prefill_shape": f"{BATCH}x{PREFILL_TOKENS}",
-                                 "device": workbench.device_name,
-                                 "versions": workbench.versions})  # fmt: skip
+                                 "device": workbench.context.device_name,
+                                 "versions": workbench.context.versions})  # fmt: skip
 
 
 def _vocab(workbench) -> int:
-    return len(workbench.tokenizer)
+    return len(workbench.context.tokenizer)
 
 
 def _skip_without_fp8_matmul(workbench) -> None:
-    reason = fp8_matmul_support(workbench.device)
+    reason = fp8_matmul_support(workbench.context.device)
     if reason:
         pytest.skip(reason)
 
@@ -54,20 +55,20 @@ def _skip_without_fp8_matmul(workbench) -> None:
 def _real_fp8_model(workbench, export_dir):
     """The reloaded export with every FP8 layer on torch._scaled_mm, alone on the device (skips without the op)."""
     _skip_without_fp8_matmul(workbench)
-    workbench.release_models()  # nothing else of ours on the device while this one is timed
-    model = load_export(export_dir, workbench.device)
-    to_scaled_mm(model, workbench.device)
+    workbench.context.release()  # nothing else of ours on the device while this one is timed
+    model = load_export(export_dir, workbench.context.device)
+    to_scaled_mm(model, workbench.context.device)
     return model
 
 
 @benchmark_test
 @pytest.mark.parametrize("kind", ["prefill", "decode"])
 def test_fake_quant_throughput(benchmark, workbench, scheme, kind):
-    model = workbench.quantized_model(scheme)
+    model = workbench.schemes.model(scheme)
     if kind == "prefill":
-        step, tokens = prefill_step(model, BATCH, PREFILL_TOKENS, workbench.device, _vocab(workbench))
+        step, tokens = prefill_step(model, BATCH, PREFILL_TOKENS, workbench.context.device, _vocab(workbench))
     else:
-        step, tokens = decode_step(model, BATCH, PROMPT, NEW_TOKENS, workbench.device, _vocab(workbench))
+        step, tokens = decode_step(model, BATCH, PROMPT, NEW_TOKENS, workbench.context.device, _vocab(workbench))
     _info(benchmark, workbench, scheme.name, f"fake_quant_{kind}", tokens)
     benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=WARMUP)
 
@@ -79,7 +80,7 @@ def test_real_fp8_throughput(benchmark, workbench, scheme, exported, kind):
     model = _real_fp8_model(workbench, exported)
     maker = prefill_step if kind == "prefill" else decode_step
     arguments = (BATCH, PREFILL_TOKENS) if kind == "prefill" else (BATCH, PROMPT, NEW_TOKENS)
-    step, tokens = maker(model, *arguments, workbench.device, _vocab(workbench))
+    step, tokens = maker(model, *arguments, workbench.context.device, _vocab(workbench))
     _info(benchmark, workbench, scheme.name, f"real_fp8_{kind}", tokens)
     benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=WARMUP)
 
@@ -98,7 +99,7 @@ def test_scaled_mm_layers_match_the_dequantized_export(workbench, scheme, scheme
     from quantsuite.export import Fp8Linear
 
     _skip_without_fp8_matmul(workbench)
-    model = load_export(exported, workbench.device)
+    model = load_export(exported, workbench.context.device)
     layers = [(name, module) for name, module in model.named_modules() if isinstance(module, Fp8Linear)]
     assert len(layers) == scheme_result.manifest["totals"]["fp8_layers"]
     generator = torch.Generator().manual_seed(0)
@@ -106,7 +107,7 @@ def test_scaled_mm_layers_match_the_dequantized_export(workbench, scheme, scheme
     with torch.no_grad():
         for name, layer in layers:
             amax = float(layer.input_scale) * 448.0  # inputs spread over the calibrated FP8 range
-            x = (torch.randn(24, layer.in_features, generator=generator) * amax / 4).to(workbench.device,
+            x = (torch.randn(24, layer.in_features, generator=generator) * amax / 4).to(workbench.context.device,
                                                                                        torch.bfloat16)  # fmt: skip
             expected = layer(x).float()
             errors[name] = ((ScaledMmLinear(layer)(x).float() - expected).norm() / expected.norm()).item()
@@ -127,17 +128,17 @@ def test_real_fp8_prefill_paired(benchmark, workbench, catalog, scheme, exported
 
     bf16 = next(s for s in catalog.schemes if s.mode == "none")
     model = _real_fp8_model(workbench, exported)
-    baseline = load_export(workbench.export(bf16), workbench.device)
+    baseline = load_export(workbench.exports.path(bf16), workbench.context.device)
     vocab = _vocab(workbench)
-    baseline_step, tokens = prefill_step(baseline, BATCH, PREFILL_TOKENS, workbench.device, vocab)
-    step, _ = prefill_step(model, BATCH, PREFILL_TOKENS, workbench.device, vocab)
+    baseline_step, tokens = prefill_step(baseline, BATCH, PREFILL_TOKENS, workbench.context.device, vocab)
+    step, _ = prefill_step(model, BATCH, PREFILL_TOKENS, workbench.context.device, vocab)
     for _ in range(WARMUP):
         baseline_step()
         step()
     baseline_rounds = []
 
     def time_baseline():  # untimed by pytest-benchmark: runs right before each timed round
-        synchronize(workbench.device)
+        synchronize(workbench.context.device)
         started = time.perf_counter()
         baseline_step()
         baseline_rounds.append(time.perf_counter() - started)
@@ -159,21 +160,21 @@ def test_autoquant_time(benchmark, workbench, catalog, phase):
     from quantsuite.autoquant import apply_config, run_scoring
 
     scheme = next(s for s in catalog.schemes if s.mode == "autoquant" and s.method == "gradient")
-    plan = workbench.scoring_plan(scheme)
-    batches = workbench.batches("scoring", plan.score_samples)
+    plan = workbench.scores.plan(scheme)
+    batches = workbench.context.batches("scoring", plan.score_samples)
 
     def fresh():
-        return (workbench.load().model,), {}
+        return (workbench.context.load().model,), {}
 
     if phase == "calibration":
         config = catalog.formats[scheme.formats[0]].quant_config()
 
         def target(model):
-            apply_config(model, config, batches, workbench.device)
+            apply_config(model, config, batches, workbench.context.device)
     else:
 
         def target(model):
-            run_scoring(model, plan, batches, workbench.device)
+            run_scoring(model, plan, batches, workbench.context.device)
 
     _info(benchmark, workbench, scheme.name, f"autoquant_{phase}", 0)
     benchmark.pedantic(target, setup=fresh, rounds=2)
@@ -184,14 +185,14 @@ def test_autoquant_time(benchmark, workbench, catalog, phase):
 def test_autoquant_resolve_time(benchmark, workbench, scheme):
     from quantsuite.autoquant import resolve_config
 
-    state, _ = workbench.scoring_state(workbench.scoring_plan(scheme))
+    state, _ = workbench.scores.state(workbench.scores.plan(scheme))
     _info(benchmark, workbench, scheme.name, "autoquant_resolve", 0)
     benchmark.pedantic(resolve_config, args=(state, scheme), rounds=10, warmup_rounds=1)
 
 
 @benchmark_test
 def test_export_time_and_size(benchmark, workbench, scheme, scheme_result):
-    model = workbench.quantized_model(scheme)
+    model = workbench.schemes.model(scheme)
 
     def setup():
         return (copy.deepcopy(model), Path(tempfile.mkdtemp(prefix="quantsuite-export-bench-"))), {}
@@ -199,7 +200,7 @@ def test_export_time_and_size(benchmark, workbench, scheme, scheme_result):
     sizes = []
 
     def target(copied, directory):
-        export_model(copied, scheme_result.manifest, workbench.source_dir, directory)
+        export_model(copied, scheme_result.manifest, workbench.context.source_dir, directory)
         sizes.append(sum(f.stat().st_size for f in directory.iterdir() if f.is_file()))
 
     _info(benchmark, workbench, scheme.name, "export", 0)
@@ -211,16 +212,16 @@ def test_export_time_and_size(benchmark, workbench, scheme, scheme_result):
 def vllm_speed_baseline(workbench, vllm_service):
     """The BF16 export's vLLM engine, as users run it (CUDA graphs on a GPU), opened once per test process and
     kept alive so every scheme alternates with it round by round."""
-    from quantsuite.pipeline import SPEED_LOCK
+    from quantsuite.stages.vllm import SPEED_LOCK
     from quantsuite.vllm_compat import engine_options, error_text
 
     with contextlib.ExitStack() as stack:
-        with workbench.cache.exclusive(SPEED_LOCK):  # loading beside another worker's rounds would disturb them
-            export_dir = workbench.export(workbench.reference_scheme())
-            workbench.release_models()
-            options = engine_options(workbench.device, "speed", share=0.3)
-            engine = stack.enter_context(vllm_service.engine(export_dir, options, name="bf16-speed",
-                                                             patch=workbench.device.type != "cuda"))  # fmt: skip
+        with workbench.context.cache.exclusive(SPEED_LOCK):  # loading beside another worker's rounds would disturb them
+            export_dir = workbench.exports.path(workbench.context.reference_scheme())
+            workbench.context.release()
+            options = engine_options(workbench.context.device, "speed", share=0.3)
+            patch = workbench.context.device.type != "cuda"
+            engine = stack.enter_context(vllm_service.engine(export_dir, options, patch, name="bf16-speed"))
         if engine.error:
             pytest.fail(f"the BF16 export does not load in vLLM for the speed runs: {error_text(engine.error)}")
         yield engine
@@ -234,7 +235,7 @@ def test_vllm_speed(benchmark, workbench, scheme, vllm_python, vllm_service, vll
     and one engine pair per GPU); results go to reports/vllm/<model>/<scheme>.json (`speed`) and, without xdist,
     to the benchmark JSON's extra_info."""
     from quantsuite import vllm_compat
-    from quantsuite.pipeline import VllmUnsupportedHere
+    from quantsuite.stages.vllm import VllmUnsupportedHere
 
     if scheme.mode == "none":
         pytest.skip("the BF16 reference is the baseline of every pair (its tokens/s are in each scheme's result)")
@@ -243,15 +244,15 @@ def test_vllm_speed(benchmark, workbench, scheme, vllm_python, vllm_service, vll
     if expected is not None and expected.outcome == "fail":
         pytest.skip(f"expected to fail in vLLM ({check}): {expected.reason}")
     results = []
-    rounds = int(os.environ.get("QUANTSUITE_VLLM_ROUNDS", 4 if workbench.device.type == "cuda" else 2))
+    rounds = int(os.environ.get("QUANTSUITE_VLLM_ROUNDS", 4 if workbench.context.device.type == "cuda" else 2))
 
     try:  # decided before the benchmark starts: a skip inside it leaves pytest-benchmark an empty entry to save
-        workbench.vllm_check(scheme, check, vllm_service)  # cached by the vllm_compat run
+        workbench.vllm.check(scheme, check, vllm_service)  # cached by the vllm_compat run
     except VllmUnsupportedHere as error:
         pytest.skip(f"this machine cannot run it in vLLM: {error}")
 
     def run():
-        results.append(workbench.vllm_speed(scheme, vllm_service, vllm_speed_baseline, rounds))
+        results.append(workbench.vllm.speed(scheme, vllm_service, vllm_speed_baseline, rounds))
 
     _info(benchmark, workbench, scheme.name, "vllm_paired", 0)
     benchmark.pedantic(run, rounds=1)

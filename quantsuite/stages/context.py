@@ -1,0 +1,99 @@
+"""What every stage shares: the model, the data, the catalog, the cache, reports/ and the device.
+
+>>> context = RunContext(ModelSpec("tiny"), DataConfig(), load_catalog(), Path(".quantsuite-cache"))
+>>> context.publish("manifests", "top50", {"totals": {}})  # reports/manifests/tiny/top50.json  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from quantsuite.cache import ArtifactCache, package_versions, write_atomic
+from quantsuite.data import CaptionDataError, DataConfig, load_splits, tokenize_batches
+from quantsuite.models import LoadedModel, ModelSpec, load_model, load_tokenizer
+from quantsuite.schemes import Catalog, SchemeSpec
+
+REPORTS_DIR = Path(__file__).resolve().parents[2] / "reports"
+
+
+class RunContext:
+    """The inputs of one run (see module docstring); stages read it and never write to each other through it."""
+
+    def __init__(self, model_spec: ModelSpec, data_config: DataConfig, catalog: Catalog, cache_root: Path,
+                 reports_dir: Path = REPORTS_DIR, run_id: str = "adhoc") -> None:  # fmt: skip
+        self.model_spec = model_spec
+        self.data_config = data_config
+        self.catalog = catalog
+        self.cache = ArtifactCache(Path(cache_root))
+        self.reports_dir = Path(reports_dir)
+        self.run_id = run_id  # stamped on every JSON a stage writes under reports/; the report joins one run
+        self.device = model_spec.torch_device()
+        self.source_dir = model_spec.source_dir()
+        self.tokenizer = load_tokenizer(self.source_dir)
+        self.splits = load_splits(data_config)
+        self.model_fingerprint = model_spec.fingerprint()
+        self.versions = package_versions()
+        self._holders: list[Callable[[], None]] = []  # stages' "drop what you keep on the device" hooks
+
+    @property
+    def model_tag(self) -> str:
+        return self.model_spec.tag
+
+    @property
+    def device_name(self) -> str:
+        return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+
+    def base_key(self) -> dict:
+        """The inputs every artifact depends on (model, data, package versions, device, dtype)."""
+        return {
+            "model": self.model_fingerprint, "data": self.splits.fingerprint, "versions": self.versions,
+            "device": self.device.type, "dtype": self.model_spec.dtype,
+        }  # fmt: skip
+
+    def publish(self, kind: str, name: str, document: dict) -> Path:
+        """Write a stage's result to reports/<kind>/<model>/<name>.json, stamped with this run's id."""
+        path = self.reports_dir / kind / self.model_tag / f"{name}.json"
+        write_atomic(path, json.dumps(document | {"run_id": self.run_id}, indent=1, sort_keys=True) + "\n")
+        return path
+
+    def batches(self, split: str, samples: int | None = None) -> list[dict]:
+        captions = getattr(self.splits, split)
+        if samples is not None:
+            if samples > len(captions):
+                option = {"calibration": "--calib-samples", "scoring": "--score-samples"}.get(split, split)
+                raise CaptionDataError(f"a scheme asks for {samples} {split} samples but the split holds "
+                                       f"{len(captions)}; raise {option}")  # fmt: skip
+            captions = captions[:samples]
+        return tokenize_batches(captions, self.tokenizer, self.data_config.batch_size, self.data_config.sequence_length)
+
+    def load(self) -> LoadedModel:
+        return load_model(self.model_spec)
+
+    def reference_scheme(self) -> SchemeSpec:
+        """The catalog's BF16 reference (mode `none`): the vLLM noise floor and the speed baseline."""
+        references = [s for s in self.catalog.schemes if s.mode == "none"]
+        if not references:
+            raise ValueError("schemes.yaml has no scheme with `mode: none`; the vLLM verdict needs the BF16 "
+                             "reference to measure the noise floor")  # fmt: skip
+        return references[0]
+
+    def holds_device_memory(self, release: Callable[[], None]) -> None:
+        """A stage that keeps models registers how to drop them; `release()` calls every such hook."""
+        self._holders.append(release)
+
+    def release(self) -> None:
+        """Free every model a stage keeps (before another process, a vLLM engine, needs the device)."""
+        for release in self._holders:
+            release()
+        free_memory()
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,73 @@
+"""Drift stage: what quantization did, in plain PyTorch, on the evaluation split: (a) the fake-quantized model
+and (b) the reloaded export against BF16, and (a) against (b).
+
+    >>> drift = Drift(context, schemes, exports)
+    >>> drift.measure(context.catalog.scheme("top50"))["fake_quant"]["kl_mean"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from quantsuite import drift
+from quantsuite.cache import code_hash
+from quantsuite.drift import Capture, capture, compare
+from quantsuite.export import export_fidelity, load_export
+from quantsuite.schemes import SchemeSpec
+from quantsuite.stages.context import RunContext, free_memory
+from quantsuite.stages.export import Exports
+from quantsuite.stages.scheme import Schemes
+
+
+class Drift:
+    """Measurements under `drift/<key>` (key: the export's key + evaluation data + code), published as
+    reports/drift/<model>/<scheme>.json. The BF16 capture is computed once per process."""
+
+    def __init__(self, context: RunContext, schemes: Schemes, exports: Exports) -> None:
+        self.context = context
+        self.schemes = schemes
+        self.exports = exports
+        self._reference: Capture | None = None
+        self._measurements: dict[str, dict] = {}
+
+    def reference(self) -> Capture:
+        """BF16 logits and block outputs on the evaluation split."""
+        if self._reference is None:
+            model = self.context.load().model
+            self._reference = capture(model, self.context.batches("evaluation"), self.context.device)
+            del model
+            free_memory()
+        return self._reference
+
+    def measure(self, scheme: SchemeSpec) -> dict:
+        if scheme.name in self._measurements:
+            return self._measurements[scheme.name]
+        context = self.context
+        key = context.cache.key({"export": self.exports.key(scheme), "evaluation": context.splits.fingerprint,
+                                 "stage": "drift", "code": code_hash(drift, sys.modules[__name__])})  # fmt: skip
+
+        def build(directory: Path) -> None:
+            export_dir = self.exports.path(scheme)  # only when the drift is not cached (an export is GBs at 3B)
+            batches, device = context.batches("evaluation"), context.device
+            quantized = self.schemes.model(scheme)
+            fake = capture(quantized, batches, device)  # (a): measured before anything touches the export
+            fidelity = export_fidelity(quantized, export_dir)
+            reloaded = load_export(export_dir, device)
+            exported = capture(reloaded, batches, device)  # (b)
+            del reloaded
+            free_memory()
+            measurement = {
+                "scheme": scheme.name, "model": context.model_tag, "export_dir": str(export_dir),
+                "fake_quant": compare(self.reference(), fake, device),
+                "export": compare(self.reference(), exported, device),
+                "fake_vs_export": compare(fake, exported, device), "export_fidelity": fidelity,
+            }  # fmt: skip
+            (directory / "drift.json").write_text(json.dumps(measurement, indent=1))
+
+        path, _ = context.cache.get_or_build("drift", key, build, scheme.name)
+        measurement = json.loads((path / "drift.json").read_text())
+        context.publish("drift", scheme.name, measurement)
+        self._measurements[scheme.name] = measurement
+        return measurement

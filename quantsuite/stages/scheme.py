@@ -1,0 +1,125 @@
+"""Scheme stage: a scheme's decisions (quant config) and manifest, cached per scheme; the quantized model
+(calibrated, fake-quant) built from the stored config on demand.
+
+    >>> result = Schemes(context, Scores(context)).result(context.catalog.scheme("top50"))  # doctest: +SKIP
+    >>> result.manifest["totals"]["coverage_by_weights"]                                    # doctest: +SKIP
+    0.5
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from quantsuite import autoquant, manifest
+from quantsuite.autoquant import Resolution, apply_config, resolve_config
+from quantsuite.cache import code_hash
+from quantsuite.manifest import SCHEMA_VERSION, build_manifest
+from quantsuite.schemes import SchemeSpec
+from quantsuite.stages.context import RunContext, free_memory
+from quantsuite.stages.scores import Scores
+
+
+@dataclass
+class SchemeResult:
+    scheme: SchemeSpec
+    manifest: dict
+    manifest_path: Path
+    artifact_dir: Path  # the scheme's cache directory; its name keys the later stages
+    reused: bool
+    resolution: Resolution | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Schemes:
+    """Decisions per scheme (`schemes/<key>`, key: base inputs + scheme spec + scores key + quant config + code),
+    published as reports/manifests/<model>/<scheme>.json; at most `live_models` quantized models kept."""
+
+    def __init__(self, context: RunContext, scores: Scores, live_models: int = 1) -> None:
+        self.context = context
+        self.scores = scores
+        self.live_models = live_models
+        self._results: dict[str, SchemeResult] = {}
+        self._configs: dict[str, tuple[dict | None, int]] = {}
+        self._models: OrderedDict[str, torch.nn.Module] = OrderedDict()
+        context.holds_device_memory(self._models.clear)
+
+    def result(self, scheme: SchemeSpec) -> SchemeResult:
+        """Produce `scheme` once per process (and once per cache key across runs)."""
+        if scheme.name in self._results:
+            return self._results[scheme.name]
+        context = self.context
+        timings: dict[str, float] = {}
+        calibration = scheme.calibration_samples or context.data_config.calibration_samples
+        started = time.perf_counter()
+        state = scores_key = resolution = None
+        if scheme.mode == "autoquant":
+            state, scores_key = self.scores.state(self.scores.plan(scheme))
+            timings["scoring_s"] = time.perf_counter() - started
+            resolution = resolve_config(state, scheme)
+            timings["resolve_s"] = time.perf_counter() - started - timings["scoring_s"]
+            quant_config = resolution.quant_config
+        elif scheme.mode == "plain":
+            quant_config = context.catalog.formats[scheme.formats[0]].quant_config()
+        else:
+            quant_config = None
+        key = context.cache.key(context.base_key() | {
+            "scheme": scheme.spec_hash_input(), "scores": scores_key, "calibration_samples": calibration,
+            "quant_config": json.dumps(quant_config, sort_keys=True, default=str), "manifest": SCHEMA_VERSION,
+            "formats": {name: context.catalog.formats[name].model_dump(mode="json") for name in scheme.formats},
+            "code": code_hash(autoquant, manifest, sys.modules[__name__]),
+        })  # fmt: skip
+
+        def build(directory: Path) -> None:
+            model = self._quantize(scheme, quant_config, calibration)
+            document = build_manifest(model, scheme, context.catalog, self._provenance(scheme, calibration, scores_key),
+                                      state, resolution)  # fmt: skip
+            (directory / "manifest.json").write_text(json.dumps(document, indent=1, sort_keys=True))
+            torch.save(quant_config, directory / "quant_config.pt")
+
+        artifact_dir, reused = context.cache.get_or_build("schemes", key, build, scheme.name)
+        document = json.loads((artifact_dir / "manifest.json").read_text())
+        manifest_path = context.publish("manifests", scheme.name, document)
+        timings["total_s"] = time.perf_counter() - started
+        result = SchemeResult(scheme, document, manifest_path, artifact_dir, reused, resolution, timings)
+        self._results[scheme.name] = result
+        self._configs[scheme.name] = (quant_config, calibration)
+        return result
+
+    def model(self, scheme: SchemeSpec) -> torch.nn.Module:
+        """The model quantized with `scheme` (calibrated from the stored decisions; kept for reuse)."""
+        if scheme.name not in self._models:
+            self.result(scheme)  # may build it on the way (a fresh decision needs the model for its manifest)
+        if scheme.name not in self._models:
+            self._quantize(scheme, *self._configs[scheme.name])
+        self._models.move_to_end(scheme.name)
+        return self._models[scheme.name]
+
+    def _quantize(self, scheme: SchemeSpec, quant_config: dict | None, calibration: int) -> torch.nn.Module:
+        while len(self._models) >= self.live_models:
+            self._models.popitem(last=False)
+            free_memory()
+        model = self.context.load().model
+        if quant_config is not None:
+            apply_config(model, quant_config, self.context.batches("calibration", calibration), self.context.device)
+        self._models[scheme.name] = model
+        return model
+
+    def _provenance(self, scheme: SchemeSpec, calibration: int, scores_key: str | None) -> dict:
+        context, data = self.context, self.context.data_config
+        return {
+            "model": {"name": context.model_tag, "fingerprint": context.model_fingerprint,
+                      "dtype": context.model_spec.dtype, "seed": context.model_spec.seed},
+            "data": {"source": str(data.source), "fingerprint": context.splits.fingerprint, "seed": data.seed,
+                     "calibration_samples": calibration, "score_samples": scheme.score_samples or data.scoring_samples,
+                     "batch_size": data.batch_size, "sequence_length": data.sequence_length},
+            "scores_key": scores_key,
+            "versions": context.versions,
+            "device": context.device_name,
+        }  # fmt: skip

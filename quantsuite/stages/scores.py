@@ -1,0 +1,57 @@
+"""Scores stage: one AutoQuant scoring pass per scoring plan (method, formats, samples), cached as a search state
+that carries no code (tensors + JSON, read back weights-only).
+
+    >>> state, key = Scores(context).state(Scores(context).plan(context.catalog.scheme("top50")))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from quantsuite import autoquant
+from quantsuite.autoquant import ScoringPlan, load_search_state, run_scoring, save_search_state
+from quantsuite.cache import code_hash
+from quantsuite.schemes import SchemeSpec
+from quantsuite.stages.context import RunContext, free_memory
+
+
+class Scores:
+    """Search states by plan: from memory, the disk cache (`scores/<key>`), or one scoring run."""
+
+    def __init__(self, context: RunContext) -> None:
+        self.context = context
+        self.runs = 0  # how many times AutoQuant scoring actually ran in this process
+        self._states: dict[str, dict] = {}
+
+    def plan(self, scheme: SchemeSpec) -> ScoringPlan:
+        return ScoringPlan.for_scheme(scheme, self.context.catalog, self.context.data_config.scoring_samples)
+
+    def key(self, plan: ScoringPlan) -> str:
+        code = code_hash(autoquant, sys.modules[__name__])
+        return self.context.cache.key(self.context.base_key() | {"plan": asdict(plan), "code": code})
+
+    def state(self, plan: ScoringPlan) -> tuple[dict, str]:
+        """(search state, its cache key) for `plan`."""
+        key = self.key(plan)
+        if key not in self._states:
+
+            def build(directory: Path) -> None:
+                loaded = self.context.load()
+                started = time.perf_counter()
+                batches = self.context.batches("scoring", plan.score_samples)
+                state = run_scoring(loaded.model, plan, batches, loaded.device)
+                self.runs += 1
+                save_search_state(state, directory / "search_state.pt")
+                (directory / "plan.json").write_text(json.dumps(asdict(plan) | {"seconds": time.perf_counter()
+                                                                                 - started}, indent=1))  # fmt: skip
+                del loaded
+                free_memory()
+
+            label = f"({plan.method}, {'+'.join(plan.presets)})"
+            path, _ = self.context.cache.get_or_build("scores", key, build, label)
+            self._states[key] = load_search_state(path / "search_state.pt")
+        return self._states[key], key

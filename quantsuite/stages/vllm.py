@@ -1,0 +1,193 @@
+"""vLLM stage: does vLLM compute what each export means (teacher-forced against the PyTorch reference of the same
+checkpoint, judged against the BF16 export's noise floor), and how fast it runs it as users run vLLM (paired with
+BF16). vLLM itself runs in its own environment (`quantsuite.vllm_compat`, `quantsuite.vllm_worker`).
+
+    >>> checks = VllmChecks(context, schemes, exports)
+    >>> checks.verdict(context.catalog.scheme("top50"), "cuda", service)["failures"]  # doctest: +SKIP
+    []
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from filelock import FileLock
+
+from quantsuite.cache import code_hash
+from quantsuite.export import load_export
+from quantsuite.schemes import SchemeSpec
+from quantsuite.stages.context import RunContext, free_memory
+from quantsuite.stages.export import Exports
+from quantsuite.stages.scheme import Schemes
+
+SPEED_LOCK = "vllm-speed"  # cache.exclusive name held by every vLLM speed measurement and speed-engine load
+
+
+class TransientVllmFailure(RuntimeError):
+    """A vLLM run that ended without a result (timeout, crash, out of memory): reported, never cached."""
+
+
+class VllmUnsupportedHere(RuntimeError):
+    """This machine's hardware cannot run the check in vLLM (e.g. FP8 KV cache on a CPU without AVX-512):
+    the test skips with the reason; nothing is cached (another machine can run it)."""
+
+
+class VllmChecks:
+    """Checks under `vllm/<key>` (key: the export's key + check + vLLM version + code + token inputs), verdicts and
+    speed merged per scheme into reports/vllm/<model>/<scheme>.json (one run's results only)."""
+
+    def __init__(self, context: RunContext, schemes: Schemes, exports: Exports) -> None:
+        self.context = context
+        self.schemes = schemes
+        self.exports = exports
+
+    def sequences(self) -> list[list[int]]:
+        from quantsuite.vllm_compat import teacher_forced_sequences
+
+        captions = [caption.text for caption in self.context.splits.evaluation]
+        return teacher_forced_sequences(self.context.tokenizer, captions, self.context.data_config.sequence_length)
+
+    def check(self, scheme: SchemeSpec, check: str, service) -> dict:
+        """One vLLM check of the scheme's export: `model_free`, or a `cpu` / `cpu_patched` / `cuda` load scored
+        teacher-forced (and greedily) against the PyTorch reference of the same checkpoint. Cached per (export,
+        check, vLLM version, code); transient failures (timeout, crash, out of memory) raise and are not cached."""
+        from quantsuite import vllm_compat
+
+        manifest = self.schemes.result(scheme).manifest
+        sequences = self.sequences()
+        prompts = vllm_compat.prompt_token_ids(self.context.tokenizer)
+        from quantsuite import vllm_cpu_fp8_compat, vllm_worker
+
+        code = code_hash(vllm_compat, vllm_worker, vllm_cpu_fp8_compat, sys.modules[__name__])
+        key = self.context.cache.key({"export": self.exports.key(scheme), "check": check, "code": code,
+                              "vllm": vllm_compat.vllm_version(service.python), "sequences": sequences,
+                              "prompts": prompts, "tokens": vllm_compat.GREEDY_TOKENS})  # fmt: skip
+
+        def build(directory: Path) -> None:
+            export_dir = self.exports.path(scheme)
+            if check == "model_free":
+                result = vllm_compat.model_free_verdict(service, export_dir, manifest)
+            else:
+                result = self.run(service, export_dir, check)
+            if vllm_compat.is_unsupported_here(result.get("error")):
+                raise VllmUnsupportedHere(f"{scheme.name} {check}: {vllm_compat.error_text(result['error'])}")
+            if vllm_compat.is_transient(result.get("error")):
+                raise TransientVllmFailure(f"{scheme.name} {check}: {vllm_compat.error_text(result['error'])} "
+                                           f"(not cached; vLLM log: {service.log_path})")  # fmt: skip
+            (directory / "result.json").write_text(json.dumps(result | {"check": check, "scheme": scheme.name}))
+
+        path, _ = self.context.cache.get_or_build("vllm", key, build, f"{scheme.name} {check}")
+        return json.loads((path / "result.json").read_text())
+
+    def run(self, service, export_dir: Path, check: str) -> dict:
+        """Load `export_dir` in a vLLM engine (`check` = cpu, cpu_patched or cuda), score the evaluation captions
+        teacher-forced and decode the greedy prompts, then the same with the PyTorch reference of the export."""
+        from quantsuite import vllm_compat
+
+        sequences, prompts = self.sequences(), vllm_compat.prompt_token_ids(self.context.tokenizer)
+        self.context.release()  # the engine gets the device: nothing of ours stays on it
+        options = vllm_compat.engine_options(self.context.device, "check", share=0.35)
+        with service.engine(export_dir, options, patch=check == "cpu_patched") as engine:
+            result = {key: engine.opened.get(key) for key in ("loaded", "error", "kernels", "patches",
+                                                               "load_seconds", "vllm_version")}  # fmt: skip
+            result["options"] = options
+            if engine.error:
+                return result
+            scores = engine.call("score", prompts=sequences)
+            greedy = engine.call("generate", prompts=prompts, max_tokens=vllm_compat.GREEDY_TOKENS)
+        for answer in (scores, greedy):
+            if answer.get("error"):
+                return result | {"error": answer["error"]}
+        reloaded = load_export(export_dir, self.context.device)
+        per_shard = vllm_compat.reference_scores(reloaded, sequences, self.context.device)
+        fused_groups = vllm_compat.fuse_like_vllm(reloaded)  # what vLLM must compute: one scale per fused GEMM
+        reference = (
+            vllm_compat.reference_scores(reloaded, sequences, self.context.device) if fused_groups else per_shard
+        )
+        greedy_reference = vllm_compat.reference_generate(
+            reloaded, prompts, vllm_compat.GREEDY_TOKENS, self.context.device
+        )
+        del reloaded
+        free_memory()
+        return result | {"teacher_forced": vllm_compat.teacher_forced(reference, scores),
+                         "teacher_forced_per_shard": vllm_compat.teacher_forced(per_shard, scores),
+                         "fusion_effect": vllm_compat.teacher_forced(per_shard, reference),
+                         "fused_groups": fused_groups,
+                         "greedy": vllm_compat.agreement(greedy_reference, greedy["outputs"]),
+                         "greedy_outputs": greedy["outputs"]}  # fmt: skip
+
+    def verdict(self, scheme: SchemeSpec, check: str, service) -> dict:
+        """The check's result with its decision: model_free by its problems; a load by its teacher-forced error
+        against the BF16 export's (the noise floor, measured with the same vLLM in this run). Written to
+        reports/vllm/<model>/<scheme>.json."""
+        from quantsuite import vllm_compat
+
+        result = self.check(scheme, check, service)
+        if check == "model_free":
+            failures = result["problems"]
+        elif result.get("error"):
+            failures = [f"vLLM {vllm_compat.error_text(result['error'])}"]
+        else:
+            floor = self.check(self.context.reference_scheme(), check, service).get("teacher_forced")
+            if floor is None:
+                raise TransientVllmFailure(f"the BF16 reference did not run in vLLM ({check}), so there is no "
+                                           "noise floor to judge against; see its own test")  # fmt: skip
+            decision = vllm_compat.decide(result["teacher_forced"], floor)
+            result["decision"] = {"compatible": decision.compatible, "error_ratio": decision.error_ratio,
+                                  "bound": decision.bound, "text": decision.text, "floor": floor}  # fmt: skip
+            failures = [] if decision.compatible else [f"vLLM computes something else: {decision.text}"]
+        result["failures"] = failures
+        keys = ("failures", "problems", "loaded", "error", "decision", "teacher_forced", "teacher_forced_per_shard",
+                "fusion_effect", "fused_groups", "greedy", "kernels", "patches", "load_seconds",
+                "vllm_version")  # fmt: skip
+        self._merge_report(scheme, check, {k: result[k] for k in keys if result.get(k) is not None})
+        return result
+
+    def speed(self, scheme: SchemeSpec, service, baseline, rounds: int) -> dict:
+        """vLLM speed of the scheme's export as users run it, paired with the BF16 export's engine `baseline`
+        (already open): per workload the median per-round ratio, the weight-bytes bound (BF16 checkpoint bytes /
+        the scheme's) and the share of the bound's gain realized, (ratio - 1) / (bound - 1). Never cached. One
+        measurement at a time per host (SPEED_LOCK): another worker's exports or engine loads beside the rounds
+        moved batch-256 ratios by up to 35% between identical runs on a 2 x H200 host."""
+        with self.context.cache.exclusive(SPEED_LOCK):  # export, load and rounds: no other worker's work beside them
+            return self._speed(scheme, service, baseline, rounds)
+
+    def _speed(self, scheme: SchemeSpec, service, baseline, rounds: int) -> dict:
+        from quantsuite import vllm_compat
+
+        export_dir = self.exports.path(scheme)
+        reference_bytes = self.exports.tensor_bytes(self.context.reference_scheme())
+        scheme_bytes = self.exports.tensor_bytes(scheme)
+        self.context.release()
+        cuda = self.context.device.type == "cuda"
+        captions = [caption.text for caption in self.context.splits.evaluation]
+        options = vllm_compat.engine_options(self.context.device, "speed", share=0.3)
+        result: dict = {"device": self.context.device_name, "options": options, "rounds": rounds, "workloads": {},
+                        "checkpoint_bytes": scheme_bytes, "bf16_checkpoint_bytes": reference_bytes,
+                        "weight_bytes_bound": reference_bytes / scheme_bytes}  # fmt: skip
+        with service.engine(export_dir, options, patch=not cuda) as engine:
+            if vllm_compat.is_unsupported_here(engine.error):
+                raise VllmUnsupportedHere(f"{scheme.name}: {vllm_compat.error_text(engine.error)}")
+            if engine.error:
+                raise RuntimeError(f"{scheme.name}: the speed engine did not load: "
+                                   f"{vllm_compat.error_text(engine.error)}")  # fmt: skip
+            for workload in vllm_compat.workloads(self.context.tokenizer, captions, cuda):
+                paired = vllm_compat.paired_speed(baseline, engine, workload, rounds)
+                if paired.get("error"):
+                    raise TransientVllmFailure(f"{scheme.name} {workload.name}: "
+                                               f"{vllm_compat.error_text(paired['error'])}")  # fmt: skip
+                bound = result["weight_bytes_bound"]
+                paired["bound_share"] = (paired["ratio"] - 1) / (bound - 1) if abs(bound - 1) > 1e-3 else None
+                result["workloads"][workload.name] = paired
+        self._merge_report(scheme, "speed", result)
+        return result
+
+    def _merge_report(self, scheme: SchemeSpec, key: str, value: dict) -> None:
+        report_path = self.context.reports_dir / "vllm" / self.context.model_tag / f"{scheme.name}.json"
+        with FileLock(str(report_path) + ".lock"):
+            merged = json.loads(report_path.read_text()) if report_path.is_file() else {}
+            if merged.get("run_id") != self.context.run_id:
+                merged = {}  # another run's checks: not this run's results
+            self.context.publish("vllm", scheme.name, merged | {key: value})

@@ -1,0 +1,50 @@
+"""Export stage (quantsuite/stages/export.py): one checkpoint per scheme, verified; a damaged one is rebuilt."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from quantsuite.export import ExportError, tensor_index, verify_export
+from quantsuite.pipeline import Workbench
+
+pytestmark = pytest.mark.export
+
+
+@pytest.mark.parametrize("damage", ["truncate", "unfinished"])
+def test_corrupt_or_half_written_export_is_rebuilt(tmp_path, model_spec, data_config, catalog, damage):
+    scheme = catalog.scheme("default")  # a plain scheme: no scoring pass in the fresh cache
+    bench = Workbench(model_spec, data_config, catalog, tmp_path / "cache", tmp_path / "reports")
+    path = bench.exports.path(scheme)
+    good = (path / "model.safetensors").read_bytes()
+    if damage == "truncate":
+        (path / "model.safetensors").write_bytes(good[: len(good) // 2])
+        with pytest.raises(ExportError, match="truncated"):
+            verify_export(path, bench.schemes.result(scheme).manifest)
+    else:
+        (path / ".complete").unlink()  # a crash mid-build: the directory is never read
+        assert not bench.context.cache.is_complete("exports", path.name)
+    again = Workbench(model_spec, data_config, catalog, tmp_path / "cache", tmp_path / "reports")
+    rebuilt = again.exports.path(scheme)
+    assert rebuilt == path and (rebuilt / "model.safetensors").read_bytes() == good
+    assert any(e.startswith(("rebuilt exports/", "built exports/")) for e in again.context.cache.events)
+
+
+def test_tensor_bytes_come_from_the_export_and_its_pointer_says_the_same(workbench, catalog):
+    scheme = catalog.scheme("top50")
+    path = workbench.exports.path(scheme)
+    size = sum(entry["bytes"] for entry in tensor_index(path).values())
+    assert workbench.exports.tensor_bytes(scheme) == size
+    pointer = workbench.context.reports_dir / "exports" / workbench.context.model_tag / f"{scheme.name}.json"
+    assert json.loads(pointer.read_text())["tensor_bytes"] == size
+
+
+def test_drop_keeps_the_bf16_reference(tmp_path, model_spec, data_config, catalog):
+    bench = Workbench(model_spec, data_config, catalog, tmp_path / "cache", tmp_path / "reports")
+    reference, plain = catalog.scheme("bf16"), catalog.scheme("default")
+    kept, dropped = bench.exports.path(reference), bench.exports.path(plain)
+    bench.exports.drop(reference)
+    bench.exports.drop(plain)
+    assert kept.is_dir() and not dropped.exists()
+    assert bench.exports.path(plain) == dropped and dropped.is_dir()  # rebuilt on demand
