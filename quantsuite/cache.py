@@ -48,8 +48,22 @@ def code_hash(*modules) -> str:
     return hashlib.sha256(b"".join(Path(module.__file__).read_bytes() for module in modules)).hexdigest()[:12]
 
 
+def canonical_json(payload: object) -> str:
+    """JSON with sorted keys, any key type included: ModelOpt configs mix int and str keys (`block_sizes: {-1: 16,
+    "type": "dynamic"}`), which json.dumps(sort_keys=True) cannot order."""
+
+    def plain(value: object) -> object:
+        if isinstance(value, dict):
+            return {f"{type(key).__name__}:{key}": plain(item) for key, item in value.items()}
+        if isinstance(value, list | tuple):
+            return [plain(item) for item in value]
+        return value
+
+    return json.dumps(plain(payload), sort_keys=True, default=str)
+
+
 def stable_hash(payload: object) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:20]
 
 
 def write_atomic(path: Path, text: str) -> None:

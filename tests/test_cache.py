@@ -78,3 +78,17 @@ def test_exclusive_is_one_lock_for_every_user_of_the_cache(tmp_path):
             pass
     with second.exclusive("vllm-speed"):
         pass
+
+
+def test_keys_of_configs_with_int_and_str_keys():
+    """ModelOpt's block formats carry `block_sizes: {-1: 16, "type": "dynamic"}`; json.dumps(sort_keys=True)
+    raised TypeError on them (INT4_AWQ_CFG, NVFP4_DEFAULT_CFG crashed inside the suite)."""
+    import modelopt.torch.quantization as mtq
+
+    from quantsuite.cache import canonical_json, stable_hash
+
+    for preset in ("INT4_AWQ_CFG", "NVFP4_DEFAULT_CFG"):
+        config = getattr(mtq, preset)
+        assert stable_hash(config) == stable_hash(config)
+    assert canonical_json({-1: 16}) != canonical_json({"-1": 16})  # an int key is not its string
+    assert stable_hash({"a": 1, "b": 2}) == stable_hash({"b": 2, "a": 1})

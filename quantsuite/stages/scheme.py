@@ -19,7 +19,7 @@ import torch
 
 from quantsuite import autoquant, manifest
 from quantsuite.autoquant import Resolution, apply_config, resolve_config
-from quantsuite.cache import code_hash
+from quantsuite.cache import canonical_json, code_hash
 from quantsuite.manifest import SCHEMA_VERSION, build_manifest
 from quantsuite.schemes import SchemeSpec
 from quantsuite.stages.context import RunContext, free_memory
@@ -71,7 +71,7 @@ class Schemes:
             quant_config = None
         key = context.cache.key(context.base_key() | {
             "scheme": scheme.spec_hash_input(), "scores": scores_key, "calibration_samples": calibration,
-            "quant_config": json.dumps(quant_config, sort_keys=True, default=str), "manifest": SCHEMA_VERSION,
+            "quant_config": canonical_json(quant_config), "manifest": SCHEMA_VERSION,
             "formats": {name: context.catalog.formats[name].model_dump(mode="json") for name in scheme.formats},
             "code": code_hash(autoquant, manifest, sys.modules[__name__]),
         })  # fmt: skip
