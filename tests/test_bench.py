@@ -229,7 +229,7 @@ def vllm_speed_baseline(workbench, vllm_service):
 
 @benchmark_test
 @pytest.mark.paired
-def test_vllm_speed(benchmark, workbench, scheme, vllm_python, vllm_service, vllm_speed_baseline, exported):
+def test_vllm_speed(benchmark, workbench, scheme, vllm_python, vllm_service, vllm_speed_baseline, export_dropped_after):
     """vLLM throughput of each export against BF16, paired (alternating rounds on the same prompts): large-batch
     output tokens/s and batch-1 decode ms/token, with the weight-bytes bound. Runs under xdist too (one scheme
     and one engine pair per GPU); results go to reports/vllm/<model>/<scheme>.json (`speed`) and, without xdist,
@@ -245,17 +245,13 @@ def test_vllm_speed(benchmark, workbench, scheme, vllm_python, vllm_service, vll
         pytest.skip(f"expected to fail in vLLM ({check}): {expected.reason}")
     results = []
     rounds = int(os.environ.get("QUANTSUITE_VLLM_ROUNDS", 4 if workbench.context.device.type == "cuda" else 2))
-
-    try:  # decided before the benchmark starts: a skip inside it leaves pytest-benchmark an empty entry to save
-        workbench.vllm.check(scheme, check, vllm_service)  # cached by the vllm_compat run
-    except VllmUnsupportedHere as error:
-        pytest.skip(f"this machine cannot run it in vLLM: {error}")
-
-    def run():
-        results.append(workbench.vllm.speed(scheme, vllm_service, vllm_speed_baseline, rounds))
-
-    _info(benchmark, workbench, scheme.name, "vllm_paired", 0)
-    benchmark.pedantic(run, rounds=1)
+    with contextlib.ExitStack() as stack:
+        try:  # decided before the benchmark starts: a skip inside it leaves pytest-benchmark an empty entry to save
+            measure = stack.enter_context(workbench.vllm.speed_session(scheme, vllm_service))
+        except VllmUnsupportedHere as error:
+            pytest.skip(f"this machine cannot run it in vLLM: {error}")
+        _info(benchmark, workbench, scheme.name, "vllm_paired", 0)
+        benchmark.pedantic(lambda: results.append(measure(vllm_speed_baseline, rounds)), rounds=1)
     result = results[-1]
     benchmark.extra_info.update({"vllm_check": check, "vllm": vllm_compat.vllm_version(vllm_python),
                                  "weight_bytes_bound": result["weight_bytes_bound"],

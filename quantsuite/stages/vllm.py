@@ -9,8 +9,10 @@ BF16). vLLM itself runs in its own environment (`quantsuite.vllm_compat`, `quant
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from filelock import FileLock
@@ -145,42 +147,49 @@ class VllmChecks:
         self._merge_report(scheme, check, {k: result[k] for k in keys if result.get(k) is not None})
         return result
 
-    def speed(self, scheme: SchemeSpec, service, baseline, rounds: int) -> dict:
-        """vLLM speed of the scheme's export as users run it, paired with the BF16 export's engine `baseline`
-        (already open): per workload the median per-round ratio, the weight-bytes bound (BF16 checkpoint bytes /
-        the scheme's) and the share of the bound's gain realized, (ratio - 1) / (bound - 1). Never cached. One
-        measurement at a time per host (SPEED_LOCK): another worker's exports or engine loads beside the rounds
-        moved batch-256 ratios by up to 35% between identical runs on a 2 x H200 host."""
-        with self.context.cache.exclusive(SPEED_LOCK):  # export, load and rounds: no other worker's work beside them
-            return self._speed(scheme, service, baseline, rounds)
-
-    def _speed(self, scheme: SchemeSpec, service, baseline, rounds: int) -> dict:
+    @contextlib.contextmanager
+    def speed_session(self, scheme: SchemeSpec, service) -> Iterator[Callable[[object, int], dict]]:
+        """Everything a speed measurement of the scheme needs, ready before it starts: the host-wide SPEED_LOCK
+        (one measurement at a time per host: another worker's exports or engine loads beside the rounds moved
+        batch-256 ratios by up to 35% between identical runs on a 2 x H200 host), the export, and its engine
+        as users run vLLM. Raises VllmUnsupportedHere (this hardware) or RuntimeError (no load) on entry;
+        yields `measure(baseline, rounds)`."""
         from quantsuite import vllm_compat
 
-        export_dir = self.exports.path(scheme)
+        with self.context.cache.exclusive(SPEED_LOCK):
+            export_dir = self.exports.path(scheme)
+            self.context.release()
+            cuda = self.context.device.type == "cuda"
+            options = vllm_compat.engine_options(self.context.device, "speed", share=0.3)
+            with service.engine(export_dir, options, patch=not cuda) as engine:
+                if vllm_compat.is_unsupported_here(engine.error):
+                    raise VllmUnsupportedHere(f"{scheme.name}: {vllm_compat.error_text(engine.error)}")
+                if engine.error:
+                    raise RuntimeError(f"{scheme.name}: the speed engine did not load: "
+                                       f"{vllm_compat.error_text(engine.error)}")  # fmt: skip
+                yield lambda baseline, rounds: self._measure(scheme, engine, options, baseline, rounds)
+
+    def _measure(self, scheme: SchemeSpec, engine, options: dict, baseline, rounds: int) -> dict:
+        """Paired with the BF16 export's engine `baseline` (already open): per workload the median per-round
+        ratio, the weight-bytes bound (BF16 checkpoint bytes / the scheme's) and the share of the bound's gain
+        realized, (ratio - 1) / (bound - 1). Never cached; merged into the scheme's reports/vllm JSON."""
+        from quantsuite import vllm_compat
+
         reference_bytes = self.exports.tensor_bytes(self.context.reference_scheme())
         scheme_bytes = self.exports.tensor_bytes(scheme)
-        self.context.release()
-        cuda = self.context.device.type == "cuda"
         captions = [caption.text for caption in self.context.splits.evaluation]
-        options = vllm_compat.engine_options(self.context.device, "speed", share=0.3)
         result: dict = {"device": self.context.device_name, "options": options, "rounds": rounds, "workloads": {},
                         "checkpoint_bytes": scheme_bytes, "bf16_checkpoint_bytes": reference_bytes,
                         "weight_bytes_bound": reference_bytes / scheme_bytes}  # fmt: skip
-        with service.engine(export_dir, options, patch=not cuda) as engine:
-            if vllm_compat.is_unsupported_here(engine.error):
-                raise VllmUnsupportedHere(f"{scheme.name}: {vllm_compat.error_text(engine.error)}")
-            if engine.error:
-                raise RuntimeError(f"{scheme.name}: the speed engine did not load: "
-                                   f"{vllm_compat.error_text(engine.error)}")  # fmt: skip
-            for workload in vllm_compat.workloads(self.context.tokenizer, captions, cuda):
-                paired = vllm_compat.paired_speed(baseline, engine, workload, rounds)
-                if paired.get("error"):
-                    raise TransientVllmFailure(f"{scheme.name} {workload.name}: "
-                                               f"{vllm_compat.error_text(paired['error'])}")  # fmt: skip
-                bound = result["weight_bytes_bound"]
-                paired["bound_share"] = (paired["ratio"] - 1) / (bound - 1) if abs(bound - 1) > 1e-3 else None
-                result["workloads"][workload.name] = paired
+        cuda = self.context.device.type == "cuda"
+        for workload in vllm_compat.workloads(self.context.tokenizer, captions, cuda):
+            paired = vllm_compat.paired_speed(baseline, engine, workload, rounds)
+            if paired.get("error"):
+                raise TransientVllmFailure(f"{scheme.name} {workload.name}: "
+                                           f"{vllm_compat.error_text(paired['error'])}")  # fmt: skip
+            bound = result["weight_bytes_bound"]
+            paired["bound_share"] = (paired["ratio"] - 1) / (bound - 1) if abs(bound - 1) > 1e-3 else None
+            result["workloads"][workload.name] = paired
         self._merge_report(scheme, "speed", result)
         return result
 
