@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from quantsuite.export import FP8, Fp8Linear, to_fp8
+from quantsuite.export import FP8, Fp8Linear, per_token_scale, to_fp8
 
 
 class Fp8MatmulUnavailable(RuntimeError):
@@ -49,25 +49,32 @@ def synchronize(device: torch.device) -> None:
 
 
 class ScaledMmLinear(torch.nn.Module):
-    """Real FP8 W8A8 linear: fp8(x / input_scale) @ w_fp8^T via torch._scaled_mm, bf16 out, + bias."""
+    """Real FP8 W8A8 linear: fp8(x / s_x) @ w_fp8^T via torch._scaled_mm, bf16 out, + bias. Per-tensor scales
+    (FP8), or row-wise ones (FP8_PER_CHANNEL_PER_TOKEN: s_x per token computed at run time, one weight scale per
+    output channel)."""
 
     def __init__(self, source: Fp8Linear):
         super().__init__()
         self.register_buffer("weight_t", source.weight_fp8.t())  # column-major view for _scaled_mm
-        self.register_buffer("weight_scale", source.weight_scale.reshape(()).float())
-        self.register_buffer("input_scale", source.input_scale.reshape(()).float())
+        rowwise = source.input_scale is None
+        self.register_buffer("weight_scale", source.weight_scale.reshape(1, -1).float() if rowwise
+                             else source.weight_scale.reshape(()).float())  # fmt: skip
+        self.register_buffer("input_scale", None if rowwise else source.input_scale.reshape(()).float())
         self.bias = source.bias
         self.out_features = source.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x_2d = x.reshape(-1, shape[-1])
-        x_fp8 = to_fp8(x_2d, self.input_scale)
+        scale = per_token_scale(x_2d) if self.input_scale is None else self.input_scale
+        x_fp8 = to_fp8(x_2d, scale)
         rows = x_fp8.shape[0]
         padded = -rows % 16  # _scaled_mm wants dimensions that are multiples of 16
         if padded:
             x_fp8 = torch.nn.functional.pad(x_fp8.view(torch.uint8), (0, 0, 0, padded)).view(FP8)
-        out = torch._scaled_mm(x_fp8, self.weight_t, scale_a=self.input_scale, scale_b=self.weight_scale,
+            if scale.dim() == 2:
+                scale = torch.nn.functional.pad(scale, (0, 0, 0, padded), value=1.0)
+        out = torch._scaled_mm(x_fp8, self.weight_t, scale_a=scale, scale_b=self.weight_scale,
                                bias=None if self.bias is None else self.bias.to(torch.bfloat16),
                                out_dtype=torch.bfloat16)  # fmt: skip
         return out[:rows].reshape(*shape[:-1], self.out_features)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -157,14 +158,22 @@ def _excluded(name: str, patterns: list[str]) -> bool:
     return False
 
 
+def scale_tensors(module: dict) -> dict[str, int]:
+    """The fp32 scale tensors an FP8 layer of the manifest carries in the export -> their element count."""
+    scales = {"weight_scale": module["shape"][0] if module["weight_scale"] == "channel" else 1}
+    if module["input_scale"]:
+        scales["input_scale"] = 1
+    return scales
+
+
 def predicted_bytes(manifest: dict) -> int:
-    """Tensor bytes the export should hold: BF16 parameters, FP8 weights at 1 byte + two fp32 scales."""
+    """Tensor bytes the export should hold: BF16 parameters, FP8 weights at 1 byte plus their fp32 scales."""
     totals = manifest["totals"]
     size = 2 * totals["unique_parameters"]
     for module in manifest["modules"]:
         if module["format"] != "BF16":
             extra_copy = module["role"] == "lm_head" and totals["tied_lm_head"]  # FP8 lm_head + BF16 embedding
-            size += module["weight_count"] * (1 if extra_copy else -1) + 8
+            size += module["weight_count"] * (1 if extra_copy else -1) + 4 * sum(scale_tensors(module).values())
     return size
 
 
@@ -185,9 +194,15 @@ def check_export(export_dir: Path, manifest: dict) -> list[str]:
         if name in fp8_modules:
             if weight["dtype"] != "F8_E4M3":
                 problems.append(f"{name}: manifest says FP8, export stores {weight['dtype']}")
-            for scale in ("weight_scale", "input_scale"):
+            expected = scale_tensors(module)
+            for scale, count in expected.items():
                 if f"{name}.{scale}" not in index:
                     problems.append(f"{name}: FP8 layer without {scale}")
+                elif math.prod(index[f"{name}.{scale}"]["shape"]) != count:
+                    problems.append(f"{name}: {scale} holds {math.prod(index[f'{name}.{scale}']['shape'])} values, "
+                                    f"the manifest's {module['weight_scale']} scale needs {count}")  # fmt: skip
+            if "input_scale" not in expected and f"{name}.input_scale" in index:
+                problems.append(f"{name}: static input_scale stored, the manifest's format quantizes per token")
         elif weight["dtype"] != "BF16" or f"{name}.weight_scale" in index:
             problems.append(f"{name}: manifest says BF16, export stores {weight['dtype']} (scales present: "
                             f"{f'{name}.weight_scale' in index})")  # fmt: skip
@@ -221,15 +236,24 @@ def check_export(export_dir: Path, manifest: dict) -> list[str]:
     return problems
 
 
-class Fp8Linear(torch.nn.Module):
-    """y = fakequant_fp8(x / input_scale) * input_scale @ (w_fp8 * weight_scale)^T + bias."""
+def per_token_scale(x: torch.Tensor) -> torch.Tensor:
+    """Dynamic per-token FP8 activation scale, as vLLM computes it: amax(|x|) / 448 per token, floored at
+    1 / (448 * 512)."""
+    return (x.float().abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=1 / (FP8_MAX * 512))
 
-    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor, bias=None):
+
+class Fp8Linear(torch.nn.Module):
+    """y = fakequant_fp8(x / s_x) * s_x @ (w_fp8 * weight_scale)^T + bias, where s_x is the stored static
+    input_scale or, without one (FP8_PER_CHANNEL_PER_TOKEN), each token's own scale; weight_scale is one value or
+    one per output row."""
+
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor | None,
+                 bias=None):  # fmt: skip
         super().__init__()
         self.register_buffer("weight_fp8", weight)
         self.register_buffer("weight_scale", weight_scale.float().reshape(-1, 1) if weight_scale.numel() > 1
                              else weight_scale.float())  # fmt: skip
-        self.register_buffer("input_scale", input_scale.float())
+        self.register_buffer("input_scale", None if input_scale is None else input_scale.float())
         self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
 
@@ -237,7 +261,8 @@ class Fp8Linear(torch.nn.Module):
         return (self.weight_fp8.float() * self.weight_scale).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_quantized = (to_fp8(x, self.input_scale).float() * self.input_scale).to(x.dtype)
+        scale = per_token_scale(x) if self.input_scale is None else self.input_scale
+        x_quantized = (to_fp8(x, scale).float() * scale).to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return torch.nn.functional.linear(x_quantized, self.dequantized_weight(x.dtype), bias)
 
@@ -279,7 +304,7 @@ def load_export(export_dir: Path, device: torch.device | str = "cpu", dtype: tor
 
     export_dir = Path(export_dir)
     config_dict = json.loads((export_dir / "config.json").read_text())
-    config_dict.pop("quantization_config", None)
+    quant_algo = (config_dict.pop("quantization_config", None) or {}).get("quant_algo")
     config = Qwen2_5_VLConfig.from_dict(config_dict)
     tensors = {}
     for path in tensor_files(export_dir):
@@ -291,15 +316,21 @@ def load_export(export_dir: Path, device: torch.device | str = "cpu", dtype: tor
         name[: -len(".weight")] for name, t in tensors.items() if name.endswith(".weight") and t.dtype == FP8
     )
     used = set()
+    per_token = quant_algo == "FP8_PER_CHANNEL_PER_TOKEN"  # vLLM: per-channel weight, dynamic per-token input
     for layer in fp8_layers:
         parent_name, _, child = memory_name(layer).rpartition(".")
         parent = model.get_submodule(parent_name)
-        keys = [f"{layer}.{suffix}" for suffix in ("weight", "weight_scale", "input_scale")]
+        keys = [f"{layer}.{suffix}" for suffix in ("weight", "weight_scale", *(() if per_token else ("input_scale",)))]
         missing = [key for key in keys if key not in tensors]
         if missing:
-            raise ExportError(f"{export_dir}: FP8 layer {layer} lacks {missing}")
+            raise ExportError(f"{export_dir}: FP8 layer {layer} lacks {missing} (quant_algo {quant_algo})")
+        if per_token and f"{layer}.input_scale" in tensors:
+            raise ExportError(f"{export_dir}: {layer} stores a static input_scale, but quant_algo {quant_algo} "
+                              "quantizes activations per token")  # fmt: skip
         bias = tensors.get(f"{layer}.bias")
-        module = Fp8Linear(*(tensors[key] for key in keys), None if bias is None else bias.to(dtype))
+        weight, weight_scale, *input_scale = (tensors[key] for key in keys)
+        module = Fp8Linear(weight, weight_scale, input_scale[0] if input_scale else None,
+                           None if bias is None else bias.to(dtype))  # fmt: skip
         setattr(parent, child, module.to(device))
         used.update(keys + ([f"{layer}.bias"] if bias is not None else []))
     kv_scales = sorted(name for name in tensors if name.endswith((".k_scale", ".v_scale")))
@@ -344,7 +375,9 @@ def export_fidelity(model: torch.nn.Module, export_dir: Path) -> dict:
             fake = quantizer(module.weight).float()
             file = Path(export_dir) / index[f"{hub}.weight"]["file"]
             with safe_open(str(file), framework="pt", device="cpu") as handle:
-                exported = handle.get_tensor(f"{hub}.weight").float() * handle.get_tensor(f"{hub}.weight_scale").float()
+                scale = handle.get_tensor(f"{hub}.weight_scale").float()
+                exported = handle.get_tensor(f"{hub}.weight").float() * (scale.reshape(-1, 1) if scale.numel() > 1
+                                                                        else scale)  # fmt: skip
             exported = exported.to(fake.device)
             mismatch = int(((exported - fake).abs() > fake.abs() / 32 + 1e-12).sum())
             differing, total = differing + mismatch, total + fake.numel()

@@ -24,7 +24,7 @@ import torch
 from quantsuite.autoquant import NO_QUANT, Resolution, block_index, group_scores
 from quantsuite.schemes import Catalog, SchemeSpec
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: per-module weight_bits, shape and export layout (weight_scale, input_scale)
 BF16 = "BF16"
 
 
@@ -75,6 +75,7 @@ def build_manifest(
     groups = group_scores(state) if state else {}
     module_group = {module: hparam for hparam, group in groups.items() for module in group["modules"]}
     bits_of = {name: catalog.formats[name].weight_bits for name in scheme.formats}
+    layout_of = {name: catalog.formats[name].layout for name in scheme.formats}
     modules, weights, bits = [], Counter(), Counter()
     fp8_layers = bf16_layers = 0
     for name, (role, module) in linear_layers(model).items():
@@ -95,9 +96,13 @@ def build_manifest(
             weights[f"{role}_fp8"] += count
         if role in ("lm_linear", "lm_head"):
             fp8_layers, bf16_layers = fp8_layers + (fmt != BF16), bf16_layers + (fmt == BF16)
+            layout = layout_of.get(fmt)
             modules.append({
                 "name": name, "role": role, "block": block_index(name), "group": group, "format": fmt,
                 "input_quantized": _enabled(module, "input_quantizer"), "weight_count": count,
+                "shape": list(module.weight.shape), "weight_bits": layer_bits,
+                "weight_scale": layout.weight_scale if layout else None,
+                "input_scale": layout.input_scale if layout else False,
                 "sensitivity": {(BF16 if k == NO_QUANT else k): v for k, v in groups[group]["scores"].items()}
                 if group in groups else {},
             })  # fmt: skip

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -35,9 +36,26 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-# Presets the suite carries end to end today: per-tensor FP8 weights/activations (Fp8Linear reload) and the FP8
-# KV cache. Anything else in mtq.config.choices is refused up front instead of failing deep inside a run.
-HANDLED_PRESETS = {"preset": {"FP8_DEFAULT_CFG"}, "kv_cache": {"FP8_KV_CFG"}}
+@dataclass(frozen=True)
+class ExportLayout:
+    """How a preset's quantized linear looks in ModelOpt's HF export, which vLLM and `load_export` read.
+
+    >>> EXPORT_LAYOUTS["FP8_PER_CHANNEL_PER_TOKEN_CFG"].input_scale
+    False
+    """
+
+    quant_algo: str  # ModelOpt's `quant_algo` as written into config.json / hf_quant_config.json
+    weight_scale: str  # "tensor": one fp32 scale; "channel": one per output row
+    input_scale: bool  # a static per-tensor activation scale is stored; False: activations quantized per token
+
+
+# Presets the suite carries end to end today (FP8 reload in PyTorch, manifest bits, export checks, drift, vLLM
+# verdict) and the KV-cache presets; anything else in mtq.config.choices is refused up front, not deep in a run.
+EXPORT_LAYOUTS = {
+    "FP8_DEFAULT_CFG": ExportLayout("FP8", "tensor", True),
+    "FP8_PER_CHANNEL_PER_TOKEN_CFG": ExportLayout("FP8_PER_CHANNEL_PER_TOKEN", "channel", False),
+}
+HANDLED_PRESETS = {"preset": set(EXPORT_LAYOUTS), "kv_cache": {"FP8_KV_CFG"}}
 
 
 class FormatSpec(Strict):
@@ -63,6 +81,10 @@ class FormatSpec(Strict):
             raise ValueError(f"ModelOpt preset {value!r} is not handled end to end yet (manifest bits, PyTorch "
                              f"reload, drift are per-tensor FP8 only); accepted here: {sorted(handled)}")  # fmt: skip
         return value
+
+    @property
+    def layout(self) -> ExportLayout:
+        return EXPORT_LAYOUTS[self.preset]
 
     @property
     def weight_bits(self) -> float:

@@ -75,7 +75,7 @@ BAD_INPUTS = [
      r"formats\.FP8_MLP_ONLY\.preset: Value error, unknown ModelOpt preset 'FP9_CFG'; accepted: \["),
     ("preset not handled yet", lambda d: d["formats"]["FP8_MLP_ONLY"].update(preset="INT4_AWQ_CFG"),
      r"formats\.FP8_MLP_ONLY\.preset: Value error, ModelOpt preset 'INT4_AWQ_CFG' is not handled end to end yet.*"
-     r"accepted here: \['FP8_DEFAULT_CFG'\]"),
+     r"accepted here: \['FP8_DEFAULT_CFG', 'FP8_PER_CHANNEL_PER_TOKEN_CFG'\]"),
     ("kv preset not handled yet", lambda d: d["formats"]["FP8_KV_CACHE"].update(kv_cache="NVFP4_KV_CFG"),
      r"formats\.FP8_KV_CACHE\.kv_cache: .*'NVFP4_KV_CFG' is not handled end to end yet"),
     ("duplicate alias", lambda d: _scheme(d, "fp8_mlp_only").update(alias="top50"),
