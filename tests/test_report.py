@@ -128,3 +128,33 @@ def test_report_without_a_run_names_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="pytest -m autoquant --model tiny"):
         build_report(tmp_path, "tiny", "empty")
     assert not (tmp_path / "empty").exists(), "a failed report leaves no directory behind"
+
+
+def test_speed_reading_separates_findings_from_noise():
+    """Figures of the H200 run gpu-20261128: batch 256, the BF16 rounds moved 29k-37k tokens/s, so top50's
+    0.846x is no finding; batch 1, they moved under 1%, so 1.057x is. A gain past the weight-bytes bound by more
+    than the noise is flagged, not reported as a speed-up."""
+    from quantsuite.report import speed_reading
+
+    noisy = [32813.0, 37440.0, 29196.0, 33483.0]
+    spread, reading = speed_reading({"ratio": 0.846, "baseline_tokens_per_s": noisy}, bound=1.227)
+    assert reading == "within noise" and spread == pytest.approx(0.2487, abs=1e-3)
+    steady = [290.0, 291.0, 289.0, 291.5]
+    assert speed_reading({"ratio": 1.057, "baseline_tokens_per_s": steady}, bound=1.227)[1] == "faster"
+    assert speed_reading({"ratio": 0.90, "baseline_tokens_per_s": steady}, bound=1.227)[1] == "slower"
+    # fp8_attn_only at batch 256: 1.25x against a 1.047x bound, BF16 rounds 11.5% apart
+    attention = {"ratio": 1.250, "baseline_tokens_per_s": [30000.0, 33450.0, 31000.0, 32000.0]}
+    assert speed_reading(attention, bound=1.047)[1] == "past the bound (suspect)"
+
+
+def test_speed_section_shows_ratio_bound_share_and_reading():
+    from quantsuite.report import _vllm_cell, _vllm_sections
+
+    paired = {"ratio": 1.1, "ratios": [1.08, 1.12], "baseline_tokens_per_s": [100.0, 102.0], "bound_share": 0.2,
+              "baseline_ms_per_token": 10.0, "candidate_ms_per_token": 9.1}  # fmt: skip
+    speed = {"workloads": {"batch1": paired}, "weight_bytes_bound": 1.5, "device": "NVIDIA H200"}
+    lines = _vllm_sections({"fp8_x": {"run_id": "r", "speed": speed}}, None)
+    row = next(line for line in lines if line.startswith("| fp8_x | batch1 |"))
+    assert row.split(" | ")[2:6] == ["1.100x", "1.080-1.120", "2.0%", "faster"]
+    assert "| 1.50x | 20% | NVIDIA H200 |" in row
+    assert _vllm_cell({"run_id": "r", "speed": speed}) == "batch1:1.10x(bound 1.50x, faster)", "the schemes table"
