@@ -7,7 +7,10 @@
   scores for every candidate format of every layer group; q/k/v and gate/up are one group each).
 - `resolve_config` turns a stored search state into a `mtq.quantize` config for a scheme: `auto` re-solves
   ModelOpt's LP at the scheme's target (`mtq.get_auto_quantize_config`), `top_k_blocks` ranks decoder blocks
-  by summed score cost (FP8 score - BF16 score) and quantizes the least sensitive K% of them.
+  by summed score cost (FP8 score - BF16 score) and quantizes the least sensitive K% of them. With `auto`,
+  the scheme's `solver` says whose pick is applied: ModelOpt's LP (default) or `exact_pick`, a 0/1 solve of the
+  same scores rescaled to order 1 (ModelOpt's PuLP/CBC run stops short of the optimum on scores of ~1e-7);
+  both picks' objectives are recorded either way.
 - `apply_config` quantizes a fresh model with that config and the calibration split.
 """
 
@@ -19,6 +22,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -178,6 +182,38 @@ def block_sensitivity(state: dict) -> dict[int, float]:
     return dict(sorted(totals.items()))
 
 
+def exact_pick(state: dict, effective_bits: float) -> tuple[dict[str, str], float]:
+    """Minimum total score under the effective-bits budget, solved exactly (MILP); returns picks, objective."""
+    from scipy.optimize import LinearConstraint, milp
+
+    groups = [(name, g) for name, g in group_scores(state).items() if len(g["scores"]) > 1]
+    fixed_cost = sum(min(g["costs"].values()) for _, g in group_scores(state).items() if len(g["scores"]) == 1)
+    options = [(name, fmt, g["scores"][fmt], g["costs"][fmt]) for name, g in groups for fmt in g["scores"]]
+    scale = max((abs(score) for *_, score, _ in options), default=1.0) or 1.0
+    objective = np.array([score / scale for *_, score, _ in options])
+    budget = state["cost_denominator"] * effective_bits / 16.0 - fixed_cost
+    cost_row = np.array([[cost for *_, cost in options]])
+    one_hot = np.array([[1.0 if option[0] == name else 0.0 for option in options] for name, _ in groups])
+    constraints = [LinearConstraint(cost_row, -np.inf, budget), LinearConstraint(one_hot, 1, 1)]
+    solution = milp(
+        objective,
+        constraints=constraints,
+        integrality=np.ones(len(options)),
+        bounds=(0, 1),
+        options={"mip_rel_gap": 0.0},
+    )  # proven optimal, not within HiGHS's default 1e-4
+    if not solution.success:
+        raise RuntimeError(f"exact solve failed at {effective_bits} bits: {solution.message}")
+    picks = {options[i][0]: options[i][1] for i, x in enumerate(solution.x) if x > 0.5}
+    return picks, float(sum(options[i][2] for i, x in enumerate(solution.x) if x > 0.5))
+
+
+def pick_objective(state: dict, picks: dict[str, str]) -> float:
+    """The LP's objective for a pick: the summed scores of the chosen formats over groups with a choice."""
+    groups = group_scores(state)
+    return float(sum(groups[name]["scores"][fmt] for name, fmt in picks.items() if len(groups[name]["scores"]) > 1))
+
+
 def top_k_blocks(sensitivity: dict[int, float], coverage: float) -> list[int]:
     """The least sensitive round(coverage * blocks) decoder blocks (at least one), ties broken by index."""
     count = max(1, math.floor(coverage * len(sensitivity) + 0.5))
@@ -187,12 +223,14 @@ def top_k_blocks(sensitivity: dict[int, float], coverage: float) -> list[int]:
 
 @dataclass(frozen=True)
 class Resolution:
-    """A scheme's decisions: the mtq.quantize config, group -> format name, and why (block ranking)."""
+    """A scheme's decisions: the mtq.quantize config, group -> format name, and why (block ranking, or both
+    solvers' objectives: the sum of the picked formats' scores, lower is better)."""
 
     quant_config: dict
     group_formats: dict[str, str]
     block_sensitivity: dict[int, float]
     chosen_blocks: tuple[int, ...] | None  # top_k_blocks only
+    solver: dict | None = None  # auto only: both solvers' picks (objective, effective bits), which one was used
 
 
 def resolve_config(state: dict, scheme: SchemeSpec) -> Resolution:
@@ -203,9 +241,19 @@ def resolve_config(state: dict, scheme: SchemeSpec) -> Resolution:
     groups = group_scores(state)
     sensitivity = block_sensitivity(state)
     chosen: tuple[int, ...] | None = None
+    solver: dict | None = None
     if scheme.coverage_mode == "auto":
-        constraints = {"effective_bits": scheme.target_effective_bits}
-        recipes = _resolve_best_recipe(state, constraints)  # the LP pick get_auto_quantize_config applies
+        bits = scheme.target_effective_bits
+        recipes = _resolve_best_recipe(state, {"effective_bits": bits})  # the LP pick get_auto_quantize_config applies
+        modelopt = {hparam: recipe_name(recipe) for hparam, recipe in recipes.items()}
+        exact, _ = exact_pick(state, bits)
+        exact = {hparam: exact.get(hparam, next(iter(group["scores"]))) for hparam, group in groups.items()}
+        solver = {"used": scheme.solver, "differing_groups": sorted(h for h in groups if modelopt[h] != exact[h])}
+        for name, pick in (("modelopt", modelopt), ("exact", exact)):
+            solver[name] = {"objective": pick_objective(state, pick),
+                            "effective_bits": picked_effective_bits(state, pick)}  # fmt: skip
+        if scheme.solver == "exact":
+            recipes = {hparam: groups[hparam]["recipes"][fmt] for hparam, fmt in exact.items()}
     else:
         chosen = tuple(top_k_blocks(sensitivity, scheme.target_coverage or 0.0))
         recipes = {}
@@ -217,7 +265,7 @@ def resolve_config(state: dict, scheme: SchemeSpec) -> Resolution:
     replay["best"] = dict(state["best"], recipe=recipes)
     config = mtq.get_auto_quantize_config(replay)
     group_formats = {hparam: recipe_name(recipe) for hparam, recipe in recipes.items()}
-    return Resolution(config, group_formats, sensitivity, chosen)
+    return Resolution(config, group_formats, sensitivity, chosen, solver)
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ import torch
 from quantsuite.autoquant import NO_QUANT, Resolution, block_index, group_scores
 from quantsuite.schemes import Catalog, SchemeSpec
 
-SCHEMA_VERSION = 3  # 3: per-module weight_bits, shape and export layout (weight_scale, input_scale)
+SCHEMA_VERSION = 4  # 3: per-module weight_bits, shape and export layout; 4: selection.solver (both picks)
 BF16 = "BF16"
 
 
@@ -157,8 +157,11 @@ def build_manifest(
             f"coverage {scheme.target_coverage}"
         )
     elif scheme.mode == "autoquant":
-        selection["reason"] = (f"ModelOpt AutoQuant LP solve ({scheme.method} scores) at "
-                               f"{scheme.target_effective_bits} effective bits over LM linear weights")  # fmt: skip
+        solve = "ModelOpt AutoQuant LP solve" if scheme.solver == "modelopt" else "exact 0/1 solve (scipy MILP)"
+        selection["reason"] = (f"{solve} ({scheme.method} scores) at {scheme.target_effective_bits} effective bits "
+                               "over LM linear weights")  # fmt: skip
+    if resolution is not None and resolution.solver is not None:
+        selection["solver"] = resolution.solver  # both picks' objectives, the groups where they differ
     else:
         selection["reason"] = f"mode {scheme.mode}: " + ("no quantization" if scheme.mode == "none" else
                                                          f"mtq.quantize with {scheme.formats[0]}")  # fmt: skip

@@ -236,6 +236,12 @@ def build_report(reports_dir: Path, model: str, run_id: str | None = None, bench
                 f"{_fmt(sensitivity.get('spearman'))}." if sensitivity.get("methods") else "")  # fmt: skip
     gap_rows = [f"| {r['effective_bits']} | {r['autoquant_objective']:.4g} | {r['exact_objective']:.4g} | "
                 f"{100 * r['relative_gap']:.1f}% |" for r in research.get("optimality_gap", [])]  # fmt: skip
+    solver_rows = [f"| {name} | {m['scheme']['effective_bits']} | {m['selection']['solver']['used']} | "
+                   f"{m['selection']['solver']['modelopt']['objective']:.4g} | "
+                   f"{m['selection']['solver']['exact']['objective']:.4g} | "
+                   f"{_fmt(_lower_by(m['selection']['solver']), '.1%')} | "
+                   f"{len(m['selection']['solver']['differing_groups'])} |"
+                   for name, m in sorted(manifests.items()) if m["selection"].get("solver")]  # fmt: skip
     lines = [
         f"# quantsuite report — {model} ({run_id})", "",
         f"Device: {device}. Generated from reports/ JSON (manifests, drift, vLLM, research, benchmarks).", "",
@@ -252,10 +258,20 @@ def build_report(reports_dir: Path, model: str, run_id: str | None = None, bench
         *section("AutoQuant's pick versus an exact solve of the same scores", "optimality_gap.png"),
         *(["| target bits | AutoQuant objective | exact objective | gap |", "|---|---|---|---|", *gap_rows]
           if gap_rows else []),
+        *(["", "## Solvers per scheme: ModelOpt's LP pick and the exact pick of the same scores", "",
+           "Objective = sum of the picked formats' scores (lower is better); `solver` is the pick applied.", "",
+           "| scheme | target bits | solver | ModelOpt objective | exact objective | exact lower by | groups that "
+           "differ |", "|---|---|---|---|---|---|---|", *solver_rows] if solver_rows else []),
     ]  # fmt: skip
     write_atomic(out / "report.md", "\n".join(lines) + "\n")
     write_atomic(out / "summary.json", json.dumps(summary, indent=1, default=str))
     return out
+
+
+def _lower_by(solver: dict) -> float | None:
+    """How much lower the exact pick's objective is than ModelOpt's, relative to ModelOpt's."""
+    modelopt = solver["modelopt"]["objective"]
+    return (modelopt - solver["exact"]["objective"]) / modelopt if modelopt > 0 else None
 
 
 def _save(figure, path: Path) -> None:

@@ -193,6 +193,11 @@ class SchemeSpec(Strict):
     coverage_mode: Literal["auto", "top_k_blocks"] = Field(
         default="auto", description="auto: AutoQuant's pick; top_k_blocks: least sensitive K% of decoder blocks"
     )
+    solver: Literal["modelopt", "exact"] = Field(
+        default="modelopt",
+        description="coverage_mode auto: modelopt = ModelOpt's LP pick (PuLP/CBC, what get_auto_quantize_config "
+        "applies); exact = a 0/1 solve (scipy MILP) of the same scores rescaled to order 1 under the same budget",
+    )
     calibration_samples: int | None = Field(default=None, ge=1, description="Overrides --calib-samples")
     score_samples: int | None = Field(default=None, ge=1, description="Overrides --score-samples")
     expect: Expectations = Field(default_factory=Expectations, description="Expectations of later tests")
@@ -209,6 +214,11 @@ class SchemeSpec(Strict):
                 raise ValueError(f"mode {self.mode} takes no `coverage` / `effective_bits` (only autoquant searches)")
             if self.coverage_mode != "auto":
                 raise ValueError("coverage_mode top_k_blocks needs mode: autoquant (it ranks AutoQuant scores)")
+        if self.solver != "modelopt" and (self.mode != "autoquant" or self.coverage_mode != "auto"):
+            raise ValueError(
+                f"solver {self.solver} needs mode: autoquant with coverage_mode: auto (the solver picks "
+                "formats under the effective-bits budget; top_k_blocks ranks blocks instead)"
+            )
             if len(self.formats) != (1 if self.mode == "plain" else 0):
                 raise ValueError(f"mode {self.mode} takes {'exactly one' if self.mode == 'plain' else 'no'} format")
         if self.coverage is not None and not 0 < self.coverage <= 1:

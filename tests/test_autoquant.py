@@ -149,3 +149,42 @@ def test_top_k_blocks_ranking():
     assert top_k_blocks(sensitivity, 1.0) == [0, 1, 2, 3]
     assert block_index("model.language_model.layers.12.mlp.up_proj") == 12
     assert block_index("model.visual.blocks.1.attn.qkv") is None
+
+
+@pytest.mark.scheme_modes("autoquant")
+def test_both_solvers_recorded_and_the_chosen_one_applied(workbench, scheme, scheme_result):
+    """auto: the manifest records ModelOpt's LP pick and the exact 0/1 pick of the same scores (objective = sum of
+    the picked formats' scores; effective bits); the exact one is never worse, both keep the budget, and the
+    decisions applied are those of the scheme's `solver`."""
+    if scheme.coverage_mode != "auto":
+        pytest.skip("top_k_blocks ranks blocks; no solver is involved")
+    from quantsuite.autoquant import pick_objective
+
+    solver = scheme_result.manifest["selection"]["solver"]
+    for name in ("modelopt", "exact"):
+        assert solver[name]["effective_bits"] <= scheme.target_effective_bits + 1e-9, name
+    modelopt_objective = solver["modelopt"]["objective"]
+    assert solver["exact"]["objective"] <= modelopt_objective + 1e-12 * abs(modelopt_objective)
+    state, _ = workbench.scores.state(workbench.scores.plan(scheme))
+    applied = pick_objective(state, scheme_result.resolution.group_formats)
+    assert applied == pytest.approx(solver[scheme.solver]["objective"], rel=1e-12)
+    assert solver["used"] == scheme.solver
+
+
+def test_exact_solver_never_worse_across_targets(workbench, catalog):
+    """On one stored scoring pass, every half bit from 8.5 to 15.5: the exact pick's objective never exceeds
+    ModelOpt's, and both keep the effective-bits budget. `differing_groups` names where the picks part."""
+    from quantsuite.autoquant import pick_objective
+
+    scheme = next(s for s in catalog.schemes if s.mode == "autoquant" and s.coverage_mode == "auto")
+    state, _ = workbench.scores.state(workbench.scores.plan(scheme))
+    for bits in [8.5 + 0.5 * step for step in range(15)]:
+        solver = resolve_config(state, scheme.model_copy(update={"effective_bits": bits})).solver
+        modelopt, exact = solver["modelopt"], solver["exact"]
+        assert max(modelopt["effective_bits"], exact["effective_bits"]) <= bits + 1e-9, bits
+        assert exact["objective"] <= modelopt["objective"] + 1e-12 * abs(modelopt["objective"]), bits
+        exact_scheme = scheme.model_copy(update={"effective_bits": bits, "solver": "exact"})
+        applied = resolve_config(state, exact_scheme).group_formats
+        assert pick_objective(state, applied) == pytest.approx(exact["objective"], rel=1e-12), bits
+        if not solver["differing_groups"]:
+            assert modelopt["objective"] == exact["objective"], bits

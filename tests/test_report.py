@@ -158,3 +158,15 @@ def test_speed_section_shows_ratio_bound_share_and_reading():
     assert row.split(" | ")[2:6] == ["1.100x", "1.080-1.120", "2.0%", "faster"]
     assert "| 1.50x | 20% | NVIDIA H200 |" in row
     assert _vllm_cell({"run_id": "r", "speed": speed}) == "batch1:1.10x(bound 1.50x, faster)", "the schemes table"
+
+
+def test_solver_table_lists_every_auto_scheme(report_dir, catalog, request):
+    """Both solvers' objectives per auto scheme, with the solver the scheme applied."""
+    text = (report_dir / "report.md").read_text()
+    auto = [s for s in catalog.select(request.config.getoption("--scheme"))
+            if s.mode == "autoquant" and s.coverage_mode == "auto"]  # fmt: skip
+    if not auto:
+        pytest.skip("no auto AutoQuant scheme selected")
+    section = text.split("## Solvers per scheme")[1]
+    for scheme in auto:
+        assert f"| {scheme.name} | {scheme.effective_bits} | {scheme.solver} |" in section
