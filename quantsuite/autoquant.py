@@ -11,7 +11,9 @@
   the scheme's `solver` says whose pick is applied: ModelOpt's LP (default) or `exact_pick`, a 0/1 solve of the
   same scores rescaled to order 1 (ModelOpt's PuLP/CBC run stops short of the optimum on scores of ~1e-7);
   both picks' objectives are recorded either way.
-- `apply_config` quantizes a fresh model with that config and the calibration split.
+- `apply_config` quantizes a fresh model with that config and the calibration split; `calibrate_kv_cache` then
+  adds a scheme's `kv_cache` preset the way ModelOpt's hf_ptq does after AutoQuant (whose recipes switch output
+  quantizers off): K/V quantizers on, calibrated in a pass of their own with every other quantizer off.
 """
 
 from __future__ import annotations
@@ -284,3 +286,17 @@ def apply_config(model: torch.nn.Module, config: dict, batches: list[dict], devi
     model = mtq.quantize(model, config, forward_loop=calibrate_loop(batches, device, "Calibrating scheme"))
     model.eval()
     return model
+
+
+def calibrate_kv_cache(model: torch.nn.Module, kv_preset: str, batches: list[dict], device: torch.device) -> None:
+    """Switch on `kv_preset`'s K/V quantizers in the language model (the vision tower stays off) and calibrate
+    them alone: every other quantizer is off for that pass and restored after, so the layer decisions and their
+    calibrated scales are those of the scheme without a KV cache."""
+    import modelopt.torch.quantization as mtq
+
+    entries = copy.deepcopy(getattr(mtq, kv_preset))["quant_cfg"]
+    entries.append({"quantizer_name": VISION_PATTERN, "enable": False})
+    mtq.set_quantizer_by_cfg(model, entries)
+    with mtq.set_quantizer_by_cfg_context(model, [{"quantizer_name": "*", "enable": False}, *entries]):
+        mtq.calibrate(model, algorithm="max", forward_loop=calibrate_loop(batches, device, "Calibrating KV cache"))
+    model.eval()

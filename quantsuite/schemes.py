@@ -58,6 +58,19 @@ EXPORT_LAYOUTS = {
 HANDLED_PRESETS = {"preset": set(EXPORT_LAYOUTS), "kv_cache": {"FP8_KV_CFG"}}
 
 
+def known_preset(value: str | None, field: str) -> str | None:
+    """`value` if it names a ModelOpt preset this suite carries end to end as `field` (preset or kv_cache)."""
+    import modelopt.torch.quantization as mtq
+
+    if value is not None and value not in mtq.config.choices:
+        raise ValueError(f"unknown ModelOpt preset {value!r}; accepted: {sorted(mtq.config.choices)}")
+    handled = HANDLED_PRESETS[field]
+    if value is not None and value not in handled:
+        raise ValueError(f"ModelOpt preset {value!r} is not handled end to end yet (manifest bits, PyTorch "
+                         f"reload, drift are FP8 only); accepted here: {sorted(handled)}")  # fmt: skip
+    return value
+
+
 class FormatSpec(Strict):
     """A named quantization config usable by any scheme (see module docstring)."""
 
@@ -72,15 +85,7 @@ class FormatSpec(Strict):
     @field_validator("preset", "kv_cache")
     @classmethod
     def _known_preset(cls, value: str | None, info) -> str | None:
-        import modelopt.torch.quantization as mtq
-
-        if value is not None and value not in mtq.config.choices:
-            raise ValueError(f"unknown ModelOpt preset {value!r}; accepted: {sorted(mtq.config.choices)}")
-        handled = HANDLED_PRESETS[info.field_name]
-        if value is not None and value not in handled:
-            raise ValueError(f"ModelOpt preset {value!r} is not handled end to end yet (manifest bits, PyTorch "
-                             f"reload, drift are per-tensor FP8 only); accepted here: {sorted(handled)}")  # fmt: skip
-        return value
+        return known_preset(value, info.field_name)
 
     @property
     def layout(self) -> ExportLayout:
@@ -198,12 +203,24 @@ class SchemeSpec(Strict):
         description="coverage_mode auto: modelopt = ModelOpt's LP pick (PuLP/CBC, what get_auto_quantize_config "
         "applies); exact = a 0/1 solve (scipy MILP) of the same scores rescaled to order 1 under the same budget",
     )
+    kv_cache: str | None = Field(
+        default=None,
+        description="KV-cache preset (e.g. FP8_KV_CFG) switched on after the layer decisions and calibrated in a pass "
+        "of its own, as ModelOpt's hf_ptq does after AutoQuant: the layers' formats and calibration stay as without it",
+    )
     calibration_samples: int | None = Field(default=None, ge=1, description="Overrides --calib-samples")
     score_samples: int | None = Field(default=None, ge=1, description="Overrides --score-samples")
     expect: Expectations = Field(default_factory=Expectations, description="Expectations of later tests")
 
+    @field_validator("kv_cache")
+    @classmethod
+    def _known_kv_preset(cls, value: str | None) -> str | None:
+        return known_preset(value, "kv_cache")
+
     @model_validator(mode="after")
     def _consistent(self) -> SchemeSpec:
+        if self.kv_cache is not None and self.mode == "none":
+            raise ValueError("kv_cache needs a quantized scheme (mode autoquant or plain); BF16 stays BF16")
         if self.mode == "autoquant":
             if (self.coverage is None) == (self.effective_bits is None):
                 raise ValueError("an autoquant scheme needs exactly one of `coverage` or `effective_bits`")

@@ -321,6 +321,10 @@ def verdict_problems(raw: dict, export_dir: Path, manifest: dict) -> list[str]:
                                 f"{'FP8' if shard in manifest_fp8 else 'BF16'}")  # fmt: skip
         if layer["prefix"].startswith("visual.") and layer["fp8"]:
             problems.append(f"{layer['prefix']}: vision layer treated as FP8 by vLLM")
+    wanted_kv, vllm_kv = manifest["totals"]["kv_cache_format"], raw.get("kv_cache")
+    if (vllm_kv or "BF16") != wanted_kv:
+        problems.append(f"KV cache: vLLM reads {vllm_kv or 'no'} KV-cache quantization from the export "
+                        f"(kv_cache_quant_algo), the manifest says {wanted_kv}")  # fmt: skip
     config = json.loads((Path(export_dir) / "config.json").read_text())
     tied = config.get("tie_word_embeddings", config.get("text_config", {}).get("tie_word_embeddings"))
     if tied and "lm_head" in manifest_fp8:

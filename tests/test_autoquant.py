@@ -7,6 +7,7 @@ from collections import defaultdict
 from itertools import combinations
 
 import pytest
+import torch
 from syrupy.extensions.json import JSONSnapshotExtension
 
 from quantsuite.autoquant import block_index, picked_effective_bits, resolve_config, top_k_blocks
@@ -34,7 +35,7 @@ def test_lm_head_and_embeddings_follow_spec(workbench, catalog, scheme, scheme_r
 
 
 def test_kv_cache_follows_spec(catalog, scheme, scheme_result):
-    wants_kv = any(catalog.formats[name].kv_cache for name in scheme.formats)
+    wants_kv = scheme.kv_cache is not None or any(catalog.formats[name].kv_cache for name in scheme.formats)
     assert scheme_result.manifest["totals"]["kv_cache_format"] == ("FP8" if wants_kv else BF16)
 
 
@@ -188,3 +189,46 @@ def test_exact_solver_never_worse_across_targets(workbench, catalog):
         assert pick_objective(state, applied) == pytest.approx(exact["objective"], rel=1e-12), bits
         if not solver["differing_groups"]:
             assert modelopt["objective"] == exact["objective"], bits
+
+
+def _kv_twins():
+    """(scheme with `kv_cache`, the catalog scheme that is the same but for it)."""
+    from quantsuite.schemes import load_catalog
+
+    schemes = load_catalog().schemes
+    core = lambda s: s.model_dump(exclude={"name", "alias", "description", "expect", "kv_cache"})  # noqa: E731
+    return [(s, t) for s in schemes if s.kv_cache for t in schemes if t.kv_cache is None and core(t) == core(s)]
+
+
+def _layer_scales(model) -> dict[str, torch.Tensor]:
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    return {name: module.amax.detach().clone() for name, module in model.named_modules()
+            if isinstance(module, TensorQuantizer) and module.is_enabled and "bmm_quantizer" not in name
+            and getattr(module, "amax", None) is not None}  # fmt: skip
+
+
+@pytest.mark.parametrize("with_kv,without", _kv_twins(), ids=lambda s: s.name)
+def test_kv_cache_toggle_keeps_the_layers(request, workbench, with_kv, without):
+    """The KV toggle adds the FP8 KV cache and changes nothing else: the same per-layer formats and the same
+    calibrated weight / input scales as the twin without it; every LM attention's K and V quantizer calibrated."""
+    wanted = request.config.getoption("--scheme")
+    if wanted and not {with_kv.name, without.name} & {s.name for s in workbench.context.catalog.select(wanted)}:
+        pytest.skip("neither scheme selected by --scheme")
+    kv_result, plain_result = workbench.schemes.result(with_kv), workbench.schemes.result(without)
+    assert decisions(kv_result.manifest) == decisions(plain_result.manifest)
+    assert (kv_result.manifest["totals"]["kv_cache_format"], plain_result.manifest["totals"]["kv_cache_format"]) == (
+        "FP8",
+        BF16,
+    )
+    model = workbench.schemes.model(with_kv)
+    kv_amax = {n: m.amax for n, m in model.named_modules() if n.endswith(("k_bmm_quantizer", "v_bmm_quantizer"))
+               and m.is_enabled}  # fmt: skip
+    blocks = len(kv_result.manifest["blocks"])
+    assert len(kv_amax) == 2 * blocks and all("language_model" in n for n in kv_amax)
+    assert all(amax is not None and torch.isfinite(amax).all() and (amax > 0).all() for amax in kv_amax.values())
+    with_scales = _layer_scales(model)
+    without_scales = _layer_scales(workbench.schemes.model(without))
+    assert with_scales.keys() == without_scales.keys() and with_scales
+    changed = [name for name in with_scales if not torch.equal(with_scales[name], without_scales[name])]
+    assert not changed, f"the KV pass changed layer scales: {changed[:5]}"

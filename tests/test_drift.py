@@ -47,12 +47,14 @@ def test_bf16_reference_has_zero_drift(scheme, measurement):
 
 
 def test_error_localized_to_quantized_blocks(scheme, scheme_result, measurement):
-    """Blocks before the first FP8 block are exact; the first FP8 block shows error; all blocks are reported."""
+    """Blocks before the first quantized block are exact; the first one shows error; all blocks are reported. An
+    FP8 KV cache quantizes every block's attention, so its error starts at block 0 even in a BF16 block
+    (top50_kv, tiny: block 0 BF16, relative error 0.013)."""
     manifest = scheme_result.manifest
     layers = measurement["fake_quant"]["layers"]
     assert [layer["layer"] for layer in layers] == [f"block.{b['index']}" for b in manifest["blocks"]] + ["final_norm"]
-    quantized = [b["index"] for b in manifest["blocks"] if b["decision"] != BF16]
     kv = manifest["totals"]["kv_cache_format"] != BF16
+    quantized = [b["index"] for b in manifest["blocks"] if b["decision"] != BF16 or kv]
     first = min(quantized, default=None)
     for block in manifest["blocks"]:
         error = layers[block["index"]]["relative_error"]

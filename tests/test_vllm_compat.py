@@ -248,3 +248,17 @@ def test_a_server_without_vllm_is_a_crash_record(tmp_path):
     with VllmService(Path(sys.executable), tmp_path) as service:
         result = service.verdict(tmp_path)
     assert result["error"]["type"] == "Crashed" and is_transient(result["error"]), result
+
+
+def test_model_free_verdict_checks_the_kv_cache(tmp_path):
+    """vLLM's reading of kv_cache_quant_algo must match the manifest's KV cache, both ways."""
+    from quantsuite.vllm_compat import verdict_problems
+
+    (tmp_path / "config.json").write_text("{}")
+    manifest = {"modules": [], "totals": {"kv_cache_format": "FP8"}}
+    assert verdict_problems({"layers": [], "kv_cache": "FP8"}, tmp_path, manifest) == []
+    assert verdict_problems({"layers": [], "kv_cache": None}, tmp_path, manifest) == [
+        "KV cache: vLLM reads no KV-cache quantization from the export (kv_cache_quant_algo), the manifest says FP8"
+    ]
+    manifest["totals"]["kv_cache_format"] = "BF16"
+    assert len(verdict_problems({"layers": [], "kv_cache": "FP8"}, tmp_path, manifest)) == 1

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from quantsuite import autoquant, manifest
-from quantsuite.autoquant import Resolution, apply_config, resolve_config
+from quantsuite.autoquant import Resolution, apply_config, calibrate_kv_cache, resolve_config
 from quantsuite.cache import canonical_json, code_hash
 from quantsuite.manifest import SCHEMA_VERSION, build_manifest
 from quantsuite.schemes import SchemeSpec
@@ -107,7 +107,10 @@ class Schemes:
             free_memory()
         model = self.context.load().model
         if quant_config is not None:
-            apply_config(model, quant_config, self.context.batches("calibration", calibration), self.context.device)
+            batches = self.context.batches("calibration", calibration)
+            apply_config(model, quant_config, batches, self.context.device)
+            if scheme.kv_cache:
+                calibrate_kv_cache(model, scheme.kv_cache, batches, self.context.device)
         self._models[scheme.name] = model
         return model
 
