@@ -188,8 +188,9 @@ def exact_pick(state: dict, effective_bits: float) -> tuple[dict[str, str], floa
     """Minimum total score under the effective-bits budget, solved exactly (MILP); returns picks, objective."""
     from scipy.optimize import LinearConstraint, milp
 
-    groups = [(name, g) for name, g in group_scores(state).items() if len(g["scores"]) > 1]
-    fixed_cost = sum(min(g["costs"].values()) for _, g in group_scores(state).items() if len(g["scores"]) == 1)
+    all_groups = group_scores(state)
+    groups = [(name, g) for name, g in all_groups.items() if len(g["scores"]) > 1]
+    fixed_cost = sum(min(g["costs"].values()) for g in all_groups.values() if len(g["scores"]) == 1)
     options = [(name, fmt, g["scores"][fmt], g["costs"][fmt]) for name, g in groups for fmt in g["scores"]]
     scale = max((abs(score) for *_, score, _ in options), default=1.0) or 1.0
     objective = np.array([score / scale for *_, score, _ in options])

@@ -211,12 +211,12 @@ def check_export(export_dir: Path, manifest: dict) -> list[str]:
             problems.append(f"{name}: vision tensor stored as {entry['dtype']}")
     linear_names = {hub_name(m["name"]) for m in manifest["modules"]}
     hf_quant_path = Path(export_dir) / "hf_quant_config.json"
+    hf_quantization = json.loads(hf_quant_path.read_text())["quantization"] if hf_quant_path.is_file() else None
     exclusion_lists = {}
     if quant is not None:
         exclusion_lists["config.json quantization_config.ignore"] = quant.get("ignore", [])
-    if hf_quant_path.is_file():
-        exclusion_lists["hf_quant_config.json exclude_modules"] = json.loads(hf_quant_path.read_text())[
-            "quantization"].get("exclude_modules") or []  # fmt: skip
+    if hf_quantization is not None:
+        exclusion_lists["hf_quant_config.json exclude_modules"] = hf_quantization.get("exclude_modules") or []
     if fp8_modules and not exclusion_lists:
         problems.append("FP8 layers in the manifest but no quantization_config in config.json")
     for source, patterns in exclusion_lists.items():
@@ -230,31 +230,27 @@ def check_export(export_dir: Path, manifest: dict) -> list[str]:
             if not _excluded(name.rsplit(".", 1)[0], patterns):
                 problems.append(f"{source}: vision module {name.rsplit('.', 1)[0]} not excluded")
                 break
-    problems += _kv_cache_problems(index, manifest, hf_quant_path)
+    problems += _kv_cache_problems(index, manifest, hf_quantization or {})
     actual, expected = sum(entry["bytes"] for entry in index.values()), predicted_bytes(manifest)
     if abs(actual - expected) > 0.01 * expected:
         problems.append(f"tensor bytes {actual} differ from the manifest's prediction {expected} by more than 1%")
     return problems
 
 
-def _kv_cache_problems(index: dict[str, dict], manifest: dict, hf_quant_path: Path) -> list[str]:
-    """The manifest's KV cache against the export: `kv_cache_quant_algo` and one k_scale / v_scale per LM
-    k_proj / v_proj (what vLLM's fp8 KV cache reads), or neither for a BF16 cache."""
+def _kv_cache_problems(index: dict[str, dict], manifest: dict, hf_quantization: dict) -> list[str]:
+    """The manifest's KV cache against the export (`hf_quantization`: hf_quant_config.json's `quantization`):
+    `kv_cache_quant_algo` and one k_scale / v_scale per LM k_proj / v_proj (what vLLM's fp8 KV cache reads), or
+    neither for a BF16 cache."""
     wanted = manifest["totals"]["kv_cache_format"]
-    quantization = json.loads(hf_quant_path.read_text())["quantization"] if hf_quant_path.is_file() else {}
-    algorithm = quantization.get("kv_cache_quant_algo")
+    algorithm = hf_quantization.get("kv_cache_quant_algo")
     stored = {name for name in index if name.endswith((".k_scale", ".v_scale"))}
+    problems = []
+    if (algorithm or "BF16") != wanted:
+        problems.append(f"hf_quant_config.json kv_cache_quant_algo {algorithm!r}, the manifest's KV cache is {wanted}")
+    if wanted == "BF16":
+        return problems + [f"{name}: KV-cache scale stored, the manifest's KV cache is BF16" for name in sorted(stored)]
     needed = {f"{hub_name(m['name'])}.{m['name'].rsplit('.', 1)[1][0]}_scale" for m in manifest["modules"]
               if m["role"] == "lm_linear" and m["name"].endswith(("self_attn.k_proj", "self_attn.v_proj"))}  # fmt: skip
-    if wanted == "BF16":
-        return [f"hf_quant_config.json kv_cache_quant_algo {algorithm!r}, the manifest's KV cache is BF16"] * bool(
-            algorithm
-        ) + [f"{name}: KV-cache scale stored, the manifest's KV cache is BF16" for name in sorted(stored)]
-    problems = (
-        []
-        if algorithm == wanted
-        else [f"hf_quant_config.json kv_cache_quant_algo {algorithm!r}, the manifest's KV cache is {wanted}"]
-    )
     return problems + [f"{name}: missing, the manifest's KV cache is {wanted}" for name in sorted(needed - stored)]
 
 

@@ -160,11 +160,11 @@ def build_manifest(
         solve = "ModelOpt AutoQuant LP solve" if scheme.solver == "modelopt" else "exact 0/1 solve (scipy MILP)"
         selection["reason"] = (f"{solve} ({scheme.method} scores) at {scheme.target_effective_bits} effective bits "
                                "over LM linear weights")  # fmt: skip
-    if resolution is not None and resolution.solver is not None:
-        selection["solver"] = resolution.solver  # both picks' objectives, the groups where they differ
     else:
         selection["reason"] = f"mode {scheme.mode}: " + ("no quantization" if scheme.mode == "none" else
                                                          f"mtq.quantize with {scheme.formats[0]}")  # fmt: skip
+    if resolution is not None and resolution.solver is not None:
+        selection["solver"] = resolution.solver  # both picks' objectives, the groups where they differ
     return {
         "schema_version": SCHEMA_VERSION,
         "scheme": scheme.model_dump(mode="json"),

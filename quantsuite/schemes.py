@@ -231,13 +231,13 @@ class SchemeSpec(Strict):
                 raise ValueError(f"mode {self.mode} takes no `coverage` / `effective_bits` (only autoquant searches)")
             if self.coverage_mode != "auto":
                 raise ValueError("coverage_mode top_k_blocks needs mode: autoquant (it ranks AutoQuant scores)")
+            if len(self.formats) != (1 if self.mode == "plain" else 0):
+                raise ValueError(f"mode {self.mode} takes {'exactly one' if self.mode == 'plain' else 'no'} format")
         if self.solver != "modelopt" and (self.mode != "autoquant" or self.coverage_mode != "auto"):
             raise ValueError(
                 f"solver {self.solver} needs mode: autoquant with coverage_mode: auto (the solver picks "
                 "formats under the effective-bits budget; top_k_blocks ranks blocks instead)"
             )
-            if len(self.formats) != (1 if self.mode == "plain" else 0):
-                raise ValueError(f"mode {self.mode} takes {'exactly one' if self.mode == 'plain' else 'no'} format")
         if self.coverage is not None and not 0 < self.coverage <= 1:
             raise ValueError(f"coverage {self.coverage} must lie in (0, 1]")
         return self

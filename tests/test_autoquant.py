@@ -91,6 +91,13 @@ def test_effective_bits_match_modelopt_accounting(workbench, scheme, scheme_resu
     )
 
 
+def _skip_unless_selected(request, workbench, *schemes) -> None:
+    """A test of a scheme pair runs when --scheme selects either of them (or no --scheme is given)."""
+    wanted = request.config.getoption("--scheme")
+    if wanted and not {s.name for s in schemes} & {s.name for s in workbench.context.catalog.select(wanted)}:
+        pytest.skip("neither scheme selected by --scheme")
+
+
 def _nested_pairs():
     from quantsuite.schemes import load_catalog
 
@@ -101,9 +108,7 @@ def _nested_pairs():
 
 @pytest.mark.parametrize("smaller,larger", _nested_pairs(), ids=lambda s: s.name)
 def test_nested_coverage(request, workbench, smaller, larger):
-    wanted = request.config.getoption("--scheme")
-    if wanted and not {smaller.name, larger.name} & {s.name for s in workbench.context.catalog.select(wanted)}:
-        pytest.skip("neither scheme selected by --scheme")
+    _skip_unless_selected(request, workbench, smaller, larger)
     small, large = workbench.schemes.result(smaller), workbench.schemes.result(larger)
     assert small.manifest["scores_key"] == large.manifest["scores_key"]
     assert set(small.manifest["selection"]["chosen_blocks"]) < set(large.manifest["selection"]["chosen_blocks"])
@@ -121,10 +126,13 @@ def test_blocks_explained(scheme, scheme_result):
     manifest = scheme_result.manifest
     ranks = sorted(block["sensitivity_rank"] for block in manifest["blocks"])
     assert ranks == list(range(len(manifest["blocks"])))
-    assert manifest["selection"]["reason"]
+    reason = manifest["selection"]["reason"]
     if scheme.coverage_mode == "top_k_blocks":
+        assert "decoder blocks with the lowest summed" in reason, reason
         chosen = set(manifest["selection"]["chosen_blocks"])
         assert {b["index"] for b in manifest["blocks"] if b["sensitivity_rank"] < len(chosen)} == chosen
+    else:
+        assert f"solve ({scheme.method} scores) at {scheme.target_effective_bits} effective bits" in reason, reason
 
 
 def test_decisions_snapshot(workbench, scheme, scheme_result, snapshot):
@@ -212,9 +220,7 @@ def _layer_scales(model) -> dict[str, torch.Tensor]:
 def test_kv_cache_toggle_keeps_the_layers(request, workbench, with_kv, without):
     """The KV toggle adds the FP8 KV cache and changes nothing else: the same per-layer formats and the same
     calibrated weight / input scales as the twin without it; every LM attention's K and V quantizer calibrated."""
-    wanted = request.config.getoption("--scheme")
-    if wanted and not {with_kv.name, without.name} & {s.name for s in workbench.context.catalog.select(wanted)}:
-        pytest.skip("neither scheme selected by --scheme")
+    _skip_unless_selected(request, workbench, with_kv, without)
     kv_result, plain_result = workbench.schemes.result(with_kv), workbench.schemes.result(without)
     assert decisions(kv_result.manifest) == decisions(plain_result.manifest)
     assert (kv_result.manifest["totals"]["kv_cache_format"], plain_result.manifest["totals"]["kv_cache_format"]) == (

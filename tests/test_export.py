@@ -104,20 +104,18 @@ def test_plain_from_pretrained_misloads_and_our_loader_does_not(workbench, catal
         assert ours["top1_agreement"] >= bounds.export_top1_agreement_min
 
 
-def test_kv_cache_is_checked_in_the_export(tmp_path):
+def test_kv_cache_is_checked_in_the_export():
     """kv_cache_quant_algo and one k_scale / v_scale per LM k_proj / v_proj for an FP8 KV cache; neither for BF16."""
     from quantsuite.export import _kv_cache_problems
 
     layers = [{"name": f"model.language_model.layers.0.self_attn.{p}_proj", "role": "lm_linear"} for p in "qkv"]
     manifest = {"totals": {"kv_cache_format": "FP8"}, "modules": layers}
-    config = tmp_path / "hf_quant_config.json"
-    config.write_text(json.dumps({"quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8"}}))
+    quantization = {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8"}
     index = {"model.layers.0.self_attn.k_proj.k_scale": {}, "model.layers.0.self_attn.v_proj.v_scale": {}}
-    assert _kv_cache_problems(index, manifest, config) == []
-    missing = _kv_cache_problems({"model.layers.0.self_attn.k_proj.k_scale": {}}, manifest, config)
+    assert _kv_cache_problems(index, manifest, quantization) == []
+    missing = _kv_cache_problems({"model.layers.0.self_attn.k_proj.k_scale": {}}, manifest, quantization)
     assert missing == ["model.layers.0.self_attn.v_proj.v_scale: missing, the manifest's KV cache is FP8"]
-    config.write_text(json.dumps({"quantization": {"quant_algo": "FP8"}}))
-    assert _kv_cache_problems(index, manifest, config) == [
+    assert _kv_cache_problems(index, manifest, {"quant_algo": "FP8"}) == [
         "hf_quant_config.json kv_cache_quant_algo None, the manifest's KV cache is FP8"]  # fmt: skip
     manifest["totals"]["kv_cache_format"] = "BF16"
-    assert len(_kv_cache_problems(index, manifest, config)) == 2, "scales stored for a BF16 KV cache"
+    assert len(_kv_cache_problems(index, manifest, quantization)) == 3, "algo and scales stored for a BF16 KV cache"

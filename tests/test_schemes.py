@@ -89,6 +89,10 @@ BAD_INPUTS = [
      r"formats\.FP8_KV_CACHE\.kv_cache: .*'NVFP4_KV_CFG' is not handled end to end yet"),
     ("duplicate alias", lambda d: _scheme(d, "fp8_mlp_only").update(alias="top50"),
      r"name or alias 'top50' already used by fp8_autoquant_top50"),
+    ("plain with two formats", lambda d: _scheme(d, "fp8_mlp_only").update(formats=["FP8_MLP_ONLY", "FP8_ATTN_ONLY"]),
+     r"schemes\.\d+: Value error, mode plain takes exactly one format"),
+    ("BF16 with a format", lambda d: _scheme(d, "bf16").update(formats=["FP8_MLP_ONLY"]),
+     r"schemes\.\d+: Value error, mode none takes no format"),
     ("plain with a target", lambda d: _scheme(d, "fp8_mlp_only").update(coverage=0.5),
      r"mode plain takes no `coverage`"),
     ("unknown drift model", lambda d: _scheme(d, "fp8_mlp_only")["expect"]["drift"].update(tinny={
