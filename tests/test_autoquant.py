@@ -132,7 +132,8 @@ def test_blocks_explained(scheme, scheme_result):
         chosen = set(manifest["selection"]["chosen_blocks"])
         assert {b["index"] for b in manifest["blocks"] if b["sensitivity_rank"] < len(chosen)} == chosen
     else:
-        assert f"solve ({scheme.method} scores) at {scheme.target_effective_bits} effective bits" in reason, reason
+        assert f"({scheme.method} scores) at {scheme.target_effective_bits} effective bits" in reason, reason
+        assert ("ModelOpt AutoQuant LP" if scheme.solver == "modelopt" else "exact 0/1 solve") in reason, reason
 
 
 def test_decisions_snapshot(workbench, scheme, scheme_result, snapshot):
