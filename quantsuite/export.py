@@ -26,21 +26,16 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from quantsuite.formats import FORMATS, FP8, ExportFormat, QuantLinear, per_token_scale, to_fp8
+
 EXPORT_INFO = "quantsuite_export.json"
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
                    "video_preprocessor_config.json", "processor_config.json")  # fmt: skip
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
 HUB_TO_MEMORY = (  # exported (hub) names -> in-memory Qwen2_5_VLForConditionalGeneration names
     (re.compile(r"^model\.(layers|embed_tokens|norm)\b"), r"model.language_model.\1"),
     (re.compile(r"^visual\."), "model.visual."),
 )
-
-
-def to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """float8_e4m3fn codes of x / scale (computed in float32, saturated at +-448)."""
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
 
 
 class ExportError(RuntimeError):
@@ -158,23 +153,52 @@ def _excluded(name: str, patterns: list[str]) -> bool:
     return False
 
 
-def scale_tensors(module: dict) -> dict[str, int]:
-    """The fp32 scale tensors an FP8 layer of the manifest carries in the export -> their element count."""
-    scales = {"weight_scale": module["shape"][0] if module["weight_scale"] == "channel" else 1}
-    if module["input_scale"]:
-        scales["input_scale"] = 1
-    return scales
+QUANTIZED_DTYPES = ("F8_E4M3", "U8", "I8")  # safetensors dtypes of quantized weights (codes)
+FOLDED_NORMS = {"self_attn": "input_layernorm", "mlp": "post_attention_layernorm"}  # where q/k/v, gate/up get input
+
+
+def module_format(module: dict) -> ExportFormat | None:
+    """The export format of a manifest module (None: BF16)."""
+    return FORMATS[module["quant_algo"]] if module.get("quant_algo") else None
+
+
+def export_algorithm(manifest: dict) -> str | None:
+    """The quant_algo the export of `manifest` must declare: its one format's, MIXED_PRECISION for several."""
+    algorithms = {m["quant_algo"] for m in manifest["modules"] if m.get("quant_algo")}
+    return None if not algorithms else algorithms.pop() if len(algorithms) == 1 else "MIXED_PRECISION"
 
 
 def predicted_bytes(manifest: dict) -> int:
-    """Tensor bytes the export should hold: BF16 parameters, FP8 weights at 1 byte plus their fp32 scales."""
+    """Tensor bytes the export should hold: BF16 parameters, quantized layers at their format's tensor bytes."""
     totals = manifest["totals"]
     size = 2 * totals["unique_parameters"]
     for module in manifest["modules"]:
-        if module["format"] != "BF16":
-            extra_copy = module["role"] == "lm_head" and totals["tied_lm_head"]  # FP8 lm_head + BF16 embedding
-            size += module["weight_count"] * (1 if extra_copy else -1) + 4 * sum(scale_tensors(module).values())
+        spec = module_format(module)
+        if spec is not None:
+            extra_copy = module["role"] == "lm_head" and totals["tied_lm_head"]  # quantized lm_head + BF16 embedding
+            size += spec.tensor_bytes(*module["shape"]) - (0 if extra_copy else 2 * module["weight_count"])
     return size
+
+
+def _layer_problems(name: str, module: dict, index: dict[str, dict]) -> list[str]:
+    """A quantized layer's tensors against its format: each present with the format's dtype and size, none extra.
+    A missing pre_quant_scale is allowed: ModelOpt folds it into the preceding norm for q/k/v and gate/up."""
+    spec = module_format(module)
+    problems = []
+    expected = spec.tensors(*module["shape"])
+    for suffix, (dtype, shape) in expected.items():
+        entry = index.get(f"{name}.{suffix}")
+        if entry is None:
+            if suffix != "pre_quant_scale":
+                problems.append(f"{name}: {module['format']} layer ({spec.quant_algo}) without {suffix}")
+        elif entry["dtype"] != dtype or math.prod(entry["shape"]) != math.prod(shape):
+            problems.append(f"{name}.{suffix}: {entry['dtype']} {entry['shape']} stored, the manifest's "
+                            f"{spec.quant_algo} layer needs {dtype} {list(shape)}")  # fmt: skip
+    for suffix in ("weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale"):
+        if suffix not in expected and f"{name}.{suffix}" in index:
+            why = " (its activations are quantized per token)" if spec.activation == "fp8_per_token" else ""
+            problems.append(f"{name}: {suffix} stored, the manifest's {spec.quant_algo} layer has none{why}")
+    return problems
 
 
 def check_export(export_dir: Path, manifest: dict) -> list[str]:
@@ -183,26 +207,16 @@ def check_export(export_dir: Path, manifest: dict) -> list[str]:
     index = tensor_index(export_dir)
     config = json.loads((Path(export_dir) / "config.json").read_text())
     quant = config.get("quantization_config")
-    fp8_modules = {hub_name(m["name"]) for m in manifest["modules"] if m["format"] != "BF16"}
+    quantized = {hub_name(m["name"]): m for m in manifest["modules"] if m.get("quant_algo")}
     for module in manifest["modules"]:
         name = hub_name(module["name"])
         weight = index.get(f"{name}.weight")
         if weight is None:
-            if not (module["role"] == "lm_head" and manifest["totals"]["tied_lm_head"] and name not in fp8_modules):
+            if not (module["role"] == "lm_head" and manifest["totals"]["tied_lm_head"] and name not in quantized):
                 problems.append(f"{name}: weight missing from the export")
             continue
-        if name in fp8_modules:
-            if weight["dtype"] != "F8_E4M3":
-                problems.append(f"{name}: manifest says FP8, export stores {weight['dtype']}")
-            expected = scale_tensors(module)
-            for scale, count in expected.items():
-                if f"{name}.{scale}" not in index:
-                    problems.append(f"{name}: FP8 layer without {scale}")
-                elif math.prod(index[f"{name}.{scale}"]["shape"]) != count:
-                    problems.append(f"{name}: {scale} holds {math.prod(index[f'{name}.{scale}']['shape'])} values, "
-                                    f"the manifest's {module['weight_scale']} scale needs {count}")  # fmt: skip
-            if "input_scale" not in expected and f"{name}.input_scale" in index:
-                problems.append(f"{name}: static input_scale stored, the manifest's format quantizes per token")
+        if name in quantized:
+            problems += _layer_problems(name, module, index)
         elif weight["dtype"] != "BF16" or f"{name}.weight_scale" in index:
             problems.append(f"{name}: manifest says BF16, export stores {weight['dtype']} (scales present: "
                             f"{f'{name}.weight_scale' in index})")  # fmt: skip
@@ -212,18 +226,24 @@ def check_export(export_dir: Path, manifest: dict) -> list[str]:
     linear_names = {hub_name(m["name"]) for m in manifest["modules"]}
     hf_quant_path = Path(export_dir) / "hf_quant_config.json"
     hf_quantization = json.loads(hf_quant_path.read_text())["quantization"] if hf_quant_path.is_file() else None
+    algorithm = export_algorithm(manifest)
+    for source, section in (("config.json quantization_config", quant),
+                            ("hf_quant_config.json quantization", hf_quantization)):  # fmt: skip
+        if section is not None and section.get("quant_algo") != algorithm:
+            problems.append(f"{source}: quant_algo {section.get('quant_algo')!r}, the manifest's layers need "
+                            f"{algorithm!r}")  # fmt: skip
     exclusion_lists = {}
     if quant is not None:
         exclusion_lists["config.json quantization_config.ignore"] = quant.get("ignore", [])
     if hf_quantization is not None:
         exclusion_lists["hf_quant_config.json exclude_modules"] = hf_quantization.get("exclude_modules") or []
-    if fp8_modules and not exclusion_lists:
-        problems.append("FP8 layers in the manifest but no quantization_config in config.json")
+    if quantized and not exclusion_lists:
+        problems.append("quantized layers in the manifest but no quantization_config in config.json")
     for source, patterns in exclusion_lists.items():
-        treated_fp8 = {name for name in linear_names if not _excluded(name, patterns)}
-        for name in sorted(treated_fp8 - fp8_modules):
+        treated_quantized = {name for name in linear_names if not _excluded(name, patterns)}
+        for name in sorted(treated_quantized - set(quantized)):
             problems.append(f"{source}: {name} not excluded, but the manifest keeps it BF16")
-        for name in sorted(fp8_modules - treated_fp8):
+        for name in sorted(set(quantized) - treated_quantized):
             problems.append(f"{source}: {name} excluded, but the manifest quantizes it")
         vision = [name for name in index if name.startswith("visual.") and name.endswith(".weight")]
         for name in vision:
@@ -252,12 +272,6 @@ def _kv_cache_problems(index: dict[str, dict], manifest: dict, hf_quantization: 
     needed = {f"{hub_name(m['name'])}.{m['name'].rsplit('.', 1)[1][0]}_scale" for m in manifest["modules"]
               if m["role"] == "lm_linear" and m["name"].endswith(("self_attn.k_proj", "self_attn.v_proj"))}  # fmt: skip
     return problems + [f"{name}: missing, the manifest's KV cache is {wanted}" for name in sorted(needed - stored)]
-
-
-def per_token_scale(x: torch.Tensor) -> torch.Tensor:
-    """Dynamic per-token FP8 activation scale, as vLLM computes it: amax(|x|) / 448 per token, floored at
-    1 / (448 * 512)."""
-    return (x.float().abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=1 / (FP8_MAX * 512))
 
 
 class Fp8Linear(torch.nn.Module):
@@ -316,50 +330,89 @@ def linked_copy(export_dir: Path, target: Path, hard: bool = False) -> Path:
     return target
 
 
-def load_export(export_dir: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16):
-    """Qwen2.5-VL from an export, FP8 layers applied with their scales (strict: every tensor is used)."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    export_dir = Path(export_dir)
-    config_dict = json.loads((export_dir / "config.json").read_text())
-    quant_algo = (config_dict.pop("quantization_config", None) or {}).get("quant_algo")
-    config = Qwen2_5_VLConfig.from_dict(config_dict)
+def read_tensors(export_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an export, on the CPU."""
     tensors = {}
     for path in tensor_files(export_dir):
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             tensors.update({name: handle.get_tensor(name) for name in handle.keys()})  # noqa: SIM118
+    return tensors
+
+
+def layer_tensors(tensors: dict[str, torch.Tensor], layer: str, spec: ExportFormat) -> dict[str, torch.Tensor]:
+    """The format's tensors of one exported layer (suffix -> tensor), those present."""
+    return {suffix: tensors[f"{layer}.{suffix}"] for suffix in spec.tensors(1, 1) if f"{layer}.{suffix}" in tensors}
+
+
+def layer_algorithms(export_dir: Path, tensors: dict) -> dict[str, str]:
+    """Exported layer name -> quant_algo, for every layer whose weight is stored quantized: the export's one
+    quant_algo, or per layer from hf_quant_config.json's quantized_layers under MIXED_PRECISION."""
+    config = json.loads((Path(export_dir) / "config.json").read_text())
+    algorithm = (config.get("quantization_config") or {}).get("quant_algo")
+    per_layer = {}
+    hf_quant_path = Path(export_dir) / "hf_quant_config.json"
+    if algorithm == "MIXED_PRECISION" and hf_quant_path.is_file():
+        layers = json.loads(hf_quant_path.read_text())["quantization"].get("quantized_layers") or {}
+        per_layer = {name: entry["quant_algo"] for name, entry in layers.items()}
+    layers = {}
+    for name, tensor in tensors.items():
+        if name.endswith(".weight") and tensor.dtype in (FP8, torch.uint8, torch.int8):
+            layer = name[: -len(".weight")]
+            layers[layer] = per_layer.get(layer, algorithm)
+            if layers[layer] not in FORMATS:
+                raise ExportError(f"{export_dir}: layer {layer} is stored quantized with quant_algo "
+                                  f"{layers[layer]!r}; quantsuite reads {sorted(FORMATS)}")  # fmt: skip
+    return layers
+
+
+def _quantized_module(spec: ExportFormat, tensors: dict[str, torch.Tensor], bias, dtype) -> torch.nn.Module:
+    """FP8 layers as Fp8Linear (the FP8 codes kept: the real-FP8 benchmark and vLLM's fused-shard emulation use
+    them), every other format as QuantLinear (weight dequantized once)."""
+    if spec.quant_algo in ("FP8", "FP8_PER_CHANNEL_PER_TOKEN"):
+        return Fp8Linear(tensors["weight"], tensors["weight_scale"], tensors.get("input_scale"), bias)
+    return QuantLinear(spec, tensors, bias, dtype)
+
+
+def load_export(export_dir: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16):
+    """Qwen2.5-VL from an export, quantized layers computed as their format means (strict: every tensor used)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    export_dir = Path(export_dir)
+    config_dict = json.loads((export_dir / "config.json").read_text())
+    config_dict.pop("quantization_config", None)
+    config = Qwen2_5_VLConfig.from_dict(config_dict)
+    tensors = read_tensors(export_dir)
     with torch.device(device):
         model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype)
-    fp8_layers = sorted(
-        name[: -len(".weight")] for name, t in tensors.items() if name.endswith(".weight") and t.dtype == FP8
-    )
+    algorithms = layer_algorithms(export_dir, tensors)
     used = set()
-    per_token = quant_algo == "FP8_PER_CHANNEL_PER_TOKEN"  # vLLM: per-channel weight, dynamic per-token input
-    for layer in fp8_layers:
+    for layer, algorithm in sorted(algorithms.items()):
+        spec = FORMATS[algorithm]
         parent_name, _, child = memory_name(layer).rpartition(".")
         parent = model.get_submodule(parent_name)
-        keys = [f"{layer}.{suffix}" for suffix in ("weight", "weight_scale", *(() if per_token else ("input_scale",)))]
-        missing = [key for key in keys if key not in tensors]
+        expected = spec.tensors(1, 1)  # the names only
+        present = layer_tensors(tensors, layer, spec)
+        missing = [suffix for suffix in expected if suffix not in present and suffix != "pre_quant_scale"]
         if missing:
-            raise ExportError(f"{export_dir}: FP8 layer {layer} lacks {missing} (quant_algo {quant_algo})")
-        if per_token and f"{layer}.input_scale" in tensors:
-            raise ExportError(f"{export_dir}: {layer} stores a static input_scale, but quant_algo {quant_algo} "
-                              "quantizes activations per token")  # fmt: skip
+            raise ExportError(f"{export_dir}: {algorithm} layer {layer} lacks {missing}")
+        extra = [f"{layer}.{s}" for s in ("input_scale", "weight_scale_2", "pre_quant_scale")
+                 if s not in expected and f"{layer}.{s}" in tensors]  # fmt: skip
+        if extra:
+            raise ExportError(f"{export_dir}: {layer} stores {extra}, which quant_algo {algorithm} does not have")
         bias = tensors.get(f"{layer}.bias")
-        weight, weight_scale, *input_scale = (tensors[key] for key in keys)
-        module = Fp8Linear(weight, weight_scale, input_scale[0] if input_scale else None,
-                           None if bias is None else bias.to(dtype))  # fmt: skip
+        module = _quantized_module(spec, present, None if bias is None else bias.to(dtype), dtype)
         setattr(parent, child, module.to(device))
-        used.update(keys + ([f"{layer}.bias"] if bias is not None else []))
+        used.update(f"{layer}.{suffix}" for suffix in present)
+        used.update([f"{layer}.bias"] if bias is not None else [])
     kv_scales = sorted(name for name in tensors if name.endswith((".k_scale", ".v_scale")))
     used.update(kv_scales)
-    if "lm_head" in fp8_layers:
-        model.config.tie_word_embeddings = False  # the checkpoint holds a separate FP8 lm_head
+    if "lm_head" in algorithms:
+        model.config.tie_word_embeddings = False  # the checkpoint holds a separate quantized lm_head
     state = {memory_name(name): tensor for name, tensor in tensors.items() if name not in used}
     result = model.load_state_dict(state, strict=False)
-    tied_ok = {"lm_head.weight"} if config.tie_word_embeddings and "lm_head" not in fp8_layers else set()
-    missing = [key for key in result.missing_keys if key not in tied_ok and "weight_fp8" not in key]
-    missing = [key for key in missing if not any(key.startswith(memory_name(layer) + ".") for layer in fp8_layers)]
+    tied_ok = {"lm_head.weight"} if config.tie_word_embeddings and "lm_head" not in algorithms else set()
+    missing = [key for key in result.missing_keys if key not in tied_ok]
+    missing = [key for key in missing if not any(key.startswith(memory_name(layer) + ".") for layer in algorithms)]
     if missing or result.unexpected_keys:
         raise ExportError(f"{export_dir}: parameters not in the checkpoint {missing[:5]}, "
                           f"checkpoint tensors not in the model {result.unexpected_keys[:5]}")  # fmt: skip
@@ -372,31 +425,54 @@ def load_export(export_dir: Path, device: torch.device | str = "cpu", dtype: tor
     return model.to(device).eval()
 
 
-def export_fidelity(model: torch.nn.Module, export_dir: Path) -> dict:
-    """Share of exported FP8 weight values that differ from the fake-quantized weights the model computes.
+def _effective_input_scale(model: torch.nn.Module, name: str, tensors: dict, hub: str) -> torch.Tensor | None:
+    """The per-input factor an export layer applies before its weight: its stored pre_quant_scale, or, where
+    ModelOpt folded it into the preceding norm (q/k/v, gate/up), that norm's exported weight / the model's."""
+    if f"{hub}.pre_quant_scale" in tensors:
+        return tensors[f"{hub}.pre_quant_scale"].float()
+    block, _, rest = name.rpartition(".layers.")[2].partition(".")
+    norm = FOLDED_NORMS.get(rest.split(".")[0])
+    prefix = name[: name.rindex(".layers.")]
+    norm_hub = hub_name(f"{prefix}.layers.{block}.{norm}.weight") if norm else None
+    if norm_hub is None or norm_hub not in tensors:
+        return None
+    original = model.get_submodule(f"{prefix}.layers.{block}.{norm}").weight.float().cpu()
+    return tensors[norm_hub].float() / original
 
-    Both are compared as dequantized values (code x scale); a difference of one FP8 step (>= 1/16 relative)
-    is far above the bf16 rounding of the fake-quant output (<= 1/256), so the 1/32 threshold separates them.
+
+def export_fidelity(model: torch.nn.Module, export_dir: Path) -> dict:
+    """How exactly the export stores what the fake-quantized `model` computes, per quantized layer.
+
+    Both sides as the effective weight a layer applies, W x diag(s) with s the AWQ / SmoothQuant input factor
+    (ModelOpt folds it into the norm for q/k/v and gate/up, and re-smooths fused layers to one shared factor):
+    the fake-quant weight times the model's pre_quant_scale, and the export's dequantized weight times its own.
+    `differing_code_share`: share of weights differing by more than 1/32 of their magnitude (one code step of
+    FP8 is >= 1/16, of int4 / fp4 more; bf16 rounding of the fake-quant output <= 1/256);
+    `weight_relative_error_max`: the largest per-layer ||E - F|| / ||F||.
     """
-    index = tensor_index(export_dir)
+    tensors = read_tensors(export_dir)
+    algorithms = layer_algorithms(export_dir, tensors)
     differing = total = 0
+    worst, worst_layer = 0.0, None
     with torch.no_grad():
         for name, module in model.named_modules():
             quantizer = getattr(module, "weight_quantizer", None)
             hub = hub_name(name)
-            if (
-                quantizer is None
-                or not quantizer.is_enabled
-                or index.get(f"{hub}.weight", {}).get("dtype") != "F8_E4M3"
-            ):
+            if quantizer is None or not quantizer.is_enabled or hub not in algorithms:
                 continue
-            fake = quantizer(module.weight).float()
-            file = Path(export_dir) / index[f"{hub}.weight"]["file"]
-            with safe_open(str(file), framework="pt", device="cpu") as handle:
-                scale = handle.get_tensor(f"{hub}.weight_scale").float()
-                exported = handle.get_tensor(f"{hub}.weight").float() * (scale.reshape(-1, 1) if scale.numel() > 1
-                                                                        else scale)  # fmt: skip
-            exported = exported.to(fake.device)
+            spec = FORMATS[algorithms[hub]]
+            exported = spec.dequantize(layer_tensors(tensors, hub, spec))
+            fake = quantizer(module.weight).float().cpu()
+            model_factor = getattr(module.input_quantizer, "_pre_quant_scale", None)
+            if model_factor is not None:
+                fake = fake * model_factor.float().cpu().reshape(1, -1)
+            export_factor = _effective_input_scale(model, name, tensors, hub) if spec.pre_quant_scale else None
+            if export_factor is not None:
+                exported = exported * export_factor.reshape(1, -1)
             mismatch = int(((exported - fake).abs() > fake.abs() / 32 + 1e-12).sum())
             differing, total = differing + mismatch, total + fake.numel()
-    return {"differing_code_share": differing / total if total else 0.0, "fp8_weights": total}
+            error = float((exported - fake).norm() / fake.norm().clamp_min(1e-30))
+            if error >= worst:
+                worst, worst_layer = error, hub
+    return {"differing_code_share": differing / total if total else 0.0, "quantized_weights": total,
+            "weight_relative_error_max": worst, "worst_layer": worst_layer}  # fmt: skip

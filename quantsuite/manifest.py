@@ -3,12 +3,16 @@
 One JSON per scheme (schema-versioned), built from the quantized model itself (which quantizers are enabled)
 and cross-checked against the scheme's decisions, so the manifest describes the model that was measured.
 
-Totals, with weights counted as `weight.numel()` and bits 16 (BF16) or the format's weight bits (FP8: 8):
+Totals, with weights counted as `weight.numel()` and bits 16 (BF16) or the format's weight bits in ModelOpt's
+AutoQuant cost model (FP8 8, INT4 AWQ 4, NVFP4 4.5), the unit of a scheme's target:
 - `lm_effective_bits`: over LM decoder linear weights (the set a scheme's target refers to);
 - `lm_effective_bits_with_lm_head`: the same plus lm_head;
 - `model_effective_bits`: over every nn.Linear weight of the model, vision tower included;
-- `coverage_by_weights`: share of LM decoder linear weights in FP8 (= (16 - lm_effective_bits) / 8);
-- `coverage_by_blocks`: share of decoder blocks whose linears are all FP8.
+- `lm_storage_bits`: what the export really spends per LM linear weight: codes plus block / channel / tensor
+  scales (quantsuite.formats; FP8 per tensor ~8.0, MXFP8 8.25, NVFP4 4.5, INT4 AWQ 4.25);
+- `coverage_by_weights`: share of LM decoder linear weights quantized (FP8 + BF16: (16 - lm_effective_bits) / 8),
+  and `coverage_by_format` the same per format;
+- `coverage_by_blocks`: share of decoder blocks whose linears all share one quantized format.
 
     >>> manifest = build_manifest(model, scheme, catalog, context)   # doctest: +SKIP
     >>> manifest["totals"]["coverage_by_weights"]                    # doctest: +SKIP
@@ -24,7 +28,8 @@ import torch
 from quantsuite.autoquant import NO_QUANT, Resolution, block_index, group_scores
 from quantsuite.schemes import Catalog, SchemeSpec
 
-SCHEMA_VERSION = 4  # 3: per-module weight_bits, shape and export layout; 4: selection.solver (both picks)
+SCHEMA_VERSION = 5  # 3: per-module weight_bits, shape; 4: selection.solver (both picks); 5: any preset (quant_algo,
+# block_size, storage_bits per module; lm_storage_bits, coverage_by_format, quantized_layers in totals)
 BF16 = "BF16"
 
 
@@ -75,9 +80,9 @@ def build_manifest(
     groups = group_scores(state) if state else {}
     module_group = {module: hparam for hparam, group in groups.items() for module in group["modules"]}
     bits_of = {name: catalog.formats[name].weight_bits for name in scheme.formats}
-    layout_of = {name: catalog.formats[name].layout for name in scheme.formats}
-    modules, weights, bits = [], Counter(), Counter()
-    fp8_layers = bf16_layers = 0
+    format_of = {name: catalog.formats[name].export_format for name in scheme.formats}
+    modules, weights, bits, storage = [], Counter(), Counter(), Counter()
+    quantized_layers = bf16_layers = 0
     for name, (role, module) in linear_layers(model).items():
         quantized = _enabled(module, "weight_quantizer")
         group = module_group.get(name)
@@ -90,19 +95,21 @@ def build_manifest(
             raise ManifestError(f"{scheme.name}: {name} decision {fmt} but weight quantizer enabled={quantized}")
         count = module.weight.numel()
         layer_bits = bits_of.get(fmt, 16.0)
+        spec = format_of.get(fmt)
+        layer_storage = spec.storage_bits(*module.weight.shape) if spec else 16.0
         weights[role] += count
         bits[role] += count * layer_bits
+        storage[role] += count * layer_storage
         if fmt != BF16:
-            weights[f"{role}_fp8"] += count
+            weights[f"{role}_quantized"] += count
+            weights[f"{role}:{fmt}"] += count
         if role in ("lm_linear", "lm_head"):
-            fp8_layers, bf16_layers = fp8_layers + (fmt != BF16), bf16_layers + (fmt == BF16)
-            layout = layout_of.get(fmt)
+            quantized_layers, bf16_layers = quantized_layers + (fmt != BF16), bf16_layers + (fmt == BF16)
             modules.append({
                 "name": name, "role": role, "block": block_index(name), "group": group, "format": fmt,
+                "quant_algo": spec.quant_algo if spec else None, "block_size": spec.block_size if spec else None,
                 "input_quantized": _enabled(module, "input_quantizer"), "weight_count": count,
-                "shape": list(module.weight.shape), "weight_bits": layer_bits,
-                "weight_scale": layout.weight_scale if layout else None,
-                "input_scale": layout.input_scale if layout else False,
+                "shape": list(module.weight.shape), "weight_bits": layer_bits, "storage_bits": layer_storage,
                 "sensitivity": {(BF16 if k == NO_QUANT else k): v for k, v in groups[group]["scores"].items()}
                 if group in groups else {},
             })  # fmt: skip
@@ -134,11 +141,13 @@ def build_manifest(
         "lm_head_weights": weights["lm_head"],
         "vision_linear_weights": weights["vision"],
         "lm_effective_bits": lm_bits / lm_weights,
+        "lm_storage_bits": storage["lm_linear"] / lm_weights,
         "lm_effective_bits_with_lm_head": (lm_bits + bits["lm_head"]) / (lm_weights + weights["lm_head"]),
         "model_effective_bits": all_bits / all_weights,
-        "coverage_by_weights": weights["lm_linear_fp8"] / lm_weights,
+        "coverage_by_weights": weights["lm_linear_quantized"] / lm_weights,
+        "coverage_by_format": {name: weights[f"lm_linear:{name}"] / lm_weights for name in scheme.formats},
         "coverage_by_blocks": sum(b["decision"] not in (BF16, "mixed") for b in block_list) / max(len(block_list), 1),
-        "fp8_layers": fp8_layers,
+        "quantized_layers": quantized_layers,
         "bf16_layers": bf16_layers,
         "lm_head_format": lm_head_format,
         "embedding_format": BF16 if not enabled_quantizers(model, "embed_tokens") else "quantized",

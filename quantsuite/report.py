@@ -209,7 +209,7 @@ def build_report(reports_dir: Path, model: str, run_id: str | None = None, bench
                                     ("kl_mean", "kl_p99", "top1_agreement", "perplexity_delta", "logit_sqnr_db")},
                                     "vllm": vllm.get(name), "throughput": speed.get(name),
                                     "ratios": ratios}  # fmt: skip
-        rows.append(f"| {name} | {' '.join(settings.split())} | {totals['fp8_layers']}/{totals['bf16_layers']} | "
+        rows.append(f"| {name} | {' '.join(settings.split())} | {totals['quantized_layers']}/{totals['bf16_layers']} | "
                     f"{totals['lm_effective_bits']:.2f} | {totals['model_effective_bits']:.2f} | "
                     f"{totals['coverage_by_weights']:.3f} | {_fmt(fake.get('kl_mean'))} | {_fmt(fake.get('top1_agreement'), '.4f')} | "  # noqa: E501
                     f"{_fmt(fake.get('perplexity_delta'), '+.3g')} | {_vllm_cell(vllm.get(name))} | "

@@ -16,12 +16,13 @@ from __future__ import annotations
 import copy
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from quantsuite.formats import FORMATS, ExportFormat
 
 CATALOG_PATH = Path(__file__).resolve().parents[1] / "schemes.yaml"
 VISION_PATTERN = "*visual*"
@@ -36,26 +37,25 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-@dataclass(frozen=True)
-class ExportLayout:
-    """How a preset's quantized linear looks in ModelOpt's HF export, which vLLM and `load_export` read.
-
-    >>> EXPORT_LAYOUTS["FP8_PER_CHANNEL_PER_TOKEN_CFG"].input_scale
-    False
-    """
-
-    quant_algo: str  # ModelOpt's `quant_algo` as written into config.json / hf_quant_config.json
-    weight_scale: str  # "tensor": one fp32 scale; "channel": one per output row
-    input_scale: bool  # a static per-tensor activation scale is stored; False: activations quantized per token
-
-
-# Presets the suite carries end to end today (FP8 reload in PyTorch, manifest bits, export checks, drift, vLLM
-# verdict) and the KV-cache presets; anything else in mtq.config.choices is refused up front, not deep in a run.
-EXPORT_LAYOUTS = {
-    "FP8_DEFAULT_CFG": ExportLayout("FP8", "tensor", True),
-    "FP8_PER_CHANNEL_PER_TOKEN_CFG": ExportLayout("FP8_PER_CHANNEL_PER_TOKEN", "channel", False),
+# Presets the suite carries end to end (manifest bits, export check, PyTorch reload of what the checkpoint means,
+# drift, vLLM verdict) -> the quant_algo ModelOpt writes for them (quantsuite.formats.FORMATS describes each);
+# anything else in mtq.config.choices is refused up front, not deep in a run.
+PRESET_ALGORITHMS = {
+    "FP8_DEFAULT_CFG": "FP8",
+    "FP8_PER_CHANNEL_PER_TOKEN_CFG": "FP8_PER_CHANNEL_PER_TOKEN",
+    "INT4_AWQ_CFG": "W4A16_AWQ",
+    "W4A8_AWQ_BETA_CFG": "W4A8_AWQ",
+    "INT8_SMOOTHQUANT_CFG": "W8A8_SQ_PER_CHANNEL",
+    "NVFP4_DEFAULT_CFG": "NVFP4",
+    "W4A16_NVFP4_CFG": "W4A16_NVFP4",
+    "MXFP8_DEFAULT_CFG": "MXFP8",
 }
-HANDLED_PRESETS = {"preset": set(EXPORT_LAYOUTS), "kv_cache": {"FP8_KV_CFG"}}
+# ModelOpt 0.47's fake quantization of dynamic-block formats runs on CUDA only: on CPU it raises "amax must be a
+# CUDA tensor for dynamic block quantization" (NVFP4) or "Skipping extension modelopt_cuda_ext_mx because CUDA
+# is not available" (MXFP8). Calibration and export run on CPU; anything that runs the fake-quant model does not.
+CUDA_ONLY_PRESETS = {"NVFP4_DEFAULT_CFG": "NVFP4 fake quantization", "W4A16_NVFP4_CFG": "NVFP4 fake quantization",
+                     "MXFP8_DEFAULT_CFG": "MXFP8 fake quantization (modelopt_cuda_ext_mx)"}  # fmt: skip
+HANDLED_PRESETS = {"preset": set(PRESET_ALGORITHMS), "kv_cache": {"FP8_KV_CFG"}}
 
 
 def known_preset(value: str | None, field: str) -> str | None:
@@ -66,8 +66,8 @@ def known_preset(value: str | None, field: str) -> str | None:
         raise ValueError(f"unknown ModelOpt preset {value!r}; accepted: {sorted(mtq.config.choices)}")
     handled = HANDLED_PRESETS[field]
     if value is not None and value not in handled:
-        raise ValueError(f"ModelOpt preset {value!r} is not handled end to end yet (manifest bits, PyTorch "
-                         f"reload, drift are FP8 only); accepted here: {sorted(handled)}")  # fmt: skip
+        raise ValueError(f"ModelOpt preset {value!r} is not handled end to end yet (no decoder of its export "
+                         f"format in quantsuite.formats); accepted here: {sorted(handled)}")  # fmt: skip
     return value
 
 
@@ -88,17 +88,21 @@ class FormatSpec(Strict):
         return known_preset(value, info.field_name)
 
     @property
-    def layout(self) -> ExportLayout:
-        return EXPORT_LAYOUTS[self.preset]
+    def export_format(self) -> ExportFormat:
+        """What a layer of this format stores in the export and computes (quantsuite.formats)."""
+        return FORMATS[PRESET_ALGORITHMS[self.preset]]
+
+    @property
+    def cuda_only(self) -> str | None:
+        """What needs CUDA when this format's fake-quant model runs (None: runs on CPU)."""
+        return CUDA_ONLY_PRESETS.get(self.preset)
 
     @property
     def weight_bits(self) -> float:
-        """Bits per weight of the preset's weight quantizer (FP8 (4, 3) -> 8)."""
-        for entry in self._preset(self.preset)["quant_cfg"]:
-            if entry.get("quantizer_name") == "*weight_quantizer" and "cfg" in entry:
-                bits = entry["cfg"].get("num_bits", 8)
-                return float(1 + sum(bits)) if isinstance(bits, tuple | list) else float(bits)
-        raise SchemeError(f"preset {self.preset} has no '*weight_quantizer' entry to read its bits from")
+        """Bits per weight in ModelOpt's AutoQuant cost model (FP8 8, INT4 AWQ 4, NVFP4 4.5): the unit of targets."""
+        from modelopt.torch.quantization.algorithms import QuantRecipe
+
+        return 16.0 * QuantRecipe(self.preset).compression
 
     @staticmethod
     def _preset(name: str) -> dict:
@@ -292,6 +296,10 @@ class Catalog(Strict):
                     raise ValueError(f"{where}.effective_bits: {scheme.effective_bits} is outside [{low:g}, 16], "
                                      f"the range reachable with formats {list(scheme.formats)}")  # fmt: skip
         return self
+
+    def cuda_only(self, scheme: SchemeSpec) -> str | None:
+        """What in `scheme`'s fake-quant model needs CUDA (None: it runs on CPU)."""
+        return next(filter(None, (self.formats[name].cuda_only for name in scheme.formats)), None)
 
     def scheme(self, name: str) -> SchemeSpec:
         return self.select([name])[0]

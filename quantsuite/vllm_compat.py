@@ -39,7 +39,8 @@ from pathlib import Path
 
 import torch
 
-from quantsuite.export import Fp8Linear, hub_name, to_fp8
+from quantsuite.export import QUANTIZED_DTYPES, Fp8Linear, hub_name
+from quantsuite.formats import to_fp8
 
 WORKER = Path(__file__).resolve().parent / "vllm_worker.py"
 DEFAULT_VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
@@ -231,8 +232,9 @@ class Engine:
         self.opened = self.service.request("open", engine=self.name, export=str(self.export_dir),
                                            options=self.options, patch=self.patch)  # fmt: skip
         log = self.service.log_since(offset)
-        selected = {line.split("Selected ", 1)[1].strip() for line in log.splitlines() if "Selected " in line}
-        self.opened["kernels"] = sorted(kernel for kernel in selected if "Kernel" in kernel)
+        # "Selected CutlassFP8ScaledMMLinearKernel for ModelOptFp8LinearMethod", "Using MarlinNvFp4LinearKernel for
+        # NVFP4 GEMM" (a weight-only kernel there means the checkpoint's activation quantization is not applied)
+        self.opened["kernels"] = sorted(set(re.findall(r"(?:Selected|Using) (\w+Kernel\b[^\n]*)", log)))
         return self
 
     @property
@@ -301,34 +303,34 @@ def verdict_problems(raw: dict, export_dir: Path, manifest: dict) -> list[str]:
         error = raw["error"]
         return [f"vLLM rejects the export: {error['type']}: {error['key_line']}"]
     problems = []
-    manifest_fp8 = {hub_name(m["name"]) for m in manifest["modules"] if m["format"] != "BF16"}
+    manifest_quantized = {hub_name(m["name"]): m["format"] for m in manifest["modules"] if m["format"] != "BF16"}
     for layer in raw["layers"]:
         shards, disk = layer["shards"], layer["disk"]
         if layer.get("error"):
             problems.append(f"{layer['prefix']}: vLLM: {layer['error']['key_line']}")
             continue
-        on_disk_fp8 = [dtype == "F8_E4M3" for dtype in disk]
-        if layer["fp8"] and not all(on_disk_fp8):
-            bf16 = [s for s, fp8 in zip(shards, on_disk_fp8, strict=True) if not fp8]
-            problems.append(f"{layer['prefix']}: vLLM treats it as FP8 but {bf16} are BF16 on disk "
+        on_disk = [dtype in QUANTIZED_DTYPES for dtype in disk]
+        if layer["quantized"] and not all(on_disk):
+            bf16 = [s for s, quantized in zip(shards, on_disk, strict=True) if not quantized]
+            problems.append(f"{layer['prefix']}: vLLM treats it as quantized but {bf16} are BF16 on disk "
                             "(loads with a warning and generates garbage)")  # fmt: skip
-        if not layer["fp8"] and any(on_disk_fp8):
-            problems.append(f"{layer['prefix']}: vLLM leaves it unquantized but {shards} are FP8 on disk "
-                            "(load fails: no parameter for input_scale)")  # fmt: skip
-        for shard, fp8 in zip(shards, on_disk_fp8, strict=True):
-            if fp8 != (shard in manifest_fp8) and not shard.startswith("visual."):
-                problems.append(f"{shard}: {'FP8' if fp8 else 'BF16'} on disk, manifest says "
-                                f"{'FP8' if shard in manifest_fp8 else 'BF16'}")  # fmt: skip
-        if layer["prefix"].startswith("visual.") and layer["fp8"]:
-            problems.append(f"{layer['prefix']}: vision layer treated as FP8 by vLLM")
+        if not layer["quantized"] and any(on_disk):
+            problems.append(f"{layer['prefix']}: vLLM leaves it unquantized but {shards} are quantized on disk "
+                            "(load fails: no parameter for the scales)")  # fmt: skip
+        for shard, quantized in zip(shards, on_disk, strict=True):
+            if quantized != (shard in manifest_quantized) and not shard.startswith("visual."):
+                problems.append(f"{shard}: {'quantized' if quantized else 'BF16'} on disk, manifest says "
+                                f"{manifest_quantized.get(shard, 'BF16')}")  # fmt: skip
+        if layer["prefix"].startswith("visual.") and layer["quantized"]:
+            problems.append(f"{layer['prefix']}: vision layer treated as quantized by vLLM")
     wanted_kv, vllm_kv = manifest["totals"]["kv_cache_format"], raw.get("kv_cache")
     if (vllm_kv or "BF16") != wanted_kv:
         problems.append(f"KV cache: vLLM reads {vllm_kv or 'no'} KV-cache quantization from the export "
                         f"(kv_cache_quant_algo), the manifest says {wanted_kv}")  # fmt: skip
     config = json.loads((Path(export_dir) / "config.json").read_text())
     tied = config.get("tie_word_embeddings", config.get("text_config", {}).get("tie_word_embeddings"))
-    if tied and "lm_head" in manifest_fp8:
-        problems.append("lm_head: FP8 in the export while config.json keeps tie_word_embeddings=true "
+    if tied and "lm_head" in manifest_quantized:
+        problems.append("lm_head: quantized in the export while config.json keeps tie_word_embeddings=true "
                         "(vLLM ties lm_head to the BF16 embeddings)")  # fmt: skip
     return problems
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import signal
 import sys
@@ -35,7 +36,9 @@ def reply(path: str, result: dict) -> None:
 
 
 def error_record(error: BaseException, stage: str) -> dict:
-    lines = [line for line in str(error).splitlines() if line.strip()]
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if lines and re.match(r"\d+ validation errors? for ", lines[0]) and len(lines) > 1:
+        lines = lines[1:]  # pydantic (vLLM's config): the cause is the next line, "Value error, ..."
     return {"type": type(error).__name__, "key_line": lines[0][:500] if lines else "", "stage": stage,
             "traceback": traceback.format_exc()[-3000:]}  # fmt: skip
 
@@ -64,7 +67,10 @@ def verdict(export_dir: Path) -> dict:
     result = {"quantized": quant is not None, "method": None, "kv_cache": None, "error": None, "layers": []}
     if quant is None:
         return result | {
-            "layers": [{"prefix": name, "shards": [name], "fp8": False, "disk": [d]} for name, d in linear.items()]
+            "layers": [
+                {"prefix": name, "shards": [name], "quantized": False, "disk": [dtype]}
+                for name, dtype in linear.items()
+            ]
         }
     try:
         method = None
@@ -93,9 +99,10 @@ def verdict(export_dir: Path) -> dict:
                 break
         fused.setdefault(mapped, []).append(name)
     for prefix, shards in sorted(fused.items()):
-        entry = {"prefix": prefix, "shards": shards, "disk": [linear[s] for s in shards], "fp8": None, "error": None}
+        entry = {"prefix": prefix, "shards": shards, "disk": [linear[s] for s in shards], "quantized": None,
+                 "error": None}  # fmt: skip
         try:
-            entry["fp8"] = not quant_config.is_layer_excluded(prefix)
+            entry["quantized"] = not quant_config.is_layer_excluded(prefix)
         except Exception as error:
             entry["error"] = error_record(error, "layer")
         result["layers"].append(entry)

@@ -30,7 +30,7 @@ def test_totals_agree_with_modules(mlp_only):
     fp8_weights = sum(m["weight_count"] for m in lm if m["format"] != BF16)
     assert totals["coverage_by_weights"] == pytest.approx(fp8_weights / totals["lm_linear_weights"])
     assert totals["lm_effective_bits"] == pytest.approx(16 - 8 * totals["coverage_by_weights"])
-    assert totals["fp8_layers"] + totals["bf16_layers"] == len(modules)
+    assert totals["quantized_layers"] + totals["bf16_layers"] == len(modules)
     assert all((m["format"] != BF16) == ("mlp" in m["name"]) for m in lm)
     assert totals["coverage_by_blocks"] == 1.0 or all(b["decision"] == "mixed" for b in manifest["blocks"])
     assert all(b["decision"] == "mixed" for b in manifest["blocks"])  # MLP FP8, attention BF16 in every block

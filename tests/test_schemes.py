@@ -82,9 +82,10 @@ BAD_INPUTS = [
      r"schemes\.\d+\.method: Input should be 'gradient' or 'kl_div'"),
     ("unknown preset", lambda d: d["formats"]["FP8_MLP_ONLY"].update(preset="FP9_CFG"),
      r"formats\.FP8_MLP_ONLY\.preset: Value error, unknown ModelOpt preset 'FP9_CFG'; accepted: \["),
-    ("preset not handled yet", lambda d: d["formats"]["FP8_MLP_ONLY"].update(preset="INT4_AWQ_CFG"),
-     r"formats\.FP8_MLP_ONLY\.preset: Value error, ModelOpt preset 'INT4_AWQ_CFG' is not handled end to end yet.*"
-     r"accepted here: \['FP8_DEFAULT_CFG', 'FP8_PER_CHANNEL_PER_TOKEN_CFG'\]"),
+    ("preset not handled yet", lambda d: d["formats"]["FP8_MLP_ONLY"].update(preset="NVFP4_AWQ_LITE_CFG"),
+     r"formats\.FP8_MLP_ONLY\.preset: Value error, ModelOpt preset 'NVFP4_AWQ_LITE_CFG' is not handled end to end "
+     r"yet.*accepted here: \['FP8_DEFAULT_CFG', 'FP8_PER_CHANNEL_PER_TOKEN_CFG', 'INT4_AWQ_CFG', "
+     r"'INT8_SMOOTHQUANT_CFG', 'MXFP8_DEFAULT_CFG', 'NVFP4_DEFAULT_CFG', 'W4A16_NVFP4_CFG', 'W4A8_AWQ_BETA_CFG'\]"),
     ("kv preset not handled yet", lambda d: d["formats"]["FP8_KV_CACHE"].update(kv_cache="NVFP4_KV_CFG"),
      r"formats\.FP8_KV_CACHE\.kv_cache: .*'NVFP4_KV_CFG' is not handled end to end yet"),
     ("duplicate alias", lambda d: _scheme(d, "fp8_mlp_only").update(alias="top50"),

@@ -101,13 +101,13 @@ BROKEN = {
         r"Detected some but not all shards"),
     "exclusion list too short": (
         lambda q, block: q.__setitem__("ignore", ["visual*"]),
-        r"vLLM treats it as FP8 but \[.*\] are BF16 on disk"),
+        r"vLLM treats it as quantized but \[.*\] are BF16 on disk"),
     "exclusion list too long": (
         lambda q, block: q["ignore"].append(f"model.layers.{block}*"),
-        r"vLLM leaves it unquantized but \[.*\] are FP8 on disk"),
+        r"vLLM leaves it unquantized but \[.*\] are quantized on disk"),
     "wrong prefix": (
         lambda q, block: q.__setitem__("ignore", [p.replace("model.layers.", "decoder.layers.") for p in q["ignore"]]),
-        r"vLLM treats it as FP8 but .* BF16 on disk"),
+        r"vLLM treats it as quantized but .* BF16 on disk"),
     "unsupported quant_algo": (
         lambda q, block: q.__setitem__("quant_algo", "W8A16"),
         r"vLLM rejects the export: ValueError: .*ModelOpt currently only supports"),

@@ -21,6 +21,10 @@ from quantsuite.stages.export import Exports
 from quantsuite.stages.scheme import Schemes
 
 
+class CudaRequired(RuntimeError):
+    """The scheme's fake-quant model cannot run on this device (ModelOpt runs its format on CUDA only)."""
+
+
 class Drift:
     """Measurements under `drift/<key>` (key: the export's key + evaluation data + code), published as
     reports/drift/<model>/<scheme>.json. The BF16 capture is computed once per process."""
@@ -41,6 +45,13 @@ class Drift:
             free_memory()
         return self._reference
 
+    def require_runnable(self, scheme: SchemeSpec) -> None:
+        """Raise CudaRequired, naming what and the fix, when the fake-quant model cannot run on this device."""
+        needs = self.context.catalog.cuda_only(scheme)
+        if needs and self.context.device.type != "cuda":
+            raise CudaRequired(f"{scheme.name}: {needs} runs on CUDA only in ModelOpt 0.47 (on CPU it raises); "
+                               "its drift is measured with --device cuda on a GPU")  # fmt: skip
+
     def measure(self, scheme: SchemeSpec) -> dict:
         if scheme.name in self._measurements:
             return self._measurements[scheme.name]
@@ -49,6 +60,7 @@ class Drift:
                                  "stage": "drift", "code": code_hash(drift, sys.modules[__name__])})  # fmt: skip
 
         def build(directory: Path) -> None:
+            self.require_runnable(scheme)
             export_dir = self.exports.path(scheme)  # only when the drift is not cached (an export is GBs at 3B)
             batches, device = context.batches("evaluation"), context.device
             quantized = self.schemes.model(scheme)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from quantsuite import autoquant, manifest
+from quantsuite import autoquant, formats, manifest
 from quantsuite.autoquant import Resolution, apply_config, calibrate_kv_cache, resolve_config
 from quantsuite.cache import canonical_json, code_hash
 from quantsuite.manifest import SCHEMA_VERSION, build_manifest
@@ -73,7 +73,7 @@ class Schemes:
             "scheme": scheme.spec_hash_input(), "scores": scores_key, "calibration_samples": calibration,
             "quant_config": canonical_json(quant_config), "manifest": SCHEMA_VERSION,
             "formats": {name: context.catalog.formats[name].model_dump(mode="json") for name in scheme.formats},
-            "code": code_hash(autoquant, manifest, sys.modules[__name__]),
+            "code": code_hash(autoquant, manifest, formats, sys.modules[__name__]),
         })  # fmt: skip
 
         def build(directory: Path) -> None:

@@ -8,7 +8,7 @@ pytestmark = pytest.mark.drift
 
 
 @pytest.fixture(scope="session")
-def measurement(workbench, scheme, exported):
+def measurement(workbench, scheme, fake_quant_model, exported):
     return workbench.drift.measure(scheme)
 
 
