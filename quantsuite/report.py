@@ -209,8 +209,12 @@ def build_report(reports_dir: Path, model: str, run_id: str | None = None, bench
                                     ("kl_mean", "kl_p99", "top1_agreement", "perplexity_delta", "logit_sqnr_db")},
                                     "vllm": vllm.get(name), "throughput": speed.get(name),
                                     "ratios": ratios}  # fmt: skip
-        rows.append(f"| {name} | {' '.join(settings.split())} | {totals['quantized_layers']}/{totals['bf16_layers']} | "
-                    f"{totals['lm_effective_bits']:.2f} | {totals['model_effective_bits']:.2f} | "
+        formats = ", ".join(f"{fmt} {share:.2f}" for fmt, share in totals.get("coverage_by_format", {}).items())
+        quantized = totals.get("quantized_layers", totals.get("fp8_layers"))  # schema < 5 said fp8_layers
+        rows.append(f"| {name} | {' '.join(settings.split())} | {formats or 'BF16'} | "
+                    f"{quantized}/{totals['bf16_layers']} | "
+                    f"{totals['lm_effective_bits']:.2f} | {_fmt(totals.get('lm_storage_bits'), '.2f')} | "
+                    f"{totals['model_effective_bits']:.2f} | "
                     f"{totals['coverage_by_weights']:.3f} | {_fmt(fake.get('kl_mean'))} | {_fmt(fake.get('top1_agreement'), '.4f')} | "  # noqa: E501
                     f"{_fmt(fake.get('perplexity_delta'), '+.3g')} | {_vllm_cell(vllm.get(name))} | "
                     + " ".join(f"{k}:{v:.2f}x" for k, v in sorted(ratios.items())) + " |")  # fmt: skip
@@ -247,12 +251,12 @@ def build_report(reports_dir: Path, model: str, run_id: str | None = None, bench
         f"Device: {device}. Generated from reports/ JSON (manifests, drift, vLLM, research, benchmarks).", "",
         *([f"Benchmarks: {_context_line(benchmarks.context)}.", ""] if benchmarks.context else []),
         "## Schemes", "",
-        "| scheme | settings | FP8/BF16 layers | LM eff. bits | model eff. bits | coverage | KL mean | top-1 | Δppl | vLLM | speed vs BF16 (same run) |",  # noqa: E501
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| scheme | settings | formats (share of LM linear weights) | quantized/BF16 layers | LM eff. bits | LM storage bits | model eff. bits | coverage | KL mean | top-1 | Δppl | vLLM | speed vs BF16 (same run) |",  # noqa: E501
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *rows, "",
         *_vllm_sections(vllm, _load_dir(reports_dir / "vllm" / model / "controls", results_of).get("garbage_load")),
         *section("Which layers are sensitive, and does the method change that?", "sensitivity.png", spearman),
-        *section("Which blocks each scheme puts in FP8", "coverage_heatmap.png"),
+        *section("Which blocks each scheme quantizes (any format)", "coverage_heatmap.png"),
         *section("Drift versus effective bits (targets re-solved from one scoring pass)", "pareto.png"),
         *section("Where error enters (per-block relative error of the hidden states)", "localization.png"),
         *section("AutoQuant's pick versus an exact solve of the same scores", "optimality_gap.png"),
@@ -321,8 +325,10 @@ def _plot_heatmap(manifests: dict, path: Path) -> int:
             grid[row][block] = fp8 / total
     figure, axis = plt.subplots(figsize=(max(6, blocks * 0.3 + 3), 0.35 * len(names) + 1.5))
     image = axis.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1)
-    axis.set_yticks(range(len(names)), names, fontsize=7)
-    axis.set(xlabel="decoder block", title="FP8 share of each block's linear weights")
+    labels = [f"{name} ({'+'.join(sorted(manifests[name]['totals'].get('coverage_by_format', {}))) or 'BF16'})"
+              for name in names]  # fmt: skip
+    axis.set_yticks(range(len(names)), labels, fontsize=7)
+    axis.set(xlabel="decoder block", title="Quantized share of each block's linear weights (row label: formats)")
     figure.colorbar(image, ax=axis)
     _save(figure, path)
     return len(names) * blocks
@@ -336,14 +342,20 @@ def _plot_pareto(research: dict, manifests: dict, drift: dict, path: Path) -> in
     figure, axis = plt.subplots(figsize=(6, 4))
     if sweep:
         axis.plot([r["lm_effective_bits"] for r in sweep], [r["kl_mean"] for r in sweep], "o-", label="AutoQuant sweep")
+    markers: dict[str, str] = {}
     for name, measured in drift.items():
         if name in measured_points:
-            axis.scatter(manifests[name]["totals"]["lm_effective_bits"], measured["fake_quant"]["kl_mean"], marker="x")
-            axis.annotate(name.replace("fp8_", ""), (manifests[name]["totals"]["lm_effective_bits"],
-                          measured["fake_quant"]["kl_mean"]), fontsize=6)  # fmt: skip
-    axis.set(xlabel="LM effective bits", ylabel="KL(BF16 || quant), mean per token", yscale="log",
-             title="Drift versus effective bits")  # fmt: skip
-    if sweep:
+            totals = manifests[name]["totals"]
+            bits = totals.get("lm_storage_bits", totals["lm_effective_bits"])  # what the export spends per weight
+            family = "+".join(sorted(totals.get("coverage_by_format", {}))) or "BF16"
+            first = family not in markers
+            marker = markers.setdefault(family, "xo^svD*P<>"[len(markers) % 10])
+            axis.scatter(bits, measured["fake_quant"]["kl_mean"], marker=marker, label=family if first else None)
+            axis.annotate(name.replace("fp8_", ""), (bits, measured["fake_quant"]["kl_mean"]), fontsize=6)
+    axis.set(xlabel="LM bits per weight (sweep: effective bits; schemes: storage bits, scales included)",
+             ylabel="KL(BF16 || quant), mean per token", yscale="log",
+             title="Drift versus bits, all formats")  # fmt: skip
+    if sweep or markers:
         axis.legend(fontsize=7)
     _save(figure, path)
     return len(sweep) + len(measured_points)
