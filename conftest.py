@@ -112,9 +112,27 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
     return SchemeScheduling(config, log)
 
 
+def _skip_cuda_only_searches(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """An AutoQuant scheme over a format whose fake quantization needs CUDA (NVFP4, MXFP8) cannot even be scored
+    on a CPU: every test of it skips, saying so (a plain scheme of such a format still calibrates, exports and
+    gets its vLLM verdicts on CPU; only its fake-quant tests skip, via the fake_quant_model fixture)."""
+    option = config.getoption
+    if ModelSpec(option("--model"), option("--device")).torch_device().type == "cuda":
+        return
+    catalog = _catalog()
+    for item in items:
+        spec = getattr(item, "callspec", None)
+        scheme = spec.params.get("scheme") if spec else None
+        needs = scheme is not None and scheme.mode == "autoquant" and catalog.cuda_only(scheme)
+        if needs:
+            item.add_marker(pytest.mark.skip(reason=f"{scheme.name}: AutoQuant scoring over {needs} runs on CUDA "
+                                             "only in ModelOpt 0.47; run it with --device cuda on a GPU"))  # fmt: skip
+
+
 @pytest.hookimpl(trylast=True)  # after syrupy records the full collection
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """--scheme deselects other schemes' cases (so their snapshots are not reported unused)."""
+    _skip_cuda_only_searches(config, items)
     requested = config.getoption("--scheme")
     if not requested:
         config.stash[WANT_REPORT] = any(m.name in STAGE_MARKERS for item in items for m in item.iter_markers())
@@ -186,7 +204,7 @@ def scheme_result(workbench, scheme):
 @pytest.fixture(scope="session")
 def fake_quant_model(workbench, scheme):
     """The scheme's fake-quantized model, run forward; skips where ModelOpt can only run it on CUDA."""
-    from quantsuite.stages.drift import CudaRequired
+    from quantsuite.stages.context import CudaRequired
 
     try:
         workbench.drift.require_runnable(scheme)

@@ -232,12 +232,14 @@ def check_export(export_dir: Path, manifest: dict) -> list[str]:
         if section is not None and section.get("quant_algo") != algorithm:
             problems.append(f"{source}: quant_algo {section.get('quant_algo')!r}, the manifest's layers need "
                             f"{algorithm!r}")  # fmt: skip
+    if algorithm == "MIXED_PRECISION":  # vLLM reads each layer's format from quantized_layers, not the exclusions
+        problems += _mixed_precision_problems(quantized, (hf_quantization or {}).get("quantized_layers") or {})
     exclusion_lists = {}
-    if quant is not None:
+    if quant is not None and algorithm != "MIXED_PRECISION":
         exclusion_lists["config.json quantization_config.ignore"] = quant.get("ignore", [])
-    if hf_quantization is not None:
+    if hf_quantization is not None and algorithm != "MIXED_PRECISION":
         exclusion_lists["hf_quant_config.json exclude_modules"] = hf_quantization.get("exclude_modules") or []
-    if quantized and not exclusion_lists:
+    if quantized and quant is None:
         problems.append("quantized layers in the manifest but no quantization_config in config.json")
     for source, patterns in exclusion_lists.items():
         treated_quantized = {name for name in linear_names if not _excluded(name, patterns)}
@@ -254,6 +256,20 @@ def check_export(export_dir: Path, manifest: dict) -> list[str]:
     actual, expected = sum(entry["bytes"] for entry in index.values()), predicted_bytes(manifest)
     if abs(actual - expected) > 0.01 * expected:
         problems.append(f"tensor bytes {actual} differ from the manifest's prediction {expected} by more than 1%")
+    return problems
+
+
+def _mixed_precision_problems(quantized: dict[str, dict], quantized_layers: dict[str, dict]) -> list[str]:
+    """A MIXED_PRECISION export's hf_quant_config.json quantized_layers against the manifest: the same layers, each
+    with the manifest's quant_algo."""
+    problems = [f"hf_quant_config.json quantized_layers: {name} missing, the manifest quantizes it "
+                f"({module['quant_algo']})" for name, module in sorted(quantized.items())
+                if name not in quantized_layers]  # fmt: skip
+    for name, entry in sorted(quantized_layers.items()):
+        wanted = quantized[name]["quant_algo"] if name in quantized else "BF16"
+        if entry.get("quant_algo") != wanted:
+            problems.append(f"hf_quant_config.json quantized_layers: {name} is {entry.get('quant_algo')}, the "
+                            f"manifest says {wanted}")  # fmt: skip
     return problems
 
 

@@ -81,14 +81,15 @@ def build_manifest(
     module_group = {module: hparam for hparam, group in groups.items() for module in group["modules"]}
     bits_of = {name: catalog.formats[name].weight_bits for name in scheme.formats}
     format_of = {name: catalog.formats[name].export_format for name in scheme.formats}
+    format_by_preset = {catalog.formats[name].preset: name for name in scheme.formats}  # recipe -> catalog name
     modules, weights, bits, storage = [], Counter(), Counter(), Counter()
     quantized_layers = bf16_layers = 0
     for name, (role, module) in linear_layers(model).items():
         quantized = _enabled(module, "weight_quantizer")
         group = module_group.get(name)
         if resolution is not None and group in resolution.group_formats:
-            fmt = resolution.group_formats[group]
-            fmt = BF16 if fmt == NO_QUANT else fmt
+            fmt = resolution.group_formats[group]  # AutoQuant's recipe: a preset name, or NONE
+            fmt = BF16 if fmt == NO_QUANT else format_by_preset.get(fmt, fmt)
         else:
             fmt = scheme.formats[0] if quantized and scheme.formats else BF16
         if quantized != (fmt != BF16):

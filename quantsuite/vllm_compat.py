@@ -304,6 +304,7 @@ def verdict_problems(raw: dict, export_dir: Path, manifest: dict) -> list[str]:
         return [f"vLLM rejects the export: {error['type']}: {error['key_line']}"]
     problems = []
     manifest_quantized = {hub_name(m["name"]): m["format"] for m in manifest["modules"] if m["format"] != "BF16"}
+    manifest_algorithms = {hub_name(m["name"]): m["quant_algo"] for m in manifest["modules"]}
     for layer in raw["layers"]:
         shards, disk = layer["shards"], layer["disk"]
         if layer.get("error"):
@@ -315,8 +316,14 @@ def verdict_problems(raw: dict, export_dir: Path, manifest: dict) -> list[str]:
             problems.append(f"{layer['prefix']}: vLLM treats it as quantized but {bf16} are BF16 on disk "
                             "(loads with a warning and generates garbage)")  # fmt: skip
         if not layer["quantized"] and any(on_disk):
+            algo = f" (MIXED_PRECISION layer algo {layer['algo']}, which vLLM has no linear method for)" if layer.get(
+                "algo") else ""  # fmt: skip
             problems.append(f"{layer['prefix']}: vLLM leaves it unquantized but {shards} are quantized on disk "
-                            "(load fails: no parameter for the scales)")  # fmt: skip
+                            f"(load fails: no parameter for the scales){algo}")  # fmt: skip
+        wanted = {manifest_algorithms.get(shard) for shard in shards}
+        if layer.get("algo") and layer["quantized"] and wanted != {layer["algo"]}:
+            problems.append(f"{layer['prefix']}: vLLM reads {layer['algo']} from quantized_layers, the manifest "
+                            f"says {sorted(map(str, wanted))}")  # fmt: skip
         for shard, quantized in zip(shards, on_disk, strict=True):
             if quantized != (shard in manifest_quantized) and not shard.startswith("visual."):
                 problems.append(f"{shard}: {'quantized' if quantized else 'BF16'} on disk, manifest says "

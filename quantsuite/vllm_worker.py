@@ -87,6 +87,10 @@ def verdict(export_dir: Path) -> dict:
     except Exception as error:  # vLLM rejects the config: that is the verdict
         result["error"] = error_record(error, "config")
         return result
+    try:  # what vLLM's MIXED_PRECISION config runs as a quantized linear; any other algo loads unquantized
+        from vllm.model_executor.layers.quantization.modelopt import LINEAR_ALGOS as linear_algorithms
+    except ImportError:
+        linear_algorithms = ("FP8", "NVFP4", "W4A16_NVFP4", "MXFP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO")
     fused: dict[str, list[str]] = {}
     for name in linear:
         mapped = VllmModel.hf_to_vllm_mapper._map_name(name)
@@ -103,6 +107,10 @@ def verdict(export_dir: Path) -> dict:
                  "error": None}  # fmt: skip
         try:
             entry["quantized"] = not quant_config.is_layer_excluded(prefix)
+            resolve = getattr(quant_config, "_resolve_quant_algo", None)  # MIXED_PRECISION: per layer
+            if entry["quantized"] and resolve is not None:
+                entry["algo"] = resolve(prefix)
+                entry["quantized"] = entry["algo"] is not None and entry["algo"] in linear_algorithms
         except Exception as error:
             entry["error"] = error_record(error, "layer")
         result["layers"].append(entry)

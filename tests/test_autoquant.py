@@ -54,9 +54,11 @@ def test_fused_groups_share_a_decision(workbench, scheme, scheme_result):
 
 
 @pytest.mark.scheme_modes("autoquant")
-def test_coverage_near_target(scheme, scheme_result):
+def test_coverage_near_target(catalog, scheme, scheme_result):
     """top_k_blocks: exactly the chosen blocks (tolerance half a block); auto: at least the target, and less
-    than one layer group above it (AutoQuant minimises score, so it quantizes no more than it must)."""
+    than one layer group above it (AutoQuant minimises score, so it quantizes no more than it must). With formats
+    of several widths (FP8 + INT4) coverage is no function of the bits: the budget is then used up to less than
+    one layer group's worth of bits."""
     manifest = scheme_result.manifest
     totals = manifest["totals"]
     target = scheme.target_coverage
@@ -72,14 +74,23 @@ def test_coverage_near_target(scheme, scheme_result):
             if entry["role"] == "lm_linear":
                 group_weights[entry["group"]] += entry["weight_count"]
         largest_group = max(group_weights.values()) / totals["lm_linear_weights"]
-        assert target - 1e-9 <= totals["coverage_by_weights"] < target + largest_group
+        widths = {catalog.formats[name].weight_bits for name in scheme.formats}
+        if widths == {8.0}:
+            assert target - 1e-9 <= totals["coverage_by_weights"] < target + largest_group
+        else:
+            unused = scheme.target_effective_bits - totals["lm_effective_bits"]
+            assert -1e-9 <= unused < largest_group * (16 - min(widths)), unused
 
 
 @pytest.mark.scheme_modes("autoquant")
-def test_effective_bits_within_bounds(scheme, scheme_result):
+def test_effective_bits_within_bounds(catalog, scheme, scheme_result):
+    """Within [narrowest format, target], and equal to 16 - sum over formats of coverage x (16 - bits) (FP8 + BF16:
+    16 - 8c)."""
     totals = scheme_result.manifest["totals"]
-    assert 8.0 <= totals["lm_effective_bits"] <= scheme.target_effective_bits + 1e-9
-    assert totals["lm_effective_bits"] == pytest.approx(16 - 8 * totals["coverage_by_weights"])
+    widths = {name: catalog.formats[name].weight_bits for name in scheme.formats}
+    assert min(widths.values()) <= totals["lm_effective_bits"] <= scheme.target_effective_bits + 1e-9
+    saved = sum(share * (16 - widths[name]) for name, share in totals["coverage_by_format"].items())
+    assert totals["lm_effective_bits"] == pytest.approx(16 - saved)
     # the whole-model figure counts the BF16 vision tower and lm_head too, so it can only be higher
     assert totals["model_effective_bits"] >= totals["lm_effective_bits"]
 

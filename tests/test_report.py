@@ -11,7 +11,7 @@ from quantsuite.report import PLOTS, build_report
 
 @pytest.fixture(scope="module")
 def report_dir(tmp_path_factory, workbench, catalog, request):
-    from quantsuite.stages.drift import CudaRequired
+    from quantsuite.stages.context import CudaRequired
 
     for scheme in catalog.select(request.config.getoption("--scheme")):
         try:

@@ -21,6 +21,10 @@ from quantsuite.schemes import Catalog, SchemeSpec
 REPORTS_DIR = Path(__file__).resolve().parents[2] / "reports"
 
 
+class CudaRequired(RuntimeError):
+    """What a stage would run needs CUDA here (ModelOpt 0.47 runs NVFP4 / MXFP8 fake quantization on CUDA only)."""
+
+
 class RunContext:
     """The inputs of one run (see module docstring); stages read it and never write to each other through it."""
 
@@ -81,6 +85,12 @@ class RunContext:
             raise ValueError("schemes.yaml has no scheme with `mode: none`; the vLLM verdict needs the BF16 "
                              "reference to measure the noise floor")  # fmt: skip
         return references[0]
+
+    def require_cuda(self, needs: str | None, what: str) -> None:
+        """Raise CudaRequired, naming what and the fix, when `needs` (a CUDA-only part) cannot run on this device."""
+        if needs and self.device.type != "cuda":
+            raise CudaRequired(f"{what}: {needs} runs on CUDA only in ModelOpt 0.47 (on CPU it raises); run it with "
+                               "--device cuda on a GPU")  # fmt: skip
 
     def holds_device_memory(self, release: Callable[[], None]) -> None:
         """A stage that keeps models registers how to drop them; `release()` calls every such hook."""

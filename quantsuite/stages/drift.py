@@ -21,10 +21,6 @@ from quantsuite.stages.export import Exports
 from quantsuite.stages.scheme import Schemes
 
 
-class CudaRequired(RuntimeError):
-    """The scheme's fake-quant model cannot run on this device (ModelOpt runs its format on CUDA only)."""
-
-
 class Drift:
     """Measurements under `drift/<key>` (key: the export's key + evaluation data + code), published as
     reports/drift/<model>/<scheme>.json. The BF16 capture is computed once per process."""
@@ -47,10 +43,7 @@ class Drift:
 
     def require_runnable(self, scheme: SchemeSpec) -> None:
         """Raise CudaRequired, naming what and the fix, when the fake-quant model cannot run on this device."""
-        needs = self.context.catalog.cuda_only(scheme)
-        if needs and self.context.device.type != "cuda":
-            raise CudaRequired(f"{scheme.name}: {needs} runs on CUDA only in ModelOpt 0.47 (on CPU it raises); "
-                               "its drift is measured with --device cuda on a GPU")  # fmt: skip
+        self.context.require_cuda(self.context.catalog.cuda_only(scheme), f"{scheme.name} (drift)")
 
     def measure(self, scheme: SchemeSpec) -> dict:
         if scheme.name in self._measurements:

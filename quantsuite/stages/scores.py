@@ -15,7 +15,7 @@ from pathlib import Path
 from quantsuite import autoquant
 from quantsuite.autoquant import ScoringPlan, load_search_state, run_scoring, save_search_state
 from quantsuite.cache import code_hash
-from quantsuite.schemes import SchemeSpec
+from quantsuite.schemes import CUDA_ONLY_PRESETS, SchemeSpec
 from quantsuite.stages.context import RunContext, free_memory
 
 
@@ -40,6 +40,8 @@ class Scores:
         if key not in self._states:
 
             def build(directory: Path) -> None:
+                needs = next((CUDA_ONLY_PRESETS[p] for p in plan.presets if p in CUDA_ONLY_PRESETS), None)
+                self.context.require_cuda(needs, f"AutoQuant scoring over {'+'.join(plan.presets)}")
                 loaded = self.context.load()
                 started = time.perf_counter()
                 batches = self.context.batches("scoring", plan.score_samples)
