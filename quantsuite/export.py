@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from quantsuite.formats import FORMATS, FP8, ExportFormat, QuantLinear, per_token_scale, to_fp8
+from quantsuite.formats import FORMATS, FP8, OPTIONAL_TENSORS, ExportFormat, QuantLinear, per_token_scale, to_fp8
 
 EXPORT_INFO = "quantsuite_export.json"
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -184,21 +184,22 @@ def _layer_problems(name: str, module: dict, index: dict[str, dict]) -> list[str
     """A quantized layer's tensors against its format: each present with the format's dtype and size, none extra.
     A missing pre_quant_scale is allowed: ModelOpt folds it into the preceding norm for q/k/v and gate/up."""
     spec = module_format(module)
-    problems = []
-    expected = spec.tensors(*module["shape"])
-    for suffix, (dtype, shape) in expected.items():
+    missing, unexpected = spec.tensor_name_problems(stored_suffixes(index, name, spec))
+    problems = [f"{name}: {module['format']} layer ({spec.quant_algo}) without {suffix}" for suffix in missing]
+    for suffix, (dtype, shape) in spec.tensors(*module["shape"]).items():
         entry = index.get(f"{name}.{suffix}")
-        if entry is None:
-            if suffix != "pre_quant_scale":
-                problems.append(f"{name}: {module['format']} layer ({spec.quant_algo}) without {suffix}")
-        elif entry["dtype"] != dtype or math.prod(entry["shape"]) != math.prod(shape):
+        if entry is not None and (entry["dtype"] != dtype or math.prod(entry["shape"]) != math.prod(shape)):
             problems.append(f"{name}.{suffix}: {entry['dtype']} {entry['shape']} stored, the manifest's "
                             f"{spec.quant_algo} layer needs {dtype} {list(shape)}")  # fmt: skip
-    for suffix in ("weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale"):
-        if suffix not in expected and f"{name}.{suffix}" in index:
-            why = " (its activations are quantized per token)" if spec.activation == "fp8_per_token" else ""
-            problems.append(f"{name}: {suffix} stored, the manifest's {spec.quant_algo} layer has none{why}")
-    return problems
+    why = " (its activations are quantized per token)" if spec.activation == "fp8_per_token" else ""
+    return problems + [f"{name}: {suffix} stored, the manifest's {spec.quant_algo} layer has none{why}"
+                       for suffix in unexpected]  # fmt: skip
+
+
+def stored_suffixes(stored: dict, layer: str, spec: ExportFormat) -> set[str]:
+    """Which of the format's tensors and of the optional ones (scales, pre_quant_scale) `layer` has in `stored`
+    (tensor names -> anything)."""
+    return {suffix for suffix in (*spec.tensors(1, 1), *OPTIONAL_TENSORS) if f"{layer}.{suffix}" in stored}
 
 
 def check_export(export_dir: Path, manifest: dict) -> list[str]:
@@ -406,15 +407,13 @@ def load_export(export_dir: Path, device: torch.device | str = "cpu", dtype: tor
         spec = FORMATS[algorithm]
         parent_name, _, child = memory_name(layer).rpartition(".")
         parent = model.get_submodule(parent_name)
-        expected = spec.tensors(1, 1)  # the names only
         present = layer_tensors(tensors, layer, spec)
-        missing = [suffix for suffix in expected if suffix not in present and suffix != "pre_quant_scale"]
+        missing, unexpected = spec.tensor_name_problems(stored_suffixes(tensors, layer, spec))
         if missing:
             raise ExportError(f"{export_dir}: {algorithm} layer {layer} lacks {missing}")
-        extra = [f"{layer}.{s}" for s in ("input_scale", "weight_scale_2", "pre_quant_scale")
-                 if s not in expected and f"{layer}.{s}" in tensors]  # fmt: skip
-        if extra:
-            raise ExportError(f"{export_dir}: {layer} stores {extra}, which quant_algo {algorithm} does not have")
+        if unexpected:
+            raise ExportError(f"{export_dir}: {layer} stores {unexpected}, which quant_algo {algorithm} does not "
+                              "have")  # fmt: skip
         bias = tensors.get(f"{layer}.bias")
         module = _quantized_module(spec, present, None if bias is None else bias.to(dtype), dtype)
         setattr(parent, child, module.to(device))

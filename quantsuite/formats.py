@@ -35,6 +35,7 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 FP4_MAX = 6.0
 FP4_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # e2m1 magnitudes by 3-bit code
+OPTIONAL_TENSORS = ("weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale")  # present in some formats
 DTYPE_BYTES = {"F8_E4M3": 1, "U8": 1, "I8": 1, "BF16": 2, "F16": 2, "F32": 4}
 
 
@@ -156,6 +157,13 @@ class ExportFormat:
         if self.pre_quant_scale:
             tensors["pre_quant_scale"] = ("BF16", (in_features,))
         return tensors
+
+    def tensor_name_problems(self, present: set[str]) -> tuple[list[str], list[str]]:
+        """(missing, unexpected) tensor suffixes of one layer whose stored suffixes are `present`. A missing
+        pre_quant_scale is fine: ModelOpt folds it into the preceding norm for q/k/v and gate/up."""
+        expected = self.tensors(1, 1)
+        missing = [suffix for suffix in expected if suffix not in present and suffix != "pre_quant_scale"]
+        return missing, [suffix for suffix in OPTIONAL_TENSORS if suffix not in expected and suffix in present]
 
     def storage_bits(self, out_features: int, in_features: int) -> float:
         """Bits per weight the export spends on the weight: codes, block / channel scales and per-tensor scales."""
