@@ -152,11 +152,19 @@ class VllmOutcome(Strict):
         default=None,
         description="outcome fail: a regular expression the failure text must contain; another failure fails",
     )
+    when_format: str | None = Field(
+        default=None,
+        description="outcome fail of an AutoQuant scheme: the format (one of the scheme's `formats`) whose layers "
+        "cause the failure. It is expected only when the pick has layers of that format; a pick without any (on "
+        "another model the search may choose none) must pass.",
+    )
 
     @model_validator(mode="after")
     def _match_for_failures(self) -> VllmOutcome:
         if self.outcome == "fail" and not self.match:
             raise ValueError("an expected failure needs `match`: a regular expression of its error text")
+        if self.when_format and self.outcome != "fail":
+            raise ValueError("when_format only qualifies an expected failure (outcome: fail)")
         if self.match:
             try:
                 re.compile(self.match)
@@ -244,6 +252,11 @@ class SchemeSpec(Strict):
             )
         if self.coverage is not None and not 0 < self.coverage <= 1:
             raise ValueError(f"coverage {self.coverage} must lie in (0, 1]")
+        for check, expected in self.expect.vllm.items():
+            picked_by_search = self.mode == "autoquant" and expected.when_format in self.formats
+            if expected.when_format is not None and not picked_by_search:
+                raise ValueError(f"expect.vllm.{check}.when_format {expected.when_format!r} must be one of this "
+                                 f"AutoQuant scheme's formats {list(self.formats)}")  # fmt: skip
         return self
 
     @property

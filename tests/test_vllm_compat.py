@@ -30,12 +30,17 @@ from quantsuite.vllm_compat import (
 vllm = pytest.mark.vllm_compat  # xdist work units: conftest.scheduling_group (one per scheme)
 
 
-def judge_expected(scheme, check: str, failures: list[str]) -> None:
+def judge_expected(scheme, check: str, failures: list[str], picked_formats: set[str] | None = None) -> None:
     """Strict expectations: an expected failure must fail with text matching its `match`; a pass, or a failure
-    of another kind, is a test failure."""
+    of another kind, is a test failure. An expectation `when_format` F holds only if the pick has F layers
+    (`picked_formats`: the formats with a coverage above zero); without them the check must pass."""
     expectation = scheme.expect.vllm.get(check)
     if expectation is None or expectation.outcome == "pass":
         assert not failures, "\n".join(failures)
+        return
+    if expectation.when_format is not None and expectation.when_format not in (picked_formats or set()):
+        assert not failures, (f"expected to pass: the pick has no {expectation.when_format} layer, the cause of "
+                              "the recorded failure;\n" + "\n".join(failures))  # fmt: skip
         return
     if not failures:
         pytest.fail(f"[XPASS(strict)] {check} was expected to fail ({expectation.reason}) but passed: update "
@@ -57,7 +62,8 @@ def test_vllm(workbench, scheme, vllm_check, vllm_service, export_dropped_after)
         result = workbench.vllm.verdict(scheme, vllm_check, vllm_service)
     except VllmUnsupportedHere as error:
         pytest.skip(f"this machine cannot run it in vLLM: {error}")
-    judge_expected(scheme, vllm_check, result["failures"])
+    coverage = workbench.schemes.result(scheme).manifest["totals"].get("coverage_by_format", {})
+    judge_expected(scheme, vllm_check, result["failures"], {name for name, share in coverage.items() if share > 0})
 
 
 def _backend(vllm_python) -> str:
@@ -239,6 +245,28 @@ def test_judge_expected_is_strict():
         judge_expected(scheme, "cuda", [])
     with pytest.raises(AssertionError):
         judge_expected(scheme, "model_free", ["a problem"])  # no expectation: must pass
+
+
+def test_expected_failure_of_a_format_holds_only_when_the_pick_has_it():
+    """fp8_int4_eb10 fails in vLLM through its W4A16_AWQ layers; at the 3B shape AutoQuant picked none (FP8 only)
+    and vLLM passed. The expectation follows the pick: xfail with INT4 layers, must pass without them."""
+    from quantsuite.schemes import Expectations, SchemeSpec
+
+    expect = Expectations(vllm={"cuda": {"outcome": "fail", "reason": "int4 read as BF16", "match": "exceeds",
+                                         "when_format": "INT4_AWQ"}})  # fmt: skip
+    scheme = SchemeSpec(name="demo", description="d", mode="autoquant", formats=("FP8_DEFAULT_CFG", "INT4_AWQ"),
+                        effective_bits=10, expect=expect)  # fmt: skip
+    with pytest.raises(pytest.xfail.Exception):
+        judge_expected(scheme, "cuda", ["start (0) + length (512) exceeds dimension size (256)"], {"INT4_AWQ"})
+    with pytest.raises(pytest.fail.Exception, match="XPASS"):
+        judge_expected(scheme, "cuda", [], {"FP8_DEFAULT_CFG", "INT4_AWQ"})
+    judge_expected(scheme, "cuda", [], {"FP8_DEFAULT_CFG"})  # no INT4 layer picked: passing is right
+    with pytest.raises(AssertionError, match="no INT4_AWQ layer"):
+        judge_expected(scheme, "cuda", ["start (0) + length (512) exceeds dimension size (256)"], {"FP8_DEFAULT_CFG"})
+    with pytest.raises(ValueError, match="when_format 'NVFP4' must be one of"):
+        SchemeSpec(name="demo", description="d", mode="autoquant", formats=("FP8_DEFAULT_CFG", "INT4_AWQ"),
+                   effective_bits=10, expect=Expectations(vllm={"cuda": expect.vllm["cuda"].model_copy(
+                       update={"when_format": "NVFP4"})}))  # fmt: skip
 
 
 def test_a_server_without_vllm_is_a_crash_record(tmp_path):
