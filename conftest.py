@@ -245,7 +245,55 @@ def vllm_service(pytestconfig, vllm_python, workbench):
         yield service
 
 
+WORKER_STAGE_TIMES = pytest.StashKey[list]()
+SESSION_STARTED = pytest.StashKey[float]()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[SESSION_STARTED] = time.perf_counter()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """An xdist worker hands its time per stage to the controller (xdist's workeroutput)."""
+    from quantsuite.timing import STAGE_TIMES
+
+    if hasattr(session.config, "workeroutput"):
+        seconds = time.perf_counter() - session.config.stash[SESSION_STARTED]
+        session.config.workeroutput["quantsuite_stage_times"] = {"stages": STAGE_TIMES.as_dict(), "seconds": seconds}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    table = getattr(node, "workeroutput", {}).get("quantsuite_stage_times")
+    if table:
+        node.config.stash.setdefault(WORKER_STAGE_TIMES, []).append(table)
+
+
+def _stage_time_lines(config: pytest.Config) -> list[str]:
+    """This run's time per stage, summed over this process and its xdist workers (quantsuite.timing)."""
+    from quantsuite.timing import STAGE_TIMES, StageTimes
+
+    workers = config.stash.get(WORKER_STAGE_TIMES, [])
+    merged = StageTimes()
+    merged.merge(STAGE_TIMES.as_dict())
+    for table in workers:
+        merged.merge(table["stages"])
+    if not merged.seconds:
+        return []
+    process_seconds = sum(table["seconds"] for table in workers) if workers else None
+    if process_seconds is None and SESSION_STARTED in config.stash:
+        process_seconds = time.perf_counter() - config.stash[SESSION_STARTED]
+    where = f"{len(workers)} xdist workers, {process_seconds:.0f} worker-seconds" if workers else "one process"
+    return [f"summed over {where}; each stage's own time (a stage inside another is not counted twice)",
+            *merged.lines(process_seconds)]  # fmt: skip
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    stage_lines = _stage_time_lines(config)
+    if stage_lines:
+        terminalreporter.section("quantsuite time per stage")
+        for line in stage_lines:
+            terminalreporter.write_line(line)
     bench = config.stash.get(WORKBENCH, None)
     if bench is None or not bench.context.cache.events:
         return

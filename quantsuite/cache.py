@@ -26,6 +26,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from quantsuite.timing import STAGE_TIMES
+
 COMPLETE_MARKER = ".complete"
 
 
@@ -103,7 +105,10 @@ class ArtifactCache:
             self.events.append(f"reused {kind}/{key} {label}".rstrip())
             return target, True
         target.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(target) + ".lock"):
+        lock = FileLock(str(target) + ".lock")
+        with STAGE_TIMES.measure(f"wait for another worker's {kind}"):
+            lock.acquire()
+        try:
             if self.is_complete(kind, key):  # another worker built it while we waited
                 self.events.append(f"reused {kind}/{key} {label}".rstrip())
                 return target, True
@@ -112,7 +117,8 @@ class ArtifactCache:
             staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=target.parent))
             started = time.perf_counter()
             try:
-                build(staging)
+                with STAGE_TIMES.measure(f"build {kind}"):
+                    build(staging)
                 (staging / COMPLETE_MARKER).write_text(json.dumps({"key": key, "versions": package_versions()}))
                 staging.chmod(0o755)
                 os.rename(staging, target)
@@ -120,4 +126,6 @@ class ArtifactCache:
                 if staging.exists():
                     shutil.rmtree(staging, ignore_errors=True)
             self.events.append(f"built {kind}/{key} {label} in {time.perf_counter() - started:.1f} s")
+        finally:
+            lock.release()
         return target, False

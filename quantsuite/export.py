@@ -27,6 +27,7 @@ import torch
 from safetensors import safe_open
 
 from quantsuite.formats import FORMATS, FP8, OPTIONAL_TENSORS, ExportFormat, QuantLinear, per_token_scale, to_fp8
+from quantsuite.timing import STAGE_TIMES
 
 EXPORT_INFO = "quantsuite_export.json"
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -392,6 +393,11 @@ def _quantized_module(spec: ExportFormat, tensors: dict[str, torch.Tensor], bias
 
 def load_export(export_dir: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16):
     """Qwen2.5-VL from an export, quantized layers computed as their format means (strict: every tensor used)."""
+    with STAGE_TIMES.measure("reload an export in PyTorch"):
+        return _load_export(Path(export_dir), device, dtype)
+
+
+def _load_export(export_dir: Path, device: torch.device | str, dtype: torch.dtype):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     export_dir = Path(export_dir)

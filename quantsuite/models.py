@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from quantsuite.timing import STAGE_TIMES
+
 TINY_DIR = Path(__file__).resolve().parent / "assets" / "tiny-qwen2.5-vl"
 SHAPE_3B = "qwen2.5-vl-3b-shape"
 NAMED_MODELS = ("tiny", SHAPE_3B)
@@ -268,6 +270,11 @@ def load_tokenizer(directory: Path):
 
 def load_model(spec: ModelSpec) -> LoadedModel:
     """Load the model in eval mode on the requested device (HF offline: no network is attempted)."""
+    with STAGE_TIMES.measure("load the BF16 model"):
+        return _load_model(spec)
+
+
+def _load_model(spec: ModelSpec) -> LoadedModel:
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

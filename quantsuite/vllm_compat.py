@@ -41,6 +41,7 @@ import torch
 
 from quantsuite.export import QUANTIZED_DTYPES, Fp8Linear, hub_name
 from quantsuite.formats import to_fp8
+from quantsuite.timing import STAGE_TIMES
 
 WORKER = Path(__file__).resolve().parent / "vllm_worker.py"
 DEFAULT_VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
@@ -189,7 +190,15 @@ class VllmService:
 
     def request(self, op: str, timeout: float | None = None, **payload) -> dict:
         """Send one request and wait for its reply; a timeout or a dead server is an error record."""
-        if self.process is None or self.process.poll() is not None:
+        starting = self.process is None or self.process.poll() is not None
+        stage = f"vLLM {payload.get('method', op)}" + (
+            " (first after a server start: imports vLLM)" if starting else ""
+        )
+        with STAGE_TIMES.measure(stage):
+            return self._request(op, starting, timeout, **payload)
+
+    def _request(self, op: str, starting: bool, timeout: float | None, **payload) -> dict:
+        if starting:
             self._start()
         self.requests += 1
         reply = self.replies / f"{self.requests}.json"

@@ -24,6 +24,7 @@ from quantsuite.manifest import SCHEMA_VERSION, build_manifest
 from quantsuite.schemes import SchemeSpec
 from quantsuite.stages.context import RunContext, free_memory
 from quantsuite.stages.scores import Scores
+from quantsuite.timing import STAGE_TIMES
 
 
 @dataclass
@@ -107,10 +108,11 @@ class Schemes:
             free_memory()
         model = self.context.load().model
         if quant_config is not None:
-            batches = self.context.batches("calibration", calibration)
-            apply_config(model, quant_config, batches, self.context.device)
-            if scheme.kv_cache:
-                calibrate_kv_cache(model, scheme.kv_cache, batches, self.context.device)
+            with STAGE_TIMES.measure("calibrate + fake-quantize a scheme"):
+                batches = self.context.batches("calibration", calibration)
+                apply_config(model, quant_config, batches, self.context.device)
+                if scheme.kv_cache:
+                    calibrate_kv_cache(model, scheme.kv_cache, batches, self.context.device)
         self._models[scheme.name] = model
         return model
 
