@@ -7,8 +7,9 @@
   `python scripts/train_tiny.py` (deterministic from its seed).
 - a local directory holding Qwen2.5-VL-3B-Instruct / 7B-Instruct (config.json + safetensors + tokenizer),
   loaded offline; models too large for one GPU load with `device_map="auto"`.
-- `qwen2.5-vl-3b-shape`: the real 3B architecture with seeded random weights (GPU performance runs); it uses
-  the tiny model's tokenizer, with the special-token ids in its config set to match.
+- `qwen2.5-vl-3b-shape` / `qwen2.5-vl-7b-shape`: the real 3B / 7B architecture (7B: untied lm_head, as
+  released) with seeded random weights (GPU performance and scale runs); they use the tiny model's tokenizer,
+  with the special-token ids in their config set to match.
 
 Nothing here touches the network: a hub id without a local copy fails at once.
 """
@@ -31,7 +32,17 @@ from quantsuite.timing import STAGE_TIMES
 
 TINY_DIR = Path(__file__).resolve().parent / "assets" / "tiny-qwen2.5-vl"
 SHAPE_3B = "qwen2.5-vl-3b-shape"
-NAMED_MODELS = ("tiny", SHAPE_3B)
+SHAPE_7B = "qwen2.5-vl-7b-shape"
+SHAPES = {SHAPE_3B: "3b", SHAPE_7B: "7b"}  # --model name -> make_config shape
+NAMED_MODELS = ("tiny", *SHAPES)
+# Released architectures (config.json of Qwen2.5-VL-3B-Instruct / -7B-Instruct): text model, vision tower
+# (hidden, depth, heads, intermediate, out_hidden = the text width), and whether lm_head is tied to the embedding.
+ARCHITECTURES = {
+    "3b": ({"hidden_size": 2048, "num_hidden_layers": 36, "num_attention_heads": 16, "num_key_value_heads": 2,
+            "intermediate_size": 11008, "vocab_size": 151936}, (1280, 32, 16, 3420, 2048), True),
+    "7b": ({"hidden_size": 3584, "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+            "intermediate_size": 18944, "vocab_size": 152064}, (1280, 32, 16, 3420, 3584), False),
+}  # fmt: skip
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 SUPPORTED_DTYPES = ("bfloat16",)  # export_hf_checkpoint(dtype=bf16) and load_export are bf16 end to end
 
@@ -117,7 +128,7 @@ class ModelSpec:
     def fingerprint(self) -> str:
         """Identity of the weights: config + tokenizer + weight files (name, size, first MiB) + seed/dtype."""
         digest = hashlib.sha256(f"{self.name if self.name in NAMED_MODELS else 'path'}|{self.dtype}".encode())
-        if self.name == SHAPE_3B:
+        if self.name in SHAPES:
             digest.update(f"seed={self.seed}".encode())
         source = self.source_dir()
         for file in sorted(source.iterdir()):
@@ -158,7 +169,7 @@ def _vision_config(hidden: int, depth: int, heads: int, intermediate: int, out_h
 
 
 def make_config(tokenizer, shape: str = "tiny"):
-    """Qwen2_5_VLConfig for `tiny` or the 3B shape, with special-token ids taken from `tokenizer`."""
+    """Qwen2_5_VLConfig for `tiny`, `3b` or `7b` (ARCHITECTURES), with special-token ids from `tokenizer`."""
     from transformers import Qwen2_5_VLConfig
 
     if shape == "tiny":
@@ -173,26 +184,21 @@ def make_config(tokenizer, shape: str = "tiny"):
             "max_position_embeddings": 2048,
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
         }
-        vision = _vision_config(64, 2, 2, 128, 128)
+        vision, tied = _vision_config(64, 2, 2, 128, 128), True
     else:
-        text = {
-            "hidden_size": 2048,
-            "num_hidden_layers": 36,
-            "num_attention_heads": 16,
-            "num_key_value_heads": 2,
-            "intermediate_size": 11008,
-            "vocab_size": 151936,
+        text, vision_shape, tied = ARCHITECTURES[shape]
+        text = text | {
             "max_position_embeddings": 128000,
             "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
         }
-        vision = _vision_config(1280, 32, 16, 3420, 2048)
+        vision = _vision_config(*vision_shape)
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}  # fmt: skip
     text |= {"bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
              "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
-             "pad_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"), "tie_word_embeddings": True}  # fmt: skip
-    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids)
+             "pad_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"), "tie_word_embeddings": tied}  # fmt: skip
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tied, **ids)
     config.architectures = ["Qwen2_5_VLForConditionalGeneration"]  # export needs it (is_multimodal_model)
     return config
 
@@ -280,10 +286,11 @@ def _load_model(spec: ModelSpec) -> LoadedModel:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     source, dtype, device = spec.source_dir(), spec.torch_dtype(), spec.torch_device()
     tokenizer = load_tokenizer(source)
-    if spec.name == SHAPE_3B:
+    if spec.name in SHAPES:
         torch.manual_seed(spec.seed)
         with device:
-            model = Qwen2_5_VLForConditionalGeneration._from_config(make_config(tokenizer, "3b"), dtype=dtype)
+            config = make_config(tokenizer, SHAPES[spec.name])
+            model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype)
     else:
         options: dict = {"dtype": dtype, "local_files_only": True}
         if device.type == "cuda" and spec.name not in NAMED_MODELS:

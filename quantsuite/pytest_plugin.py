@@ -31,7 +31,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("quantsuite")
     add = group.addoption
     add("--scheme", action="append", default=[], help="Scheme name or alias from schemes.yaml (repeatable; all)")
-    add("--model", default="tiny", help="tiny (default), qwen2.5-vl-3b-shape, or a local Qwen2.5-VL model directory")
+    add(
+        "--model",
+        default="tiny",
+        help="tiny (default), qwen2.5-vl-3b-shape, qwen2.5-vl-7b-shape "
+        "(random weights, real architecture), or a local Qwen2.5-VL model directory",
+    )
     add("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
     add("--dtype", default="bfloat16", help="bfloat16 (default), float16, float32")
     add("--calib-data", default=None, help="COCO captions annotation JSON (default: the bundled captions)")

@@ -173,14 +173,15 @@ class VllmOutcome(Strict):
         return self
 
 
-DRIFT_MODEL_KEYS = ("tiny", "qwen2.5-vl-3b-shape")  # models.NAMED_MODELS (not imported: models pulls torch)
+# models.NAMED_MODELS (not imported here: models pulls torch)
+DRIFT_MODEL_KEYS = ("tiny", "qwen2.5-vl-3b-shape", "qwen2.5-vl-7b-shape")
 
 
 class Expectations(Strict):
     drift: dict[str, DriftBounds] = Field(
         default_factory=dict,
-        description="Model tag -> drift bounds: tiny, qwen2.5-vl-3b-shape, or a local model directory's name that "
-        "starts with Qwen2.5-VL (e.g. Qwen2.5-VL-3B-Instruct)",
+        description="Model tag -> drift bounds: tiny, qwen2.5-vl-3b-shape, qwen2.5-vl-7b-shape, or a local model "
+        "directory's name that starts with Qwen2.5-VL (e.g. Qwen2.5-VL-3B-Instruct)",
     )
     vllm: dict[Literal["model_free", "cpu", "cpu_patched", "cuda"], VllmOutcome] = Field(
         default_factory=dict, description="vLLM check (model_free, cpu, cpu_patched, cuda) -> expected outcome"

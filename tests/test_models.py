@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from quantsuite.data import DataConfig, load_splits, tokenize_batches
 from quantsuite.models import (
@@ -63,6 +64,22 @@ def test_3b_shape_config_matches_qwen25_vl_3b():
         2048,
         3420,
     )
+
+
+def test_7b_shape_config_matches_qwen25_vl_7b():
+    """The released 7B architecture: 28 layers of width 3584, 4 KV heads, untied lm_head, 8.29B parameters
+    (counted on the meta device: nothing is allocated)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    config = make_config(load_tokenizer(TINY_DIR), "7b")
+    text, vision = config.text_config, config.vision_config
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads,
+            text.intermediate_size, text.vocab_size) == (3584, 28, 28, 4, 18944, 152064)  # fmt: skip
+    assert not config.tie_word_embeddings and vision.out_hidden_size == 3584 and vision.depth == 32
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
+    assert model.lm_head.weight is not model.get_input_embeddings().weight
+    assert round(sum(p.numel() for p in model.parameters()) / 1e9, 2) == 8.29
 
 
 @pytest.mark.parametrize("name,message", [
