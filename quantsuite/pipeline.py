@@ -28,7 +28,8 @@ class Workbench:
     """One run's stages, left to right: scores -> schemes -> exports -> drift / vllm; research on scores + drift."""
 
     def __init__(self, model_spec: ModelSpec, data_config: DataConfig, catalog: Catalog, cache_root: Path,
-                 reports_dir: Path = REPORTS_DIR, live_models: int = 1, run_id: str = "adhoc") -> None:  # fmt: skip
+                 reports_dir: Path = REPORTS_DIR, live_models: int | None = None,
+                 run_id: str = "adhoc") -> None:  # fmt: skip
         self.context = RunContext(model_spec, data_config, catalog, cache_root, reports_dir, run_id)
         self.scores = Scores(self.context)
         self.schemes = Schemes(self.context, self.scores, live_models)

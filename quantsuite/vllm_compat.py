@@ -191,9 +191,7 @@ class VllmService:
     def request(self, op: str, timeout: float | None = None, **payload) -> dict:
         """Send one request and wait for its reply; a timeout or a dead server is an error record."""
         starting = self.process is None or self.process.poll() is not None
-        stage = f"vLLM {payload.get('method', op)}" + (
-            " (first after a server start: imports vLLM)" if starting else ""
-        )
+        stage = f"vLLM {payload.get('method', op)}" + (" (starts the server: imports vLLM)" if starting else "")
         with STAGE_TIMES.measure(stage):
             return self._request(op, starting, timeout, **payload)
 

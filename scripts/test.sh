@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 # one run id for both passes: the report joins the results of this run only (drift and vLLM from the first pass)
 .venv/bin/pytest -n 2 --dist loadgroup -m "not benchmark" --run-id=latest-tiny --durations=25 "$@"
 QUANTSUITE_BENCH_ROUNDS=${QUANTSUITE_BENCH_ROUNDS:-3} QUANTSUITE_BENCH_WARMUP=${QUANTSUITE_BENCH_WARMUP:-1} \
-  .venv/bin/pytest -m benchmark --benchmark-disable-gc -p no:xdist --benchmark-json reports/benchmarks-tiny.json --run-id=latest-tiny "$@"
+  .venv/bin/pytest -m benchmark --benchmark-disable-gc -p no:xdist --benchmark-json reports/benchmarks-tiny.json --run-id=latest-tiny --durations=15 "$@"

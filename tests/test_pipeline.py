@@ -70,8 +70,9 @@ def test_a_code_change_means_a_rebuild(tmp_path, monkeypatch, workbench, model_s
         monkeypatch.setattr(module, "__file__", str(edited))
 
     before = keys(workbench)
-    edit(export, "export.py")
-    after_export_edit = keys(Workbench(model_spec, data_config, catalog, tmp_path / "cache", tmp_path / "reports"))
+    edit(export, "export.py")  # scores and decisions keep their keys: the session's cache serves them (no rescoring)
+    cache = workbench.context.cache.root
+    after_export_edit = keys(Workbench(model_spec, data_config, catalog, cache, tmp_path / "reports"))
     assert after_export_edit[:2] == before[:2] and after_export_edit[2] != before[2], (before, after_export_edit)
     edit(autoquant, "autoquant.py")
     after = keys(Workbench(model_spec, data_config, catalog, tmp_path / "cache", tmp_path / "reports"))

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from quantsuite import export as export_module
+from quantsuite import formats
 from quantsuite.cache import code_hash
 from quantsuite.export import load_export
 from quantsuite.schemes import SchemeSpec
@@ -72,7 +74,7 @@ class VllmChecks:
             if check == "model_free":
                 result = vllm_compat.model_free_verdict(service, export_dir, manifest)
             else:
-                result = self.run(service, export_dir, check)
+                result = self.run(service, export_dir, check, self.exports.key(scheme))
             if vllm_compat.is_unsupported_here(result.get("error")):
                 raise VllmUnsupportedHere(f"{scheme.name} {check}: {vllm_compat.error_text(result['error'])}")
             if vllm_compat.is_transient(result.get("error")):
@@ -83,9 +85,10 @@ class VllmChecks:
         path, _ = self.context.cache.get_or_build("vllm", key, build, f"{scheme.name} {check}")
         return json.loads((path / "result.json").read_text())
 
-    def run(self, service, export_dir: Path, check: str) -> dict:
+    def run(self, service, export_dir: Path, check: str, export_key: str | None = None) -> dict:
         """Load `export_dir` in a vLLM engine (`check` = cpu, cpu_patched or cuda), score the evaluation captions
-        teacher-forced and decode the greedy prompts, then the same with the PyTorch reference of the export."""
+        teacher-forced and decode the greedy prompts, then compare with the PyTorch reference of the export
+        (`reference`: computed once per export key and shared by every check of it)."""
         from quantsuite import vllm_compat
 
         sequences, prompts = self.sequences(), vllm_compat.prompt_token_ids(self.context.tokenizer)
@@ -102,23 +105,48 @@ class VllmChecks:
         for answer in (scores, greedy):
             if answer.get("error"):
                 return result | {"error": answer["error"]}
-        reloaded = load_export(export_dir, self.context.device)
-        per_shard = vllm_compat.reference_scores(reloaded, sequences, self.context.device)
-        fused_groups = vllm_compat.fuse_like_vllm(reloaded)  # what vLLM must compute: one scale per fused GEMM
-        reference = (
-            vllm_compat.reference_scores(reloaded, sequences, self.context.device) if fused_groups else per_shard
-        )
-        greedy_reference = vllm_compat.reference_generate(
-            reloaded, prompts, vllm_compat.GREEDY_TOKENS, self.context.device
-        )
-        del reloaded
-        free_memory()
-        return result | {"teacher_forced": vllm_compat.teacher_forced(reference, scores),
+        reference = self.reference(export_dir, export_key)
+        per_shard, fused = reference["per_shard"], reference["fused"]
+        return result | {"teacher_forced": vllm_compat.teacher_forced(fused, scores),
                          "teacher_forced_per_shard": vllm_compat.teacher_forced(per_shard, scores),
-                         "fusion_effect": vllm_compat.teacher_forced(per_shard, reference),
-                         "fused_groups": fused_groups,
-                         "greedy": vllm_compat.agreement(greedy_reference, greedy["outputs"]),
+                         "fusion_effect": vllm_compat.teacher_forced(per_shard, fused),
+                         "fused_groups": reference["fused_groups"],
+                         "greedy": vllm_compat.agreement(reference["greedy"], greedy["outputs"]),
                          "greedy_outputs": greedy["outputs"]}  # fmt: skip
+
+    def reference(self, export_dir: Path, export_key: str | None = None) -> dict:
+        """What the export means, computed in PyTorch on the reloaded checkpoint: teacher-forced scores per shard
+        and with vLLM's fused-layer scales (`fused`, the one a load is judged against), and greedy outputs. With
+        `export_key`, built once under `vllm-reference/<key>` and shared by the cpu, cpu_patched and cuda checks
+        (the CPU suite computed it twice per export before: 17% of its worker time went to vLLM builds)."""
+        from quantsuite import vllm_compat
+
+        sequences, prompts = self.sequences(), vllm_compat.prompt_token_ids(self.context.tokenizer)
+
+        device = self.context.device
+
+        def compute() -> dict:
+            reloaded = load_export(export_dir, device)
+            per_shard = vllm_compat.reference_scores(reloaded, sequences, device)
+            fused_groups = vllm_compat.fuse_like_vllm(reloaded)  # what vLLM must compute: one scale per fused GEMM
+            fused = vllm_compat.reference_scores(reloaded, sequences, device) if fused_groups else per_shard
+            greedy = vllm_compat.reference_generate(reloaded, prompts, vllm_compat.GREEDY_TOKENS, device)
+            del reloaded
+            free_memory()
+            return {"per_shard": per_shard, "fused": fused, "fused_groups": fused_groups, "greedy": greedy}
+
+        if export_key is None:
+            return compute()
+        code = code_hash(vllm_compat, export_module, formats, sys.modules[__name__])
+        key = self.context.cache.key({"export": export_key, "code": code, "sequences": sequences,
+                                      "prompts": prompts, "tokens": vllm_compat.GREEDY_TOKENS,
+                                      "device": str(device)})  # fmt: skip
+
+        def build(directory: Path) -> None:
+            (directory / "reference.json").write_text(json.dumps(compute()))
+
+        path, _ = self.context.cache.get_or_build("vllm-reference", key, build, export_dir.name)
+        return json.loads((path / "reference.json").read_text())
 
     def verdict(self, scheme: SchemeSpec, check: str, service) -> dict:
         """The check's result with its decision: model_free by its problems; a load by its teacher-forced error

@@ -43,3 +43,22 @@ def test_what_this_hardware_cannot_run_is_not_a_verdict(workbench, catalog):
     with pytest.raises(VllmUnsupportedHere, match="AVX-512"):
         workbench.vllm.check(catalog.scheme("bf16"), "model_free", service)
     assert not is_unsupported_here({"type": "RuntimeError", "key_line": "_C::static_scaled_fp8_quant() expected"})
+
+
+def test_the_pytorch_reference_is_built_once_per_export_and_read_back_exactly(workbench, catalog):
+    """Every load check of an export (cpu, cpu_patched, cuda) is judged against one PyTorch reference, built once
+    under vllm-reference/<key> (computing it per check took half of the CPU suite's vLLM build time); what is
+    read back equals a fresh computation bit for bit (floats through JSON)."""
+    scheme = catalog.scheme("bf16")
+    export_dir, key = workbench.exports.path(scheme), workbench.exports.key(scheme)
+    events = workbench.context.cache.events
+
+    def reference_events() -> list[str]:
+        return [event for event in events if event.startswith(("built vllm-reference/", "reused vllm-reference/"))
+                and event.split()[2] == export_dir.name]  # fmt: skip
+
+    cached = workbench.vllm.reference(export_dir, key)
+    before = reference_events()
+    again = workbench.vllm.reference(export_dir, key)
+    assert reference_events()[len(before) :] == [before[-1].replace("built", "reused").split(" in ")[0]]
+    assert again == cached == workbench.vllm.reference(export_dir)  # no key: computed afresh, not cached
