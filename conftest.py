@@ -120,7 +120,7 @@ def _skip_cuda_only_searches(config: pytest.Config, items: list[pytest.Item]) ->
     for item in items:
         spec = getattr(item, "callspec", None)
         scheme = spec.params.get("scheme") if spec else None
-        needs = scheme is not None and scheme.mode == "autoquant" and catalog.cuda_only(scheme)
+        needs = scheme is not None and catalog.scoring_needs_cuda(scheme)
         if needs:
             item.add_marker(pytest.mark.skip(reason=f"{scheme.name}: AutoQuant scoring over {needs} runs on CUDA "
                                              "only in ModelOpt 0.47; run it with --device cuda on a GPU"))  # fmt: skip
@@ -280,9 +280,8 @@ def _stage_time_lines(config: pytest.Config) -> list[str]:
         merged.merge(table["stages"])
     if not merged.seconds:
         return []
-    process_seconds = sum(table["seconds"] for table in workers) if workers else None
-    if process_seconds is None and SESSION_STARTED in config.stash:
-        process_seconds = time.perf_counter() - config.stash[SESSION_STARTED]
+    own_seconds = time.perf_counter() - config.stash[SESSION_STARTED]
+    process_seconds = sum(table["seconds"] for table in workers) if workers else own_seconds
     where = f"{len(workers)} xdist workers, {process_seconds:.0f} worker-seconds" if workers else "one process"
     return [f"summed over {where}; each stage's own time (a stage inside another is not counted twice)",
             *merged.lines(process_seconds)]  # fmt: skip

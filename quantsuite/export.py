@@ -400,7 +400,6 @@ def load_export(export_dir: Path, device: torch.device | str = "cpu", dtype: tor
 def _load_export(export_dir: Path, device: torch.device | str, dtype: torch.dtype):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    export_dir = Path(export_dir)
     config_dict = json.loads((export_dir / "config.json").read_text())
     config_dict.pop("quantization_config", None)
     config = Qwen2_5_VLConfig.from_dict(config_dict)

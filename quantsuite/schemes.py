@@ -254,8 +254,8 @@ class SchemeSpec(Strict):
         if self.coverage is not None and not 0 < self.coverage <= 1:
             raise ValueError(f"coverage {self.coverage} must lie in (0, 1]")
         for check, expected in self.expect.vllm.items():
-            picked_by_search = self.mode == "autoquant" and expected.when_format in self.formats
-            if expected.when_format is not None and not picked_by_search:
+            searched = self.mode == "autoquant" and expected.when_format in self.formats
+            if expected.when_format is not None and not searched:
                 raise ValueError(f"expect.vllm.{check}.when_format {expected.when_format!r} must be one of this "
                                  f"AutoQuant scheme's formats {list(self.formats)}")  # fmt: skip
         return self
@@ -314,6 +314,10 @@ class Catalog(Strict):
     def cuda_only(self, scheme: SchemeSpec) -> str | None:
         """What in `scheme`'s fake-quant model needs CUDA (None: it runs on CPU)."""
         return next(filter(None, (self.formats[name].cuda_only for name in scheme.formats)), None)
+
+    def scoring_needs_cuda(self, scheme: SchemeSpec) -> str | None:
+        """What AutoQuant scoring of `scheme` needs CUDA for (None: not an AutoQuant scheme, or it scores on CPU)."""
+        return self.cuda_only(scheme) if scheme.mode == "autoquant" else None
 
     def scheme(self, name: str) -> SchemeSpec:
         return self.select([name])[0]

@@ -34,7 +34,7 @@ def test_report_and_summary_exist(report_dir, workbench, catalog, request):
     summary = json.loads((report_dir / "summary.json").read_text())
     on_cpu = workbench.context.device.type != "cuda"
     for scheme in catalog.select(request.config.getoption("--scheme")):
-        if on_cpu and scheme.mode == "autoquant" and catalog.cuda_only(scheme):
+        if on_cpu and catalog.scoring_needs_cuda(scheme):
             assert f"| {scheme.name} |" not in text
             continue
         row = next(line for line in text.splitlines() if line.startswith(f"| {scheme.name} |"))
@@ -179,7 +179,7 @@ def test_solver_table_lists_every_auto_scheme(report_dir, workbench, catalog, re
     scored_here = workbench.context.device.type == "cuda"
     auto = [s for s in catalog.select(request.config.getoption("--scheme"))
             if s.mode == "autoquant" and s.coverage_mode == "auto"
-            and (scored_here or not catalog.cuda_only(s))]  # fmt: skip
+            and (scored_here or not catalog.scoring_needs_cuda(s))]  # fmt: skip
     if not auto:
         pytest.skip("no auto AutoQuant scheme selected")
     section = text.split("## Solvers per scheme")[1]

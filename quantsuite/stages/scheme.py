@@ -42,6 +42,13 @@ class SchemeResult:
 SMALL_MODELS_BYTES = 1 << 30  # quantized models kept together below this are small (tiny: a few MB each)
 
 
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a model's parameters and buffers (quantizer state included)."""
+    return sum(
+        tensor.numel() * tensor.element_size() for tensor in itertools.chain(model.parameters(), model.buffers())
+    )
+
+
 class Schemes:
     """Decisions per scheme (`schemes/<key>`, key: base inputs + scheme spec + scores key + quant config + code),
     published as reports/manifests/<model>/<scheme>.json. Quantized models are kept for reuse: at most
@@ -59,8 +66,7 @@ class Schemes:
         context.holds_device_memory(self._release)
 
     def _held_bytes(self) -> int:
-        return sum(tensor.numel() * tensor.element_size() for model in self._models.values()
-                   for tensor in itertools.chain(model.parameters(), model.buffers()))  # fmt: skip
+        return sum(map(model_bytes, self._models.values()))
 
     def _room_for_another(self) -> bool:
         if self.live_models is not None:

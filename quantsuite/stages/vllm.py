@@ -122,7 +122,6 @@ class VllmChecks:
         from quantsuite import vllm_compat
 
         sequences, prompts = self.sequences(), vllm_compat.prompt_token_ids(self.context.tokenizer)
-
         device = self.context.device
 
         def compute() -> dict:

@@ -32,12 +32,12 @@ def test_a_released_model_is_rebuilt_from_the_stored_decisions(tmp_path, workben
 def test_small_models_stay_live_across_schemes_and_releases(tmp_path, workbench, model_spec, data_config, catalog):
     """By default models that are small together (the tiny one: a few MB each) are kept: another scheme's model
     or a release for a vLLM engine recalibrates nothing. A model of the 3B shape is alone above the limit."""
-    from quantsuite.stages.scheme import SMALL_MODELS_BYTES
+    from quantsuite.stages.scheme import SMALL_MODELS_BYTES, model_bytes
 
     bench = Workbench(model_spec, data_config, catalog, workbench.context.cache.root, tmp_path / "reports")
     top50, default = catalog.scheme("top50"), catalog.scheme("default")
     first = bench.schemes.model(top50)
-    size = sum(t.numel() * t.element_size() for t in [*first.parameters(), *first.buffers()])
+    size = model_bytes(first)
     bench.schemes.model(default)
     bench.context.release()
     if 2 * size <= SMALL_MODELS_BYTES:
