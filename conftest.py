@@ -283,8 +283,9 @@ def _stage_time_lines(config: pytest.Config) -> list[str]:
     own_seconds = time.perf_counter() - config.stash[SESSION_STARTED]
     process_seconds = sum(table["seconds"] for table in workers) if workers else own_seconds
     where = f"{len(workers)} xdist workers, {process_seconds:.0f} worker-seconds" if workers else "one process"
-    return [f"summed over {where}; each stage's own time (a stage inside another is not counted twice)",
-            *merged.lines(process_seconds)]  # fmt: skip
+    memory = "; peak GiB: the highest CUDA allocation of one process while the stage ran, inner stages included"
+    return [f"summed over {where}; each stage's own time (a stage inside another is not counted twice)"
+            + (memory if any(merged.peak_bytes.values()) else ""), *merged.lines(process_seconds)]  # fmt: skip
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:

@@ -6,6 +6,10 @@
   (`torch._scaled_mm`, FP8 activations quantized with the checkpoint's input_scale); it needs the op on the
   device (CUDA compute capability >= 8.9, or a CPU build of torch that has it) and raises
   `Fp8MatmulUnavailable` elsewhere.
+- `compile_decoder_layers` compiles each decoder layer of the language model with torch.compile (regional
+  compilation: one graph serves every layer of the same structure). Inductor then fuses the FP8 activation
+  quantization with the RMSNorm / SiLU-mul / residual add in front of each `_scaled_mm`; eagerly those are separate
+  kernels, which made the real-FP8 path slower than BF16.
 - `gate_baseline` keeps, from a previous run's benchmark JSON, the entries stable enough to fail a nightly on:
   `python -m quantsuite.bench gate-baseline PREVIOUS.json OUT.json` (scripts/nightly.sh compares against OUT).
 
@@ -90,6 +94,27 @@ def to_scaled_mm(model: torch.nn.Module, device: torch.device) -> int:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, ScaledMmLinear(module))
     return len(swaps)
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The language model's decoder layers of a Qwen2.5-VL model (transformers 5: model.language_model.layers)."""
+    return model.get_submodule("model.language_model.layers")
+
+
+def compile_decoder_layers(model: torch.nn.Module) -> int:
+    """torch.compile every decoder layer in place (vision tower, embeddings and lm_head stay eager); returns how
+    many. Compilation happens on the first call of each new input shape (tens of seconds), so warm up before
+    timing. Layers of one structure share a graph; a scheme that mixes FP8 and BF16 layers compiles one graph per
+    structure, and decoding (a growing KV length) one more with dynamic shapes, so the recompile limit is raised."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, limit, max(getattr(config, limit), 64))
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile()
+    return len(layers)
 
 
 def prefill_step(model: torch.nn.Module, batch_size: int, sequence_length: int, device: torch.device,

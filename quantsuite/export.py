@@ -391,10 +391,26 @@ def _quantized_module(spec: ExportFormat, tensors: dict[str, torch.Tensor], bias
     return QuantLinear(spec, tensors, bias, dtype)
 
 
-def load_export(export_dir: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16):
-    """Qwen2.5-VL from an export, quantized layers computed as their format means (strict: every tensor used)."""
+def load_export(export_dir: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
+                device_map: dict[str, int | str | torch.device] | None = None):  # fmt: skip
+    """Qwen2.5-VL from an export, quantized layers computed as their format means (strict: every tensor used).
+
+    `device_map` (module name -> device, as transformers' `hf_device_map` of a model loaded with
+    `device_map="auto"`): the reload is built on the CPU and dispatched over those devices (accelerate), so a model
+    too large for one GPU is never put on a single one; `device` is then ignored. See `spread_device_map`."""
     with STAGE_TIMES.measure("reload an export in PyTorch"):
-        return _load_export(Path(export_dir), device, dtype)
+        if not device_map:
+            return _load_export(Path(export_dir), device, dtype)
+        from accelerate import dispatch_model
+
+        return dispatch_model(_load_export(Path(export_dir), "cpu", dtype), device_map=device_map)
+
+
+def spread_device_map(model: torch.nn.Module) -> dict[str, int | str | torch.device] | None:
+    """The model's `hf_device_map` when it spans several devices (loaded with `device_map="auto"` and too large
+    for one), else None: a reload of its export must be spread the same way."""
+    device_map = getattr(model, "hf_device_map", None) or {}
+    return dict(device_map) if len({str(device) for device in device_map.values()}) > 1 else None
 
 
 def _load_export(export_dir: Path, device: torch.device | str, dtype: torch.dtype):

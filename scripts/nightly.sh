@@ -6,6 +6,7 @@
 #   PYTHON             interpreter with quantsuite's dependencies and CUDA torch (default python3)
 #   GPUS               number of GPUs: >1 runs one scheme per GPU (pytest-xdist, --dist loadgroup)
 #   RUN_ID             report directory name under reports/ (default nightly-<date>)
+#   SCHEMES            space-separated scheme names or aliases to run (default: the whole catalog)
 #   COMPARE            a previous benchmark JSON: fails on a >10% median regression of the gated benchmarks
 #                      (real-FP8 prefill at >= 8192 tokens; see GATED_KINDS in quantsuite/bench.py)
 #   QUANTSUITE_BENCH_BATCH / QUANTSUITE_BENCH_PREFILL_TOKENS  prefill shape (default 8 x 1024 here)
@@ -18,6 +19,7 @@ GPUS=${GPUS:-$($PYTHON -c "import torch; print(max(torch.cuda.device_count(), 1)
 RUN_ID=${RUN_ID:-nightly-$(date +%Y%m%d)}
 PYTEST=${PYTEST:-$PYTHON -m pytest}
 common=(--model="$MODEL" --drop-exports --run-id="$RUN_ID")
+for name in ${SCHEMES:-}; do common+=(--scheme="$name"); done
 # Prefill benchmarks at a compute-bound shape: at 4 x 64 tokens eager PyTorch is host-bound and BF16 prefill
 # moved 5000-9500 tokens/s between identical runs on an H200; at 8 x 1024 ratios repeated within 1%.
 export QUANTSUITE_BENCH_BATCH=${QUANTSUITE_BENCH_BATCH:-8} QUANTSUITE_BENCH_PREFILL_TOKENS=${QUANTSUITE_BENCH_PREFILL_TOKENS:-1024}

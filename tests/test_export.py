@@ -119,3 +119,32 @@ def test_kv_cache_is_checked_in_the_export():
         "hf_quant_config.json kv_cache_quant_algo None, the manifest's KV cache is FP8"]  # fmt: skip
     manifest["totals"]["kv_cache_format"] = "BF16"
     assert len(_kv_cache_problems(index, manifest, quantization)) == 3, "algo and scales stored for a BF16 KV cache"
+
+
+def test_reload_follows_a_device_map(workbench, catalog):
+    """A model spread over devices (device_map="auto") reloads its export spread the same way: every module on
+    the device its map names, same logits as the reload on one device. With two GPUs the map splits the decoder
+    layers between cuda:0 and cuda:1 (the real case); elsewhere it maps everything to this device, which still
+    runs accelerate's dispatch path."""
+    from quantsuite.export import spread_device_map
+
+    pytest.importorskip("accelerate", reason="a device_map reload needs accelerate (pip install accelerate)")
+    count = torch.cuda.device_count() if workbench.context.device.type == "cuda" else 0
+    first, second = ("cuda:0", "cuda:1") if count >= 2 else (str(workbench.context.device),) * 2
+    path = workbench.exports.path(catalog.scheme("top50"))
+    single = load_export(path, first)
+    layers = len(single.model.language_model.layers)
+    device_map = {"model.visual": first, "model.language_model.embed_tokens": first,
+                  "model.language_model.rotary_emb": second, "model.language_model.norm": second,
+                  "lm_head": second} | {f"model.language_model.layers.{i}": first if i < layers // 2 else second
+                                        for i in range(layers)}  # fmt: skip
+    spread = load_export(path, "cpu", device_map=device_map)
+    for name, device in device_map.items():
+        placed = {str(tensor.device) for tensor in spread.get_submodule(name).state_dict().values()}
+        assert placed <= {device}, f"{name} is on {placed}, its map says {device}"
+    batches = workbench.context.batches("evaluation")[:2]
+    expected, actual = capture(single, batches, torch.device(first)), capture(spread, batches, torch.device(first))
+    assert torch.equal(expected.logits, actual.logits)
+    spread.hf_device_map = device_map
+    assert spread_device_map(spread) == (device_map if first != second else None)
+    assert spread_device_map(single) is None

@@ -31,7 +31,7 @@ def test_a_stage_inside_another_is_counted_once(clock):
         with times.measure("build schemes"):
             clock.now += 30
         clock.now += 6
-    assert times.as_dict() == {"build exports": [10.0, 1], "build schemes": [30.0, 1]}
+    assert times.as_dict() == {"build exports": [10.0, 1, 0], "build schemes": [30.0, 1, 0]}
 
 
 def test_a_failing_stage_is_still_timed(clock):
@@ -39,7 +39,7 @@ def test_a_failing_stage_is_still_timed(clock):
     with pytest.raises(RuntimeError), times.measure("vLLM open"):
         clock.now += 2
         raise RuntimeError("engine died")
-    assert times.as_dict() == {"vLLM open": [2.0, 1]}
+    assert times.as_dict() == {"vLLM open": [2.0, 1, 0]}
 
 
 def test_workers_merge_and_the_table_accounts_for_every_second(clock):
@@ -53,7 +53,62 @@ def test_workers_merge_and_the_table_accounts_for_every_second(clock):
     merged = StageTimes()
     merged.merge(first.as_dict())
     merged.merge(second.as_dict())
-    assert merged.as_dict() == {"build drift": [40.0, 2], "vLLM score": [20.0, 1]}
+    assert merged.as_dict() == {"build drift": [40.0, 2, 0], "vLLM score": [20.0, 1, 0]}
     lines = merged.lines(process_seconds=100.0)
     assert lines[1].split()[:4] == ["build", "drift", "40.0", "2"] and lines[1].endswith("40.0%")
     assert lines[-1].startswith("(outside the stages above)") and lines[-1].endswith("40.0%")
+
+
+class FakeMemory:
+    """A device's peak-allocation counter: `allocated` now, `high` the peak since the last reset."""
+
+    def __init__(self) -> None:
+        self.allocated = self.high = 0
+
+    def set(self, allocated: int) -> None:
+        self.allocated = allocated
+        self.high = max(self.high, allocated)
+
+    def peak(self) -> int:
+        return self.high
+
+    def reset(self) -> None:
+        self.high = self.allocated
+
+
+def test_peak_memory_per_stage_includes_inner_stages(clock):
+    """A drift build loads a model (10 GiB), inside it a scheme build peaks at 30 GiB and frees down to 12 GiB;
+    the drift build then peaks at 20 GiB. Peaks: scheme 30, drift 30 (its inner stage included), and a later
+    stage starting at 12 GiB allocated peaks at what it reached itself (15), not at the earlier 30."""
+    memory = FakeMemory()
+    times = StageTimes(memory)
+    with times.measure("build drift"):
+        memory.set(10)
+        with times.measure("build schemes"):
+            memory.set(30)
+            memory.set(12)
+        memory.set(20)
+        memory.set(12)
+    with times.measure("vLLM score"):
+        memory.set(15)
+    assert times.peak_bytes == {"build drift": 30, "build schemes": 30, "vLLM score": 15}
+    merged = StageTimes(FakeMemory())
+    merged.merge(times.as_dict())
+    merged.merge({"vLLM score": [1.0, 1, 40], "old worker": [1.0, 1]})  # a table without peaks still merges
+    assert merged.peak_bytes["vLLM score"] == 40 and merged.peak_bytes["old worker"] == 0
+    assert merged.lines()[0].split()[-2:] == ["peak", "GiB"]
+
+
+def test_cpu_runs_never_touch_cuda():
+    """Without CUDA in use the probe reads 0 and the table has no memory column."""
+    import torch
+
+    from quantsuite.timing import CudaPeakMemory
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        pytest.skip("CUDA is in use in this process")
+    assert CudaPeakMemory().peak() == 0
+    times = StageTimes()
+    with times.measure("build drift"):
+        pass
+    assert "peak" not in times.lines()[0]

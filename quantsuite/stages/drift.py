@@ -14,7 +14,7 @@ from pathlib import Path
 from quantsuite import drift
 from quantsuite.cache import code_hash
 from quantsuite.drift import Capture, capture, compare
-from quantsuite.export import export_fidelity, load_export
+from quantsuite.export import export_fidelity, load_export, spread_device_map
 from quantsuite.schemes import SchemeSpec
 from quantsuite.stages.context import RunContext, free_memory
 from quantsuite.stages.export import Exports
@@ -59,7 +59,8 @@ class Drift:
             quantized = self.schemes.model(scheme)
             fake = capture(quantized, batches, device)  # (a): measured before anything touches the export
             fidelity = export_fidelity(quantized, export_dir)
-            reloaded = load_export(export_dir, device)
+            # a model spread over several GPUs (device_map="auto") is reloaded spread the same way
+            reloaded = load_export(export_dir, device, device_map=spread_device_map(quantized))
             exported = capture(reloaded, batches, device)  # (b)
             del reloaded
             free_memory()
