@@ -46,6 +46,18 @@ def pytest_configure(config: pytest.Config) -> None:
         config.stash[VLLM_PYTHON] = resolve_vllm_python(option("--vllm-python"))
     except (SchemeError, ModelSourceError, CaptionDataError, VllmSetupError) as error:
         raise pytest.UsageError(str(error)) from None
+    share_cpu_threads()
+
+
+def share_cpu_threads() -> None:
+    """Under pytest-xdist, each worker gets its share of the cores for torch's CPU threads (torch's default is every
+    core per process: N workers oversubscribe the CPU N times). QUANTSUITE_TORCH_THREADS overrides."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    threads = os.environ.get("QUANTSUITE_TORCH_THREADS")
+    if threads or workers > 1:
+        import torch
+
+        torch.set_num_threads(int(threads) if threads else max(1, (os.cpu_count() or 1) // workers))
 
 
 def vllm_checks(config: pytest.Config) -> tuple[str, ...]:

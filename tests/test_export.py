@@ -134,10 +134,16 @@ def test_reload_follows_a_device_map(workbench, catalog):
     path = workbench.exports.path(catalog.scheme("top50"))
     single = load_export(path, first)
     layers = len(single.model.language_model.layers)
-    device_map = {"model.visual": first, "model.language_model.embed_tokens": first,
-                  "model.language_model.rotary_emb": second, "model.language_model.norm": second,
-                  "lm_head": second} | {f"model.language_model.layers.{i}": first if i < layers // 2 else second
-                                        for i in range(layers)}  # fmt: skip
+    # lm_head beside the embeddings: tied to them on the tiny and 3B models (accelerate keeps tied weights on one
+    # device, as device_map="auto" does)
+    device_map = {
+        "model.visual": first,
+        "model.language_model.embed_tokens": first,
+        "lm_head": first,
+        "model.language_model.rotary_emb": second,
+        "model.language_model.norm": second,
+    }
+    device_map |= {f"model.language_model.layers.{i}": first if i < layers // 2 else second for i in range(layers)}
     spread = load_export(path, "cpu", device_map=device_map)
     for name, device in device_map.items():
         placed = {str(tensor.device) for tensor in spread.get_submodule(name).state_dict().values()}
