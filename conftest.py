@@ -72,15 +72,6 @@ def share_cpu_threads() -> None:
         torch.set_num_threads(int(threads) if threads else len(cores))
 
 
-def vllm_environment(device) -> dict[str, str]:
-    """The environment of this worker's vLLM server: its GPU only (CUDA), or its share of the cores for vLLM's
-    OpenMP threads (CPU; vLLM binds every core by default, so each worker's server competed for all of them)."""
-    from quantsuite.vllm_compat import pinned_environment
-
-    cores = worker_cores() if device.type == "cpu" else None
-    return pinned_environment(device) | ({"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cores))} if cores else {})
-
-
 def vllm_checks(config: pytest.Config) -> tuple[str, ...]:
     """The vLLM checks this machine can run: the model-free verdict, plus a real load on the vLLM backend found
     (`cpu` and `cpu_patched` for the vllm-cpu build, `cuda` otherwise)."""
@@ -271,10 +262,10 @@ def vllm_python(pytestconfig):
 @pytest.fixture(scope="session")
 def vllm_service(pytestconfig, vllm_python, workbench):
     """One vLLM server per test process (vLLM imported once), pinned to this worker's GPU; closed at the end."""
-    from quantsuite.vllm_compat import VllmService
+    from quantsuite.vllm_compat import VllmService, pinned_environment
 
     log_dir = Path(pytestconfig.getoption("--cache-dir")) / "logs"
-    with VllmService(vllm_python, log_dir, vllm_environment(workbench.context.device)) as service:
+    with VllmService(vllm_python, log_dir, pinned_environment(workbench.context.device)) as service:
         yield service
 
 

@@ -106,10 +106,11 @@ class ArtifactCache:
             return target, True
         target.parent.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(target) + ".lock")
-        with STAGE_TIMES.measure(f"wait for another worker's {kind}"):
-            lock.acquire()
+        started = time.perf_counter()
+        lock.acquire()
         try:
-            if self.is_complete(kind, key):  # another worker built it while we waited
+            if self.is_complete(kind, key):  # another worker built it while we waited: only then is it a wait
+                STAGE_TIMES.add(f"wait for another worker's {kind}", time.perf_counter() - started)
                 self.events.append(f"reused {kind}/{key} {label}".rstrip())
                 return target, True
             if target.exists():  # half-written leftovers: never reused

@@ -77,6 +77,14 @@ class StageTimes:
                 self._nested[-1] += elapsed
                 self._peaks[-1] = max(self._peaks[-1], peak)
 
+    def add(self, stage: str, seconds: float) -> None:
+        """Record `seconds` timed by the caller as one occurrence of `stage` (taken out of the enclosing stage's
+        own time, as `measure` does): for a span known to be a stage only after it ended."""
+        self.seconds[stage] += seconds
+        self.counts[stage] += 1
+        if self._nested:
+            self._nested[-1] += seconds
+
     def as_dict(self) -> dict[str, list]:
         return {stage: [self.seconds[stage], self.counts[stage], self.peak_bytes[stage]] for stage in self.seconds}
 

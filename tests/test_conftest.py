@@ -1,11 +1,10 @@
-"""The root conftest's sharing of CPU cores between pytest-xdist workers (torch threads, vLLM's OpenMP binding)."""
+"""The root conftest's sharing of CPU cores between pytest-xdist workers (torch's intra-op threads)."""
 
 from __future__ import annotations
 
 import pytest
-import torch
 
-from conftest import vllm_environment, worker_cores
+from conftest import worker_cores
 
 
 @pytest.fixture
@@ -24,11 +23,3 @@ def test_each_worker_gets_its_own_slice_of_the_cores(monkeypatch, eight_cores, w
         else:
             monkeypatch.setenv(name, value)
     assert worker_cores() == expected
-
-
-def test_a_cpu_vllm_server_is_bound_to_its_worker_cores_and_a_gpu_one_to_its_gpu(monkeypatch, eight_cores):
-    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw1")
-    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")
-    assert vllm_environment(torch.device("cpu")) == {"VLLM_CPU_OMP_THREADS_BIND": "4,5,6,7"}
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    assert vllm_environment(torch.device("cuda", 1)) == {"CUDA_VISIBLE_DEVICES": "1"}

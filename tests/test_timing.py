@@ -112,3 +112,13 @@ def test_cpu_runs_never_touch_cuda():
     with times.measure("build drift"):
         pass
     assert "peak" not in times.lines()[0]
+
+
+def test_a_span_timed_by_the_caller_counts_once(clock):
+    """`add` records a span known to be a stage only after it ended (a lock wait that turned out to be another
+    worker's build), and takes it out of the enclosing stage's own time."""
+    times = StageTimes()
+    with times.measure("build drift"):
+        clock.now += 5
+        times.add("wait for another worker's exports", 3.0)
+    assert times.as_dict() == {"build drift": [2.0, 1, 0], "wait for another worker's exports": [3.0, 1, 0]}

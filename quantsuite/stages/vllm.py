@@ -10,6 +10,7 @@ BF16). vLLM itself runs in its own environment (`quantsuite.vllm_compat`, `quant
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -47,11 +48,16 @@ class VllmChecks:
         self.schemes = schemes
         self.exports = exports
 
-    def sequences(self) -> list[list[int]]:
-        from quantsuite.vllm_compat import teacher_forced_sequences
+    @functools.cached_property
+    def token_inputs(self) -> tuple[list[list[int]], list[list[int]]]:
+        """(teacher-forced sequences of the evaluation captions, greedy prompts): tokenized once per run, read by
+        every check's key, its run and the PyTorch reference."""
+        from quantsuite import vllm_compat
 
         captions = [caption.text for caption in self.context.splits.evaluation]
-        return teacher_forced_sequences(self.context.tokenizer, captions, self.context.data_config.sequence_length)
+        sequences = vllm_compat.teacher_forced_sequences(self.context.tokenizer, captions,
+                                                         self.context.data_config.sequence_length)  # fmt: skip
+        return sequences, vllm_compat.prompt_token_ids(self.context.tokenizer)
 
     def check(self, scheme: SchemeSpec, check: str, service) -> dict:
         """One vLLM check of the scheme's export: `model_free`, or a `cpu` / `cpu_patched` / `cuda` load scored
@@ -60,8 +66,7 @@ class VllmChecks:
         from quantsuite import vllm_compat
 
         manifest = self.schemes.result(scheme).manifest
-        sequences = self.sequences()
-        prompts = vllm_compat.prompt_token_ids(self.context.tokenizer)
+        sequences, prompts = self.token_inputs
         from quantsuite import vllm_cpu_fp8_compat, vllm_worker
 
         code = code_hash(vllm_compat, vllm_worker, vllm_cpu_fp8_compat, sys.modules[__name__])
@@ -91,7 +96,7 @@ class VllmChecks:
         (`reference`: computed once per export key and shared by every check of it)."""
         from quantsuite import vllm_compat
 
-        sequences, prompts = self.sequences(), vllm_compat.prompt_token_ids(self.context.tokenizer)
+        sequences, prompts = self.token_inputs
         self.context.release()  # the engine gets the device: nothing of ours stays on it
         options = vllm_compat.engine_options(self.context.device, "check", share=0.35)
         with service.engine(export_dir, options, patch=check == "cpu_patched") as engine:
@@ -121,7 +126,7 @@ class VllmChecks:
         (the CPU suite computed it twice per export before: 17% of its worker time went to vLLM builds)."""
         from quantsuite import vllm_compat
 
-        sequences, prompts = self.sequences(), vllm_compat.prompt_token_ids(self.context.tokenizer)
+        sequences, prompts = self.token_inputs
         device = self.context.device
 
         def compute() -> dict:
