@@ -49,27 +49,23 @@ def pytest_configure(config: pytest.Config) -> None:
     share_cpu_threads()
 
 
-def worker_cores() -> list[int] | None:
-    """This pytest-xdist worker's share of the CPU cores (worker gw<i> gets the i-th equal slice of the cores this
-    process may use); None outside xdist or with fewer cores than workers."""
+def worker_threads() -> int | None:
+    """torch threads for this pytest-xdist worker: its equal share of the cores this process may use; None outside
+    xdist or with fewer cores than workers (torch's default then). QUANTSUITE_TORCH_THREADS overrides."""
+    if os.environ.get("QUANTSUITE_TORCH_THREADS"):
+        return int(os.environ["QUANTSUITE_TORCH_THREADS"])
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
-    cores = sorted(os.sched_getaffinity(0))
-    if workers < 2 or not worker.startswith("gw") or len(cores) < workers:
-        return None
-    share, index = len(cores) // workers, int(worker[2:]) % workers
-    return cores[index * share : (index + 1) * share]
+    return (len(os.sched_getaffinity(0)) // workers or None) if workers > 1 else None
 
 
 def share_cpu_threads() -> None:
     """Under pytest-xdist, torch in each worker uses its share of the cores (torch's default is every core per
-    process: N workers oversubscribed the CPU N times; on the 2-core CI box that made -n 2 runs 3.4x slower).
-    QUANTSUITE_TORCH_THREADS overrides."""
-    threads, cores = os.environ.get("QUANTSUITE_TORCH_THREADS"), worker_cores()
-    if threads or cores:
+    process: N workers oversubscribed the CPU N times; on the 2-core CI box that made -n 2 runs 3.4x slower)."""
+    threads = worker_threads()
+    if threads:
         import torch
 
-        torch.set_num_threads(int(threads) if threads else len(cores))
+        torch.set_num_threads(threads)
 
 
 def vllm_checks(config: pytest.Config) -> tuple[str, ...]:

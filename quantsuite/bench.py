@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from quantsuite.export import FP8, Fp8Linear, per_token_scale, to_fp8
+from quantsuite.models import language_model
 
 
 class Fp8MatmulUnavailable(RuntimeError):
@@ -96,11 +97,6 @@ def to_scaled_mm(model: torch.nn.Module, device: torch.device) -> int:
     return len(swaps)
 
 
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The language model's decoder layers of a Qwen2.5-VL model (transformers 5: model.language_model.layers)."""
-    return model.get_submodule("model.language_model.layers")
-
-
 def compile_decoder_layers(model: torch.nn.Module) -> int:
     """torch.compile every decoder layer in place (vision tower, embeddings and lm_head stay eager); returns how
     many. Compilation happens on the first call of each new input shape (tens of seconds), so warm up before
@@ -111,7 +107,7 @@ def compile_decoder_layers(model: torch.nn.Module) -> int:
     config = torch._dynamo.config
     limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     setattr(config, limit, max(getattr(config, limit), 64))
-    layers = decoder_layers(model)
+    layers = language_model(model).layers
     for layer in layers:
         layer.compile()
     return len(layers)

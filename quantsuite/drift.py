@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from quantsuite.data import IGNORE_INDEX
+from quantsuite.models import language_model
 
 
 @dataclass
@@ -31,13 +32,9 @@ class Capture:
     hidden: dict[str, torch.Tensor]  # "block.N" / "final_norm" -> (tokens, hidden)
 
 
-def _language_model(model: torch.nn.Module) -> torch.nn.Module:
-    return model.model.language_model
-
-
 @torch.no_grad()
 def capture(model: torch.nn.Module, batches: list[dict], device: torch.device) -> Capture:
-    language_model = _language_model(model)
+    decoder = language_model(model)
     stores: dict[str, list[torch.Tensor]] = {}
     masks: list[torch.Tensor] = []
 
@@ -48,8 +45,8 @@ def capture(model: torch.nn.Module, batches: list[dict], device: torch.device) -
 
         return record
 
-    handles = [layer.register_forward_hook(hook(f"block.{i}")) for i, layer in enumerate(language_model.layers)]
-    handles.append(language_model.norm.register_forward_hook(hook("final_norm")))
+    handles = [layer.register_forward_hook(hook(f"block.{i}")) for i, layer in enumerate(decoder.layers)]
+    handles.append(decoder.norm.register_forward_hook(hook("final_norm")))
     logits, next_tokens = [], []
     try:
         for batch in batches:

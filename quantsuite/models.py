@@ -151,6 +151,12 @@ def device_for_worker(device: str, worker: str, gpu_count: int) -> str:
     return device
 
 
+def language_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The language model of a Qwen2.5-VL model (transformers 5: `model.language_model`; its decoder layers are
+    `.layers`)."""
+    return model.model.language_model
+
+
 @dataclass
 class LoadedModel:
     model: torch.nn.Module
