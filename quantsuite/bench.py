@@ -127,19 +127,40 @@ def prefill_step(model: torch.nn.Module, batch_size: int, sequence_length: int, 
     return step, batch_size * sequence_length
 
 
+def greedy_decode(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, static_cache: bool = False
+                  ) -> torch.Tensor:  # fmt: skip
+    """Greedy decoding of `new_tokens` after the prompt `ids` (batch x prompt), KV cache on; returns the new tokens.
+
+    static_cache=False: a plain loop over forward calls with transformers' dynamic cache (KV grows by one token
+    per step, so no fixed shapes: eager kernels, host-bound at batch 1 on a GPU).
+    static_cache=True: transformers' `generate` with `cache_implementation="static"` (KV preallocated for prompt +
+    new tokens). On CUDA, generate then compiles the decoding forward with torch.compile(mode="reduce-overhead"),
+    i.e. CUDA graphs: one graph replay per token; the first call of a new shape compiles (tens of seconds), so warm
+    up before timing. On CPU it runs eagerly. Exactly `new_tokens` are produced (min_new_tokens), EOS or not."""
+    if static_cache:
+        output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                min_new_tokens=new_tokens, do_sample=False, cache_implementation="static",
+                                pad_token_id=0, eos_token_id=None, temperature=None, top_p=None,
+                                top_k=None)  # fmt: skip
+        return output[:, ids.shape[1] :]
+    output = model(input_ids=ids, use_cache=True)
+    tokens = [output.logits[:, -1:].argmax(-1)]
+    for _ in range(new_tokens - 1):
+        output = model(input_ids=tokens[-1], past_key_values=output.past_key_values, use_cache=True)
+        tokens.append(output.logits[:, -1:].argmax(-1))
+    return torch.cat(tokens, dim=1)
+
+
 def decode_step(model: torch.nn.Module, batch_size: int, prompt_length: int, new_tokens: int,
-                device: torch.device, vocab: int, seed: int = 0) -> tuple[Callable[[], None], int]:  # fmt: skip
-    """Greedy decoding of `new_tokens` after a prompt, KV cache on (prefill included once per step)."""
+                device: torch.device, vocab: int, seed: int = 0, static_cache: bool = False,
+                ) -> tuple[Callable[[], None], int]:  # fmt: skip
+    """Greedy decoding of `new_tokens` after a random prompt (`greedy_decode`; prefill included once per step)."""
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch_size, prompt_length), generator=generator).to(device)
 
     @torch.no_grad()
     def step() -> None:
-        output = model(input_ids=ids, use_cache=True)
-        cache, token = output.past_key_values, output.logits[:, -1:].argmax(-1)
-        for _ in range(new_tokens - 1):
-            output = model(input_ids=token, past_key_values=cache, use_cache=True)
-            cache, token = output.past_key_values, output.logits[:, -1:].argmax(-1)
+        greedy_decode(model, ids, new_tokens, static_cache)
         synchronize(device)
 
     return step, batch_size * new_tokens

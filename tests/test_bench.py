@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from quantsuite.bench import decode_step, fp8_matmul_support, prefill_step, to_scaled_mm
+from quantsuite.bench import decode_step, fp8_matmul_support, greedy_decode, prefill_step, to_scaled_mm
 from quantsuite.export import export_model, load_export
 from quantsuite.formats import QuantLinear
 
@@ -130,6 +130,34 @@ def test_scaled_mm_layers_match_the_dequantized_export(workbench, scheme, scheme
     assert errors[worst] < 0.01, f"{scheme.name}: {worst} relative error {errors[worst]:.4f} between the FP8 paths"
 
 
+def test_static_cache_decode_matches_the_dynamic_loop(workbench, catalog):
+    """The compiled decode benchmark runs transformers' generate with a static KV cache (CUDA graphs on a GPU); the
+    eager one a loop over the dynamic cache. Both must decode the same greedy tokens, for the BF16 export and for
+    `fp8_modelopt_default`, or the paired decode ratios would compare different work. Exact match: 2 x 16 tokens
+    after a 16-token prompt. FP8 runs on torch._scaled_mm on CUDA; on CPU its dequantized reload (the CPU build's
+    _scaled_mm takes ~24 ms a call, 45 s for this test, and ScaledMmLinear's numerics have their own check)."""
+    import torch
+
+    from quantsuite.models import SHAPES
+
+    if workbench.context.model_tag in SHAPES:
+        pytest.skip(f"{workbench.context.model_tag} has random weights: near-uniform logits make greedy tokens "
+                    "flip on kernel noise, BF16 included; this check needs trained weights (tiny or a local "
+                    "model)")  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, _vocab(workbench), (2, PROMPT), generator=generator).to(workbench.context.device)
+    names = ("bf16", "fp8_modelopt_default")
+    for scheme in (s for s in catalog.schemes if s.name in names):
+        model = load_export(workbench.exports.path(scheme), workbench.context.device)
+        if scheme.mode != "none" and workbench.context.device.type == "cuda":
+            assert to_scaled_mm(model, workbench.context.device) > 0
+        with torch.no_grad():
+            loop = greedy_decode(model, ids, NEW_TOKENS)
+            static = greedy_decode(model, ids, NEW_TOKENS, static_cache=True)
+        assert static.shape == loop.shape == (2, NEW_TOKENS)
+        assert torch.equal(static, loop), f"{scheme.name}: static-cache tokens {static.tolist()} != {loop.tolist()}"
+
+
 @benchmark_test
 @pytest.mark.scheme_modes("plain", "autoquant")
 @pytest.mark.parametrize("path", ["eager", "compiled"])
@@ -137,8 +165,10 @@ def test_scaled_mm_layers_match_the_dequantized_export(workbench, scheme, scheme
 def test_real_fp8_paired(benchmark, workbench, catalog, scheme, exported, kind, path):
     """Real-FP8 prefill (BATCH x PREFILL_TOKENS) or batch-1 decode (PROMPT + NEW_TOKENS) of this export and of the
     BF16 export, alternating round by round on one device (B, A, B, A, ...): host noise that drifts over minutes
-    hits both alike, so the ratio is the per-round pair ratio. `compiled`: both models' decoder layers under
-    torch.compile (bench.compile_decoder_layers; the same treatment for BF16, so the ratio is FP8's own), CUDA only.
+    hits both alike, so the ratio is the per-round pair ratio. `compiled` (CUDA only; the same treatment for BF16,
+    so the ratio is FP8's own): prefill runs each decoder layer under torch.compile (bench.compile_decoder_layers);
+    decode runs generate with a static KV cache, whose forward transformers compiles in "reduce-overhead" mode (CUDA
+    graphs: one replay per token; a dynamic cache would recompile and launch kernel by kernel).
     The timed rounds are this scheme's; extra_info carries the BF16 rounds and the pair ratios."""
     import statistics
     import time
@@ -154,7 +184,7 @@ def test_real_fp8_paired(benchmark, workbench, catalog, scheme, exported, kind, 
     bf16 = next(s for s in catalog.schemes if s.mode == "none")
     model = _real_fp8_model(workbench, exported)
     baseline = load_export(workbench.exports.path(bf16), device)
-    if path == "compiled":
+    if path == "compiled" and kind == "prefill":
         compile_decoder_layers(model)
         compile_decoder_layers(baseline)
     vocab = _vocab(workbench)
@@ -162,8 +192,9 @@ def test_real_fp8_paired(benchmark, workbench, catalog, scheme, exported, kind, 
         baseline_step, tokens = prefill_step(baseline, BATCH, PREFILL_TOKENS, device, vocab)
         step, _ = prefill_step(model, BATCH, PREFILL_TOKENS, device, vocab)
     else:
-        baseline_step, tokens = decode_step(baseline, 1, PROMPT, NEW_TOKENS, device, vocab)
-        step, _ = decode_step(model, 1, PROMPT, NEW_TOKENS, device, vocab)
+        static_cache = path == "compiled"
+        baseline_step, tokens = decode_step(baseline, 1, PROMPT, NEW_TOKENS, device, vocab, static_cache=static_cache)
+        step, _ = decode_step(model, 1, PROMPT, NEW_TOKENS, device, vocab, static_cache=static_cache)
     for _ in range(WARMUP + (path == "compiled")):  # compiled: the first call of each shape compiles
         baseline_step()
         step()
@@ -178,7 +209,7 @@ def test_real_fp8_paired(benchmark, workbench, catalog, scheme, exported, kind, 
     label = "real_fp8" + ("_compiled" if path == "compiled" else "")
     _info(benchmark, workbench, scheme.name, f"{label}_{kind}_paired", tokens)
     if kind == "decode":
-        benchmark.extra_info["decode_batch"] = 1
+        benchmark.extra_info.update({"decode_batch": 1, "kv_cache": "static" if static_cache else "dynamic"})
     benchmark.pedantic(step, setup=time_baseline, rounds=max(ROUNDS, 3))
     if benchmark.stats is None:  # --benchmark-disable
         return
