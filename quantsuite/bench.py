@@ -56,7 +56,14 @@ def synchronize(device: torch.device) -> None:
 class ScaledMmLinear(torch.nn.Module):
     """Real FP8 W8A8 linear: fp8(x / s_x) @ w_fp8^T via torch._scaled_mm, bf16 out, + bias. Per-tensor scales
     (FP8), or row-wise ones (FP8_PER_CHANNEL_PER_TOKEN: s_x per token computed at run time, one weight scale per
-    output channel)."""
+    output channel).
+
+    Under torch.compile, inputs of at most `reduce_rows` tokens (batch-1 decoding) skip _scaled_mm: the FP8 x FP8
+    products (exact in FP32) are summed by a reduction that inductor fuses with the FP8 loads, one kernel that reads
+    one byte per weight, like a GEMV. cuBLAS's FP8 GEMM pads such inputs to 16 rows and ran no faster than BF16's
+    GEMV.     Set reduce_rows = 0 to always call _scaled_mm."""
+
+    reduce_rows = 1  # measured at batch 1 only
 
     def __init__(self, source: Fp8Linear):
         super().__init__()
@@ -74,13 +81,18 @@ class ScaledMmLinear(torch.nn.Module):
         scale = per_token_scale(x_2d) if self.input_scale is None else self.input_scale
         x_fp8 = to_fp8(x_2d, scale)
         rows = x_fp8.shape[0]
+        bias = None if self.bias is None else self.bias.to(torch.bfloat16)
+        if rows <= self.reduce_rows and torch.compiler.is_compiling():
+            products = x_fp8.float()[:, None, :] * self.weight_t.t().float()[None]  # rows x out x in, fused away
+            out = products.sum(-1) * scale * self.weight_scale
+            out = (out if bias is None else out + bias.float()).to(torch.bfloat16)  # one rounding, as _scaled_mm
+            return out.reshape(*shape[:-1], self.out_features)
         padded = -rows % 16  # _scaled_mm wants dimensions that are multiples of 16
         if padded:
             x_fp8 = torch.nn.functional.pad(x_fp8.view(torch.uint8), (0, 0, 0, padded)).view(FP8)
             if scale.dim() == 2:
                 scale = torch.nn.functional.pad(scale, (0, 0, 0, padded), value=1.0)
-        out = torch._scaled_mm(x_fp8, self.weight_t, scale_a=scale, scale_b=self.weight_scale,
-                               bias=None if self.bias is None else self.bias.to(torch.bfloat16),
+        out = torch._scaled_mm(x_fp8, self.weight_t, scale_a=scale, scale_b=self.weight_scale, bias=bias,
                                out_dtype=torch.bfloat16)  # fmt: skip
         return out[:rows].reshape(*shape[:-1], self.out_features)
 
@@ -127,22 +139,62 @@ def prefill_step(model: torch.nn.Module, batch_size: int, sequence_length: int, 
     return step, batch_size * sequence_length
 
 
-def greedy_decode(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, static_cache: bool = False
-                  ) -> torch.Tensor:  # fmt: skip
-    """Greedy decoding of `new_tokens` after the prompt `ids` (batch x prompt), KV cache on; returns the new tokens.
+class StaticCacheDecoder:
+    """Greedy decoding on a preallocated (static) KV cache, the forward under torch.compile(mode="reduce-overhead"):
+    on CUDA each call replays a CUDA graph (one for the prompt's shape, one for a single token), so a decoded token
+    costs one graph replay and a little Python, with no kernel-by-kernel launches. On other devices it runs eagerly
+    (the same cache and positions; what the CPU check compares against the dynamic-cache loop).
 
-    static_cache=False: a plain loop over forward calls with transformers' dynamic cache (KV grows by one token
-    per step, so no fixed shapes: eager kernels, host-bound at batch 1 on a GPU).
-    static_cache=True: transformers' `generate` with `cache_implementation="static"` (KV preallocated for prompt +
-    new tokens). On CUDA, generate then compiles the decoding forward with torch.compile(mode="reduce-overhead"),
-    i.e. CUDA graphs: one graph replay per token; the first call of a new shape compiles (tens of seconds), so warm
-    up before timing. On CPU it runs eagerly. Exactly `new_tokens` are produced (min_new_tokens), EOS or not."""
-    if static_cache:
-        output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                min_new_tokens=new_tokens, do_sample=False, cache_implementation="static",
-                                pad_token_id=0, eos_token_id=None, temperature=None, top_p=None,
-                                top_k=None)  # fmt: skip
-        return output[:, ids.shape[1] :]
+        decoder = StaticCacheDecoder(model, batch_size=1, max_length=32)
+        tokens = decoder(ids, new_tokens=16)   # (batch, 16); the cache is reset on every call
+    """
+
+    def __init__(self, model: torch.nn.Module, batch_size: int, max_length: int):
+        from transformers import StaticCache
+
+        self.model, self.max_length = model, max_length
+        self.device = next(model.parameters()).device
+        self.cache = StaticCache(config=model.config, max_cache_len=max_length)
+        with torch.no_grad():  # the cache allocates its tensors on first use: do that eagerly, not while tracing
+            self._forward(torch.zeros(batch_size, 1, dtype=torch.long, device=self.device),
+                          torch.zeros(batch_size, 1, dtype=torch.long, device=self.device))  # fmt: skip
+        self.cache.reset()
+        compiled = self.device.type == "cuda"
+        self.forward = (
+            torch.compile(self._forward, mode="reduce-overhead", dynamic=False) if compiled else self._forward
+        )
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        output = self.model(input_ids=ids, position_ids=positions, past_key_values=self.cache, use_cache=True)
+        return output.logits[:, -1]
+
+    @torch.no_grad()
+    def decode(self, ids: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens: batch x new_tokens, logits of each step: batch x new_tokens x vocab, float32)."""
+        batch_size, prompt_length = ids.shape
+        if prompt_length + new_tokens > self.max_length:
+            raise ValueError(f"{prompt_length} + {new_tokens} tokens exceed the cache's max_length {self.max_length}")
+        self.cache.reset()
+        positions = torch.arange(prompt_length + new_tokens, device=self.device).expand(batch_size, -1)
+        tokens, logits = [], []
+        token = ids
+        for step in range(new_tokens):
+            start = 0 if step == 0 else prompt_length + step - 1
+            torch.compiler.cudagraph_mark_step_begin()  # the previous replay's output is consumed: reuse its memory
+            step_logits = self.forward(token, positions[:, start : prompt_length + step])
+            token = step_logits.argmax(-1, keepdim=True)
+            tokens.append(token)
+            logits.append(step_logits.float())
+        return torch.cat(tokens, dim=1), torch.stack(logits, dim=1)
+
+    def __call__(self, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        return self.decode(ids, new_tokens)[0]
+
+
+def greedy_decode(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Greedy decoding of `new_tokens` after the prompt `ids` (batch x prompt) with transformers' dynamic cache:
+    a plain loop over forward calls, the KV growing by one token per step (no fixed shapes: eager kernels, bound by
+    the host at batch 1 on a GPU). Returns the new tokens (batch x new_tokens)."""
     output = model(input_ids=ids, use_cache=True)
     tokens = [output.logits[:, -1:].argmax(-1)]
     for _ in range(new_tokens - 1):
@@ -154,13 +206,17 @@ def greedy_decode(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, st
 def decode_step(model: torch.nn.Module, batch_size: int, prompt_length: int, new_tokens: int,
                 device: torch.device, vocab: int, seed: int = 0, static_cache: bool = False,
                 ) -> tuple[Callable[[], None], int]:  # fmt: skip
-    """Greedy decoding of `new_tokens` after a random prompt (`greedy_decode`; prefill included once per step)."""
+    """Greedy decoding of `new_tokens` after a random prompt, prefill included once per step: the dynamic-cache
+    loop (`greedy_decode`), or with static_cache a `StaticCacheDecoder` built once (CUDA graphs on CUDA; the first
+    step captures them, so warm up before timing)."""
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch_size, prompt_length), generator=generator).to(device)
+    decode = (StaticCacheDecoder(model, batch_size, prompt_length + new_tokens) if static_cache
+              else lambda prompt, count: greedy_decode(model, prompt, count))  # fmt: skip
 
     @torch.no_grad()
     def step() -> None:
-        greedy_decode(model, ids, new_tokens, static_cache)
+        decode(ids, new_tokens)
         synchronize(device)
 
     return step, batch_size * new_tokens
