@@ -10,6 +10,8 @@
   compilation: one graph serves every layer of the same structure). Inductor then fuses the FP8 activation
   quantization with the RMSNorm / SiLU-mul / residual add in front of each `_scaled_mm`; eagerly those are separate
   kernels, which made the real-FP8 path slower than BF16.
+- `StaticCacheDecoder` decodes greedily on a static KV cache with the whole forward compiled in reduce-overhead mode
+  (CUDA graphs), the path where batch-1 decode can show FP8 speed; `greedy_decode` is the eager dynamic-cache loop.
 - `gate_baseline` keeps, from a previous run's benchmark JSON, the entries stable enough to fail a nightly on:
   `python -m quantsuite.bench gate-baseline PREVIOUS.json OUT.json` (scripts/nightly.sh compares against OUT).
 
@@ -146,7 +148,8 @@ class StaticCacheDecoder:
     """Greedy decoding on a preallocated (static) KV cache, the forward under torch.compile(mode="reduce-overhead"):
     on CUDA each call replays a CUDA graph (one for the prompt's shape, one for a single token), so a decoded token
     costs one graph replay and a little Python, with no kernel-by-kernel launches. On other devices it runs eagerly
-    (the same cache and positions; what the CPU check compares against the dynamic-cache loop).
+    on the same cache and positions. `decode` also returns each step's logits (what the tests check against a
+    teacher-forced forward).
 
         decoder = StaticCacheDecoder(model, batch_size=1, max_length=32)
         tokens = decoder(ids, new_tokens=16)   # (batch, 16); the cache is reset on every call

@@ -184,8 +184,8 @@ def test_real_fp8_paired(benchmark, workbench, catalog, scheme, exported, kind, 
     BF16 export, alternating round by round on one device (B, A, B, A, ...): host noise that drifts over minutes
     hits both alike, so the ratio is the per-round pair ratio. `compiled` (CUDA only; the same treatment for BF16,
     so the ratio is FP8's own): prefill runs each decoder layer under torch.compile (bench.compile_decoder_layers);
-    decode runs generate with a static KV cache, whose forward transformers compiles in "reduce-overhead" mode (CUDA
-    graphs: one replay per token; a dynamic cache would recompile and launch kernel by kernel).
+    decode runs bench.StaticCacheDecoder, a static KV cache with the whole forward compiled in "reduce-overhead" mode
+    (CUDA graphs: one replay per token; with a dynamic cache the layers recompile and launch kernel by kernel).
     The timed rounds are this scheme's; extra_info carries the BF16 rounds and the pair ratios."""
     import statistics
     import time
