@@ -11,6 +11,9 @@
 #                      (real-FP8 prefill at >= 8192 tokens; see GATED_KINDS in quantsuite/bench.py)
 #   QUANTSUITE_BENCH_BATCH / QUANTSUITE_BENCH_PREFILL_TOKENS  prefill shape (default 8 x 1024 here)
 #   QUANTSUITE_BENCH_ROUNDS / QUANTSUITE_BENCH_WARMUP         rounds per benchmark (default 5 / 2)
+#   QUANTSUITE_COMPILED_DECODE_SCHEMES  schemes (comma-separated names) whose batch-1 decode is also timed with CUDA
+#                      graphs (default here fp8_modelopt_default: each such pair compiles two whole forwards, 108 s
+#                      for BF16's at the 3B shape on an H200); `all` for every scheme
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${QUANTSUITE_MODEL:-qwen2.5-vl-3b-shape}
@@ -23,6 +26,7 @@ for name in ${SCHEMES:-}; do common+=(--scheme="$name"); done
 # Prefill benchmarks at a compute-bound shape: at 4 x 64 tokens eager PyTorch is host-bound and BF16 prefill
 # moved 5000-9500 tokens/s between identical runs on an H200; at 8 x 1024 ratios repeated within 1%.
 export QUANTSUITE_BENCH_BATCH=${QUANTSUITE_BENCH_BATCH:-8} QUANTSUITE_BENCH_PREFILL_TOKENS=${QUANTSUITE_BENCH_PREFILL_TOKENS:-1024}
+export QUANTSUITE_COMPILED_DECODE_SCHEMES=${QUANTSUITE_COMPILED_DECODE_SCHEMES:-fp8_modelopt_default}
 parallel=()
 [ "$GPUS" -gt 1 ] && parallel=(-n "$GPUS" --dist loadgroup)
 # 1. schemes, exports, drift, vLLM: one scheme per GPU when there are several
