@@ -50,6 +50,36 @@ def fp8_matmul_support(device: torch.device) -> str | None:
     return None
 
 
+def slow_fp8_matmul(device: torch.device, limit: float = 50.0) -> str | None:
+    """On a CPU, why torch._scaled_mm is too slow to time a real-FP8 model (None if it is not, and on CUDA). Some
+    CPU builds run it through a reference kernel: on a 2-core CI box 65 ms for one 256 x 128 x 128 product, about
+    1000x a BF16 matmul of the same shape, so one tiny-model prefill took 20 s. `limit`: the tolerated ratio."""
+    if device.type != "cpu":
+        return None
+    import time
+
+    a, b = torch.randn(256, 128), torch.randn(128, 128)
+    a_fp8, b_fp8, one = a.to(FP8), b.to(FP8).t(), torch.tensor(1.0)
+    a, b = a.to(torch.bfloat16), b.to(torch.bfloat16)
+
+    def seconds(function: Callable[[], object], repeats: int) -> float:
+        function()
+        started = time.perf_counter()
+        for _ in range(repeats):
+            function()
+        return (time.perf_counter() - started) / repeats
+
+    fp8 = seconds(lambda: torch._scaled_mm(a_fp8, b_fp8, scale_a=one, scale_b=one, out_dtype=torch.bfloat16), 2)
+    bf16 = seconds(lambda: a @ b, 20)
+    if fp8 > limit * bf16:
+        return (
+            f"torch._scaled_mm on this CPU (torch {torch.__version__}) takes {fp8 * 1e3:.1f} ms for a 256 x 128 x "
+            f"128 product, {fp8 / bf16:.0f}x a BF16 matmul: a reference kernel, so a real-FP8 timing would "
+            "measure it, not FP8; run the real-FP8 benchmarks on a GPU with compute capability >= 8.9"
+        )
+    return None
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
