@@ -16,6 +16,7 @@ from quantsuite.export import Fp8Linear, linked_copy, to_fp8
 from quantsuite.vllm_compat import (
     FLOOR_MAX,
     FLOOR_MIN,
+    MIN_SEQUENCE_TOKENS,
     NOISE_FACTOR,
     VllmService,
     decide,
@@ -151,7 +152,8 @@ def test_separate_engine_core_ends_with_its_engine(workbench, vllm_service):
         assert not engine.error, engine.error
         running = descendants(vllm_service.process.pid)
         assert len(running) >= 2, running  # the engine process and its engine core (plus vLLM's workers)
-        timed = engine.call("timed", prompts=[[1, 2, 3, 4]], max_tokens=4)
+        # MIN_SEQUENCE_TOKENS: shorter prompts crash vLLM's CPU attention (SIGILL); 4 tokens did on an AMX box
+        timed = engine.call("timed", prompts=[list(range(1, MIN_SEQUENCE_TOKENS + 4))], max_tokens=4)
         assert timed.get("output_tokens") == 4, timed
     deadline = time.monotonic() + 10  # an orphan leaves the server's tree, so the pids seen above are followed
     while (alive := [pid for pid in running if _alive(pid)]) and time.monotonic() < deadline:
