@@ -20,6 +20,7 @@ pytest-benchmark times these closures (`tests/test_bench.py`); ratios to BF16 co
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from collections.abc import Callable
@@ -50,10 +51,12 @@ def fp8_matmul_support(device: torch.device) -> str | None:
     return None
 
 
+@functools.cache
 def slow_fp8_matmul(device: torch.device, limit: float = 50.0) -> str | None:
     """On a CPU, why torch._scaled_mm is too slow to time a real-FP8 model (None if it is not, and on CUDA). Some
     CPU builds run it through a reference kernel: on a 2-core CI box 65 ms for one 256 x 128 x 128 product, about
-    1000x a BF16 matmul of the same shape, so one tiny-model prefill took 20 s. `limit`: the tolerated ratio."""
+    1900x a BF16 matmul of the same shape, so one tiny-model prefill took 20 s. `limit`: the tolerated ratio.
+    Measured once per process (per device and limit)."""
     if device.type != "cpu":
         return None
     import time
@@ -248,7 +251,7 @@ def decode_step(model: torch.nn.Module, batch_size: int, prompt_length: int, new
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch_size, prompt_length), generator=generator).to(device)
     decode = (StaticCacheDecoder(model, batch_size, prompt_length + new_tokens) if static_cache
-              else lambda prompt, count: greedy_decode(model, prompt, count))  # fmt: skip
+              else functools.partial(greedy_decode, model))  # fmt: skip
 
     @torch.no_grad()
     def step() -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import os
 import shutil
 import tempfile
@@ -77,15 +76,10 @@ def _real_fp8_model(workbench, export_dir):
     model = load_export(export_dir, workbench.context.device)
     _skip_unless_fp8_layers_only(model)
     if to_scaled_mm(model, workbench.context.device):
-        reason = _slow_fp8_matmul(workbench.context.device)
+        reason = slow_fp8_matmul(workbench.context.device)
         if reason:
             pytest.skip(reason)
     return model
-
-
-@functools.cache
-def _slow_fp8_matmul(device) -> str | None:
-    return slow_fp8_matmul(device)
 
 
 @benchmark_test
