@@ -31,12 +31,24 @@ parallel=()
 [ "$GPUS" -gt 1 ] && parallel=(-n "$GPUS" --dist loadgroup)
 # 1. schemes, exports, drift, vLLM: one scheme per GPU when there are several
 # A failing step (a scheme past its drift bound, say) is recorded and the later steps still run, so the report
-# shows where it broke; the script exits non-zero at the end.
+# shows where it broke; the script exits non-zero at the end. Each step's wall time and exit status go to
+# reports/$RUN_ID-nightly-steps.tsv (and stderr).
 failed=()
-$PYTEST -m "autoquant or export or drift or vllm_compat" "${common[@]}" "${parallel[@]}" --no-report || failed+=(schemes)
+mkdir -p reports
+steps="reports/$RUN_ID-nightly-steps.tsv"
+printf 'step\tseconds\texit\n' > "$steps"
+step() {  # step NAME COMMAND...: run it, record its wall time and exit status
+  local name=$1 start=$SECONDS rc=0
+  shift
+  "$@" || rc=$?
+  printf '%s\t%s\t%s\n' "$name" $((SECONDS - start)) $rc >> "$steps"
+  echo "nightly: step $name took $((SECONDS - start)) s, exit $rc" >&2
+  [ $rc -eq 0 ] || failed+=("$name")
+}
+step schemes $PYTEST -m "autoquant or export or drift or vllm_compat" "${common[@]}" "${parallel[@]}" --no-report
 # 2. research (method comparison, Pareto sweep, optimality gap) and the report's own checks; before the
 #    benchmarks, whose run writes reports/$RUN_ID/ from everything the earlier steps left
-$PYTEST tests/test_report.py "${common[@]}" -p no:xdist --no-report || failed+=(research)
+step research $PYTEST tests/test_report.py "${common[@]}" -p no:xdist --no-report
 # 3. benchmarks: one process, never under xdist; the report is written at the end of this run
 compare=()
 if [ -n "${COMPARE:-}" ]; then  # gate only on benchmarks that repeat (quantsuite/bench.py GATED_KINDS)
@@ -44,8 +56,9 @@ if [ -n "${COMPARE:-}" ]; then  # gate only on benchmarks that repeat (quantsuit
   compare=(--benchmark-compare="reports/$RUN_ID-gate-baseline.json" --benchmark-compare-fail=median:10%)
 fi
 # 3a. vLLM speed, BF16 and each scheme alternating inside one test (CUDA graphs): one scheme per GPU
-$PYTEST -m paired "${common[@]}" "${parallel[@]}" --no-report || failed+=(vllm-speed)
+step vllm-speed $PYTEST -m paired "${common[@]}" "${parallel[@]}" --no-report
 # 3b. PyTorch benchmarks in one process; this run writes the report
-$PYTEST -m "benchmark and not paired" --benchmark-disable-gc "${common[@]}" -p no:xdist --benchmark-json "reports/$RUN_ID-benchmarks.json" "${compare[@]}" || failed+=(benchmark)
-echo "report: reports/$RUN_ID/report.md"
+step benchmark $PYTEST -m "benchmark and not paired" --benchmark-disable-gc "${common[@]}" -p no:xdist \
+  --benchmark-json "reports/$RUN_ID-benchmarks.json" "${compare[@]}"
+echo "report: reports/$RUN_ID/report.md; step times: $steps"
 if [ ${#failed[@]} -gt 0 ]; then echo "nightly: failed steps: ${failed[*]}" >&2; exit 1; fi
