@@ -146,24 +146,45 @@ def _skip_cuda_only_searches(config: pytest.Config, items: list[pytest.Item]) ->
                                              "only in ModelOpt 0.47; run it with --device cuda on a GPU"))  # fmt: skip
 
 
-@pytest.hookimpl(trylast=True)  # after syrupy records the full collection
+@pytest.hookimpl(trylast=True)  # after syrupy records the full collection and pytest orders by fixtures
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """--scheme deselects other schemes' cases (so their snapshots are not reported unused)."""
+    """--scheme deselects other schemes' cases (so their snapshots are not reported unused); the rest run in
+    `scheme_major_order`."""
     _skip_cuda_only_searches(config, items)
     requested = config.getoption("--scheme")
-    if not requested:
-        config.stash[WANT_REPORT] = any(m.name in STAGE_MARKERS for item in items for m in item.iter_markers())
-        return
-    wanted = {scheme.name for scheme in _catalog().select(requested)}  # unknown names fail here, listing valid ones
-    keep, drop = [], []
-    for item in items:
-        spec = getattr(item, "callspec", None)
-        scheme = spec.params.get("scheme") if spec else None
-        (drop if scheme is not None and scheme.name not in wanted else keep).append(item)
-    if drop:
-        config.hook.pytest_deselected(items=drop)
-        items[:] = keep
+    if requested:
+        wanted = {scheme.name for scheme in _catalog().select(requested)}  # unknown names fail here, listing them
+        keep, drop = [], []
+        for item in items:
+            scheme = _scheme_of(item)
+            (drop if scheme is not None and scheme.name not in wanted else keep).append(item)
+        if drop:
+            config.hook.pytest_deselected(items=drop)
+            items[:] = keep
+    items[:] = scheme_major_order(items, lambda item: getattr(_scheme_of(item), "name", None))
     config.stash[WANT_REPORT] = any(m.name in STAGE_MARKERS for item in items for m in item.iter_markers())
+
+
+def _scheme_of(item: pytest.Item):
+    spec = getattr(item, "callspec", None)
+    return spec.params.get("scheme") if spec else None
+
+
+def scheme_major_order(items: list, scheme_of) -> list:
+    """Each scheme's tests moved up to its first test, so they run together (in their order); tests of no scheme
+    keep their places, and so does the first test of each scheme, which keeps the xdist work units in the same
+    order. pytest orders by the session-scoped parameters, `vllm_check` as much as `scheme`, so a scheme's cuda
+    verdict used to run after every other scheme's tests, when --drop-exports had deleted its export: on one H200
+    (run gpu-18) the nightly built top50's export three times and the other schemes' twice.
+
+    >>> scheme_major_order(["a1", "x", "b1", "a2", "y"], lambda item: item[0] if item[1:] else None)
+    ['a1', 'a2', 'x', 'b1', 'y']
+    """
+    groups: dict = {}
+    for index, item in enumerate(items):
+        scheme = scheme_of(item)
+        groups.setdefault(index if scheme is None else f"scheme:{scheme}", []).append(item)
+    return [item for group in groups.values() for item in group]
 
 
 @pytest.fixture(scope="session")

@@ -1,10 +1,11 @@
-"""The root conftest's sharing of CPU cores between pytest-xdist workers (torch's intra-op threads)."""
+"""The root conftest: sharing CPU cores between pytest-xdist workers (torch's intra-op threads), and the order in
+which a scheme's tests run."""
 
 from __future__ import annotations
 
 import pytest
 
-from conftest import worker_threads
+from conftest import scheme_major_order, worker_threads
 
 
 @pytest.mark.parametrize(("count", "override", "expected"), [
@@ -20,3 +21,18 @@ def test_each_worker_gets_its_share_of_the_cores(monkeypatch, count, override, e
         else:
             monkeypatch.setenv(name, value)
     assert worker_threads() == expected
+
+
+def test_a_scheme_runs_its_tests_together():
+    """pytest's own order (by session-scoped parameters) put each scheme's cuda verdict after every other scheme's
+    tests; with --drop-exports its export was then built again. Each scheme's tests run together now, and tests of
+    no scheme keep their places, as does each scheme's first test (the xdist work units keep their order)."""
+    pytest_order = ["export[bf16]", "vllm[model_free-bf16]", "export[top50]", "vllm[model_free-top50]",
+                    "solver_test", "vllm[cuda-bf16]", "vllm[cuda-top50]", "noise_floor"]  # fmt: skip
+
+    def scheme_of(test: str) -> str | None:
+        return test.rstrip("]").split("-")[-1].split("[")[-1] if "[" in test else None
+
+    ordered = scheme_major_order(pytest_order, scheme_of)
+    assert ordered == ["export[bf16]", "vllm[model_free-bf16]", "vllm[cuda-bf16]", "export[top50]",
+                       "vllm[model_free-top50]", "vllm[cuda-top50]", "solver_test", "noise_floor"]  # fmt: skip

@@ -129,8 +129,11 @@ def test_reload_follows_a_device_map(workbench, catalog):
     from quantsuite.export import spread_device_map
 
     pytest.importorskip("accelerate", reason="a device_map reload needs accelerate (pip install accelerate)")
-    count = torch.cuda.device_count() if workbench.context.device.type == "cuda" else 0
-    first, second = ("cuda:0", "cuda:1") if count >= 2 else (str(workbench.context.device),) * 2
+    here = workbench.context.device
+    if here.type == "cuda" and here.index is None:  # accelerate places what a map calls "cuda" on "cuda:0"
+        here = torch.device("cuda", torch.cuda.current_device())  # (failed so on one H200, run gpu-18)
+    count = torch.cuda.device_count() if here.type == "cuda" else 0
+    first, second = ("cuda:0", "cuda:1") if count >= 2 else (str(here),) * 2
     path = workbench.exports.path(catalog.scheme("top50"))
     single = load_export(path, first)
     layers = len(single.model.language_model.layers)

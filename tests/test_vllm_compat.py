@@ -145,10 +145,12 @@ def descendants(pid: int) -> list[int]:
 def test_separate_engine_core_ends_with_its_engine(workbench, vllm_service):
     """Speed engines run vLLM's engine core in a process of its own (vLLM's default, as users get it); closing
     the engine must end that process too, or its memory stays taken for the next engine."""
-    options = engine_options(torch.device("cpu"), "check") | {"separate_engine_core": True}  # BF16: no patch
-    with vllm_service.engine(
-        workbench.exports.path(workbench.context.reference_scheme()), options, name="separate-core"
-    ) as engine:
+    export_dir = workbench.exports.path(workbench.context.reference_scheme())
+    # on a GPU the engine needs the memory this process holds and a gpu_memory_utilization that fits what is free:
+    # with the CPU's options the engine core did not start on one H200 (run gpu-18)
+    workbench.context.release()
+    options = engine_options(workbench.context.device, "check") | {"separate_engine_core": True}  # BF16: no patch
+    with vllm_service.engine(export_dir, options, name="separate-core") as engine:
         assert not engine.error, engine.error
         running = descendants(vllm_service.process.pid)
         assert len(running) >= 2, running  # the engine process and its engine core (plus vLLM's workers)
