@@ -7,6 +7,10 @@
 #   GPUS               number of GPUs: >1 runs one scheme per GPU (pytest-xdist, --dist loadgroup)
 #   RUN_ID             report directory name under reports/ (default nightly-<date>)
 #   SCHEMES            space-separated scheme names or aliases to run (default: the whole catalog)
+#   STEPS              space-separated steps to run, of: schemes research vllm-speed benchmark (default: all four,
+#                      in that order). A later step reuses what an earlier one left in the cache and under reports/,
+#                      so a runner held for less time than the whole nightly runs them as separate jobs (same
+#                      RUN_ID and QUANTSUITE_CACHE); the report is written by the benchmark step.
 #   COMPARE            a previous benchmark JSON: fails on a >10% median regression of the gated benchmarks
 #                      (real-FP8 prefill at >= 8192 tokens; see GATED_KINDS in quantsuite/bench.py)
 #   QUANTSUITE_BENCH_BATCH / QUANTSUITE_BENCH_PREFILL_TOKENS  prefill shape (default 8 x 1024 here)
@@ -21,6 +25,11 @@ PYTHON=${PYTHON:-python3}
 GPUS=${GPUS:-$($PYTHON -c "import torch; print(max(torch.cuda.device_count(), 1))")}
 RUN_ID=${RUN_ID:-nightly-$(date +%Y%m%d)}
 PYTEST=${PYTEST:-$PYTHON -m pytest}
+ALL_STEPS="schemes research vllm-speed benchmark"
+STEPS=${STEPS:-$ALL_STEPS}
+for name in $STEPS; do
+  [[ " $ALL_STEPS " == *" $name "* ]] || { echo "nightly.sh: STEPS has '$name'; accepted steps: $ALL_STEPS" >&2; exit 2; }
+done
 common=(--model="$MODEL" --drop-exports --run-id="$RUN_ID")
 for name in ${SCHEMES:-}; do common+=(--scheme="$name"); done
 # Prefill benchmarks at a compute-bound shape: at 4 x 64 tokens eager PyTorch is host-bound and BF16 prefill
@@ -36,10 +45,11 @@ parallel=()
 failed=()
 mkdir -p reports
 steps="reports/$RUN_ID-nightly-steps.tsv"
-printf 'step\tseconds\texit\n' > "$steps"
-step() {  # step NAME COMMAND...: run it, record its wall time and exit status
+[ -e "$steps" ] || printf 'step\tseconds\texit\n' > "$steps"  # STEPS run as separate jobs add their rows
+step() {  # step NAME COMMAND...: run it (if STEPS names it), record its wall time and exit status
   local name=$1 start=$SECONDS rc=0
   shift
+  [[ " $STEPS " == *" $name "* ]] || return 0
   "$@" || rc=$?
   printf '%s\t%s\t%s\n' "$name" $((SECONDS - start)) $rc >> "$steps"
   echo "nightly: step $name took $((SECONDS - start)) s, exit $rc" >&2

@@ -1,6 +1,7 @@
-"""The nightly's regression gate (scripts/nightly.sh + quantsuite.bench.gate_baseline): a benchmark run compared
+"""The nightly (scripts/nightly.sh): its regression gate (+ quantsuite.bench.gate_baseline): a benchmark run compared
 against an earlier run fails when a gated benchmark's median got slower by more than the script's threshold,
-passes against itself, and ignores benchmarks that are not gated (host-bound ones vary 20-80% run to run)."""
+passes against itself, and ignores benchmarks that are not gated (host-bound ones vary 20-80% run to run); and its
+steps, run together or as separate jobs (STEPS), each with its wall time and exit status recorded."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 from quantsuite.bench import gate_baseline
@@ -69,3 +71,35 @@ def test_gate_fails_on_a_prefill_regression_only(tmp_path, pytestconfig, workben
     decode_only = compared_with(_baseline(data, {"real_fp8_prefill": 0.01, "real_fp8_decode": 100},
                                           tmp_path / "decode-was-faster.json"))  # fmt: skip
     assert decode_only.returncode == 0, "a decode slow-down is not gated: " + decode_only.stdout[-2000:]
+
+
+def _nightly(steps: str, pytest_command: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """scripts/nightly.sh with PYTEST standing in for pytest (`true`: every step passes, `false`: every step fails)."""
+    run_id = f"test-nightly-{uuid.uuid4().hex[:8]}"
+    env = os.environ | {"STEPS": steps, "PYTEST": pytest_command, "PYTHON": sys.executable, "GPUS": "1",
+                        "RUN_ID": run_id}  # fmt: skip
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "nightly.sh")], env=env, capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    return done, ROOT / "reports" / f"{run_id}-nightly-steps.tsv"
+
+
+def test_steps_run_as_separate_jobs_and_record_their_times():
+    done, steps = _nightly("research benchmark", "false")
+    try:
+        assert done.returncode == 1, done.stderr
+        assert "nightly: failed steps: research benchmark" in done.stderr
+        rows = [line.split("\t") for line in steps.read_text().splitlines()]
+        assert rows[0] == ["step", "seconds", "exit"]
+        assert [(name, status) for name, _, status in rows[1:]] == [("research", "1"), ("benchmark", "1")]
+    finally:
+        steps.unlink(missing_ok=True)
+    passed, steps = _nightly("schemes", "true")
+    steps.unlink(missing_ok=True)
+    assert passed.returncode == 0, passed.stderr
+
+
+def test_an_unknown_step_is_refused_naming_the_steps():
+    done, steps = _nightly("schemes bogus", "true")
+    assert done.returncode == 2
+    assert "STEPS has 'bogus'; accepted steps: schemes research vllm-speed benchmark" in done.stderr
+    assert not steps.exists()
