@@ -115,10 +115,11 @@ def test_scaled_mm_layers_match_the_dequantized_export(workbench, scheme, scheme
     Bound: 1%; measured max 0.36% (tiny, CPU) and 0.39% (3B shape, H200): about one BF16 rounding. A 25%
     weight-scale error gives > 10%. The same holds for ScaledMmLinear under torch.compile (the compiled benchmark
     path; one dynamic-shape graph for all layers, about 8 s on the 2-core CPU): 0.0 from eager on CPU; and for its
-    one-row decode path (FP8 products summed by a fused reduction instead of _scaled_mm)."""
+    one-row decode path (FP8 products summed by a fused reduction instead of _scaled_mm). A layer that an earlier
+    scheme of this process held with the same codes, scales and bias has its figures already: they are reused
+    (on the 2-core box with a reference-kernel _scaled_mm, 47 ms a call, each scheme took 2-6 s)."""
     import torch
 
-    from quantsuite.bench import ScaledMmLinear
     from quantsuite.export import Fp8Linear
 
     _skip_without_fp8_matmul(workbench)
@@ -126,26 +127,53 @@ def test_scaled_mm_layers_match_the_dequantized_export(workbench, scheme, scheme
     _skip_unless_fp8_layers_only(model)
     layers = [(name, module) for name, module in model.named_modules() if isinstance(module, Fp8Linear)]
     assert len(layers) == scheme_result.manifest["totals"]["quantized_layers"]
-    generator = torch.Generator().manual_seed(0)
     errors = {}
     with torch.no_grad():
         for name, layer in layers:
-            # inputs spread over the calibrated FP8 range (per-token formats scale each row themselves)
-            amax = 4.0 if layer.input_scale is None else float(layer.input_scale) * 448.0
-            x = (torch.randn(24, layer.in_features, generator=generator) * amax / 4).to(workbench.context.device,
-                                                                                       torch.bfloat16)  # fmt: skip
-            expected = layer(x).float()
-            fast = ScaledMmLinear(layer)
-            compiled = torch.compile(fast, dynamic=True)
-            for path, module, rows in (
-                ("eager", fast, 24),
-                ("compiled", compiled, 24),
-                ("compiled, 1 row", compiled, 1),
-            ):
-                got = module(x[:rows]).float()
-                errors[f"{name} ({path})"] = ((got - expected[:rows]).norm() / expected[:rows].norm()).item()
+            content = _fp8_layer_content(layer)
+            if content not in _CHECKED_FP8_LAYERS:  # the same layer in another scheme: the same input, same figures
+                _CHECKED_FP8_LAYERS[content] = _fp8_path_errors(layer, workbench.context.device)
+            errors |= {f"{name} ({path})": error for path, error in _CHECKED_FP8_LAYERS[content].items()}
     worst = max(errors, key=errors.get)
     assert errors[worst] < 0.01, f"{scheme.name}: {worst} relative error {errors[worst]:.4f} between the FP8 paths"
+
+
+_CHECKED_FP8_LAYERS: dict[str, dict[str, float]] = {}  # layer content -> relative error per path (this process)
+
+
+def _fp8_layer_content(layer) -> str:
+    """Digest of what an Fp8Linear computes with: shapes, FP8 codes, scales, bias."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256(f"{tuple(layer.weight_fp8.shape)}".encode())
+    for tensor in (layer.weight_fp8, layer.weight_scale, layer.input_scale, layer.bias):
+        digest.update(
+            b"-" if tensor is None else tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().data
+        )
+    return digest.hexdigest()
+
+
+def _fp8_path_errors(layer, device) -> dict[str, float]:
+    """Relative error of ScaledMmLinear (eager; compiled; compiled at one row) against the layer itself, on 24 rows
+    spread over the calibrated FP8 range (per-token formats scale each row themselves). The input depends only on
+    the layer's shape and input scale, so one layer gives the same figures in every scheme that holds it."""
+    import torch
+
+    from quantsuite.bench import ScaledMmLinear
+
+    amax = 4.0 if layer.input_scale is None else float(layer.input_scale) * 448.0
+    generator = torch.Generator().manual_seed(layer.in_features)
+    x = (torch.randn(24, layer.in_features, generator=generator) * amax / 4).to(device, torch.bfloat16)
+    expected = layer(x).float()
+    fast = ScaledMmLinear(layer)
+    compiled = torch.compile(fast, dynamic=True)
+    errors = {}
+    for path, module, rows in (("eager", fast, 24), ("compiled", compiled, 24), ("compiled, 1 row", compiled, 1)):
+        got = module(x[:rows]).float()
+        errors[path] = ((got - expected[:rows]).norm() / expected[:rows].norm()).item()
+    return errors
 
 
 def test_slow_fp8_matmul_is_measured_not_assumed():
