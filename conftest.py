@@ -38,12 +38,12 @@ def pytest_configure(config: pytest.Config) -> None:
     option = config.getoption
     if option("--run-id") is None:  # one id per run: the controller sets it, xdist workers inherit the options
         config.option.run_id = time.strftime("%Y%m%d-%H%M%S") + f"-{ModelSpec(option('--model')).tag}"
-    try:
-        _catalog().select(option("--scheme"))
+    try:  # the catalog last: validating its preset names imports ModelOpt (6 s), which the other checks do not need
         ModelSpec(option("--model"), option("--device"), option("--dtype"), option("--model-seed")).validate()
         if option("--calib-data"):
             load_captions(option("--calib-data"))
         config.stash[VLLM_PYTHON] = resolve_vllm_python(option("--vllm-python"))
+        _catalog().select(option("--scheme"))
     except (SchemeError, ModelSourceError, CaptionDataError, VllmSetupError) as error:
         raise pytest.UsageError(str(error)) from None
     share_cpu_threads()
