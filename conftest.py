@@ -138,8 +138,7 @@ def _skip_cuda_only_searches(config: pytest.Config, items: list[pytest.Item]) ->
         return
     catalog = _catalog()
     for item in items:
-        spec = getattr(item, "callspec", None)
-        scheme = spec.params.get("scheme") if spec else None
+        scheme = _scheme_of(item)
         needs = scheme is not None and catalog.scoring_needs_cuda(scheme)
         if needs:
             item.add_marker(pytest.mark.skip(reason=f"{scheme.name}: AutoQuant scoring over {needs} runs on CUDA "
@@ -166,6 +165,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def _scheme_of(item: pytest.Item):
+    """The item's `scheme` parameter (a SchemeSpec), or None for a test of no scheme."""
     spec = getattr(item, "callspec", None)
     return spec.params.get("scheme") if spec else None
 

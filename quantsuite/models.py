@@ -151,6 +151,17 @@ def device_for_worker(device: str, worker: str, gpu_count: int) -> str:
     return device
 
 
+def indexed_device(device: torch.device) -> torch.device:
+    """`cuda` as the CUDA device it means (`cuda:<current>`: where tensors placed on `cuda` land); others as given.
+
+    >>> indexed_device(torch.device("cpu"))
+    device(type='cpu')
+    """
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def language_model(model: torch.nn.Module) -> torch.nn.Module:
     """The language model of a Qwen2.5-VL model (transformers 5: `model.language_model`; its decoder layers are
     `.layers`)."""

@@ -41,6 +41,7 @@ import torch
 
 from quantsuite.export import QUANTIZED_DTYPES, Fp8Linear, hub_name
 from quantsuite.formats import to_fp8
+from quantsuite.models import indexed_device
 from quantsuite.timing import STAGE_TIMES
 
 WORKER = Path(__file__).resolve().parent / "vllm_worker.py"
@@ -292,7 +293,7 @@ def pinned_environment(device: torch.device) -> dict[str, str]:
     """CUDA_VISIBLE_DEVICES for a vLLM process that must use `device` (the xdist worker's GPU) only."""
     if device.type != "cuda":
         return {}
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = indexed_device(device).index
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     physical = visible.split(",")[index] if visible else str(index)
     return {"CUDA_VISIBLE_DEVICES": physical}

@@ -182,8 +182,8 @@ def test_slow_fp8_matmul_is_measured_not_assumed():
     import torch
 
     cpu = torch.device("cpu")
-    if fp8_matmul_support(cpu):
-        pytest.skip(fp8_matmul_support(cpu))
+    if reason := fp8_matmul_support(cpu):
+        pytest.skip(reason)
     assert "x a BF16 matmul" in slow_fp8_matmul(cpu, limit=0.0)
     assert slow_fp8_matmul(cpu, limit=1e9) is None
 

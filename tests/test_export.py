@@ -20,6 +20,7 @@ from quantsuite.export import (
     tensor_index,
     verify_export,
 )  # fmt: skip
+from quantsuite.models import indexed_device
 
 pytestmark = pytest.mark.export
 
@@ -129,9 +130,8 @@ def test_reload_follows_a_device_map(workbench, catalog):
     from quantsuite.export import spread_device_map
 
     pytest.importorskip("accelerate", reason="a device_map reload needs accelerate (pip install accelerate)")
-    here = workbench.context.device
-    if here.type == "cuda" and here.index is None:  # accelerate places what a map calls "cuda" on "cuda:0"
-        here = torch.device("cuda", torch.cuda.current_device())  # (failed so on one H200, run gpu-18)
+    # accelerate places what a map calls "cuda" on "cuda:0" (the map named plain "cuda" and failed on one H200, gpu-18)
+    here = indexed_device(workbench.context.device)
     count = torch.cuda.device_count() if here.type == "cuda" else 0
     first, second = ("cuda:0", "cuda:1") if count >= 2 else (str(here),) * 2
     path = workbench.exports.path(catalog.scheme("top50"))
