@@ -25,6 +25,7 @@ from quantsuite.bench import (
 )
 from quantsuite.export import export_model, load_export
 from quantsuite.formats import QuantLinear
+from quantsuite.timing import STAGE_TIMES
 
 benchmark_test = pytest.mark.benchmark  # every timing test; the kernel check below runs in the default suite
 PROMPT, NEW_TOKENS = 16, 16
@@ -33,6 +34,10 @@ PROMPT, NEW_TOKENS = 16, 16
 BATCH = int(os.environ.get("QUANTSUITE_BENCH_BATCH", 4))
 PREFILL_TOKENS = int(os.environ.get("QUANTSUITE_BENCH_PREFILL_TOKENS", 64))
 ROUNDS, WARMUP = int(os.environ.get("QUANTSUITE_BENCH_ROUNDS", 5)), int(os.environ.get("QUANTSUITE_BENCH_WARMUP", 2))
+# Stage-table rows of the benchmark step (its 3B-shape run on an H200, gpu-19, spent 448 s, 74%, outside the named
+# stages: the rounds were 158 s of it, warm-ups and torch.compile the rest)
+ROUNDS_STAGE = "benchmark rounds (with warm-ups, BF16 pairs)"
+PAIR_WARMUP_STAGE = "benchmark pair warm-up (torch.compile here)"
 
 
 @pytest.fixture(autouse=True)
@@ -40,6 +45,13 @@ def _not_under_xdist(request):
     paired = request.node.get_closest_marker("paired")  # BF16 and the scheme alternate on this worker's GPU
     if os.environ.get("PYTEST_XDIST_WORKER") and request.node.get_closest_marker("benchmark") and not paired:
         pytest.skip("benchmarks never run under pytest-xdist (workers share the CPU/GPU); run them with -p no:xdist")
+
+
+def timed_rounds(benchmark, target, **options) -> None:
+    """benchmark.pedantic(target, **options), its time in the stage table's ROUNDS_STAGE row (warm-up rounds and
+    untimed setup included; a stage inside it, such as a vLLM call, keeps its own row)."""
+    with STAGE_TIMES.measure(ROUNDS_STAGE):
+        benchmark.pedantic(target, **options)
 
 
 def _info(benchmark, workbench, scheme_name: str, kind: str, tokens: int) -> None:
@@ -91,7 +103,7 @@ def test_fake_quant_throughput(benchmark, workbench, scheme, fake_quant_model, k
     else:
         step, tokens = decode_step(model, BATCH, PROMPT, NEW_TOKENS, workbench.context.device, _vocab(workbench))
     _info(benchmark, workbench, scheme.name, f"fake_quant_{kind}", tokens)
-    benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=WARMUP)
+    timed_rounds(benchmark, step, rounds=ROUNDS, warmup_rounds=WARMUP)
 
 
 @benchmark_test
@@ -103,7 +115,7 @@ def test_real_fp8_throughput(benchmark, workbench, scheme, exported, kind):
     arguments = (BATCH, PREFILL_TOKENS) if kind == "prefill" else (BATCH, PROMPT, NEW_TOKENS)
     step, tokens = maker(model, *arguments, workbench.context.device, _vocab(workbench))
     _info(benchmark, workbench, scheme.name, f"real_fp8_{kind}", tokens)
-    benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=WARMUP)
+    timed_rounds(benchmark, step, rounds=ROUNDS, warmup_rounds=WARMUP)
 
 
 @pytest.mark.scheme_modes("plain", "autoquant")
@@ -174,6 +186,25 @@ def _fp8_path_errors(layer, device) -> dict[str, float]:
         got = module(x[:rows]).float()
         errors[path] = ((got - expected[:rows]).norm() / expected[:rows].norm()).item()
     return errors
+
+
+def test_benchmark_rounds_and_pair_warmups_are_stages():
+    """The benchmark step's stage table names its rounds: a benchmark's pedantic call lands in ROUNDS_STAGE, with
+    the options passed through, and a stage inside it (a vLLM call, an export reload) keeps its own row."""
+    calls = []
+
+    class Recorder:  # pytest-benchmark's fixture, as far as timed_rounds uses it
+        def pedantic(self, target, **options):
+            calls.append(options)
+            with STAGE_TIMES.measure("vLLM timed"):
+                target()
+
+    before = STAGE_TIMES.as_dict()
+    timed_rounds(Recorder(), lambda: None, rounds=3, warmup_rounds=1)
+    after = STAGE_TIMES.as_dict()
+    assert calls == [{"rounds": 3, "warmup_rounds": 1}]
+    for stage in (ROUNDS_STAGE, "vLLM timed"):
+        assert after[stage][1] == before.get(stage, [0, 0, 0])[1] + 1, stage
 
 
 def test_slow_fp8_matmul_is_measured_not_assumed():
@@ -261,9 +292,10 @@ def test_real_fp8_paired(benchmark, workbench, catalog, scheme, exported, kind, 
         static_cache = path == "compiled"
         baseline_step, tokens = decode_step(baseline, 1, PROMPT, NEW_TOKENS, device, vocab, static_cache=static_cache)
         step, _ = decode_step(model, 1, PROMPT, NEW_TOKENS, device, vocab, static_cache=static_cache)
-    for _ in range(WARMUP + (path == "compiled")):  # compiled: the first call of each shape compiles
-        baseline_step()
-        step()
+    with STAGE_TIMES.measure(PAIR_WARMUP_STAGE):
+        for _ in range(WARMUP + (path == "compiled")):  # compiled: the first call of each shape compiles
+            baseline_step()
+            step()
     baseline_rounds = []
 
     def time_baseline():  # untimed by pytest-benchmark: runs right before each timed round
@@ -276,7 +308,7 @@ def test_real_fp8_paired(benchmark, workbench, catalog, scheme, exported, kind, 
     _info(benchmark, workbench, scheme.name, f"{label}_{kind}_paired", tokens)
     if kind == "decode":
         benchmark.extra_info.update({"decode_batch": 1, "kv_cache": "static" if static_cache else "dynamic"})
-    benchmark.pedantic(step, setup=time_baseline, rounds=max(ROUNDS, 3))
+    timed_rounds(benchmark, step, setup=time_baseline, rounds=max(ROUNDS, 3))
     if benchmark.stats is None:  # --benchmark-disable
         return
     ratios = [base / own for base, own in zip(baseline_rounds, benchmark.stats.stats.data, strict=True)]
@@ -309,7 +341,7 @@ def test_autoquant_time(benchmark, workbench, catalog, phase):
             run_scoring(model, plan, batches, workbench.context.device)
 
     _info(benchmark, workbench, scheme.name, f"autoquant_{phase}", 0)
-    benchmark.pedantic(target, setup=fresh, rounds=2)
+    timed_rounds(benchmark, target, setup=fresh, rounds=2)
 
 
 @benchmark_test
@@ -319,7 +351,7 @@ def test_autoquant_resolve_time(benchmark, workbench, scheme):
 
     state, _ = workbench.scores.state(workbench.scores.plan(scheme))
     _info(benchmark, workbench, scheme.name, "autoquant_resolve", 0)
-    benchmark.pedantic(resolve_config, args=(state, scheme), rounds=10, warmup_rounds=1)
+    timed_rounds(benchmark, resolve_config, args=(state, scheme), rounds=10, warmup_rounds=1)
 
 
 @benchmark_test
@@ -336,7 +368,7 @@ def test_export_time_and_size(benchmark, workbench, scheme, scheme_result):
         sizes.append(sum(f.stat().st_size for f in directory.iterdir() if f.is_file()))
 
     _info(benchmark, workbench, scheme.name, "export", 0)
-    benchmark.pedantic(target, setup=setup, teardown=lambda copied, directory: shutil.rmtree(directory), rounds=2)
+    timed_rounds(benchmark, target, setup=setup, teardown=lambda copied, directory: shutil.rmtree(directory), rounds=2)
     benchmark.extra_info["checkpoint_bytes"] = sizes[-1]
 
 
@@ -383,7 +415,7 @@ def test_vllm_speed(benchmark, workbench, scheme, vllm_python, vllm_service, vll
         except VllmUnsupportedHere as error:
             pytest.skip(f"this machine cannot run it in vLLM: {error}")
         _info(benchmark, workbench, scheme.name, "vllm_paired", 0)
-        benchmark.pedantic(lambda: results.append(measure(vllm_speed_baseline, rounds)), rounds=1)
+        timed_rounds(benchmark, lambda: results.append(measure(vllm_speed_baseline, rounds)), rounds=1)
     result = results[-1]
     benchmark.extra_info.update({"vllm_check": check, "vllm": vllm_compat.vllm_version(vllm_python),
                                  "weight_bytes_bound": result["weight_bytes_bound"],
