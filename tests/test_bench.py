@@ -188,7 +188,7 @@ def _fp8_path_errors(layer, device) -> dict[str, float]:
     return errors
 
 
-def test_benchmark_rounds_and_pair_warmups_are_stages():
+def test_benchmark_rounds_are_a_stage_of_their_own():
     """The benchmark step's stage table names its rounds: a benchmark's pedantic call lands in ROUNDS_STAGE, with
     the options passed through, and a stage inside it (a vLLM call, an export reload) keeps its own row."""
     calls = []
