@@ -73,9 +73,9 @@ def test_gate_fails_on_a_prefill_regression_only(tmp_path, pytestconfig, workben
     assert decode_only.returncode == 0, "a decode slow-down is not gated: " + decode_only.stdout[-2000:]
 
 
-def _nightly(steps: str, pytest_command: str) -> tuple[subprocess.CompletedProcess, Path]:
+def _nightly(steps: str, pytest_command: str, run_id: str | None = None) -> tuple[subprocess.CompletedProcess, Path]:
     """scripts/nightly.sh with PYTEST standing in for pytest (`true`: every step passes, `false`: every step fails)."""
-    run_id = f"test-nightly-{uuid.uuid4().hex[:8]}"
+    run_id = run_id or f"test-nightly-{uuid.uuid4().hex[:8]}"
     env = os.environ | {"STEPS": steps, "PYTEST": pytest_command, "PYTHON": sys.executable, "GPUS": "1",
                         "RUN_ID": run_id}  # fmt: skip
     done = subprocess.run(["bash", str(ROOT / "scripts" / "nightly.sh")], env=env, capture_output=True, text=True,
@@ -84,18 +84,21 @@ def _nightly(steps: str, pytest_command: str) -> tuple[subprocess.CompletedProce
 
 
 def test_steps_run_as_separate_jobs_and_record_their_times():
-    done, steps = _nightly("research benchmark", "false")
+    """Two jobs of one RUN_ID: the second adds its rows to the first's step table (one header), and each job's exit
+    status says whether its own steps failed."""
+    run_id = f"test-nightly-{uuid.uuid4().hex[:8]}"
+    done, steps = _nightly("research benchmark", "false", run_id)
     try:
         assert done.returncode == 1, done.stderr
         assert "nightly: failed steps: research benchmark" in done.stderr
+        passed, _ = _nightly("schemes", "true", run_id)
+        assert passed.returncode == 0, passed.stderr
         rows = [line.split("\t") for line in steps.read_text().splitlines()]
         assert rows[0] == ["step", "seconds", "exit"]
-        assert [(name, status) for name, _, status in rows[1:]] == [("research", "1"), ("benchmark", "1")]
+        assert [(name, status) for name, _, status in rows[1:]] == [("research", "1"), ("benchmark", "1"),
+                                                                  ("schemes", "0")]  # fmt: skip
     finally:
         steps.unlink(missing_ok=True)
-    passed, steps = _nightly("schemes", "true")
-    steps.unlink(missing_ok=True)
-    assert passed.returncode == 0, passed.stderr
 
 
 def test_an_unknown_step_is_refused_naming_the_steps():
