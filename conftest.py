@@ -30,7 +30,7 @@ VLLM_PYTHON = pytest.StashKey[object]()
 def pytest_configure(config: pytest.Config) -> None:
     """Refuse bad input once, before any work, as a usage error naming the fix: --scheme, --model, --device,
     --dtype, --calib-data, --vllm-python (or $QUANTSUITE_VLLM_PYTHON), schemes.yaml."""
-    from quantsuite.data import CaptionDataError, load_captions
+    from quantsuite.data import CaptionDataError, load_splits
     from quantsuite.models import ModelSourceError
     from quantsuite.schemes import SchemeError
     from quantsuite.vllm_compat import VllmSetupError, resolve_vllm_python
@@ -40,13 +40,26 @@ def pytest_configure(config: pytest.Config) -> None:
         config.option.run_id = time.strftime("%Y%m%d-%H%M%S") + f"-{ModelSpec(option('--model')).tag}"
     try:  # the catalog last: validating its preset names imports ModelOpt (6 s), which the other checks do not need
         ModelSpec(option("--model"), option("--device"), option("--dtype"), option("--model-seed")).validate()
-        if option("--calib-data"):
-            load_captions(option("--calib-data"))
+        splits = load_splits(data_config_of(config))  # the file, its captions and the sample counts against them
         config.stash[VLLM_PYTHON] = resolve_vllm_python(option("--vllm-python"))
-        _catalog().select(option("--scheme"))
+        for scheme in _catalog().select(option("--scheme")):
+            check_sample_overrides(scheme, splits)
     except (SchemeError, ModelSourceError, CaptionDataError, VllmSetupError) as error:
         raise pytest.UsageError(str(error)) from None
     share_cpu_threads()
+
+
+def check_sample_overrides(scheme, splits) -> None:
+    """A scheme's own calibration_samples / score_samples must fit the split the options made (else the scheme's
+    first test would fail after minutes of other schemes' work)."""
+    from quantsuite.data import CaptionDataError
+
+    for field, split, flag in (("calibration_samples", "calibration", "--calib-samples"),
+                               ("score_samples", "scoring", "--score-samples")):  # fmt: skip
+        wanted, held = getattr(scheme, field), len(getattr(splits, split))
+        if wanted is not None and wanted > held:
+            raise CaptionDataError(f"schemes.yaml: {scheme.name}.{field} is {wanted}, but the {split} split holds "
+                                   f"{held} captions; pass {flag}={wanted} or lower the scheme's {field}")  # fmt: skip
 
 
 def worker_threads() -> int | None:
@@ -207,14 +220,18 @@ def model_spec(pytestconfig: pytest.Config) -> ModelSpec:
     return ModelSpec(option("--model"), worker_device(option("--device")), option("--dtype"), option("--model-seed"))
 
 
-@pytest.fixture(scope="session")
-def data_config(pytestconfig: pytest.Config) -> DataConfig:
-    option = pytestconfig.getoption
+def data_config_of(config: pytest.Config) -> DataConfig:
+    option = config.getoption
     return DataConfig(
         path=option("--calib-data"), seed=option("--data-seed"), batch_size=option("--batch-size"),
         sequence_length=option("--seq-len"), calibration_samples=option("--calib-samples"),
         scoring_samples=option("--score-samples"), evaluation_samples=option("--eval-samples"),
     )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def data_config(pytestconfig: pytest.Config) -> DataConfig:
+    return data_config_of(pytestconfig)
 
 
 @pytest.fixture(scope="session")

@@ -90,7 +90,11 @@ def load_captions(path: str | Path) -> list[Caption]:
             raise CaptionDataError(
                 f'{path}: annotations[{index}] needs integer "image_id" and "id" and a "caption" string ({error!r})'
             ) from error
-    return [caption for caption in captions if caption.text]
+    empty = [index for index, caption in enumerate(captions) if not caption.text]
+    if empty:
+        raise CaptionDataError(f"{path}: {len(empty)} of {len(captions)} captions are empty (annotations{empty[:5]}"
+                               f"{'...' if len(empty) > 5 else ''}); give them text or remove them")  # fmt: skip
+    return captions
 
 
 def _take_images(groups: list[list[Caption]], start: int, count: int) -> tuple[tuple[Caption, ...], int]:

@@ -4,6 +4,8 @@
 the logits, and for every decoder block (and the final norm) the output hidden states. `compare(reference,
 candidate)` then gives
 - KL(ref || quant) per token: mean and p99 (nats); top-1 agreement; perplexity of both and its delta;
+- the within-run spread of mean KL and top-1 agreement: their bootstrap standard errors over evaluation captions
+  (`kl_mean_se`, `top1_agreement_se`; scipy.stats.bootstrap, captions resampled whole);
 - logit SQNR in dB (10 log10 of signal power over error power; None when the two are identical);
 - per block and for the final norm: SQNR (dB) and relative error ||h_q - h_ref|| / ||h_ref||, so error can
   be followed from the block where it enters to the logits.
@@ -29,6 +31,7 @@ class Capture:
 
     logits: torch.Tensor  # (tokens, vocab) at non-padding positions
     next_tokens: torch.Tensor  # (tokens,) label of the next position, IGNORE_INDEX where there is none
+    sequences: torch.Tensor  # (tokens,) index of the evaluation caption each token belongs to
     hidden: dict[str, torch.Tensor]  # "block.N" / "final_norm" -> (tokens, hidden)
 
 
@@ -47,7 +50,7 @@ def capture(model: torch.nn.Module, batches: list[dict], device: torch.device) -
 
     handles = [layer.register_forward_hook(hook(f"block.{i}")) for i, layer in enumerate(decoder.layers)]
     handles.append(decoder.norm.register_forward_hook(hook("final_norm")))
-    logits, next_tokens = [], []
+    logits, next_tokens, sequences = [], [], []
     try:
         for batch in batches:
             mask = batch["attention_mask"].bool()
@@ -57,10 +60,13 @@ def capture(model: torch.nn.Module, batches: list[dict], device: torch.device) -
             shifted = torch.full_like(batch["labels"], IGNORE_INDEX)
             shifted[:, :-1] = batch["labels"][:, 1:]
             next_tokens.append(shifted[mask])
+            first_row = sum(done.shape[0] for done in masks[:-1])
+            sequences.append(torch.arange(first_row, first_row + mask.shape[0]).unsqueeze(1).expand_as(mask)[mask])
     finally:
         for handle in handles:
             handle.remove()
-    return Capture(torch.cat(logits), torch.cat(next_tokens), {k: torch.cat(v) for k, v in stores.items()})
+    hidden = {k: torch.cat(v) for k, v in stores.items()}
+    return Capture(torch.cat(logits), torch.cat(next_tokens), torch.cat(sequences), hidden)
 
 
 def sqnr_db(reference: torch.Tensor, candidate: torch.Tensor) -> float | None:
@@ -92,6 +98,22 @@ def _token_kl_and_top1(reference: torch.Tensor, candidate: torch.Tensor, device:
     return torch.cat(kl), torch.cat(top1)
 
 
+def bootstrap_standard_error(per_token: torch.Tensor, sequences: torch.Tensor, resamples: int = 2000) -> float:
+    """Standard error of the mean of `per_token` over tokens when whole captions are resampled (a caption's tokens
+    are not independent): scipy's bootstrap of sum(values) / sum(tokens) over captions, paired, fixed seed."""
+    from scipy.stats import bootstrap
+
+    counts = torch.bincount(sequences)
+    present = counts > 0
+    sums = torch.zeros(counts.numel(), dtype=torch.float64).index_add_(0, sequences, per_token.double())
+    sums, counts = sums[present].numpy(), counts[present].double().numpy()
+    if sums.size < 2:
+        return 0.0
+    result = bootstrap((sums, counts), lambda s, n, axis=-1: s.sum(axis) / n.sum(axis), paired=True,
+                       vectorized=True, n_resamples=resamples, method="percentile", rng=0)  # fmt: skip
+    return float(result.standard_error)
+
+
 def compare(reference: Capture, candidate: Capture, device: torch.device | str = "cpu") -> dict:
     """Drift metrics of `candidate` against `reference` (see module docstring); plain JSON-able floats."""
     kl, top1 = _token_kl_and_top1(reference.logits, candidate.logits, torch.device(device))
@@ -107,6 +129,8 @@ def compare(reference: Capture, candidate: Capture, device: torch.device | str =
         "kl_mean": float(kl.mean()),
         "kl_p99": float(torch.quantile(kl.float(), 0.99)),
         "top1_agreement": float(top1.float().mean()),
+        "kl_mean_se": bootstrap_standard_error(kl, reference.sequences),
+        "top1_agreement_se": bootstrap_standard_error(top1.double(), reference.sequences),
         "perplexity_reference": reference_ppl,
         "perplexity": candidate_ppl,
         "perplexity_delta": candidate_ppl - reference_ppl,

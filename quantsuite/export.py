@@ -27,6 +27,7 @@ import torch
 from safetensors import safe_open
 
 from quantsuite.formats import FORMATS, FP8, OPTIONAL_TENSORS, ExportFormat, QuantLinear, per_token_scale, to_fp8
+from quantsuite.models import SafetensorsHeaderError, read_safetensors_header
 from quantsuite.timing import STAGE_TIMES
 
 EXPORT_INFO = "quantsuite_export.json"
@@ -101,20 +102,11 @@ def tensor_files(export_dir: Path) -> list[Path]:
 
 
 def read_header(path: Path) -> dict[str, dict]:
-    """name -> {"dtype", "shape"} from a safetensors header, validating the file's length."""
-    with path.open("rb") as handle:
-        raw = handle.read(8)
-        if len(raw) != 8:
-            raise ExportError(f"{path}: truncated safetensors file")
-        size = int.from_bytes(raw, "little")
-        try:
-            header = json.loads(handle.read(size))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ExportError(f"{path}: corrupt safetensors header ({error})") from error
-    end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
-    if path.stat().st_size != 8 + size + end:
-        raise ExportError(f"{path}: {path.stat().st_size} bytes on disk, header says {8 + size + end}: truncated")
-    return {key: entry for key, entry in header.items() if key != "__metadata__"}
+    """name -> {"dtype", "shape"} from a safetensors header, validating the file's length (ExportError if not)."""
+    try:
+        return read_safetensors_header(path)
+    except SafetensorsHeaderError as error:
+        raise ExportError(str(error)) from error
 
 
 def tensor_index(export_dir: Path) -> dict[str, dict]:
@@ -155,7 +147,10 @@ def _excluded(name: str, patterns: list[str]) -> bool:
 
 
 QUANTIZED_DTYPES = ("F8_E4M3", "U8", "I8")  # safetensors dtypes of quantized weights (codes)
-FOLDED_NORMS = {"self_attn": "input_layernorm", "mlp": "post_attention_layernorm"}  # where q/k/v, gate/up get input
+# the norm whose output q/k/v and gate/up read (ModelOpt folds their shared pre_quant_scale into it); o_proj and
+# down_proj read no norm
+FOLDED_NORMS = {f"self_attn.{p}_proj": "input_layernorm" for p in "qkv"} | {
+    f"mlp.{p}_proj": "post_attention_layernorm" for p in ("gate", "up")}  # fmt: skip
 
 
 def module_format(module: dict) -> ExportFormat | None:
@@ -470,7 +465,7 @@ def _effective_input_scale(model: torch.nn.Module, name: str, tensors: dict, hub
     if f"{hub}.pre_quant_scale" in tensors:
         return tensors[f"{hub}.pre_quant_scale"].float()
     block, _, rest = name.rpartition(".layers.")[2].partition(".")
-    norm = FOLDED_NORMS.get(rest.split(".")[0])
+    norm = FOLDED_NORMS.get(rest)
     prefix = name[: name.rindex(".layers.")]
     norm_hub = hub_name(f"{prefix}.layers.{block}.{norm}.weight") if norm else None
     if norm_hub is None or norm_hub not in tensors:

@@ -160,11 +160,15 @@ def build_manifest(
     }  # fmt: skip
     selection = {"coverage_mode": scheme.coverage_mode, "chosen_blocks": None, "reason": ""}
     if resolution is not None and resolution.chosen_blocks is not None:
+        chosen, blocks = len(resolution.chosen_blocks), len(sensitivity)
         selection["chosen_blocks"] = list(resolution.chosen_blocks)
+        # whole blocks: the target coverage rounds to the nearest block count, and the bits are those blocks' bits
+        selection["reached_coverage"] = chosen / blocks
         selection["reason"] = (
-            f"the {len(resolution.chosen_blocks)} of {len(sensitivity)} decoder blocks with the lowest summed "
-            f"{scheme.method} score cost (FP8 score - BF16 score over the block's layer groups) for target "
-            f"coverage {scheme.target_coverage}"
+            f"the {chosen} of {blocks} decoder blocks with the lowest summed {scheme.method} score cost (quantized "
+            f"score - BF16 score over the block's layer groups): target coverage {scheme.target_coverage} "
+            f"({scheme.target_effective_bits:g} bits) reaches {chosen}/{blocks} = {chosen / blocks:.4g} of the "
+            f"blocks ({totals['lm_effective_bits']:.4g} bits), the nearest whole number of blocks"
         )
     elif scheme.mode == "autoquant":
         solve = "ModelOpt AutoQuant LP solve" if scheme.solver == "modelopt" else "exact 0/1 solve (scipy MILP)"

@@ -67,6 +67,48 @@ class ModelSourceError(ValueError):
     """A --model / --device / --dtype value that cannot be used; the message names the fix."""
 
 
+class SafetensorsHeaderError(ValueError):
+    """A safetensors file whose header cannot be read or whose length disagrees with it."""
+
+
+def read_safetensors_header(path: Path) -> dict[str, dict]:
+    """name -> {"dtype", "shape", "data_offsets"} from a safetensors header, validating the file's length."""
+    with path.open("rb") as handle:
+        raw = handle.read(8)
+        if len(raw) != 8:
+            raise SafetensorsHeaderError(f"{path}: truncated safetensors file")
+        size = int.from_bytes(raw, "little")
+        try:
+            header = json.loads(handle.read(size))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise SafetensorsHeaderError(f"{path}: corrupt safetensors header ({error})") from error
+    end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    if path.stat().st_size != 8 + size + end:
+        raise SafetensorsHeaderError(f"{path}: {path.stat().st_size} bytes on disk, header says {8 + size + end}: "
+                                     "truncated")  # fmt: skip
+    return {key: entry for key, entry in header.items() if key != "__metadata__"}
+
+
+def check_weight_files(source: Path, config: dict) -> None:
+    """Every safetensors file of a model directory reads whole, and the token embedding has the config's shape."""
+    files = sorted(source.glob("*.safetensors"))
+    if not files:
+        raise ModelSourceError(f"--model {source}: no *.safetensors weights next to config.json; copy the model's "
+                               "weights (model*.safetensors) into it")  # fmt: skip
+    text = config.get("text_config") or config
+    for file in files:
+        try:
+            header = read_safetensors_header(file)
+        except SafetensorsHeaderError as error:
+            raise ModelSourceError(f"{error}; copy the model's weights again") from None
+        for name, entry in header.items():
+            expected = [text.get("vocab_size"), text.get("hidden_size")]
+            if name.endswith("embed_tokens.weight") and None not in expected and entry["shape"] != expected:
+                raise ModelSourceError(f"{file}: {name} has shape {entry['shape']}, but config.json says vocab_size "
+                                       f"x hidden_size = {expected}; the weights and config.json are of different "
+                                       "models")  # fmt: skip
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """What to load and where. `name` is `tiny`, `qwen2.5-vl-3b-shape` or a local directory."""
@@ -105,6 +147,7 @@ class ModelSpec:
                 raise ModelSourceError(f"--model {self.name}: config.json says model_type {kind!r} {architectures}; "
                                        "the suite runs Qwen2.5-VL (model_type qwen2_5_vl), e.g. a local copy of "
                                        "Qwen2.5-VL-3B-Instruct")  # fmt: skip
+            check_weight_files(source, config)
         if self.dtype not in SUPPORTED_DTYPES:
             supported = ", ".join(SUPPORTED_DTYPES)
             raise ModelSourceError(f"--dtype {self.dtype}: only {supported} is supported end to end (ModelOpt's "

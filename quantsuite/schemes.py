@@ -51,6 +51,12 @@ PRESET_ALGORITHMS = {
     "W4A16_NVFP4_CFG": "W4A16_NVFP4",
     "MXFP8_DEFAULT_CFG": "MXFP8",
 }
+# Preset -> format family: what its export stores by construction, so what its drift_default bounds are (AWQ
+# requantizes fused q/k/v and gate/up with one shared smoothing factor; NVFP4 shares one global weight scale there)
+PRESET_FAMILIES = {"FP8_DEFAULT_CFG": "fp8", "FP8_PER_CHANNEL_PER_TOKEN_CFG": "fp8", "MXFP8_DEFAULT_CFG": "fp8",
+                   "INT8_SMOOTHQUANT_CFG": "int8", "INT4_AWQ_CFG": "awq", "W4A8_AWQ_BETA_CFG": "awq",
+                   "NVFP4_DEFAULT_CFG": "nvfp4", "W4A16_NVFP4_CFG": "nvfp4"}  # fmt: skip
+FAMILIES = ("fp8", "int8", "awq", "nvfp4")
 # ModelOpt 0.47's fake quantization of dynamic-block formats runs on CUDA only: on CPU it raises "amax must be a
 # CUDA tensor for dynamic block quantization" (NVFP4) or "Skipping extension modelopt_cuda_ext_mx because CUDA
 # is not available" (MXFP8). Calibration and export run on CPU; anything that runs the fake-quant model does not.
@@ -92,6 +98,11 @@ class FormatSpec(Strict):
     def export_format(self) -> ExportFormat:
         """What a layer of this format stores in the export and computes (quantsuite.formats)."""
         return FORMATS[PRESET_ALGORITHMS[self.preset]]
+
+    @property
+    def family(self) -> str:
+        """fp8, int8, awq or nvfp4 (PRESET_FAMILIES)."""
+        return PRESET_FAMILIES[self.preset]
 
     @property
     def cuda_only(self) -> str | None:
@@ -281,15 +292,25 @@ class SchemeSpec(Strict):
 class Catalog(Strict):
     formats: dict[str, FormatSpec] = Field(description="Format name -> quantization config")
     schemes: tuple[SchemeSpec, ...] = Field(description="The schemes under test")
-    drift_default: DriftBounds | None = Field(
-        default=None, description="Drift bounds for a model without its own expect.drift.<model> entry"
+    drift_default: dict[Literal["fp8", "int8", "awq", "nvfp4"], DriftBounds] = Field(
+        description="Format family (fp8, int8, awq, nvfp4) -> drift bounds for a scheme with no bounds of its own "
+        "for the model (quantsuite.bounds.drift_limits); a scheme of several families takes the loosest"
     )
 
-    def drift_bounds(self, scheme: SchemeSpec, model_tag: str) -> tuple[DriftBounds | None, str]:
-        """The scheme's bounds for `model_tag`, else the catalog-wide default; with where they came from."""
-        if model_tag in scheme.expect.drift:
-            return scheme.expect.drift[model_tag], f"expect.drift.{model_tag} of {scheme.name}"
-        return self.drift_default, "drift_default (no bounds of its own for this model)"
+    @field_validator("drift_default")
+    @classmethod
+    def _every_family(cls, value: dict[str, DriftBounds]) -> dict[str, DriftBounds]:
+        missing = [family for family in FAMILIES if family not in value]
+        if missing:
+            raise ValueError(f"drift_default needs bounds for every format family; missing {missing}")
+        return value
+
+    def families(self, scheme: SchemeSpec) -> set[str]:
+        """The format families of a scheme's formats (empty for the BF16 reference)."""
+        return {self.formats[name].family for name in scheme.formats}
+
+    def names(self) -> set[str]:
+        return {scheme.name for scheme in self.schemes}
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Catalog:

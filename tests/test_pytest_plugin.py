@@ -3,6 +3,7 @@ project root, in a real pytest subprocess; a bad --vllm-python is a usage error 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -86,6 +87,9 @@ BAD_INPUT = {
     "bad calib data": (["--calib-data=/nonexistent/captions.json"], r"--calib-data: /nonexistent/captions.json does "
                                                                     r"not exist; pass a COCO captions file"),
     "dtype": (["--dtype=float16"], r"--dtype float16: only bfloat16 is supported end to end"),
+    "negative samples": (["--calib-samples=-4"], r"--calib-samples, --score-samples and --eval-samples must each"),
+    "more samples than captions": (["--eval-samples=5000"], r"captions_bundled.json: \d+ captions, but evaluation "
+                                                           r"\+ scoring \+ calibration samples ask for 5128"),
 }  # fmt: skip
 
 
@@ -113,3 +117,40 @@ def test_scheduling_group_keeps_a_scheme_on_one_worker():
     assert scheduling_group("tests/test_vllm_compat.py::test_decide_against_the_floor", names) == "vllm"
     alone = "tests/test_formats.py::test_storage_bits_count_scales[NVFP4-4.5]"
     assert scheduling_group(alone, names) == alone
+
+
+def _write_captions(path: Path, texts: list[str]) -> Path:
+    annotations = [{"image_id": i // 5, "id": i, "caption": text} for i, text in enumerate(texts)]
+    path.write_text(json.dumps({"annotations": annotations}))
+    return path
+
+
+def _truncated_model(directory: Path) -> Path:
+    directory.mkdir()
+    for path in TINY_DIR.iterdir():
+        if path.name == "model.safetensors":
+            (directory / path.name).write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        else:
+            (directory / path.name).symlink_to(path)
+    return directory
+
+
+FILE_INPUT = {
+    "five captions": (lambda d: ["--calib-data", str(_write_captions(d / "c.json", ["a dog on grass"] * 5))],
+                      r"c.json: 5 captions, but evaluation \+ scoring \+ calibration samples ask for 192"),
+    "empty captions": (lambda d: ["--calib-data", str(_write_captions(d / "c.json", [" "] * 300))],
+                       r"c.json: 300 of 300 captions are empty \(annotations\[0, 1, 2, 3, 4\]...\); give them text"),
+    "truncated weights": (lambda d: ["--model", str(_truncated_model(d / "Qwen2.5-VL-cut"))],
+                          r"Qwen2.5-VL-cut/model.safetensors: \d+ bytes on disk, header says \d+: truncated; "
+                          r"copy the model's weights again"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", FILE_INPUT, ids=list(FILE_INPUT))
+def test_bad_files_are_one_usage_error_naming_the_file(tmp_path, case):
+    """Before: a captions file too small for the splits, one of empty captions, or truncated weights failed every test
+    after collection (19 errors and 2 failures; the weights as a raw SafetensorError naming no file)."""
+    make, message = FILE_INPUT[case]
+    completed = _pytest("--collect-only", "-q", *make(tmp_path))
+    assert completed.returncode == pytest.ExitCode.USAGE_ERROR, completed.stdout[-2000:] + completed.stderr[-2000:]
+    assert re.search(message, completed.stderr), completed.stderr[-2000:]

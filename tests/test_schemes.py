@@ -19,7 +19,8 @@ def test_catalog_validates_and_round_trips():
     catalog = load_catalog()
     assert parse_catalog(yaml.safe_load(dump_catalog(catalog))) == catalog
     for scheme in catalog.schemes:
-        assert parse_catalog({"formats": catalog.formats, "schemes": [scheme.model_dump()]}).schemes == (scheme,)
+        alone = {"formats": catalog.formats, "schemes": [scheme.model_dump()], "drift_default": catalog.drift_default}
+        assert parse_catalog(alone).schemes == (scheme,)
 
 
 def test_initial_catalog_present():
@@ -125,11 +126,11 @@ def test_format_quant_config_keeps_vision_disabled_last():
     assert any(entry["quantizer_name"] == "*[kv]_bmm_quantizer" for entry in kv)
 
 
-def test_a_model_without_bounds_gets_the_catalog_default():
-    """Before: a local model directory had no expect.drift entry, so every drift bound check skipped."""
+def test_every_preset_has_a_family_and_drift_default_covers_every_family():
+    from quantsuite.schemes import FAMILIES, PRESET_ALGORITHMS, PRESET_FAMILIES
+
+    assert set(PRESET_FAMILIES) == set(PRESET_ALGORITHMS) and set(PRESET_FAMILIES.values()) == set(FAMILIES)
     catalog = load_catalog()
-    scheme = catalog.scheme("top50")
-    own, source = catalog.drift_bounds(scheme, "tiny")
-    assert own == scheme.expect.drift["tiny"] and source.startswith("expect.drift.tiny")
-    default, source = catalog.drift_bounds(scheme, "Qwen2.5-VL-3B-Instruct")
-    assert default == catalog.drift_default is not None and source.startswith("drift_default")
+    assert set(catalog.drift_default) == set(FAMILIES)
+    assert catalog.families(catalog.scheme("mixed_fp8_int4_awq_eb10")) == {"fp8", "awq"}
+    assert catalog.families(catalog.scheme("bf16")) == set()

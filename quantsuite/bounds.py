@@ -1,0 +1,371 @@
+"""Drift bounds generated from measured spread, with where each came from.
+
+A drift verdict compares a measured figure (KL, top-1 agreement, differing export codes) with a bound. Here the
+bound is not typed by hand: `generate` measures every CPU-runnable scheme's drift under several conditions and
+derives each bound from the spread it saw:
+- within a run: the bootstrap standard error over evaluation captions (quantsuite.drift);
+- across machines' numerics: the same run under other CPU kernel sets, forced through ATen/oneDNN/MKL's
+  environment variables (`KERNEL_SETS`), each in a fresh cache;
+- across data seeds: the same run on other caption splits (`--data-seed`).
+
+sigma = sqrt(within^2 + kernels^2 + seeds^2); a `max` figure's bound is the worst value seen + k sigma (a `min`
+figure's: worst - k sigma). Each bound records the values it came from and the smallest regression it catches.
+
+    python -m quantsuite.bounds --model tiny                       # all kernel sets, seeds 0 1 2 (~40 min, 2 cores)
+    python -m quantsuite.bounds --kernels native avx2 --seeds 0     # a quicker, narrower record
+
+writes reports/bounds/<model>.json (read by the drift tests) and reports/bounds/<model>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from quantsuite.cache import write_atomic
+from quantsuite.data import DataConfig
+from quantsuite.schemes import Catalog, DriftBounds, SchemeSpec
+
+BOUNDS_DIR = Path(__file__).resolve().parents[1] / "reports" / "bounds"
+K_SIGMA = 3.0
+
+# name -> the environment that forces it (nothing forced: what the box has)
+KERNEL_SETS: dict[str, dict[str, str]] = {
+    "native": {},
+    "avx512": {
+        "ATEN_CPU_CAPABILITY": "avx512",
+        "ONEDNN_MAX_CPU_ISA": "AVX512_CORE",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX512",
+    },
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "default": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
+}
+KERNEL_ENV_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+# figure -> (direction of a regression's bound, its within-run standard error in drift.json or None)
+FIGURES: dict[str, tuple[Literal["max", "min"], str | None]] = {
+    "fake_quant.kl_mean": ("max", "fake_quant.kl_mean_se"),
+    "fake_quant.top1_agreement": ("min", "fake_quant.top1_agreement_se"),
+    "export.kl_mean": ("max", "export.kl_mean_se"),
+    "fake_vs_export.kl_mean": ("max", "fake_vs_export.kl_mean_se"),
+    "fake_vs_export.top1_agreement": ("min", "fake_vs_export.top1_agreement_se"),
+    "export_fidelity.differing_code_share": ("max", None),
+}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class Limit:
+    """What a drift test asserts of one figure."""
+
+    kind: Literal["max", "min"]
+    bound: float
+
+    def holds(self, value: float) -> bool:
+        return value <= self.bound if self.kind == "max" else value >= self.bound
+
+
+class FigureBound(Strict):
+    """One figure's bounds and the measurements they came from.
+
+    At a measured data seed the captions are fixed and the figure moves only with the machine's numerics: its bound
+    is the worst value at that seed + k sigma_kernels (at least k of the figure's resolution: one token of top-1
+    agreement, one weight of a code share). At any other seed the captions, calibration and picks change too: the
+    `any_seed` bound is the worst value of all + k sqrt(within^2 + kernels^2 + seeds^2)."""
+
+    kind: Literal["max", "min"] = Field(description="max: the figure must stay <= bound; min: >= bound")
+    values: dict[str, float] = Field(description="Condition ('kernels=avx2 seed=0') -> measured value")
+    sigma_within: float = Field(ge=0, description="RMS of the runs' bootstrap standard errors over captions")
+    sigma_kernels: float = Field(ge=0, description="Std across kernel sets at seed 0, or the figure's resolution")
+    sigma_seeds: float = Field(ge=0, description="Std across data seeds (native kernels)")
+    seed_bounds: dict[int, float] = Field(description="Data seed -> bound there (worst at the seed + k sigma_kernels)")
+    any_seed: float = Field(description="Bound at a seed not measured (worst of all + k sigma_all)")
+    catches: str = Field(description="At seed 0: the smallest regression from the median value that crosses the bound")
+
+    @property
+    def sigma_all(self) -> float:
+        return math.sqrt(self.sigma_within**2 + self.sigma_kernels**2 + self.sigma_seeds**2)
+
+    def worst(self, seed: int | None = None) -> float:
+        values = [v for c, v in self.values.items() if seed is None or c.endswith(f" seed={seed}")]
+        return max(values) if self.kind == "max" else min(values)
+
+    def limit(self, seed: int) -> Limit:
+        return Limit(self.kind, self.seed_bounds.get(seed, self.any_seed))
+
+    def margins_sigma(self) -> dict[str, float]:
+        """Each bound's distance from the worst value it covers, in units of its sigma (inf: zero spread, zero gap)."""
+
+        def ratio(gap: float, sigma: float) -> float:
+            return gap / sigma if sigma else (math.inf if gap == 0 else gap * math.inf)
+
+        margins = {f"seed={seed}": ratio(abs(bound - self.worst(seed)), self.sigma_kernels)
+                   for seed, bound in self.seed_bounds.items()}  # fmt: skip
+        return margins | {"any seed": ratio(abs(self.any_seed - self.worst()), self.sigma_all)}
+
+
+class BoundsRecord(Strict):
+    """reports/bounds/<model>.json: every CPU-runnable scheme's drift bounds on one model."""
+
+    model: str
+    k_sigma: float = Field(description="Margin of every bound over its worst measured value, in sigma")
+    command: str = Field(description="The command that wrote this record")
+    measured: dict[str, str] = Field(description="When, on what CPU, with which versions")
+    conditions: tuple[str, ...] = Field(description="The conditions measured")
+    schemes: dict[str, dict[str, FigureBound]] = Field(description="Scheme -> figure -> bounds")
+
+
+def record_path(model_tag: str, directory: Path = BOUNDS_DIR) -> Path:
+    return Path(directory) / f"{model_tag}.json"
+
+
+def load_record(model_tag: str, directory: Path = BOUNDS_DIR) -> BoundsRecord | None:
+    path = record_path(model_tag, directory)
+    return BoundsRecord.model_validate_json(path.read_text()) if path.is_file() else None
+
+
+def figure_value(measurement: dict, figure: str) -> float:
+    value: object = measurement
+    for part in figure.split("."):
+        value = value[part]
+    return float(value)
+
+
+def resolution(measurement: dict, figure: str) -> float:
+    """The smallest step a figure can take: one token of an agreement, one weight of a code share, 0 for a KL."""
+    if figure.endswith("top1_agreement"):
+        return 1.0 / measurement[figure.split(".")[0]]["tokens"]
+    if figure.endswith("differing_code_share"):
+        return 1.0 / max(measurement["export_fidelity"]["quantized_weights"], 1)
+    return 0.0
+
+
+def _std(values: list[float]) -> float:
+    if len(values) < 2:
+        return 0.0
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def _catches(figure: str, median: float, bound: float) -> str:
+    if figure.endswith("top1_agreement"):
+        disagreement = 1.0 - median
+        needed = (median - bound) / disagreement if disagreement > 0 else math.inf
+        return f"top-1 disagreement {disagreement:.4f} -> {1 - bound:.4f} (+{needed:.0%})"
+    if median > 0:
+        return f"{median:.3g} -> {bound:.3g} (+{(bound - median) / median:.0%})"
+    return f"0 -> {bound:.3g} (any change above it)"
+
+
+def derive(figure: str, runs: dict[tuple[str, int], dict], k: float = K_SIGMA) -> FigureBound:
+    """The bounds of `figure` from one scheme's drift measurements under each (kernel set, seed)."""
+    kind, se_figure = FIGURES[figure]
+    values = {f"kernels={kernels} seed={seed}": figure_value(m, figure) for (kernels, seed), m in runs.items()}
+    errors = [figure_value(m, se_figure) for m in runs.values()] if se_figure else [0.0]
+    within = math.sqrt(sum(e * e for e in errors) / len(errors))
+    identity = 0.0 if kind == "max" else 1.0  # no drift at all (the BF16 reference): nothing may drift, then
+    if all(value == identity for value in values.values()):
+        seeds_seen = sorted({seed for _, seed in runs})
+        return FigureBound(kind=kind, values=values, sigma_within=0.0, sigma_kernels=0.0, sigma_seeds=0.0,
+                           seed_bounds=dict.fromkeys(seeds_seen, identity), any_seed=identity,
+                           catches="any drift (exact in every run)")  # fmt: skip
+    quantum = max(resolution(m, figure) for m in runs.values())
+    kernels = max(_std([figure_value(m, figure) for (_, seed), m in runs.items() if seed == 0]), quantum)
+    seeds = _std([figure_value(m, figure) for (kernel, _), m in runs.items() if kernel == "native"])
+    sign, worst = (1.0, max) if kind == "max" else (-1.0, min)
+
+    def clip(bound: float) -> float:
+        return max(bound, 0.0) if kind == "min" else bound
+
+    per_seed = {seed: worst(figure_value(m, figure) for (_, s), m in runs.items() if s == seed)
+                for seed in sorted({seed for _, seed in runs})}  # fmt: skip
+    seed_bounds = {seed: clip(value + sign * k * kernels) for seed, value in per_seed.items()}
+    sigma_all = math.sqrt(within**2 + kernels**2 + seeds**2)
+    any_seed = clip(worst(values.values()) + sign * k * sigma_all)
+    at_zero = sorted(figure_value(m, figure) for (_, seed), m in runs.items() if seed == 0)
+    return FigureBound(kind=kind, values=values, sigma_within=within, sigma_kernels=kernels, sigma_seeds=seeds,
+                       seed_bounds=seed_bounds, any_seed=any_seed,
+                       catches=_catches(figure, at_zero[len(at_zero) // 2], seed_bounds[0]))  # fmt: skip
+
+
+def hand_set_limits(bounds: DriftBounds) -> dict[str, Limit]:
+    """schemes.yaml's DriftBounds (expect.drift.<model>, drift_default) as limits of drift.json's figures."""
+    return {"fake_quant.kl_mean": Limit("max", bounds.kl_mean_max),
+            "fake_quant.top1_agreement": Limit("min", bounds.top1_agreement_min),
+            "fake_vs_export.top1_agreement": Limit("min", bounds.export_top1_agreement_min),
+            "export_fidelity.differing_code_share": Limit("max", bounds.export_code_mismatch_max)}  # fmt: skip
+
+
+def loosest(limit_sets: list[dict[str, Limit]]) -> dict[str, Limit]:
+    """Per figure, the loosest of several limit sets (the highest max, the lowest min)."""
+    figures = {figure: limits[figure].kind for limits in limit_sets for figure in limits}
+    pick = {"max": max, "min": min}
+    return {figure: Limit(kind, pick[kind](limits[figure].bound for limits in limit_sets if figure in limits))
+            for figure, kind in figures.items()}  # fmt: skip
+
+
+def record_applies(record: BoundsRecord | None, device_type: str, data_config: DataConfig) -> bool:
+    """A record was measured on CPU with the default data settings at several seeds: it holds there, at any seed."""
+    return record is not None and device_type == "cpu" and replace(data_config, seed=0) == DataConfig()
+
+
+def drift_limits(catalog: Catalog, scheme: SchemeSpec, model_tag: str, device_type: str, data_config: DataConfig,
+                 record: BoundsRecord | None) -> tuple[dict[str, Limit], str]:  # fmt: skip
+    """The limits of `scheme`'s drift figures, and where they came from, first that applies:
+    1. the generated record of `model_tag` (reports/bounds/<model>.json), for a scheme it measured;
+    2. for a scheme it did not measure, the loosest record of the schemes whose format families it has all of;
+    3. the scheme's hand-set expect.drift.<model> in schemes.yaml (3B/7B shapes, runs on a GPU);
+    4. drift_default of schemes.yaml: the loosest of the scheme's format families (fp8, int8, awq, nvfp4)."""
+    families = catalog.families(scheme)
+    if record is not None and record_applies(record, device_type, data_config):
+        seed = data_config.seed
+        where = f"reports/bounds/{model_tag}.json at data seed {seed}" + (
+            "" if seed in next(iter(next(iter(record.schemes.values())).values())).seed_bounds
+            else " (not measured: the any-seed bounds)")  # fmt: skip
+        if scheme.name in record.schemes:
+            return {figure: b.limit(seed) for figure, b in record.schemes[scheme.name].items()}, where
+        peer_families = {name: catalog.families(catalog.scheme(name)) for name in record.schemes
+                         if name in catalog.names()}  # fmt: skip
+        peers = [name for name, theirs in peer_families.items() if theirs <= families and (theirs or not families)]
+        covered = set().union(*(peer_families[name] for name in peers))
+        if peers and covered == families:
+            limits = loosest([{f: b.limit(seed) for f, b in record.schemes[name].items()} for name in peers])
+            return limits, (f"loosest of {', '.join(peers)} in {where}: {scheme.name} has no record of its own "
+                            f"(record it: {record.command})")  # fmt: skip
+    if model_tag in scheme.expect.drift:
+        return hand_set_limits(scheme.expect.drift[model_tag]), f"expect.drift.{model_tag} of {scheme.name}"
+    chosen = sorted(families) or sorted(catalog.drift_default)
+    limits = loosest([hand_set_limits(catalog.drift_default[family]) for family in chosen])
+    return limits, f"drift_default ({', '.join(chosen)}): {scheme.name} has no bounds of its own for {model_tag}"
+
+
+def measure_condition(model: str, seed: int, cache_root: Path) -> dict[str, dict]:
+    """Every CPU-runnable scheme's drift measurement in this process (its kernel set is its environment's)."""
+    from quantsuite.models import ModelSpec
+    from quantsuite.pipeline import Workbench
+    from quantsuite.schemes import load_catalog
+
+    catalog = load_catalog()
+    with tempfile.TemporaryDirectory() as reports:
+        bench = Workbench(ModelSpec(model, "cpu"), DataConfig(seed=seed), catalog, cache_root, Path(reports))
+        return {s.name: bench.drift.measure(s) for s in catalog.schemes if not catalog.cuda_only(s)}
+
+
+def _run_condition(model: str, kernels: str, seed: int, workdir: Path, threads: int) -> subprocess.Popen:
+    env = {key: value for key, value in os.environ.items() if key not in KERNEL_ENV_VARS}
+    env |= KERNEL_SETS[kernels] | {"QUANTSUITE_TORCH_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+    out = workdir / f"{kernels}-seed{seed}.json"
+    command = [sys.executable, "-m", "quantsuite.bounds", "--model", model, "--condition", f"{kernels}:{seed}",
+               "--condition-out", str(out), "--cache-dir", str(workdir / f"cache-{kernels}-{seed}")]  # fmt: skip
+    log = (workdir / f"{kernels}-seed{seed}.log").open("w")
+    return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def generate(
+    model: str, kernel_sets: list[str], seeds: list[int], workdir: Path, parallel: int, k: float
+) -> BoundsRecord:
+    """Measure every condition (native kernels at every seed, every kernel set at seed 0) in subprocesses, each in
+    a fresh cache, `parallel` at a time (a condition whose measurements `workdir` already holds is kept), then
+    derive each figure's bound."""
+    conditions = sorted({("native", seed) for seed in seeds} | {(kernels, 0) for kernels in kernel_sets})
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    pending = [c for c in conditions if not (workdir / f"{c[0]}-seed{c[1]}.json").is_file()]  # a kept workdir resumes
+    running: list[tuple[tuple[str, int], subprocess.Popen]] = []
+    while pending or running:
+        while pending and len(running) < parallel:
+            kernels, seed = pending.pop(0)
+            running.append(((kernels, seed), _run_condition(model, kernels, seed, workdir, threads)))
+        time.sleep(2)
+        for item in [item for item in running if item[1].poll() is not None]:
+            running.remove(item)
+            if item[1].returncode:
+                raise RuntimeError(f"condition {item[0]} failed; see {workdir}/{item[0][0]}-seed{item[0][1]}.log")
+    measured = {c: json.loads((workdir / f"{c[0]}-seed{c[1]}.json").read_text()) for c in conditions}
+    schemes = sorted(measured[("native", 0)])
+    by_scheme = {
+        name: {figure: derive(figure, {c: measured[c][name] for c in conditions}, k) for figure in FIGURES}
+        for name in schemes
+    }
+    import torch
+
+    from quantsuite.cache import package_versions
+
+    info = {
+        "date": time.strftime("%Y-%m-%d"),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "versions": json.dumps(package_versions()),
+    }
+    command = f"python -m quantsuite.bounds --model {model} --kernels {' '.join(kernel_sets)} --seeds " + " ".join(
+        map(str, seeds)
+    )
+    conditions_text = tuple(f"kernels={kernels} seed={seed}" for kernels, seed in conditions)
+    return BoundsRecord(model=model, k_sigma=k, command=command, measured=info, conditions=conditions_text,
+                        schemes=by_scheme)  # fmt: skip
+
+
+def markdown(record: BoundsRecord) -> str:
+    """The record as a table: values, spreads, the seed-0 bound and what it catches, and the any-seed bound."""
+    lines = [f"# Drift bounds: {record.model}", "", f"Written by `{record.command}` ({record.measured['date']}, "
+             f"CPU {record.measured['cpu']}, native ATen capability {record.measured['cpu_capability']}). "
+             f"k = {record.k_sigma:g}. Conditions: " + ", ".join(record.conditions) + ".", "",
+             "| scheme | figure | values (min .. max) | within | kernels | seeds | seed 0 bound | catches | any seed |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for scheme, figures in record.schemes.items():
+        for figure, b in figures.items():
+            low, high = min(b.values.values()), max(b.values.values())
+            lines.append(f"| {scheme} | {figure} | {low:.4g} .. {high:.4g} | {b.sigma_within:.2g} | "
+                         f"{b.sigma_kernels:.2g} | {b.sigma_seeds:.2g} | {b.kind} {b.seed_bounds[0]:.4g} | "
+                         f"{b.catches} | {b.any_seed:.4g} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--kernels", nargs="+", default=list(KERNEL_SETS), choices=list(KERNEL_SETS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--k-sigma", type=float, default=K_SIGMA)
+    parser.add_argument("--parallel", type=int, default=2, help="conditions measured at once (threads shared)")
+    parser.add_argument("--workdir", default=None, help="keep each condition's measurements and cache here")
+    parser.add_argument("--out-dir", default=str(BOUNDS_DIR))
+    parser.add_argument("--condition", help=argparse.SUPPRESS)  # internal: one subprocess's kernels:seed
+    parser.add_argument("--condition-out", help=argparse.SUPPRESS)
+    parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.condition:
+        threads = int(os.environ.get("QUANTSUITE_TORCH_THREADS", "0"))
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        seed = int(args.condition.split(":")[1])
+        write_atomic(Path(args.condition_out), json.dumps(measure_condition(args.model, seed, Path(args.cache_dir))))
+        return 0
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="quantsuite-bounds-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    record = generate(args.model, args.kernels, args.seeds, workdir, args.parallel, args.k_sigma)
+    out = Path(args.out_dir)
+    write_atomic(record_path(args.model, out), record.model_dump_json(indent=1) + "\n")
+    write_atomic(out / f"{args.model}.md", markdown(record))
+    print(f"wrote {record_path(args.model, out)} ({len(record.schemes)} schemes; measurements in {workdir})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Generated drift bounds (quantsuite/bounds.py): the committed records keep their margins, the derivation does what
+its docstring says, and the drift tests take their limits from the right place."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+
+from quantsuite.bounds import (
+    BOUNDS_DIR,
+    FIGURES,
+    BoundsRecord,
+    derive,
+    drift_limits,
+    figure_value,
+    load_record,
+)
+from quantsuite.data import DataConfig
+
+
+def _run(kl: float, kl_se: float, top1: float, share: float = 0.03) -> dict:
+    side = {"kl_mean": kl, "kl_mean_se": kl_se, "top1_agreement": top1, "top1_agreement_se": 0.002, "tokens": 1000}
+    return {"fake_quant": side, "export": side, "fake_vs_export": side,
+            "export_fidelity": {"differing_code_share": share, "quantized_weights": 10_000}}  # fmt: skip
+
+
+RUNS = {("native", 0): _run(1.0e-3, 2e-5, 0.99), ("avx2", 0): _run(1.1e-3, 2e-5, 0.98),
+        ("native", 1): _run(0.9e-3, 2e-5, 0.99)}  # fmt: skip
+
+
+def test_a_seed_bound_is_its_worst_value_plus_k_sigma_of_the_kernel_sets():
+    bound = derive("fake_quant.kl_mean", RUNS, k=3.0)
+    kernels = math.sqrt((1.0e-3 - 1.05e-3) ** 2 + (1.1e-3 - 1.05e-3) ** 2)
+    seeds = math.sqrt((1.0e-3 - 0.95e-3) ** 2 + (0.9e-3 - 0.95e-3) ** 2)
+    assert bound.sigma_within == pytest.approx(2e-5)
+    assert bound.sigma_kernels == pytest.approx(kernels) and bound.sigma_seeds == pytest.approx(seeds)
+    assert bound.seed_bounds == {0: pytest.approx(1.1e-3 + 3 * kernels), 1: pytest.approx(0.9e-3 + 3 * kernels)}
+    assert bound.any_seed == pytest.approx(1.1e-3 + 3 * math.sqrt(2e-5**2 + kernels**2 + seeds**2))
+    assert bound.margins_sigma() == {"seed=0": pytest.approx(3.0), "seed=1": pytest.approx(3.0),
+                                     "any seed": pytest.approx(3.0)}  # fmt: skip
+    assert bound.limit(0).holds(1.1e-3) and not bound.limit(0).holds(bound.seed_bounds[0] * 1.0001)
+    assert bound.limit(7).bound == bound.any_seed  # a seed not measured
+    assert "+" in bound.catches
+
+
+def test_a_figure_counted_in_tokens_keeps_a_margin_of_k_tokens():
+    """Identical top-1 under every kernel set (sigma 0) still leaves k tokens: another box may flip one."""
+    same = {c: _run(1e-3, 1e-5, 0.99) for c in RUNS}
+    top1 = derive("fake_quant.top1_agreement", same, k=3.0)
+    assert top1.kind == "min" and top1.sigma_kernels == pytest.approx(1 / 1000)
+    assert top1.seed_bounds[0] == pytest.approx(0.99 - 3 / 1000)
+    assert top1.limit(0).holds(0.99 - 2 / 1000) and not top1.limit(0).holds(0.99 - 4 / 1000)
+    assert "disagreement" in top1.catches
+
+
+def test_a_figure_without_spread_gets_a_zero_margin_bound():
+    """The BF16 reference: every figure is exactly 0 (1 for agreement) in every run, so any drift fails."""
+    exact = {c: _run(0.0, 0.0, 1.0, share=0.0) for c in RUNS}
+    for figure in ("fake_quant.kl_mean", "fake_quant.top1_agreement", "export_fidelity.differing_code_share"):
+        bound = derive(figure, exact)
+        value = figure_value(exact[("native", 0)], figure)
+        assert bound.sigma_all == 0.0 and bound.limit(0).bound == value == bound.any_seed, figure
+        assert not bound.limit(0).holds(1e-9 if bound.kind == "max" else 1 - 1e-9), figure
+
+
+@pytest.mark.parametrize("path", sorted(BOUNDS_DIR.glob("*.json")), ids=lambda p: p.stem)
+def test_every_recorded_bound_keeps_its_margin(path):
+    """A hand edit of a generated record that eats into its margin fails here (k sigma over the worst value)."""
+    record = BoundsRecord.model_validate_json(path.read_text())
+    assert record.schemes, path
+    for scheme, figures in record.schemes.items():
+        assert set(figures) == set(FIGURES), scheme
+        for figure, bound in figures.items():
+            assert bound.kind == FIGURES[figure][0], (scheme, figure)
+            assert set(bound.values) == set(record.conditions), (scheme, figure)
+            for condition, value in bound.values.items():
+                seed = int(condition.rpartition("seed=")[2])
+                assert bound.limit(seed).holds(value) and bound.limit(-1).holds(value), (scheme, figure, condition)
+            margins = bound.margins_sigma()
+            assert min(margins.values()) >= record.k_sigma * (1 - 1e-9), (scheme, figure, margins)
+
+
+def test_the_committed_tiny_record_catches_a_30_percent_kl_regression_where_it_says_so():
+    """At seed 0, a fake-quant KL 30% above the median of the kernel sets fails for most schemes (the rest say in
+    `catches` how much more their spread needs)."""
+    record = load_record("tiny")
+    assert record is not None, "reports/bounds/tiny.json is missing: python -m quantsuite.bounds --model tiny"
+    caught = []
+    for scheme, figures in record.schemes.items():
+        bound = figures["fake_quant.kl_mean"]
+        at_zero = sorted(v for c, v in bound.values.items() if c.endswith(" seed=0"))
+        median = at_zero[len(at_zero) // 2]
+        if median > 0 and not bound.limit(0).holds(1.3 * median):
+            caught.append(scheme)
+    assert len(caught) >= len(record.schemes) // 2, caught
+
+
+def test_limits_come_from_the_record_then_the_catalog_then_the_family_default(catalog):
+    record = load_record("tiny")
+    top50 = catalog.scheme("top50")
+    limits, source = drift_limits(catalog, top50, "tiny", "cpu", DataConfig(), record)
+    assert "reports/bounds/tiny.json" in source and limits["fake_quant.kl_mean"].bound > 0
+    assert set(limits) == set(FIGURES)
+    assert limits["fake_quant.kl_mean"].bound == record.schemes[top50.name]["fake_quant.kl_mean"].seed_bounds[0]
+    # a seed the record did not measure: its any-seed bounds; other sample counts or a GPU: the hand-set ones
+    limits, source = drift_limits(catalog, top50, "tiny", "cpu", DataConfig(seed=5), record)
+    assert source.endswith("at data seed 5 (not measured: the any-seed bounds)"), source
+    assert limits["fake_quant.kl_mean"].bound == record.schemes[top50.name]["fake_quant.kl_mean"].any_seed
+    _, other = drift_limits(catalog, top50, "tiny", "cpu", replace(DataConfig(), evaluation_samples=16), record)
+    assert other == "expect.drift.tiny of fp8_autoquant_top50"
+    _, on_gpu = drift_limits(catalog, top50, "tiny", "cuda", DataConfig(), record)
+    assert on_gpu == "expect.drift.tiny of fp8_autoquant_top50"
+    limits, source = drift_limits(catalog, top50, "Qwen2.5-VL-3B-Instruct", "cuda", DataConfig(), None)
+    assert source.startswith("drift_default (fp8)"), source
+    assert limits["export_fidelity.differing_code_share"].bound == catalog.drift_default["fp8"].export_code_mismatch_max
+
+
+def test_a_scheme_the_record_lacks_takes_the_loosest_bound_of_its_format_families(catalog):
+    record = load_record("tiny")
+    awq = catalog.scheme("int4_awq")
+    new = awq.model_copy(update={"name": "my_int4_awq", "alias": None})
+    limits, source = drift_limits(catalog, new, "tiny", "cpu", DataConfig(), record)
+    assert "int4_awq" in source and "w4a8_awq" in source and "fp8_autoquant_top50" not in source, source
+    peers = [record.schemes[name]["export_fidelity.differing_code_share"].seed_bounds[0]
+             for name in ("int4_awq", "w4a8_awq")]  # fmt: skip
+    assert limits["export_fidelity.differing_code_share"].bound == max(peers)
