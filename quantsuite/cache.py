@@ -31,12 +31,18 @@ from quantsuite.timing import STAGE_TIMES
 COMPLETE_MARKER = ".complete"
 
 
+# every package that changes an artifact: the model and its kernels, ModelOpt, the exact and LP solvers of a pick
+# (scipy's MILP, PuLP's CBC, numpy), device_map placement (accelerate), how weights are written (safetensors)
+RESULT_PACKAGES = ("torch", "transformers", "nvidia-modelopt", "quantsuite", "scipy", "numpy", "pulp", "accelerate",
+                   "safetensors")  # fmt: skip
+
+
 def package_versions() -> dict[str, str]:
-    """Versions of the packages whose behaviour the artifacts depend on."""
+    """Versions of the packages whose behaviour the artifacts depend on (RESULT_PACKAGES)."""
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {}
-    for package in ("torch", "transformers", "nvidia-modelopt", "quantsuite"):
+    for package in RESULT_PACKAGES:
         try:
             versions[package] = version(package)
         except PackageNotFoundError:
@@ -94,6 +100,16 @@ class ArtifactCache:
         cache.exclusive("vllm-speed"):` runs one speed measurement at a time, nothing of another worker's beside it."""
         Path(self.root).mkdir(parents=True, exist_ok=True)
         return FileLock(str(Path(self.root) / f"{name}.lock"))
+
+    def remove(self, kind: str, key: str) -> bool:
+        """Delete an artifact under its key's lock (the one get_or_build holds), so no other process is reading a
+        directory half deleted or building it at the time; True if there was one."""
+        target = self.path(kind, key)
+        with FileLock(str(target) + ".lock"):
+            if not target.exists():
+                return False
+            shutil.rmtree(target)
+        return True
 
     def is_complete(self, kind: str, key: str) -> bool:
         return (self.path(kind, key) / COMPLETE_MARKER).is_file()

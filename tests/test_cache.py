@@ -92,3 +92,23 @@ def test_keys_of_configs_with_int_and_str_keys():
         assert stable_hash(config) == stable_hash(config)
     assert canonical_json({-1: 16}) != canonical_json({"-1": 16})  # an int key is not its string
     assert stable_hash({"a": 1, "b": 2}) == stable_hash({"b": 2, "a": 1})
+
+
+def test_remove_waits_for_the_keys_lock(tmp_path):
+    """--drop-exports and the rebuild of a stale export delete under the lock a build holds: never a directory another
+    process is writing or about to rename into place."""
+    import threading
+
+    from filelock import FileLock
+
+    cache = ArtifactCache(tmp_path)
+    path, _ = cache.get_or_build("x", "k", lambda d: (d / "f").write_text("1"))
+    removed = []
+    with FileLock(str(path) + ".lock"):  # another process building or checking this key
+        worker = threading.Thread(target=lambda: removed.append(cache.remove("x", "k")))
+        worker.start()
+        worker.join(0.5)
+        assert worker.is_alive() and path.exists()
+    worker.join(10)
+    assert removed == [True] and not path.exists()
+    assert cache.remove("x", "k") is False

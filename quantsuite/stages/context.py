@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from quantsuite.cache import ArtifactCache, package_versions, write_atomic
+from quantsuite import data, models
+from quantsuite.cache import ArtifactCache, code_hash, package_versions, write_atomic
 from quantsuite.data import CaptionDataError, DataConfig, load_splits, tokenize_batches
 from quantsuite.models import LoadedModel, ModelSpec, load_model, load_tokenizer
 from quantsuite.schemes import Catalog, SchemeSpec
@@ -53,10 +55,13 @@ class RunContext:
         return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
 
     def base_key(self) -> dict:
-        """The inputs every artifact depends on (model, data, package versions, device, dtype)."""
+        """The inputs every artifact depends on: the model (weights; shape definitions and loading code: models.py),
+        the data (captions; splitting and tokenizing code: data.py), package versions, the device as far as it
+        changes results (GPU name, CPU kernel set) and the dtype."""
         return {
             "model": self.model_fingerprint, "data": self.splits.fingerprint, "versions": self.versions,
-            "device": self.device.type, "dtype": self.model_spec.dtype,
+            "device": device_identity(self.device), "dtype": self.model_spec.dtype,
+            "model_and_data_code": code_hash(models, data),  # not "code": each stage adds its own
         }  # fmt: skip
 
     def publish(self, kind: str, name: str, document: dict) -> Path:
@@ -101,6 +106,18 @@ class RunContext:
         for release in self._holders:
             release()
         free_memory()
+
+
+def device_identity(device: torch.device) -> str:
+    """What of the device changes a result: a GPU's name and compute capability (an H100 and an H200 compute
+    differently), or the CPU kernel set ATen dispatches to and the oneDNN / MKL limits in force (one box's AVX-512
+    BF16 kernels moved a top-1 figure 1.3 points from another's)."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"cuda {torch.cuda.get_device_name(device)} sm{major}{minor}"
+    limits = ",".join(f"{name}={os.environ.get(name, '')}" for name in ("ONEDNN_MAX_CPU_ISA",
+                                                                        "MKL_ENABLE_INSTRUCTIONS"))  # fmt: skip
+    return f"{device.type} {torch.backends.cpu.get_cpu_capability()} {limits}"
 
 
 def free_memory() -> None:

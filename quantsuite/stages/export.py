@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -56,7 +55,7 @@ class Exports:
             if not reused:
                 raise
             cache.events.append(f"rebuilt exports/{key} {scheme.name}: {error}")
-            shutil.rmtree(path)
+            cache.remove("exports", key)
             path, _ = cache.get_or_build("exports", key, build, scheme.name)
             verify_export(path, manifest)
         size = sum(entry["bytes"] for entry in tensor_index(path).values())
@@ -78,6 +77,5 @@ class Exports:
         if scheme.mode == "none":
             return  # the BF16 reference is loaded by every worker (vLLM noise floor, speed baseline): kept
         path = self._paths.pop(scheme.name, None)
-        if path is not None and path.exists():
-            shutil.rmtree(path)
+        if path is not None and self.context.cache.remove(path.parent.name, path.name):
             self.context.cache.events.append(f"dropped {path.parent.name}/{path.name} {scheme.name}")

@@ -40,3 +40,64 @@ def test_a_catalog_without_a_bf16_reference_is_refused_by_name(context, catalog)
     context.catalog = catalog.model_copy(update={"schemes": tuple(s for s in catalog.schemes if s.mode != "none")})
     with pytest.raises(ValueError, match="no scheme with `mode: none`"):
         context.reference_scheme()
+
+
+def _scores_and_scheme_keys(context) -> tuple[str, str]:
+    """Two stages' keys built on the base key: the scores of top50 and the bf16 scheme's artifact."""
+    from quantsuite.stages.scores import Scores
+
+    scores = Scores(context)
+    return scores.key(scores.plan(context.catalog.scheme("top50"))), context.cache.key(context.base_key())
+
+
+def _rekeyed(context, monkeypatch, target: str, value) -> tuple[str, str]:
+    before = _scores_and_scheme_keys(context)
+    monkeypatch.setattr(target, value)
+    return before, _scores_and_scheme_keys(context)
+
+
+@pytest.mark.parametrize("package", ["scipy", "numpy", "pulp", "accelerate", "safetensors", "torch"])
+def test_another_version_of_a_result_package_means_new_keys(tmp_path, model_spec, data_config, catalog, monkeypatch,
+                                                            package):  # fmt: skip
+    """scipy's MILP and PuLP's CBC make the exact and LP picks: a cache built with other versions is not reused."""
+    from importlib import metadata
+
+    first = RunContext(model_spec, data_config, catalog, tmp_path / "cache")
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda name: "0.0-other" if name.lower() == package else real(name))
+    second = RunContext(model_spec, data_config, catalog, tmp_path / "cache")
+    assert second.versions[package] == "0.0-other" != first.versions[package]
+    assert set(_scores_and_scheme_keys(first)).isdisjoint(_scores_and_scheme_keys(second))
+
+
+def test_edited_model_or_data_code_means_new_keys(context, monkeypatch):
+    """The 3B/7B shape definitions and the loading code live in models.py, splitting and tokenizing in data.py: an
+    edit there (same weights, same captions) rebuilds everything."""
+    from quantsuite import data, models
+    from quantsuite.cache import code_hash
+    from quantsuite.stages import context as context_module
+
+    assert context.base_key()["model_and_data_code"] == code_hash(models, data)
+    before, after = _rekeyed(context, monkeypatch, f"{context_module.__name__}.code_hash",
+                             lambda *modules: "edited" if models in modules else code_hash(*modules))  # fmt: skip
+    assert set(before).isdisjoint(after)
+
+
+def test_another_gpu_or_cpu_kernel_set_means_new_keys(context, monkeypatch):
+    """An H100 and an H200 (or an AVX-512 and an AVX2 box) compute differently: they share no artifact."""
+    import torch
+
+    from quantsuite.stages.context import device_identity
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    h100 = device_identity(torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert device_identity(torch.device("cuda")) != h100 and "H200" in device_identity(torch.device("cuda"))
+    assert context.base_key()["device"] == device_identity(context.device)
+    capability = torch.backends.cpu.get_cpu_capability()
+    other = "AVX2" if capability != "AVX2" else "DEFAULT"
+    before, after = _rekeyed(context, monkeypatch, "torch.backends.cpu.get_cpu_capability", lambda: other)
+    assert set(before).isdisjoint(after)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert _scores_and_scheme_keys(context) != after
