@@ -164,6 +164,12 @@ class VllmOutcome(Strict):
         default=None,
         description="outcome fail: a regular expression the failure text must contain; another failure fails",
     )
+    error_ratio: tuple[float, float] | None = Field(
+        default=None,
+        description="outcome fail of a load that computes something else: [low, high], the range of its error ratio "
+        "(the multiple of the BF16 noise floor) where that failure was measured, with margin. A ratio outside it "
+        "fails the test: a different fault (garbage weights) must not pass as the recorded one",
+    )
     when_format: str | None = Field(
         default=None,
         description="outcome fail of an AutoQuant scheme: the format (one of the scheme's `formats`) whose layers "
@@ -175,6 +181,9 @@ class VllmOutcome(Strict):
     def _match_for_failures(self) -> VllmOutcome:
         if self.outcome == "fail" and not self.match:
             raise ValueError("an expected failure needs `match`: a regular expression of its error text")
+        ratio = self.error_ratio
+        if ratio is not None and (self.outcome != "fail" or not 0 < ratio[0] < ratio[1]):
+            raise ValueError("error_ratio [low, high] with 0 < low < high bounds an expected failure (outcome: fail)")
         if self.when_format and self.outcome != "fail":
             raise ValueError("when_format only qualifies an expected failure (outcome: fail)")
         if self.match:

@@ -148,10 +148,43 @@ def test_nested_coverage(request, workbench, smaller, larger):
     assert set(small.manifest["selection"]["chosen_blocks"]) < set(large.manifest["selection"]["chosen_blocks"])
 
 
-@pytest.mark.scheme_modes("autoquant")
-def test_same_inputs_same_decisions(workbench, scheme, scheme_result):
-    state, _ = workbench.scores.state(workbench.scores.plan(scheme))
-    assert resolve_config(state, scheme).group_formats == scheme_result.resolution.group_formats
+RESOLVE_IN_A_FRESH_PROCESS = """
+import json, sys
+from pathlib import Path
+from quantsuite.autoquant import load_search_state, resolve_config
+from quantsuite.schemes import load_catalog
+catalog = load_catalog()
+wanted = json.loads(sys.argv[1])
+print(json.dumps({name: resolve_config(load_search_state(Path(state)), catalog.scheme(name)).group_formats
+                  for name, state in wanted.items()}))
+"""
+
+
+def test_decisions_repeat_in_a_fresh_process(workbench, catalog, request):
+    """Every AutoQuant scheme's pick, re-solved from its scores as stored in the cache by another process with
+    another hash seed (set and dict order, solver state), equals the pick the manifests were made from. (Before:
+    one resolution compared with another computed in the same process from the same object.)"""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    wanted = request.config.getoption("--scheme")
+    runs_here = workbench.context.device.type == "cuda"
+    schemes = [s for s in catalog.select(wanted) if s.mode == "autoquant" and (runs_here or not catalog.cuda_only(s))]
+    if not schemes:
+        pytest.skip("no AutoQuant scheme selected that runs here")
+    expected = {s.name: workbench.schemes.result(s).resolution.group_formats for s in schemes}
+    states = {s.name: str(workbench.context.cache.path("scores", workbench.scores.key(workbench.scores.plan(s)))
+                          / "search_state.pt") for s in schemes}  # fmt: skip
+    environment = dict(os.environ, PYTHONHASHSEED="12345")
+    completed = subprocess.run([sys.executable, "-c", RESOLVE_IN_A_FRESH_PROCESS, json.dumps(states)], text=True,
+                               capture_output=True, timeout=600, env=environment)  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    resolved = json.loads(completed.stdout.strip().splitlines()[-1])
+    differing = {name: sorted(h for h in expected[name] if expected[name][h] != resolved[name].get(h))
+                 for name in expected}  # fmt: skip
+    assert not any(differing.values()), differing
 
 
 @pytest.mark.scheme_modes("autoquant")

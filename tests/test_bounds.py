@@ -18,6 +18,7 @@ from quantsuite.bounds import (
     load_record,
 )
 from quantsuite.data import DataConfig
+from quantsuite.schemes import Expectations
 
 
 def _run(kl: float, kl_se: float, top1: float, share: float = 0.03) -> dict:
@@ -126,3 +127,15 @@ def test_a_scheme_the_record_lacks_takes_the_loosest_bound_of_its_format_familie
     peers = [record.schemes[name]["export_fidelity.differing_code_share"].seed_bounds[0]
              for name in ("int4_awq", "w4a8_awq")]  # fmt: skip
     assert limits["export_fidelity.differing_code_share"].bound == max(peers)
+
+
+def test_a_scheme_without_hand_set_bounds_takes_its_families_peers_on_that_model(catalog):
+    """A user's INT4 AWQ scheme on the 3B shape: the loosest 3B-shape bounds of the catalog's AWQ schemes (measured on
+    an H200), not drift_default, which is set for trained weights."""
+    new = catalog.scheme("int4_awq").model_copy(update={"name": "my_int4_awq", "alias": None, "expect": Expectations()})
+    limits, source = drift_limits(catalog, new, "qwen2.5-vl-3b-shape", "cuda", DataConfig(), None)
+    assert source.startswith("loosest expect.drift.qwen2.5-vl-3b-shape of int4_awq, w4a8_awq"), source
+    assert limits["fake_quant.kl_mean"].bound == max(catalog.scheme(n).expect.drift["qwen2.5-vl-3b-shape"].kl_mean_max
+                                                      for n in ("int4_awq", "w4a8_awq"))  # fmt: skip
+    _, source = drift_limits(catalog, new, "Qwen2.5-VL-3B-Instruct", "cuda", DataConfig(), None)
+    assert source.startswith("drift_default (awq)"), source

@@ -97,3 +97,108 @@ def test_more_fp8_never_means_less_drift(workbench, catalog, request):
         pytest.skip("no nested pair of schemes selected")
     violations = [f"{b} ({kl[b]:.2e}) < {a} ({kl[a]:.2e})" for a, b in pairs if kl[b] < 0.9 * kl[a] - 2e-5]
     assert not violations, violations
+
+
+# Planted faults: each drift check must fail on the fault it exists for. They are measured against the generated
+# record (reports/bounds/<model>.json), which applies on CPU with the default data settings; hand-set bounds elsewhere
+# catch a broken scheme only.
+
+
+def _record_limits(workbench, scheme) -> dict:
+    from quantsuite.bounds import load_record, record_applies
+
+    context = workbench.context
+    if not record_applies(load_record(context.model_tag), context.device.type, context.data_config):
+        pytest.skip("planted faults are checked against the generated drift record (CPU, default data settings)")
+    return _limits(workbench, scheme)[0]
+
+
+def _with_layer_scale_errors(model, size: float):
+    """A copy of `model` whose quantized LM layers compute with their scale off by +-`size` (alternating signs): the
+    weight each applies becomes ~(1 +- size) x what it was."""
+    import copy
+
+    import torch
+
+    planted = copy.deepcopy(model)
+    with torch.no_grad():
+        layers = [m for n, m in planted.named_modules() if "language_model" in n
+                  and getattr(getattr(m, "weight_quantizer", None), "is_enabled", False)]  # fmt: skip
+        for index, module in enumerate(layers):
+            module.weight.mul_(1 + size * (-1) ** index)
+    return planted
+
+
+@pytest.mark.parametrize("name", ["top50", "fp8_modelopt_default", "int4_awq", "w4a8_awq", "int8_smoothquant"])
+def test_a_planted_30_percent_kl_regression_fails_the_drift_bounds(workbench, catalog, name):
+    """Layer scales perturbed until the fake-quant KL is 30-45% above its measured value: the KL bound fails it."""
+    from quantsuite.drift import capture, compare
+
+    scheme = catalog.scheme(name)
+    limits = _record_limits(workbench, scheme)
+    model, reference = workbench.schemes.model(scheme), workbench.drift.reference()
+    batches, device = workbench.context.batches("evaluation"), workbench.context.device
+    measured = workbench.drift.measure(scheme)["fake_quant"]["kl_mean"]
+    assert limits["fake_quant.kl_mean"].holds(measured)
+    low, high = 0.0, 0.2
+    for _ in range(14):  # bisect the scale error for a KL 1.30-1.45x the measured one
+        size = (low + high) / 2
+        kl = compare(reference, capture(_with_layer_scale_errors(model, size), batches, device))["kl_mean"]
+        if kl < 1.30 * measured:
+            low = size
+        elif kl > 1.45 * measured:
+            high = size
+        else:
+            break
+    assert 1.30 * measured <= kl <= 1.45 * measured, (size, kl / measured)
+    assert not limits["fake_quant.kl_mean"].holds(kl), f"KL {kl:.3g} ({kl / measured:.2f}x) passed"
+
+
+def _planted_export(workbench, scheme, tmp_path, edit):
+    """A copy of the scheme's export whose tensors `edit(tensors)` changed in place; its drift measured afresh."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    planted = tmp_path / "export"
+    shutil.copytree(workbench.exports.path(scheme), planted)
+    (file,) = planted.glob("*.safetensors")
+    with safe_open(str(file), "pt") as handle:
+        tensors, metadata = {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata()  # noqa: SIM118
+    edit(tensors)
+    save_file(tensors, str(file), metadata=metadata)
+    return workbench.drift.measure_export(scheme, workbench.schemes.model(scheme), planted)
+
+
+def test_one_exported_layer_scale_off_by_10_percent_fails_the_export_checks(workbench, catalog, tmp_path):
+    """One FP8 layer's weight_scale x 1.1 in a copy of top50's export: fidelity and export figures fail."""
+    scheme = catalog.scheme("top50")
+    limits = _record_limits(workbench, scheme)
+
+    def off_by_10_percent(tensors: dict) -> None:
+        layer = next(k for k in sorted(tensors) if k.startswith("model.layers.") and k.endswith("proj.weight_scale"))
+        tensors[layer] = tensors[layer] * 1.1
+
+    measurement = _planted_export(workbench, scheme, tmp_path, off_by_10_percent)
+    caught = _violations(limits, measurement, ("export.", "fake_vs_export.", "export_fidelity."), "planted")
+    assert any(v.startswith("export_fidelity.differing_code_share") for v in caught), caught
+    assert any(v.startswith(("export.kl_mean", "fake_vs_export.kl_mean")) for v in caught), caught
+    clean = workbench.drift.measure_export(scheme, workbench.schemes.model(scheme), workbench.exports.path(scheme))
+    assert not _violations(limits, clean, ("export.", "fake_vs_export.", "export_fidelity."), "clean")
+
+
+def test_a_wrong_kv_scale_fails_the_export_checks(workbench, catalog, tmp_path):
+    """Every k_scale of top50_kv's export x 4 (a KV cache calibrated on other data): the export's KL fails."""
+    scheme = catalog.scheme("top50_kv")
+    limits = _record_limits(workbench, scheme)
+
+    def wrong_k_scales(tensors: dict) -> None:
+        scales = [k for k in tensors if k.endswith(".k_scale")]
+        assert scales
+        for key in scales:
+            tensors[key] = tensors[key] * 4
+
+    measurement = _planted_export(workbench, scheme, tmp_path, wrong_k_scales)
+    caught = _violations(limits, measurement, ("export.", "fake_vs_export."), "planted")
+    assert any(v.startswith(("export.kl_mean", "fake_vs_export.kl_mean")) for v in caught), caught

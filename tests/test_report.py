@@ -84,13 +84,34 @@ def test_research_numbers_are_consistent(workbench):
     bits = [row["lm_effective_bits"] for row in research["sweep"]]
     targets = [row["target_effective_bits"] for row in research["sweep"]]
     assert all(b <= t + 1e-9 for b, t in zip(bits, targets, strict=True))
-    from scipy.stats import spearmanr
-
-    blocks = research["sensitivity"]["blocks"]  # recomputed independently (before: asserted to lie in [-1, 1])
+    blocks = research["sensitivity"]["blocks"]
     first, second = (blocks[method] for method in research["sensitivity"]["methods"])
     common = sorted(set(first) & set(second), key=int)
-    expected = spearmanr([first[b] for b in common], [second[b] for b in common]).statistic
-    assert research["sensitivity"]["spearman"] == pytest.approx(expected, abs=1e-9)
+    assert research["sensitivity"]["spearman"] == pytest.approx(
+        rank_correlation([first[b] for b in common], [second[b] for b in common]), abs=1e-9
+    )
+
+
+def rank_correlation(first: list[float], second: list[float]) -> float:
+    """Spearman's rho by its definition, not through scipy.stats.spearmanr (which the report calls): the Pearson
+    correlation of the two rank vectors, ties given their mean rank."""
+    import numpy as np
+    from scipy.stats import rankdata
+
+    return float(np.corrcoef(rankdata(first), rankdata(second))[0, 1])
+
+
+def test_rank_correlation_by_definition():
+    """The reference the research Spearman is checked against: known values, and it disagrees with a wrong rho."""
+    assert rank_correlation([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
+    assert rank_correlation([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
+    assert rank_correlation([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]) == pytest.approx(0.8)
+    assert rank_correlation([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486832980505138)
+    from quantsuite.research import spearman
+
+    first, second = [3, 1, 2, 5, 4], [1, 2, 3, 4, 5]
+    assert spearman(first, second) == pytest.approx(rank_correlation(first, second))
+    assert spearman(first, second) != pytest.approx(rank_correlation(first, second[::-1]))
 
 
 def test_speed_ratios_come_from_the_benchmark_json(tmp_path, report_dir, workbench):

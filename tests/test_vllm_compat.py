@@ -31,10 +31,12 @@ from quantsuite.vllm_compat import (
 vllm = pytest.mark.vllm_compat  # xdist work units: conftest.scheduling_group (one per scheme)
 
 
-def judge_expected(scheme, check: str, failures: list[str], picked_formats: set[str] | None = None) -> None:
+def judge_expected(scheme, check: str, failures: list[str], picked_formats: set[str] | None = None,
+                   error_ratio: float | None = None) -> None:  # fmt: skip
     """Strict expectations: an expected failure must fail with text matching its `match`; a pass, or a failure
     of another kind, is a test failure. An expectation `when_format` F holds only if the pick has F layers
-    (`picked_formats`: the formats with a coverage above zero); without them the check must pass."""
+    (`picked_formats`: the formats with a coverage above zero); without them the check must pass. One with an
+    `error_ratio` range holds only for a measured multiple of the floor (`error_ratio`) inside it."""
     expectation = scheme.expect.vllm.get(check)
     if expectation is None or expectation.outcome == "pass":
         assert not failures, "\n".join(failures)
@@ -49,6 +51,11 @@ def judge_expected(scheme, check: str, failures: list[str], picked_formats: set[
     text = "\n".join(failures)
     if not re.search(expectation.match, text):
         pytest.fail(f"{check} failed, but not as expected: expected /{expectation.match}/, got:\n{text}")
+    if expectation.error_ratio is not None:
+        low, high = expectation.error_ratio
+        if error_ratio is None or not low <= error_ratio <= high:
+            pytest.fail(f"{check} failed as recorded, but at {error_ratio}x the BF16 floor, outside the recorded "
+                        f"[{low:g}, {high:g}]x: another fault than {expectation.reason!r}")  # fmt: skip
     pytest.xfail(f"{check}: {expectation.reason}")
 
 
@@ -64,7 +71,8 @@ def test_vllm(workbench, scheme, vllm_check, vllm_service, export_dropped_after)
     except VllmUnsupportedHere as error:
         pytest.skip(f"this machine cannot run it in vLLM: {error}")
     coverage = workbench.schemes.result(scheme).manifest["totals"].get("coverage_by_format", {})
-    judge_expected(scheme, vllm_check, result["failures"], {name for name, share in coverage.items() if share > 0})
+    picked = {name for name, share in coverage.items() if share > 0}
+    judge_expected(scheme, vllm_check, result["failures"], picked, result.get("decision", {}).get("error_ratio"))
 
 
 def _backend(vllm_python) -> str:
@@ -249,6 +257,24 @@ def test_judge_expected_is_strict():
         judge_expected(scheme, "cuda", [])
     with pytest.raises(AssertionError):
         judge_expected(scheme, "model_free", ["a problem"])  # no expectation: must pass
+
+
+def test_an_expected_wrong_result_holds_only_inside_its_recorded_range():
+    """nvfp4 on sm90 computes something else at ~20x the floor (Marlin skips the activation quantization): the
+    same message at the garbage load's 35x, or no ratio at all, is another fault and fails."""
+    from quantsuite.schemes import Expectations, SchemeSpec
+
+    expect = Expectations(vllm={"cuda": {"outcome": "fail", "reason": "W4A4 run as W4A16", "match": "computes",
+                                         "error_ratio": (16, 30)}})  # fmt: skip
+    scheme = SchemeSpec(name="demo", description="d", mode="none", expect=expect)
+    failure = ["vLLM computes something else: 20.5x the floor"]
+    with pytest.raises(pytest.xfail.Exception):
+        judge_expected(scheme, "cuda", failure, error_ratio=20.5)
+    for ratio in (35.6, 1000.0, None):
+        with pytest.raises(pytest.fail.Exception, match="outside the recorded"):
+            judge_expected(scheme, "cuda", failure, error_ratio=ratio)
+    with pytest.raises(ValueError, match="error_ratio"):
+        Expectations(vllm={"cuda": {"outcome": "pass", "reason": "r", "error_ratio": (1, 2)}})
 
 
 def test_expected_failure_of_a_format_holds_only_when_the_pick_has_it():

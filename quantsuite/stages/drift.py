@@ -45,6 +45,25 @@ class Drift:
         """Raise CudaRequired, naming what and the fix, when the fake-quant model cannot run on this device."""
         self.context.require_cuda(self.context.catalog.cuda_only(scheme), f"{scheme.name} (drift)")
 
+    def measure_export(self, scheme: SchemeSpec, quantized, export_dir: Path) -> dict:
+        """(a) the fake-quant model `quantized`, (b) the export in `export_dir` reloaded, each against BF16, and (a)
+        against (b), with the export's fidelity to (a); nothing cached (the planted-fault tests feed it faults)."""
+        context = self.context
+        batches, device = context.batches("evaluation"), context.device
+        fake = capture(quantized, batches, device)  # (a): measured before anything touches the export
+        fidelity = export_fidelity(quantized, export_dir)
+        # a model spread over several GPUs (device_map="auto") is reloaded spread the same way
+        reloaded = load_export(export_dir, device, device_map=spread_device_map(quantized))
+        exported = capture(reloaded, batches, device)  # (b)
+        del reloaded
+        free_memory()
+        return {
+            "scheme": scheme.name, "model": context.model_tag, "export_dir": str(export_dir),
+            "fake_quant": compare(self.reference(), fake, device),
+            "export": compare(self.reference(), exported, device),
+            "fake_vs_export": compare(fake, exported, device), "export_fidelity": fidelity,
+        }  # fmt: skip
+
     def measure(self, scheme: SchemeSpec) -> dict:
         if scheme.name in self._measurements:
             return self._measurements[scheme.name]
@@ -55,21 +74,7 @@ class Drift:
         def build(directory: Path) -> None:
             self.require_runnable(scheme)
             export_dir = self.exports.path(scheme)  # only when the drift is not cached (an export is GBs at 3B)
-            batches, device = context.batches("evaluation"), context.device
-            quantized = self.schemes.model(scheme)
-            fake = capture(quantized, batches, device)  # (a): measured before anything touches the export
-            fidelity = export_fidelity(quantized, export_dir)
-            # a model spread over several GPUs (device_map="auto") is reloaded spread the same way
-            reloaded = load_export(export_dir, device, device_map=spread_device_map(quantized))
-            exported = capture(reloaded, batches, device)  # (b)
-            del reloaded
-            free_memory()
-            measurement = {
-                "scheme": scheme.name, "model": context.model_tag, "export_dir": str(export_dir),
-                "fake_quant": compare(self.reference(), fake, device),
-                "export": compare(self.reference(), exported, device),
-                "fake_vs_export": compare(fake, exported, device), "export_fidelity": fidelity,
-            }  # fmt: skip
+            measurement = self.measure_export(scheme, self.schemes.model(scheme), export_dir)
             (directory / "drift.json").write_text(json.dumps(measurement, indent=1))
 
         path, _ = context.cache.get_or_build("drift", key, build, scheme.name)
