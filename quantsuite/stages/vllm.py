@@ -90,10 +90,12 @@ class VllmChecks:
         path, _ = self.context.cache.get_or_build("vllm", key, build, f"{scheme.name} {check}")
         return json.loads((path / "result.json").read_text())
 
-    def run(self, service, export_dir: Path, check: str, export_key: str | None = None) -> dict:
+    def run(self, service, export_dir: Path, check: str, export_key: str | None = None,
+            reference_dir: Path | None = None) -> dict:  # fmt: skip
         """Load `export_dir` in a vLLM engine (`check` = cpu, cpu_patched or cuda), score the evaluation captions
         teacher-forced and decode the greedy prompts, then compare with the PyTorch reference of the export
-        (`reference`: computed once per export key and shared by every check of it)."""
+        (`reference`: computed once per export key and shared by every check of it). `reference_dir`: judge against
+        another checkpoint's reference instead (the planted fault of a verdict fed the wrong export)."""
         from quantsuite import vllm_compat
 
         sequences, prompts = self.token_inputs
@@ -110,7 +112,7 @@ class VllmChecks:
         for answer in (scores, greedy):
             if answer.get("error"):
                 return result | {"error": answer["error"]}
-        reference = self.reference(export_dir, export_key)
+        reference = self.reference(export_dir, export_key) if reference_dir is None else self.reference(reference_dir)
         per_shard, fused = reference["per_shard"], reference["fused"]
         return result | {"teacher_forced": vllm_compat.teacher_forced(fused, scores),
                          "teacher_forced_per_shard": vllm_compat.teacher_forced(per_shard, scores),
