@@ -224,9 +224,16 @@ def record_applies(record: BoundsRecord | None, device_type: str, data_config: D
     return record is not None and device_type == "cpu" and replace(data_config, seed=0) == DataConfig()
 
 
+def signature(catalog: Catalog, scheme: SchemeSpec) -> set[str]:
+    """What a scheme's drift comes from, for finding its peers: its format families, plus "kv" with an FP8 KV cache
+    (which adds its own error on top: INT4 AWQ + KV measured above every AWQ scheme's bound on tiny)."""
+    kv = scheme.kv_cache or any(catalog.formats[name].kv_cache for name in scheme.formats)
+    return catalog.families(scheme) | ({"kv"} if kv else set())
+
+
 def _peers(catalog: Catalog, candidates: dict[str, set[str]], families: set[str]) -> list[str]:
-    """The candidates (name -> format families) made only of `families` that between them cover all of them; none
-    if they do not. A scheme of no family (BF16) has BF16 peers only."""
+    """The candidates (name -> signature) made only of `families` (a signature) that between them cover all of it;
+    none if they do not. A scheme of no family (BF16) has BF16 peers only."""
     peers = [name for name, theirs in candidates.items() if theirs <= families and (theirs or not families)]
     return peers if set().union(*(candidates[name] for name in peers)) == families else []
 
@@ -235,11 +242,11 @@ def drift_limits(catalog: Catalog, scheme: SchemeSpec, model_tag: str, device_ty
                  record: BoundsRecord | None) -> tuple[dict[str, Limit], str]:  # fmt: skip
     """The limits of `scheme`'s drift figures, and where they came from, first that applies:
     1. the generated record of `model_tag` (reports/bounds/<model>.json), for a scheme it measured;
-    2. for a scheme it did not measure, the loosest record of the schemes of its format families;
+    2. for a scheme it did not measure, the loosest record of the schemes of its format families (and KV cache);
     3. the scheme's hand-set expect.drift.<model> in schemes.yaml (3B/7B shapes, runs on a GPU);
-    4. for a scheme without one, the loosest expect.drift.<model> of the catalog schemes of its format families;
+    4. for a scheme without one, the loosest expect.drift.<model> of the catalog schemes of its families (and KV);
     5. drift_default of schemes.yaml: the loosest of the scheme's format families (fp8, int8, awq, nvfp4)."""
-    families = catalog.families(scheme)
+    families, own = catalog.families(scheme), signature(catalog, scheme)
     if record is not None and record_applies(record, device_type, data_config):
         seed = data_config.seed
         where = f"reports/bounds/{model_tag}.json at data seed {seed}" + (
@@ -248,7 +255,7 @@ def drift_limits(catalog: Catalog, scheme: SchemeSpec, model_tag: str, device_ty
         if scheme.name in record.schemes:
             return {figure: b.limit(seed) for figure, b in record.schemes[scheme.name].items()}, where
         in_catalog = [name for name in record.schemes if name in catalog.names()]
-        peers = _peers(catalog, {name: catalog.families(catalog.scheme(name)) for name in in_catalog}, families)
+        peers = _peers(catalog, {name: signature(catalog, catalog.scheme(name)) for name in in_catalog}, own)
         if peers:
             limits = loosest([{f: b.limit(seed) for f, b in record.schemes[name].items()} for name in peers])
             return limits, (f"loosest of {', '.join(peers)} in {where}: {scheme.name} has no record of its own "
@@ -256,7 +263,7 @@ def drift_limits(catalog: Catalog, scheme: SchemeSpec, model_tag: str, device_ty
     if model_tag in scheme.expect.drift:
         return hand_set_limits(scheme.expect.drift[model_tag]), f"expect.drift.{model_tag} of {scheme.name}"
     hand_set = {s.name: s.expect.drift[model_tag] for s in catalog.schemes if model_tag in s.expect.drift}
-    peers = _peers(catalog, {name: catalog.families(catalog.scheme(name)) for name in hand_set}, families)
+    peers = _peers(catalog, {name: signature(catalog, catalog.scheme(name)) for name in hand_set}, own)
     if peers:
         return loosest([hand_set_limits(hand_set[name]) for name in peers]), (
             f"loosest expect.drift.{model_tag} of {', '.join(peers)} in schemes.yaml: {scheme.name} has none of its "

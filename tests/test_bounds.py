@@ -139,3 +139,17 @@ def test_a_scheme_without_hand_set_bounds_takes_its_families_peers_on_that_model
                                                       for n in ("int4_awq", "w4a8_awq"))  # fmt: skip
     _, source = drift_limits(catalog, new, "Qwen2.5-VL-3B-Instruct", "cuda", DataConfig(), None)
     assert source.startswith("drift_default (awq)"), source
+
+
+def test_a_kv_cache_scheme_without_a_record_needs_peers_with_a_kv_cache(catalog):
+    """INT4 AWQ + FP8 KV (a user's scheme) measured KL 0.0104 on tiny, above every AWQ scheme's bound (0.00996): the
+    KV cache adds its own error, so AWQ schemes without one are not its peers; no catalog scheme is AWQ + KV, so
+    the awq family default applies. FP8 + KV has peers (fp8_kv_cache, top50_kv)."""
+    record = load_record("tiny")
+    user = {"alias": None, "expect": Expectations()}
+    awq_kv = catalog.scheme("int4_awq").model_copy(update=user | {"name": "my_awq_kv", "kv_cache": "FP8_KV_CFG"})
+    _, source = drift_limits(catalog, awq_kv, "tiny", "cpu", DataConfig(), record)
+    assert source.startswith("drift_default (awq)"), source
+    fp8_kv = catalog.scheme("top50_kv").model_copy(update=user | {"name": "my_top40_kv", "coverage": 0.4})
+    _, source = drift_limits(catalog, fp8_kv, "tiny", "cpu", DataConfig(), record)
+    assert "fp8_kv_cache" in source and "fp8_autoquant_top50_kv_fp8" in source and "int4_awq" not in source, source
