@@ -134,22 +134,28 @@ def test_a_scheme_without_hand_set_bounds_takes_its_families_peers_on_that_model
     an H200), not drift_default, which is set for trained weights."""
     new = catalog.scheme("int4_awq").model_copy(update={"name": "my_int4_awq", "alias": None, "expect": Expectations()})
     limits, source = drift_limits(catalog, new, "qwen2.5-vl-3b-shape", "cuda", DataConfig(), None)
-    assert source.startswith("loosest expect.drift.qwen2.5-vl-3b-shape of int4_awq, w4a8_awq"), source
+    assert source.startswith("loosest of int4_awq, w4a8_awq in schemes.yaml's expect.drift.qwen2.5-vl-3b-shape"), source
     assert limits["fake_quant.kl_mean"].bound == max(catalog.scheme(n).expect.drift["qwen2.5-vl-3b-shape"].kl_mean_max
                                                       for n in ("int4_awq", "w4a8_awq"))  # fmt: skip
     _, source = drift_limits(catalog, new, "Qwen2.5-VL-3B-Instruct", "cuda", DataConfig(), None)
     assert source.startswith("drift_default (awq)"), source
 
 
-def test_a_kv_cache_scheme_without_a_record_needs_peers_with_a_kv_cache(catalog):
+def test_a_kv_cache_scheme_without_a_record_adds_the_kv_caches_own_change(catalog):
     """INT4 AWQ + FP8 KV (a user's scheme) measured KL 0.0104 on tiny, above every AWQ scheme's bound (0.00996): the
-    KV cache adds its own error, so AWQ schemes without one are not its peers; no catalog scheme is AWQ + KV, so
-    the awq family default applies. FP8 + KV has peers (fp8_kv_cache, top50_kv)."""
+    KV cache adds its own error. With no AWQ + KV scheme to borrow from, the AWQ bounds move by the largest change the
+    KV cache made between catalog pairs that differ only by it; FP8 + KV borrows from FP8 + KV schemes directly."""
     record = load_record("tiny")
     user = {"alias": None, "expect": Expectations()}
     awq_kv = catalog.scheme("int4_awq").model_copy(update=user | {"name": "my_awq_kv", "kv_cache": "FP8_KV_CFG"})
-    _, source = drift_limits(catalog, awq_kv, "tiny", "cpu", DataConfig(), record)
-    assert source.startswith("drift_default (awq)"), source
+    limits, source = drift_limits(catalog, awq_kv, "tiny", "cpu", DataConfig(), record)
+    assert source.startswith("loosest of int4_awq, w4a8_awq moved by the KV cache's largest change (fp8_autoquant_top50"
+                             " -> fp8_autoquant_top50_kv_fp8, fp8_modelopt_default -> fp8_modelopt_default_kv_fp8)")
+    kl = {name: record.schemes[name]["fake_quant.kl_mean"].seed_bounds[0] for name in record.schemes}
+    shift = max(kl["fp8_autoquant_top50_kv_fp8"] - kl["fp8_autoquant_top50"],
+                kl["fp8_modelopt_default_kv_fp8"] - kl["fp8_modelopt_default"])
+    assert limits["fake_quant.kl_mean"].bound == pytest.approx(max(kl["int4_awq"], kl["w4a8_awq"]) + shift)
+    assert limits["fake_quant.kl_mean"].holds(0.0104) and not limits["fake_quant.kl_mean"].holds(0.0104 * 1.3)
     fp8_kv = catalog.scheme("top50_kv").model_copy(update=user | {"name": "my_top40_kv", "coverage": 0.4})
     _, source = drift_limits(catalog, fp8_kv, "tiny", "cpu", DataConfig(), record)
     assert "fp8_kv_cache" in source and "fp8_autoquant_top50_kv_fp8" in source and "int4_awq" not in source, source
