@@ -102,7 +102,18 @@ def _vllm_cell(result: dict | None) -> str:
     return " ".join(cells)
 
 
-def speed_reading(paired: dict, bound: float) -> tuple[float, str]:
+# The largest difference between identical runs of a paired vLLM speed ratio, per workload, where measured:
+# reports/gpu-3b-shape-h200-vllm/README.md "Repeat" (one H200, 3B shape, the same command twice): batch 1 1.1-3.3%,
+# batch 256 6-23% (host-bound). A reading's noise is the larger of this and the run's own BF16 spread.
+BETWEEN_RUN_SPREAD = {"H200": {"batch1": 0.033, "batch256": 0.226}}
+
+
+def between_run_spread(device: str, workload: str) -> float:
+    """The recorded spread between identical runs for this device and workload (0.0 where none was measured)."""
+    return next((spreads.get(workload, 0.0) for name, spreads in BETWEEN_RUN_SPREAD.items() if name in device), 0.0)
+
+
+def speed_reading(paired: dict, bound: float, between_runs: float = 0.0) -> tuple[float, str]:
     """The BF16 rounds' own spread ((max - min) / median tokens/s over the paired rounds) and what the ratio says
     against it: `faster` / `slower` only where it differs from 1 by more than that spread, `within noise` where
     it does not, and `past the bound (suspect)` where a gain exceeds the weight-bytes bound by more than the
@@ -110,11 +121,15 @@ def speed_reading(paired: dict, bound: float) -> tuple[float, str]:
     shape moved 27k-38k tokens/s on one engine (host-bound): a 0.85x there is no finding; batch-1 rounds moved
     1-3%.
 
+    `between_runs`: the spread between identical runs (between_run_spread), when larger than the rounds' own.
+
     >>> speed_reading({"ratio": 1.10, "baseline_tokens_per_s": [100.0, 101.0, 99.0]}, bound=1.5)
     (0.02, 'faster')
+    >>> speed_reading({"ratio": 1.024, "baseline_tokens_per_s": [100.0, 101.0, 99.0]}, 1.5, between_runs=0.033)
+    (0.033, 'within noise')
     """
     rates = paired["baseline_tokens_per_s"]
-    spread = round((max(rates) - min(rates)) / statistics.median(rates), 6)
+    spread = max(round((max(rates) - min(rates)) / statistics.median(rates), 6), between_runs)
     ratio = paired["ratio"]
     if abs(ratio - 1) <= spread:
         return spread, "within noise"
@@ -134,7 +149,8 @@ def _vllm_sections(vllm: dict[str, dict], garbage: dict | None) -> list[str]:
             if check == "speed":
                 for workload, paired in sorted(entry.get("workloads", {}).items()):
                     share = paired.get("bound_share")
-                    spread, reading = speed_reading(paired, entry["weight_bytes_bound"])
+                    between = between_run_spread(entry["device"], workload)
+                    spread, reading = speed_reading(paired, entry["weight_bytes_bound"], between)
                     speeds.append(f"| {name} | {workload} | {paired['ratio']:.3f}x | {min(paired['ratios']):.3f}-"
                                   f"{max(paired['ratios']):.3f} | {100 * spread:.1f}% | {reading} | "
                                   f"{paired['baseline_ms_per_token']:.2f} / "
@@ -164,10 +180,11 @@ def _vllm_sections(vllm: dict[str, dict], garbage: dict | None) -> list[str]:
     if speeds:
         lines += ["## vLLM speed as users run it (paired with BF16, same prompts)", "",
                   "Ratio = median over rounds of scheme tokens/s / BF16 tokens/s (alternating rounds); bound = BF16 "
-                  "checkpoint bytes / scheme bytes (memory-bound decode); share = (ratio - 1) / (bound - 1). BF16 "
-                  "spread = (max - min) / median of the BF16 rounds' tokens/s; a ratio within it reads `within "
-                  "noise`, a gain past the bound by more than it `past the bound (suspect)`.", "",
-                  "| scheme | workload | ratio | per-round range | BF16 spread | reading | BF16 / scheme ms per token "
+                  "checkpoint bytes / scheme bytes (memory-bound decode); share = (ratio - 1) / (bound - 1). Noise = "
+                  "the larger of the BF16 rounds' (max - min) / median tokens/s and the spread measured between "
+                  "identical runs on this device (quantsuite.report.BETWEEN_RUN_SPREAD); a ratio within it reads "
+                  "`within noise`, a gain past the bound by more than it `past the bound (suspect)`.", "",
+                  "| scheme | workload | ratio | per-round range | noise | reading | BF16 / scheme ms per token "
                   "| bound | share of bound's gain | device |", "|---|---|---|---|---|---|---|---|---|---|", *speeds,
                   ""]  # fmt: skip
     return lines

@@ -206,3 +206,15 @@ def test_solver_table_lists_every_auto_scheme(report_dir, workbench, catalog, re
     section = text.split("## Solvers per scheme")[1]
     for scheme in auto:
         assert f"| {scheme.name} | {scheme.effective_bits} | {scheme.solver} |" in section
+
+
+def test_a_speed_ratio_inside_the_spread_between_identical_runs_is_no_finding():
+    """top25's 1.024x at batch 1 on an H200 read `faster` against its rounds' 1% spread; identical runs differ by up
+    to 3.3% there, so it is within noise. Elsewhere nothing is recorded and the rounds' spread alone decides."""
+    from quantsuite.report import between_run_spread, speed_reading
+
+    paired = {"ratio": 1.024, "baseline_tokens_per_s": [100.0, 101.0, 100.5]}
+    assert between_run_spread("NVIDIA H200", "batch1") == 0.033
+    assert speed_reading(paired, 1.2, between_run_spread("NVIDIA H200", "batch1"))[1] == "within noise"
+    assert speed_reading(paired, 1.2, between_run_spread("cpu", "batch1")) == (0.01, "faster")
+    assert speed_reading(paired | {"ratio": 1.05}, 1.2, between_run_spread("NVIDIA H200", "batch1"))[1] == "faster"
