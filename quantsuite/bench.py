@@ -52,6 +52,22 @@ def fp8_matmul_support(device: torch.device) -> str | None:
 
 
 @functools.cache
+def compiled_fp8_support(device: torch.device) -> str | None:
+    """None if torch.compile turns float8_e4m3fn into float as eager does on `device`, else why not: with torch 2.13
+    and the AVX2 kernel set, inductor's vectorized conversion returns garbage (3.6e35 for a code eager reads as a few
+    units; measured on an AVX-512 box forced to AVX2), so a compiled FP8 path computes nonsense there. Checked once
+    per process on 1024 codes."""
+    codes = (torch.randn(1024, generator=torch.Generator().manual_seed(0)) * 64).to(FP8).to(device)
+    compiled = torch.compile(lambda values: values.float() * 2.0, dynamic=False)
+    wrong = int((compiled(codes) != codes.float() * 2.0).sum())
+    if wrong:
+        cpu = torch.backends.cpu.get_cpu_capability()
+        return (f"torch {torch.__version__}'s compiled FP8 -> float conversion is wrong on {device} (CPU kernels "
+                f"{cpu}): {wrong} of 1024 codes differ from eager")  # fmt: skip
+    return None
+
+
+@functools.cache
 def slow_fp8_matmul(device: torch.device, limit: float = 50.0) -> str | None:
     """On a CPU, why torch._scaled_mm is too slow to time a real-FP8 model (None if it is not, and on CUDA). Some
     CPU builds run it through a reference kernel: on a 2-core CI box 65 ms for one 256 x 128 x 128 product, about

@@ -17,6 +17,7 @@ import pytest
 
 from quantsuite.bench import (
     StaticCacheDecoder,
+    compiled_fp8_support,
     decode_step,
     fp8_matmul_support,
     prefill_step,
@@ -139,18 +140,23 @@ def test_scaled_mm_layers_match_the_dequantized_export(workbench, scheme, scheme
     _skip_unless_fp8_layers_only(model)
     layers = [(name, module) for name, module in model.named_modules() if isinstance(module, Fp8Linear)]
     assert len(layers) == scheme_result.manifest["totals"]["quantized_layers"]
+    compiled_unsupported = compiled_fp8_support(workbench.context.device)
     errors = {}
     with torch.no_grad():
         for name, layer in layers:
-            content = _fp8_layer_content(layer)
+            content = (_fp8_layer_content(layer), compiled_unsupported is None)
             if content not in _CHECKED_FP8_LAYERS:  # the same layer in another scheme: the same input, same figures
-                _CHECKED_FP8_LAYERS[content] = _fp8_path_errors(layer, workbench.context.device)
+                _CHECKED_FP8_LAYERS[content] = _fp8_path_errors(layer, workbench.context.device,
+                                                                compiled=compiled_unsupported is None)  # fmt: skip
             errors |= {f"{name} ({path})": error for path, error in _CHECKED_FP8_LAYERS[content].items()}
     worst = max(errors, key=errors.get)
     assert errors[worst] < 0.01, f"{scheme.name}: {worst} relative error {errors[worst]:.4f} between the FP8 paths"
+    if compiled_unsupported:
+        pytest.skip(f"the eager path matches (worst {errors[worst]:.4f}); the compiled paths are not checked here: "
+                    f"{compiled_unsupported}")  # fmt: skip
 
 
-_CHECKED_FP8_LAYERS: dict[str, dict[str, float]] = {}  # layer content -> relative error per path (this process)
+_CHECKED_FP8_LAYERS: dict[tuple, dict[str, float]] = {}  # (content, compiled) -> relative error per path (process)
 
 
 def _fp8_layer_content(layer) -> str:
@@ -167,10 +173,11 @@ def _fp8_layer_content(layer) -> str:
     return digest.hexdigest()
 
 
-def _fp8_path_errors(layer, device) -> dict[str, float]:
-    """Relative error of ScaledMmLinear (eager; compiled; compiled at one row) against the layer itself, on 24 rows
-    spread over the calibrated FP8 range (per-token formats scale each row themselves). The input depends only on
-    the layer's shape and input scale, so one layer gives the same figures in every scheme that holds it."""
+def _fp8_path_errors(layer, device, compiled: bool = True) -> dict[str, float]:
+    """Relative error of ScaledMmLinear (eager; with `compiled`, also compiled and compiled at one row) against the
+    layer itself, on 24 rows spread over the calibrated FP8 range (per-token formats scale each row themselves). The
+    input depends only on the layer's shape and input scale, so one layer gives the same figures in every scheme
+    that holds it."""
     import torch
 
     from quantsuite.bench import ScaledMmLinear
@@ -180,9 +187,12 @@ def _fp8_path_errors(layer, device) -> dict[str, float]:
     x = (torch.randn(24, layer.in_features, generator=generator) * amax / 4).to(device, torch.bfloat16)
     expected = layer(x).float()
     fast = ScaledMmLinear(layer)
-    compiled = torch.compile(fast, dynamic=True)
+    paths = [("eager", fast, 24)]
+    if compiled:
+        graph = torch.compile(fast, dynamic=True)
+        paths += [("compiled", graph, 24), ("compiled, 1 row", graph, 1)]
     errors = {}
-    for path, module, rows in (("eager", fast, 24), ("compiled", compiled, 24), ("compiled, 1 row", compiled, 1)):
+    for path, module, rows in paths:
         got = module(x[:rows]).float()
         errors[path] = ((got - expected[:rows]).norm() / expected[:rows].norm()).item()
     return errors
@@ -423,3 +433,15 @@ def test_vllm_speed(benchmark, workbench, scheme, vllm_python, vllm_service, vll
                                                                           "baseline_ms_per_token",
                                                                           "candidate_ms_per_token")}
                                                  for name, w in result["workloads"].items()}})  # fmt: skip
+
+
+def test_compiled_fp8_support_is_measured_on_this_kernel_set():
+    """torch 2.13's inductor converts FP8 to float wrongly under the AVX2 kernel set (a forced-AVX2 clone failed every
+    FP8 scheme's compiled one-row path with an infinite error): the probe says so there and nothing elsewhere."""
+    import torch
+
+    reason = compiled_fp8_support(torch.device("cpu"))
+    if torch.backends.cpu.get_cpu_capability() == "AVX2":
+        assert reason and "compiled FP8 -> float conversion is wrong" in reason, reason
+    else:
+        assert reason is None, reason
