@@ -52,14 +52,12 @@ def pytest_configure(config: pytest.Config) -> None:
 def check_sample_overrides(scheme, splits) -> None:
     """A scheme's own calibration_samples / score_samples must fit the split the options made (else the scheme's
     first test would fail after minutes of other schemes' work)."""
-    from quantsuite.data import CaptionDataError
+    from quantsuite.data import require_samples
 
-    for field, split, flag in (("calibration_samples", "calibration", "--calib-samples"),
-                               ("score_samples", "scoring", "--score-samples")):  # fmt: skip
-        wanted, held = getattr(scheme, field), len(getattr(splits, split))
-        if wanted is not None and wanted > held:
-            raise CaptionDataError(f"schemes.yaml: {scheme.name}.{field} is {wanted}, but the {split} split holds "
-                                   f"{held} captions; pass {flag}={wanted} or lower the scheme's {field}")  # fmt: skip
+    for field, split in (("calibration_samples", "calibration"), ("score_samples", "scoring")):
+        wanted = getattr(scheme, field)
+        if wanted is not None:
+            require_samples(split, wanted, len(getattr(splits, split)), f"schemes.yaml: {scheme.name}.{field}")
 
 
 def worker_threads() -> int | None:

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,6 +43,7 @@ from quantsuite.schemes import Catalog, DriftBounds, SchemeSpec
 
 BOUNDS_DIR = Path(__file__).resolve().parents[1] / "reports" / "bounds"
 K_SIGMA = 3.0
+LOOSER = {"max": max, "min": min}  # the looser of two bounds of a figure of that kind
 
 # name -> the environment that forces it (nothing forced: what the box has)
 KERNEL_SETS: dict[str, dict[str, str]] = {
@@ -131,6 +133,11 @@ class BoundsRecord(Strict):
     conditions: tuple[str, ...] = Field(description="The conditions measured")
     schemes: dict[str, dict[str, FigureBound]] = Field(description="Scheme -> figure -> bounds")
 
+    @property
+    def seeds(self) -> set[int]:
+        """The data seeds measured (each has bounds of its own)."""
+        return {int(condition.rpartition("seed=")[2]) for condition in self.conditions}
+
 
 def record_path(model_tag: str, directory: Path = BOUNDS_DIR) -> Path:
     return Path(directory) / f"{model_tag}.json"
@@ -158,10 +165,7 @@ def resolution(measurement: dict, figure: str) -> float:
 
 
 def _std(values: list[float]) -> float:
-    if len(values) < 2:
-        return 0.0
-    mean = sum(values) / len(values)
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def _catches(figure: str, median: float, bound: float) -> str:
@@ -216,8 +220,7 @@ def hand_set_limits(bounds: DriftBounds) -> dict[str, Limit]:
 def loosest(limit_sets: list[dict[str, Limit]]) -> dict[str, Limit]:
     """Per figure, the loosest of several limit sets (the highest max, the lowest min)."""
     figures = {figure: limits[figure].kind for limits in limit_sets for figure in limits}
-    pick = {"max": max, "min": min}
-    return {figure: Limit(kind, pick[kind](limits[figure].bound for limits in limit_sets if figure in limits))
+    return {figure: Limit(kind, LOOSER[kind](limits[figure].bound for limits in limit_sets if figure in limits))
             for figure, kind in figures.items()}  # fmt: skip
 
 
@@ -252,8 +255,7 @@ def drift_limits(catalog: Catalog, scheme: SchemeSpec, model_tag: str, device_ty
     if record is not None and record_applies(record, device_type, data_config):
         seed = data_config.seed
         where = f"reports/bounds/{model_tag}.json at data seed {seed}" + (
-            "" if seed in next(iter(next(iter(record.schemes.values())).values())).seed_bounds
-            else " (not measured: the any-seed bounds)")  # fmt: skip
+            "" if seed in record.seeds else " (not measured: the any-seed bounds)")
         if scheme.name in record.schemes:
             return {figure: b.limit(seed) for figure, b in record.schemes[scheme.name].items()}, where
         measured = {name: {f: b.limit(seed) for f, b in figures.items()} for name, figures in record.schemes.items()
@@ -300,12 +302,11 @@ def borrow(catalog: Catalog, scheme: SchemeSpec, available: dict[str, dict[str, 
     if not peers or not pairs:
         return None
     base = loosest([available[name] for name in peers])
-    pick = {"max": max, "min": min}
     moved = {}
     for figure, limit in base.items():
         shifts = [available[k][figure].bound - available[p][figure].bound for p, k in pairs
                   if figure in available[k] and figure in available[p]]  # fmt: skip
-        shift = pick[limit.kind]([0.0, *shifts])
+        shift = LOOSER[limit.kind]([0.0, *shifts])
         moved[figure] = Limit(limit.kind, max(limit.bound + shift, 0.0))
     kv_pairs = ", ".join(f"{p} -> {k}" for p, k in pairs)
     return moved, f"loosest of {', '.join(peers)} moved by the KV cache's largest change ({kv_pairs})"

@@ -132,6 +132,16 @@ def split_captions(captions: list[Caption], config: DataConfig) -> CaptionSplits
     return CaptionSplits(evaluation, scoring, calibration, training, digest.hexdigest())
 
 
+SAMPLE_OPTIONS = {"calibration": "--calib-samples", "scoring": "--score-samples", "evaluation": "--eval-samples"}
+
+
+def require_samples(split: str, wanted: int, held: int, who: str = "a scheme") -> None:
+    """A CaptionDataError naming the option to raise when `who` asks for more `split` captions than it holds."""
+    if wanted > held:
+        raise CaptionDataError(f"{who} asks for {wanted} {split} samples but the split holds {held}; raise "
+                               f"{SAMPLE_OPTIONS.get(split, split)} to at least {wanted}")  # fmt: skip
+
+
 def load_splits(config: DataConfig) -> CaptionSplits:
     if min(config.calibration_samples, config.scoring_samples, config.evaluation_samples) < 1:
         raise CaptionDataError("--calib-samples, --score-samples and --eval-samples must each be at least 1")

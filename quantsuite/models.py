@@ -96,13 +96,13 @@ def check_weight_files(source: Path, config: dict) -> None:
         raise ModelSourceError(f"--model {source}: no *.safetensors weights next to config.json; copy the model's "
                                "weights (model*.safetensors) into it")  # fmt: skip
     text = config.get("text_config") or config
+    expected = [text.get("vocab_size"), text.get("hidden_size")]
     for file in files:
         try:
             header = read_safetensors_header(file)
         except SafetensorsHeaderError as error:
             raise ModelSourceError(f"{error}; copy the model's weights again") from None
         for name, entry in header.items():
-            expected = [text.get("vocab_size"), text.get("hidden_size")]
             if name.endswith("embed_tokens.weight") and None not in expected and entry["shape"] != expected:
                 raise ModelSourceError(f"{file}: {name} has shape {entry['shape']}, but config.json says vocab_size "
                                        f"x hidden_size = {expected}; the weights and config.json are of different "

@@ -16,7 +16,7 @@ import torch
 
 from quantsuite import data, models
 from quantsuite.cache import ArtifactCache, code_hash, package_versions, write_atomic
-from quantsuite.data import CaptionDataError, DataConfig, load_splits, tokenize_batches
+from quantsuite.data import DataConfig, load_splits, require_samples, tokenize_batches
 from quantsuite.models import LoadedModel, ModelSpec, load_model, load_tokenizer
 from quantsuite.schemes import Catalog, SchemeSpec
 
@@ -73,10 +73,7 @@ class RunContext:
     def batches(self, split: str, samples: int | None = None) -> list[dict]:
         captions = getattr(self.splits, split)
         if samples is not None:
-            if samples > len(captions):
-                option = {"calibration": "--calib-samples", "scoring": "--score-samples"}.get(split, split)
-                raise CaptionDataError(f"a scheme asks for {samples} {split} samples but the split holds "
-                                       f"{len(captions)}; raise {option}")  # fmt: skip
+            require_samples(split, samples, len(captions))
             captions = captions[:samples]
         return tokenize_batches(captions, self.tokenizer, self.data_config.batch_size, self.data_config.sequence_length)
 
