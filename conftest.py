@@ -294,10 +294,15 @@ def vllm_python(pytestconfig):
 @pytest.fixture(scope="session")
 def vllm_service(pytestconfig, vllm_python, workbench):
     """One vLLM server per test process (vLLM imported once), pinned to this worker's GPU; closed at the end."""
+    from quantsuite.stages.vllm import VllmUnsupportedHere
     from quantsuite.vllm_compat import VllmService, pinned_environment
 
     log_dir = Path(pytestconfig.getoption("--cache-dir")) / "logs"
     with VllmService(vllm_python, log_dir, pinned_environment(workbench.context.device)) as service:
+        try:  # the BF16 floor every verdict needs: a machine whose vLLM cannot compute skips them all, saying why
+            workbench.vllm.check(workbench.context.reference_scheme(), workbench.vllm.backend(vllm_python), service)
+        except VllmUnsupportedHere as error:
+            pytest.skip(f"this machine cannot run vLLM's checks: {error}")
         yield service
 
 

