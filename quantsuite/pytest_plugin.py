@@ -38,7 +38,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "(random weights, real architecture), or a local Qwen2.5-VL model directory",
     )
     add("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
-    add("--dtype", default="bfloat16", help="bfloat16 (default), float16, float32")
+    add("--dtype", default="bfloat16", help="bfloat16, the one dtype export and reload support end to end")
     add("--calib-data", default=None, help="COCO captions annotation JSON (default: the bundled captions)")
     add("--batch-size", type=int, default=8, help="Batch size for calibration/scoring/evaluation")
     add("--seq-len", type=int, default=64, help="Maximum tokens per caption sample")

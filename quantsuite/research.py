@@ -1,7 +1,8 @@
 """Research measurements behind the report: method comparison, a Pareto sweep and the solver's optimality gap.
 
 All are pure functions of stored artifacts (search states) plus, for the sweep, one calibration and one
-evaluation pass per target; `Workbench.research()` caches their JSON under `.quantsuite-cache/research/`.
+evaluation pass per target; the research stage (`quantsuite.stages.research.Research.run`) caches their JSON under
+`.quantsuite-cache/research/`.
 
 - `block_sensitivities`: per-block sensitivity from each scoring method's search state (gradient, kl_div)
   and their Spearman rank correlation.

@@ -110,7 +110,6 @@ class Schemes:
             document = build_manifest(model, scheme, context.catalog, self._provenance(scheme, calibration, scores_key),
                                       state, resolution)  # fmt: skip
             (directory / "manifest.json").write_text(json.dumps(document, indent=1, sort_keys=True))
-            torch.save(quant_config, directory / "quant_config.pt")
 
         artifact_dir, reused = context.cache.get_or_build("schemes", key, build, scheme.name)
         document = json.loads((artifact_dir / "manifest.json").read_text())
