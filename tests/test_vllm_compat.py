@@ -192,7 +192,7 @@ def test_garbage_load_is_not_called_compatible(tmp_path, workbench, catalog, vll
     assert result.get("loaded"), result.get("error")
     decision, floor = workbench.vllm.decide(top50, result["teacher_forced"], check, vllm_service)
     record = {"teacher_forced": result["teacher_forced"], "floor": floor, "error_ratio": decision.error_ratio}
-    workbench.context.publish("vllm", "controls/garbage_load", record)
+    workbench.vllm.publish_control("garbage_load", record)
     assert not decision.compatible, decision.text
 
 
@@ -213,7 +213,7 @@ def test_a_verdict_fed_another_exports_reference(workbench, catalog, vllm_python
     decision, floor = workbench.vllm.decide(top50, result["teacher_forced"], check, vllm_service)
     own, _ = workbench.vllm.decide(top50, workbench.vllm.check(top50, check, vllm_service)["teacher_forced"], check,
                                    vllm_service)  # fmt: skip
-    workbench.context.publish("vllm", f"controls/wrong_reference_{reference}", {
+    workbench.vllm.publish_control(f"wrong_reference_{reference}", {
         "teacher_forced": result["teacher_forced"], "floor": floor, "error_ratio": decision.error_ratio,
         "own_error_ratio": own.error_ratio, "bound": decision.bound})  # fmt: skip
     assert own.compatible, own.text

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 
 from quantsuite import data, models
 from quantsuite.bounds import Limit, load_record, verdict_limits
@@ -79,10 +80,22 @@ class RunContext:
         }  # fmt: skip
 
     def publish(self, kind: str, name: str, document: dict) -> Path:
-        """Write a stage's result to reports/<kind>/<model>/<name>.json, stamped with this run's id."""
+        """Write a stage's result to reports/<kind>/<model>/<name>.json, stamped with this run's id. Each kind has
+        one stage that publishes it (tests/stages/test_context.py checks it)."""
         path = self.reports_dir / kind / self.model_tag / f"{name}.json"
         write_atomic(path, json.dumps(document | {"run_id": self.run_id}, indent=1, sort_keys=True) + "\n")
         return path
+
+    def publish_part(self, kind: str, name: str, part: str, document: dict) -> Path:
+        """Set `part` of reports/<kind>/<model>/<name>.json to `document`, keeping the parts other processes of this
+        run wrote (under the file's lock); a file of another run is replaced."""
+        path = self.reports_dir / kind / self.model_tag / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path) + ".lock"):
+            merged = json.loads(path.read_text()) if path.is_file() else {}
+            if merged.get("run_id") != self.run_id:
+                merged = {}  # another run's results
+            return self.publish(kind, name, merged | {part: document})
 
     def batches(self, split: str, samples: int | None = None) -> list[dict]:
         captions = getattr(self.splits, split)

@@ -16,8 +16,6 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from filelock import FileLock
-
 from quantsuite import export as export_module
 from quantsuite import formats
 from quantsuite.cache import code_hash
@@ -175,7 +173,7 @@ class VllmChecks:
         keys = ("failures", "problems", "loaded", "error", "decision", "teacher_forced", "teacher_forced_per_shard",
                 "fusion_effect", "fused_groups", "greedy", "kernels", "patches", "load_seconds",
                 "vllm_version")  # fmt: skip
-        self._merge_report(scheme, check, {k: result[k] for k in keys if result.get(k) is not None})
+        self.context.publish_part("vllm", scheme.name, check, {k: result[k] for k in keys if result.get(k) is not None})
         return result
 
     def bound(self, scheme: SchemeSpec) -> tuple[float, str]:
@@ -274,13 +272,10 @@ class VllmChecks:
             bound = result["weight_bytes_bound"]
             paired["bound_share"] = (paired["ratio"] - 1) / (bound - 1) if abs(bound - 1) > 1e-3 else None
             result["workloads"][workload.name] = paired
-        self._merge_report(scheme, "speed", result)
+        self.context.publish_part("vllm", scheme.name, "speed", result)
         return result
 
-    def _merge_report(self, scheme: SchemeSpec, key: str, value: dict) -> None:
-        report_path = self.context.reports_dir / "vllm" / self.context.model_tag / f"{scheme.name}.json"
-        with FileLock(str(report_path) + ".lock"):
-            merged = json.loads(report_path.read_text()) if report_path.is_file() else {}
-            if merged.get("run_id") != self.context.run_id:
-                merged = {}  # another run's checks: not this run's results
-            self.context.publish("vllm", scheme.name, merged | {key: value})
+    def publish_control(self, name: str, record: dict) -> None:
+        """A negative control's figures (a garbage load, a verdict fed the wrong reference) under
+        reports/vllm/<model>/controls/<name>.json, which the report reads."""
+        self.context.publish("vllm", f"controls/{name}", record)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +21,17 @@ def test_publish_writes_one_stamped_json_per_stage_result(context, tmp_path):
     assert path == tmp_path / "reports" / "drift" / context.model_tag / "top50.json"
     assert json.loads(path.read_text()) == {"kl_mean": 0.1, "run_id": "run-x"}
     assert [p.name for p in path.parent.iterdir()] == ["top50.json"]  # written via a temp file and a rename
+
+
+def test_publish_part_keeps_this_runs_other_parts_and_drops_another_runs(context, model_spec, data_config,
+                                                                         catalog, tmp_path):  # fmt: skip
+    context.publish_part("vllm", "top50", "model_free", {"failures": []})
+    path = context.publish_part("vllm", "top50", "cpu", {"failures": ["x"]})
+    both = {"model_free": {"failures": []}, "cpu": {"failures": ["x"]}, "run_id": "run-x"}
+    assert json.loads(path.read_text()) == both
+    later = RunContext(model_spec, data_config, catalog, tmp_path / "cache", tmp_path / "reports", run_id="run-y")
+    later.publish_part("vllm", "top50", "cpu", {"failures": []})
+    assert json.loads(path.read_text()) == {"cpu": {"failures": []}, "run_id": "run-y"}
 
 
 def test_asking_for_more_samples_than_the_split_holds_names_the_option(context):
@@ -103,3 +115,25 @@ def test_another_gpu_or_cpu_kernel_set_means_new_keys(context, monkeypatch):
 
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "SSE41" if os.environ.get("ONEDNN_MAX_CPU_ISA") != "SSE41" else "AVX2")
     assert _scores_and_scheme_keys(context) != after
+
+
+def test_every_reports_folder_has_one_writer():
+    """reports/<kind>/ is written by one stage, through RunContext.publish / publish_part, and by nothing else: a
+    second module (a test, conftest, another stage) that publishes a kind, or a kind that is not a literal, fails."""
+    import ast
+
+    root = Path(__file__).resolve().parents[2]
+    writers: dict[str, set[str]] = {}
+    sources = sorted([*root.glob("quantsuite/**/*.py"), *root.glob("tests/**/*.py"), root / "conftest.py"])
+    for path in [p for p in sources if p.stem not in ("context", "test_context")]:  # publish itself and its tests
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in ("publish", "publish_part")):  # fmt: skip
+                continue
+            where = str(path.relative_to(root))
+            kind = node.args[0] if node.args else None
+            assert isinstance(kind, ast.Constant) and isinstance(kind.value, str), f"{where}:{node.lineno}"
+            writers.setdefault(kind.value, set()).add(where)
+    assert writers, "no publish call found"
+    for kind, modules in writers.items():
+        assert len(modules) == 1 and next(iter(modules)).startswith("quantsuite/stages/"), (kind, modules)
