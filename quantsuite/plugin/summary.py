@@ -1,0 +1,92 @@
+"""What a run tells at its end: time per stage over all xdist workers, the artifacts built or reused, and
+reports/<run-id>/report.md joined from the JSON this run left."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from quantsuite.plugin.session import WANT_REPORT, WORKBENCH, settings
+
+WORKER_STAGE_TIMES = pytest.StashKey[list]()
+SESSION_STARTED = pytest.StashKey[float]()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[SESSION_STARTED] = time.perf_counter()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """An xdist worker hands its time per stage to the controller (xdist's workeroutput)."""
+    from quantsuite.timing import STAGE_TIMES
+
+    if hasattr(session.config, "workeroutput"):
+        seconds = time.perf_counter() - session.config.stash[SESSION_STARTED]
+        session.config.workeroutput["quantsuite_stage_times"] = {"stages": STAGE_TIMES.as_dict(), "seconds": seconds}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    table = getattr(node, "workeroutput", {}).get("quantsuite_stage_times")
+    if table:
+        node.config.stash.setdefault(WORKER_STAGE_TIMES, []).append(table)
+
+
+def _stage_time_lines(config: pytest.Config) -> list[str]:
+    """This run's time per stage, summed over this process and its xdist workers (quantsuite.timing)."""
+    from quantsuite.timing import STAGE_TIMES, StageTimes
+
+    workers = config.stash.get(WORKER_STAGE_TIMES, [])
+    merged = StageTimes()
+    merged.merge(STAGE_TIMES.as_dict())
+    for table in workers:
+        merged.merge(table["stages"])
+    if not merged.seconds:
+        return []
+    own_seconds = time.perf_counter() - config.stash[SESSION_STARTED]
+    process_seconds = sum(table["seconds"] for table in workers) if workers else own_seconds
+    where = f"{len(workers)} xdist workers, {process_seconds:.0f} worker-seconds" if workers else "one process"
+    memory = "; peak GiB: the highest CUDA allocation of one process while the stage ran, inner stages included"
+    return [f"summed over {where}; each stage's own time (a stage inside another is not counted twice)"
+            + (memory if any(merged.peak_bytes.values()) else ""), *merged.lines(process_seconds)]  # fmt: skip
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    stage_lines = _stage_time_lines(config)
+    if stage_lines:
+        terminalreporter.section("quantsuite time per stage")
+        for line in stage_lines:
+            terminalreporter.write_line(line)
+    bench = config.stash.get(WORKBENCH, None)
+    if bench is None or not bench.context.cache.events:
+        return
+    terminalreporter.section("quantsuite artifacts")
+    for event in bench.context.cache.events:
+        terminalreporter.write_line(event)
+    terminalreporter.write_line(f"AutoQuant scoring runs this session: {bench.scores.runs}")
+    terminalreporter.write_line(f"manifests: {bench.context.reports_dir / 'manifests' / bench.context.model_tag}")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """After a run that exercised schemes: reports/<run-id>/report.md from the JSON the run left (controller
+    process only; after pytest-benchmark has written --benchmark-json)."""
+    if hasattr(config, "workerinput") or config.getoption("--no-report") or not config.stash.get(WANT_REPORT, False):
+        return
+    from quantsuite.report import build_report
+
+    reports = Path(config.getoption("--reports-dir"))
+    tag = settings(config).model_spec.tag
+    if (reports / "manifests" / tag).is_dir():
+        benchmark_json = getattr(config.option, "benchmark_json", None)  # a Path (pytest-benchmark >= 5)
+        if hasattr(benchmark_json, "flush") and not benchmark_json.closed:  # older versions: an open file
+            benchmark_json.flush()
+        path = getattr(benchmark_json, "name", None) if hasattr(benchmark_json, "flush") else benchmark_json
+        run_id = config.getoption("--run-id")
+        try:
+            out = build_report(reports, tag, run_id, Path(path) if path else None, results_of=run_id)
+        except FileNotFoundError as error:  # the run made no manifest (it failed before): nothing to join
+            print(f"\nquantsuite report not written: {error}")
+            return
+        print(f"\nquantsuite report: {out / 'report.md'}")
