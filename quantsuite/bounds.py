@@ -3,7 +3,7 @@
 A verdict compares a measured figure (KL, top-1 agreement, differing export codes, vLLM's error as a multiple of
 the BF16 noise floor) with a bound. The bound is not typed by hand: `quantsuite.measure_bounds` measures every
 runnable scheme under several conditions and `derive` makes each bound from the spread it saw:
-- within a run: the bootstrap standard error over evaluation captions (quantsuite.drift, vllm_compat);
+- within a run: the bootstrap standard error over evaluation captions (quantsuite.drift, quantsuite.vllm.verdict);
 - across machines' numerics: the same run under other CPU kernel sets (or, on a GPU, repeated runs);
 - across data seeds: the same run on other caption splits (`--data-seed`).
 
@@ -32,7 +32,7 @@ BOUNDS_DIR = Path(__file__).resolve().parents[1] / "reports" / "bounds"
 K_SIGMA = 3.0
 LOOSER = {"max": max, "min": min}  # the looser of two bounds of a figure of that kind
 
-VLLM_RATIO = "vllm.error_ratio"  # vLLM's teacher-forced error / the BF16 export's (quantsuite.vllm_compat.decide)
+VLLM_RATIO = "vllm.error_ratio"  # vLLM's teacher-forced error / the BF16 export's (quantsuite.vllm.verdict.decide)
 
 # figure -> (direction of a regression's bound, its within-run standard error in drift.json or None)
 FIGURES: dict[str, tuple[Literal["max", "min"], str | None]] = {

@@ -143,7 +143,7 @@ def machine(device: str, vllm_python: Path | None) -> dict[str, str]:
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name(0)
     if vllm_python is not None:
-        from quantsuite.vllm_compat import vllm_version
+        from quantsuite.vllm.service import vllm_version
 
         info["vllm"] = vllm_version(vllm_python)
     return info
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--condition-out", help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    from quantsuite.vllm_compat import resolve_vllm_python
+    from quantsuite.vllm.service import resolve_vllm_python
 
     vllm_python = None if args.no_vllm else resolve_vllm_python(args.vllm_python)
     if args.schemes:

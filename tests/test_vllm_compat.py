@@ -13,16 +13,14 @@ import pytest
 import torch
 
 from quantsuite.export import Fp8Linear, linked_copy, to_fp8
-from quantsuite.vllm_compat import (
+from quantsuite.vllm.service import VllmService, engine_options, is_transient
+from quantsuite.vllm.verdict import (
     FLOOR_MAX,
     FLOOR_MIN,
     MIN_SEQUENCE_TOKENS,
     NOISE_FACTOR,
-    VllmService,
     decide,
-    engine_options,
     fuse_like_vllm,
-    is_transient,
     model_free_verdict,
     teacher_forced,
 )
@@ -246,7 +244,7 @@ def test_teacher_forced_metrics():
 def test_the_error_ratio_standard_error_resamples_sequences_paired():
     """Scheme and floor are measured on the same sequences: resampled together, a scheme whose error is the floor's
     times a constant has a ratio with no spread; independent errors give one."""
-    from quantsuite.vllm_compat import error_ratio_se
+    from quantsuite.vllm.verdict import error_ratio_se
 
     floor = {"logprob_mae": 0.01, "top1_agreement": 1.0, "sequence_error_sums": [0.1, 0.3, 0.2, 0.05, 0.4]}
     scaled = {"logprob_mae": 0.02, "top1_agreement": 1.0, "sequence_error_sums": [0.2, 0.6, 0.4, 0.1, 0.8]}
@@ -350,7 +348,7 @@ def test_a_server_without_vllm_is_a_crash_record(tmp_path):
 
 def test_model_free_verdict_checks_the_kv_cache(tmp_path):
     """vLLM's reading of kv_cache_quant_algo must match the manifest's KV cache, both ways."""
-    from quantsuite.vllm_compat import verdict_problems
+    from quantsuite.vllm.verdict import verdict_problems
 
     (tmp_path / "config.json").write_text("{}")
     manifest = {"modules": [], "totals": {"kv_cache_format": "FP8"}}

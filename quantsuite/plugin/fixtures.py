@@ -76,7 +76,7 @@ def exported(workbench, scheme, export_dropped_after):
 
 @pytest.fixture(scope="session")
 def vllm_python(pytestconfig):
-    from quantsuite.vllm_compat import HOW_TO_SET_UP
+    from quantsuite.vllm.service import HOW_TO_SET_UP
 
     python = settings(pytestconfig).vllm_python
     if python is None:
@@ -88,7 +88,7 @@ def vllm_python(pytestconfig):
 def vllm_service(pytestconfig, vllm_python, workbench):
     """One vLLM server per test process (vLLM imported once), pinned to this worker's GPU; closed at the end."""
     from quantsuite.stages.vllm import VllmUnsupportedHere
-    from quantsuite.vllm_compat import VllmService, pinned_environment
+    from quantsuite.vllm.service import VllmService, pinned_environment
 
     log_dir = Path(pytestconfig.getoption("--cache-dir")) / "logs"
     with VllmService(vllm_python, log_dir, pinned_environment(workbench.context.device)) as service:

@@ -40,7 +40,7 @@ def pytest_configure(config: pytest.Config) -> None:
     from quantsuite.data import CaptionDataError, load_splits
     from quantsuite.models import ModelSourceError
     from quantsuite.schemes import SchemeError
-    from quantsuite.vllm_compat import VllmSetupError, resolve_vllm_python
+    from quantsuite.vllm.service import VllmSetupError, resolve_vllm_python
 
     option = config.getoption
     if option("--run-id") is None:  # one id per run: the controller sets it, xdist workers inherit the options

@@ -1,6 +1,7 @@
 """vLLM stage: does vLLM compute what each export means (teacher-forced against the PyTorch reference of the same
 checkpoint, judged against the BF16 export's noise floor), and how fast it runs it as users run vLLM (paired with
-BF16). vLLM itself runs in its own environment (`quantsuite.vllm_compat`, `quantsuite.vllm_worker`).
+BF16). vLLM itself runs in its own environment (quantsuite/vllm/: the service client, the verdict, the speed
+measurement, the worker).
 
     >>> checks = VllmChecks(context, schemes, exports)
     >>> checks.verdict(context.catalog.scheme("top50"), "cuda", service)["failures"]  # doctest: +SKIP
@@ -18,12 +19,17 @@ from pathlib import Path
 
 from quantsuite import export as export_module
 from quantsuite import formats
+from quantsuite.bounds import VLLM_RATIO
 from quantsuite.cache import code_hash
 from quantsuite.export import load_export
 from quantsuite.schemes import SchemeSpec
 from quantsuite.stages.context import RunContext, free_memory
 from quantsuite.stages.export import Exports
 from quantsuite.stages.scheme import Schemes
+from quantsuite.vllm import cpu_fp8_compat, worker
+from quantsuite.vllm import service as vllm_service
+from quantsuite.vllm import speed as vllm_speed
+from quantsuite.vllm import verdict as vllm_verdict
 
 SPEED_LOCK = "vllm-speed"  # cache.exclusive name held by every vLLM speed measurement and speed-engine load
 
@@ -50,38 +56,33 @@ class VllmChecks:
     def token_inputs(self) -> tuple[list[list[int]], list[list[int]]]:
         """(teacher-forced sequences of the evaluation captions, greedy prompts): tokenized once per run, read by
         every check's key, its run and the PyTorch reference."""
-        from quantsuite import vllm_compat
-
         captions = [caption.text for caption in self.context.splits.evaluation]
-        sequences = vllm_compat.teacher_forced_sequences(self.context.tokenizer, captions,
+        sequences = vllm_verdict.teacher_forced_sequences(self.context.tokenizer, captions,
                                                          self.context.data_config.sequence_length)  # fmt: skip
-        return sequences, vllm_compat.prompt_token_ids(self.context.tokenizer)
+        return sequences, vllm_verdict.prompt_token_ids(self.context.tokenizer)
 
     def check(self, scheme: SchemeSpec, check: str, service) -> dict:
         """One vLLM check of the scheme's export: `model_free`, or a `cpu` / `cpu_patched` / `cuda` load scored
         teacher-forced (and greedily) against the PyTorch reference of the same checkpoint. Cached per (export,
         check, vLLM version, code); transient failures (timeout, crash, out of memory) raise and are not cached."""
-        from quantsuite import vllm_compat
-
         manifest = self.schemes.result(scheme).manifest
         sequences, prompts = self.token_inputs
-        from quantsuite import vllm_cpu_fp8_compat, vllm_worker
 
-        code = code_hash(vllm_compat, vllm_worker, vllm_cpu_fp8_compat, sys.modules[__name__])
+        code = code_hash(vllm_service, vllm_verdict, worker, cpu_fp8_compat, sys.modules[__name__])
         key = self.context.cache.key({"export": self.exports.key(scheme), "check": check, "code": code,
-                              "vllm": vllm_compat.vllm_version(service.python), "sequences": sequences,
-                              "prompts": prompts, "tokens": vllm_compat.GREEDY_TOKENS})  # fmt: skip
+                              "vllm": vllm_service.vllm_version(service.python), "sequences": sequences,
+                              "prompts": prompts, "tokens": vllm_verdict.GREEDY_TOKENS})  # fmt: skip
 
         def build(directory: Path) -> None:
             export_dir = self.exports.path(scheme)
             if check == "model_free":
-                result = vllm_compat.model_free_verdict(service, export_dir, manifest)
+                result = vllm_verdict.model_free_verdict(service, export_dir, manifest)
             else:
                 result = self.run(service, export_dir, check, self.exports.key(scheme))
-            if vllm_compat.is_unsupported_here(result.get("error")):
-                raise VllmUnsupportedHere(f"{scheme.name} {check}: {vllm_compat.error_text(result['error'])}")
-            if vllm_compat.is_transient(result.get("error")):
-                raise TransientVllmFailure(f"{scheme.name} {check}: {vllm_compat.error_text(result['error'])} "
+            if vllm_service.is_unsupported_here(result.get("error")):
+                raise VllmUnsupportedHere(f"{scheme.name} {check}: {vllm_service.error_text(result['error'])}")
+            if vllm_service.is_transient(result.get("error")):
+                raise TransientVllmFailure(f"{scheme.name} {check}: {vllm_service.error_text(result['error'])} "
                                            f"(not cached; vLLM log: {service.log_path})")  # fmt: skip
             (directory / "result.json").write_text(json.dumps(result | {"check": check, "scheme": scheme.name}))
 
@@ -94,11 +95,9 @@ class VllmChecks:
         teacher-forced and decode the greedy prompts, then compare with the PyTorch reference of the export
         (`reference`: computed once per export key and shared by every check of it). `reference_dir`: judge against
         another checkpoint's reference instead (the planted fault of a verdict fed the wrong export)."""
-        from quantsuite import vllm_compat
-
         sequences, prompts = self.token_inputs
         self.context.release()  # the engine gets the device: nothing of ours stays on it
-        options = vllm_compat.engine_options(self.context.device, "check", share=0.35)
+        options = vllm_service.engine_options(self.context.device, "check", share=0.35)
         with service.engine(export_dir, options, patch=check == "cpu_patched") as engine:
             result = {key: engine.opened.get(key) for key in ("loaded", "error", "kernels", "patches",
                                                                "load_seconds", "vllm_version")}  # fmt: skip
@@ -106,17 +105,17 @@ class VllmChecks:
             if engine.error:
                 return result
             scores = engine.call("score", prompts=sequences)
-            greedy = engine.call("generate", prompts=prompts, max_tokens=vllm_compat.GREEDY_TOKENS)
+            greedy = engine.call("generate", prompts=prompts, max_tokens=vllm_verdict.GREEDY_TOKENS)
         for answer in (scores, greedy):
             if answer.get("error"):
                 return result | {"error": answer["error"]}
         reference = self.reference(export_dir, export_key) if reference_dir is None else self.reference(reference_dir)
         per_shard, fused = reference["per_shard"], reference["fused"]
-        return result | {"teacher_forced": vllm_compat.teacher_forced(fused, scores),
-                         "teacher_forced_per_shard": vllm_compat.teacher_forced(per_shard, scores),
-                         "fusion_effect": vllm_compat.teacher_forced(per_shard, fused),
+        return result | {"teacher_forced": vllm_verdict.teacher_forced(fused, scores),
+                         "teacher_forced_per_shard": vllm_verdict.teacher_forced(per_shard, scores),
+                         "fusion_effect": vllm_verdict.teacher_forced(per_shard, fused),
                          "fused_groups": reference["fused_groups"],
-                         "greedy": vllm_compat.agreement(reference["greedy"], greedy["outputs"]),
+                         "greedy": vllm_verdict.agreement(reference["greedy"], greedy["outputs"]),
                          "greedy_outputs": greedy["outputs"]}  # fmt: skip
 
     def reference(self, export_dir: Path, export_key: str | None = None) -> dict:
@@ -124,26 +123,24 @@ class VllmChecks:
         and with vLLM's fused-layer scales (`fused`, the one a load is judged against), and greedy outputs. With
         `export_key`, built once under `vllm-reference/<key>` and shared by the cpu, cpu_patched and cuda checks
         (the CPU suite computed it twice per export before: 17% of its worker time went to vLLM builds)."""
-        from quantsuite import vllm_compat
-
         sequences, prompts = self.token_inputs
         device = self.context.device
 
         def compute() -> dict:
             reloaded = load_export(export_dir, device)
-            per_shard = vllm_compat.reference_scores(reloaded, sequences, device)
-            fused_groups = vllm_compat.fuse_like_vllm(reloaded)  # what vLLM must compute: one scale per fused GEMM
-            fused = vllm_compat.reference_scores(reloaded, sequences, device) if fused_groups else per_shard
-            greedy = vllm_compat.reference_generate(reloaded, prompts, vllm_compat.GREEDY_TOKENS, device)
+            per_shard = vllm_verdict.reference_scores(reloaded, sequences, device)
+            fused_groups = vllm_verdict.fuse_like_vllm(reloaded)  # what vLLM must compute: one scale per fused GEMM
+            fused = vllm_verdict.reference_scores(reloaded, sequences, device) if fused_groups else per_shard
+            greedy = vllm_verdict.reference_generate(reloaded, prompts, vllm_verdict.GREEDY_TOKENS, device)
             del reloaded
             free_memory()
             return {"per_shard": per_shard, "fused": fused, "fused_groups": fused_groups, "greedy": greedy}
 
         if export_key is None:
             return compute()
-        code = code_hash(vllm_compat, export_module, formats, sys.modules[__name__])
+        code = code_hash(vllm_verdict, export_module, formats, sys.modules[__name__])
         key = self.context.cache.key({"export": export_key, "code": code, "sequences": sequences,
-                                      "prompts": prompts, "tokens": vllm_compat.GREEDY_TOKENS,
+                                      "prompts": prompts, "tokens": vllm_verdict.GREEDY_TOKENS,
                                       "device": str(device)})  # fmt: skip
 
         def build(directory: Path) -> None:
@@ -156,13 +153,11 @@ class VllmChecks:
         """The check's result with its decision: model_free by its problems; a load by its teacher-forced error
         against the BF16 export's (the noise floor, measured with the same vLLM in this run). Written to
         reports/vllm/<model>/<scheme>.json."""
-        from quantsuite import vllm_compat
-
         result = self.check(scheme, check, service)
         if check == "model_free":
             failures = result["problems"]
         elif result.get("error"):
-            failures = [f"vLLM {vllm_compat.error_text(result['error'])}"]
+            failures = [f"vLLM {vllm_service.error_text(result['error'])}"]
         else:
             decision, floor = self.decide(scheme, result["teacher_forced"], check, service)
             result["decision"] = {"compatible": decision.compatible, "error_ratio": decision.error_ratio,
@@ -179,41 +174,34 @@ class VllmChecks:
     def bound(self, scheme: SchemeSpec) -> tuple[float, str]:
         """The scheme's bound on vLLM's error as a multiple of the floor, and where from: its record's (or its
         format peers') on this device class (quantsuite.bounds), else NOISE_FACTOR for every scheme."""
-        from quantsuite.bounds import VLLM_RATIO
-        from quantsuite.vllm_compat import NOISE_FACTOR
 
         limits, where = self.context.verdict_limits(scheme)
         if VLLM_RATIO in limits:
             return limits[VLLM_RATIO].bound, where
-        return NOISE_FACTOR, f"NOISE_FACTOR, no recorded vLLM bound for {scheme.name} on {self.context.device_class}"
+        fallback = f"NOISE_FACTOR, no recorded vLLM bound for {scheme.name} on {self.context.device_class}"
+        return vllm_verdict.NOISE_FACTOR, fallback
 
     def decide(self, scheme: SchemeSpec, metrics: dict, check: str, service):
         """(`metrics`, vLLM's teacher-forced agreement with a reference, judged against `scheme`'s bound x the BF16
         export's floor measured by the same check; the floor)."""
-        from quantsuite import vllm_compat
-
         floor = self.check(self.context.reference_scheme(), check, service).get("teacher_forced")
         if floor is None:
             raise TransientVllmFailure(f"the BF16 reference did not run in vLLM ({check}), so there is no "
                                        "noise floor to judge against; see its own test")  # fmt: skip
-        return vllm_compat.decide(metrics, floor, *self.bound(scheme)), floor
+        return vllm_verdict.decide(metrics, floor, *self.bound(scheme)), floor
 
     @staticmethod
     def backend(vllm_python: Path) -> str:
         """The check a real load runs with this vLLM: `cpu_patched` on the CPU build, `cuda` otherwise."""
-        from quantsuite import vllm_compat
-
-        return "cpu_patched" if vllm_compat.is_cpu_build(vllm_python) else "cuda"
+        return "cpu_patched" if vllm_service.is_cpu_build(vllm_python) else "cuda"
 
     def error_ratios(self, schemes: list[SchemeSpec], vllm_python: Path, log_dir: Path) -> dict[str, dict]:
         """Each scheme's vLLM error ratio and its within-run standard error, where this machine's vLLM loads it
         and computes without error (what quantsuite.bounds records); the BF16 reference is the floor itself."""
-        from quantsuite import vllm_compat
-
         check = self.backend(vllm_python)
         ratios = {}
-        environment = vllm_compat.pinned_environment(self.context.device)
-        with vllm_compat.VllmService(vllm_python, log_dir, environment) as service:
+        environment = vllm_service.pinned_environment(self.context.device)
+        with vllm_service.VllmService(vllm_python, log_dir, environment) as service:
             for scheme in schemes:
                 expected = scheme.expect.vllm.get(check)
                 if scheme.name == self.context.reference_scheme().name or (expected and expected.outcome == "fail"):
@@ -236,27 +224,23 @@ class VllmChecks:
         batch-256 ratios by up to 35% between identical runs on a 2 x H200 host), the export, and its engine
         as users run vLLM. Raises VllmUnsupportedHere (this hardware) or RuntimeError (no load) on entry;
         yields `measure(baseline, rounds)`."""
-        from quantsuite import vllm_compat
-
         with self.context.cache.exclusive(SPEED_LOCK):
             export_dir = self.exports.path(scheme)
             self.context.release()
             cuda = self.context.device.type == "cuda"
-            options = vllm_compat.engine_options(self.context.device, "speed", share=0.3)
+            options = vllm_service.engine_options(self.context.device, "speed", share=0.3)
             with service.engine(export_dir, options, patch=not cuda) as engine:
-                if vllm_compat.is_unsupported_here(engine.error):
-                    raise VllmUnsupportedHere(f"{scheme.name}: {vllm_compat.error_text(engine.error)}")
+                if vllm_service.is_unsupported_here(engine.error):
+                    raise VllmUnsupportedHere(f"{scheme.name}: {vllm_service.error_text(engine.error)}")
                 if engine.error:
                     raise RuntimeError(f"{scheme.name}: the speed engine did not load: "
-                                       f"{vllm_compat.error_text(engine.error)}")  # fmt: skip
+                                       f"{vllm_service.error_text(engine.error)}")  # fmt: skip
                 yield lambda baseline, rounds: self._measure(scheme, engine, options, baseline, rounds)
 
     def _measure(self, scheme: SchemeSpec, engine, options: dict, baseline, rounds: int) -> dict:
         """Paired with the BF16 export's engine `baseline` (already open): per workload the median per-round
         ratio, the weight-bytes bound (BF16 checkpoint bytes / the scheme's) and the share of the bound's gain
         realized, (ratio - 1) / (bound - 1). Never cached; merged into the scheme's reports/vllm JSON."""
-        from quantsuite import vllm_compat
-
         reference_bytes = self.exports.tensor_bytes(self.context.reference_scheme())
         scheme_bytes = self.exports.tensor_bytes(scheme)
         captions = [caption.text for caption in self.context.splits.evaluation]
@@ -264,11 +248,11 @@ class VllmChecks:
                         "checkpoint_bytes": scheme_bytes, "bf16_checkpoint_bytes": reference_bytes,
                         "weight_bytes_bound": reference_bytes / scheme_bytes}  # fmt: skip
         cuda = self.context.device.type == "cuda"
-        for workload in vllm_compat.workloads(self.context.tokenizer, captions, cuda):
-            paired = vllm_compat.paired_speed(baseline, engine, workload, rounds)
+        for workload in vllm_speed.workloads(self.context.tokenizer, captions, cuda):
+            paired = vllm_speed.paired_speed(baseline, engine, workload, rounds)
             if paired.get("error"):
                 raise TransientVllmFailure(f"{scheme.name} {workload.name}: "
-                                           f"{vllm_compat.error_text(paired['error'])}")  # fmt: skip
+                                           f"{vllm_service.error_text(paired['error'])}")  # fmt: skip
             bound = result["weight_bytes_bound"]
             paired["bound_share"] = (paired["ratio"] - 1) / (bound - 1) if abs(bound - 1) > 1e-3 else None
             result["workloads"][workload.name] = paired

