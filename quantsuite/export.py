@@ -198,6 +198,17 @@ def stored_suffixes(stored: dict, layer: str, spec: ExportFormat) -> set[str]:
     return {suffix for suffix in (*spec.tensors(1, 1), *OPTIONAL_TENSORS) if f"{layer}.{suffix}" in stored}
 
 
+def tokenizer_problems(export_dir: Path) -> list[str]:
+    """A tokenizer.json saved with truncation or padding settings applies them to every encoding that does not say
+    otherwise: vLLM's processor then cuts a prompt (an image prompt's image tokens no longer match the image)."""
+    path = export_dir / "tokenizer.json"
+    if not path.is_file():
+        return []
+    saved = json.loads(path.read_text())
+    return [f"{path.name}: saved with {key} {saved[key]} (every prompt vLLM's processor encodes gets it); remove it "
+            f"from the source model's tokenizer.json" for key in ("truncation", "padding") if saved.get(key)]
+
+
 def check_export(export_dir: Path, manifest: dict) -> list[str]:
     """Every disagreement between the export and the manifest, as readable lines (empty: consistent)."""
     problems = []
@@ -217,6 +228,7 @@ def check_export(export_dir: Path, manifest: dict) -> list[str]:
         elif weight["dtype"] != "BF16" or f"{name}.weight_scale" in index:
             problems.append(f"{name}: manifest says BF16, export stores {weight['dtype']} (scales present: "
                             f"{f'{name}.weight_scale' in index})")  # fmt: skip
+    problems += tokenizer_problems(Path(export_dir))
     for name, entry in index.items():
         if name.startswith("visual.") and entry["dtype"] != "BF16":
             problems.append(f"{name}: vision tensor stored as {entry['dtype']}")

@@ -295,6 +295,9 @@ def save_processor(tokenizer, directory: Path) -> None:
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     tokenizer.save_pretrained(directory)
+    saved = json.loads((directory / "tokenizer.json").read_text())  # a tokenizer used with truncation saves it
+    (directory / "tokenizer.json").write_text(json.dumps(saved | {"truncation": None, "padding": None},
+                                                         indent=2, ensure_ascii=False))  # fmt: skip
     image = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2).to_dict()
     image |= {"image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor"}
     video = {

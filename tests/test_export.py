@@ -79,6 +79,18 @@ def test_check_export_catches_a_wrong_exclusion(tmp_path, workbench, catalog):
     assert any("not excluded, but the manifest keeps it BF16" in line for line in problems)
 
 
+def test_a_tokenizer_saved_with_truncation_is_an_export_problem(tmp_path, workbench, catalog):
+    """The bundled tokenizer was once saved with truncation at 64 tokens: every export carried it, and vLLM's
+    processor cut each image prompt to 64 tokens (official vLLM 0.26 refused them all: image token count mismatch)."""
+    scheme = catalog.scheme("top50")
+    manifest = workbench.schemes.result(scheme).manifest
+    broken = linked_copy(workbench.exports.path(scheme), tmp_path / "broken")
+    tokenizer = json.loads((broken / "tokenizer.json").read_text())
+    (broken / "tokenizer.json").write_text(json.dumps(tokenizer | {"truncation": {"max_length": 64}}))
+    assert any("tokenizer.json: saved with truncation" in line for line in check_export(broken, manifest))
+    assert not [line for line in check_export(workbench.exports.path(scheme), manifest) if "tokenizer" in line]
+
+
 def test_export_for_another_manifest_fails_naming_both(workbench, catalog):
     top25, top50 = catalog.scheme("top25"), catalog.scheme("top50")
     with pytest.raises(ExportError, match=r"exported from manifest \w+ \(scheme fp8_autoquant_top50\), but "

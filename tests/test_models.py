@@ -29,6 +29,19 @@ def test_tiny_is_a_real_hf_directory():
         assert (TINY_DIR / name).is_file(), name
 
 
+def test_the_bundled_tokenizer_cuts_nothing_it_is_not_asked_to():
+    """Encodings without explicit settings keep every token, and --seq-len above 64 reaches the model. The
+    tokenizers library applies the tokenizer.json's saved settings (transformers' own calls override them): a saved
+    truncation of 64 once cut every image prompt that vLLM's processor encoded."""
+    from quantsuite.data import Caption, tokenize_batches
+
+    tokenizer = load_tokenizer(TINY_DIR)
+    text = "a man riding a bicycle down a busy city street next to a red bus " * 10
+    assert len(tokenizer.backend_tokenizer.encode(text).ids) > 100 and len(tokenizer(text)["input_ids"]) > 100
+    (batch,) = tokenize_batches([Caption(1, 1, text)], tokenizer, batch_size=1, sequence_length=96)
+    assert batch["input_ids"].shape[1] == 96
+
+
 def test_tokenizer_special_tokens_match_config():
     tokenizer = load_tokenizer(TINY_DIR)
     config = json.loads((TINY_DIR / "config.json").read_text())
