@@ -57,7 +57,8 @@ def compiled_fp8_support(device: torch.device) -> str | None:
     """None if ScaledMmLinear under torch.compile computes what it computes eager (24 rows, then one row: its fused
     FP8 reduction), for layers of 128, 256 and 512 inputs, at this process's thread count; else why not. With torch
     2.13 and the AVX2 CPU kernel set inductor's fused FP8 reduction returns inf or nan for some of these shapes and
-    thread counts (128 inputs at one thread; measured on an AVX-512 box forced to AVX2). Checked once per process."""
+    thread counts (128 inputs at one thread; measured on an AVX-512 box forced to AVX2); under the scalar kernel set
+    (ATEN_CPU_CAPABILITY=default) inductor's C++ build fails. Checked once per process."""
     from types import SimpleNamespace
 
     generator = torch.Generator().manual_seed(0)
@@ -71,7 +72,12 @@ def compiled_fp8_support(device: torch.device) -> str | None:
         x = torch.randn(24, inputs, generator=generator).to(device, torch.bfloat16)
         eager, compiled = layer(x).float(), torch.compile(layer, dynamic=True)
         for rows in (24, 1):
-            error = float((compiled(x[:rows]).float() - eager[:rows]).norm() / eager[:rows].norm())
+            try:
+                error = float((compiled(x[:rows]).float() - eager[:rows]).norm() / eager[:rows].norm())
+            except Exception as failure:  # whatever inductor raises here is a fact about this machine
+                return (f"torch {torch.__version__}'s torch.compile cannot build an FP8 layer on {device} (CPU kernels "
+                        f"{torch.backends.cpu.get_cpu_capability()}): {type(failure).__name__}: "
+                        f"{str(failure).strip().splitlines()[0][:200] if str(failure).strip() else ''}")  # fmt: skip
             if not error < 0.01:
                 return (f"torch {torch.__version__} under torch.compile computes an FP8 layer ({inputs} inputs, "
                         f"{rows} rows, {torch.get_num_threads()} threads) {error:.3g} away from eager on {device} "

@@ -127,7 +127,9 @@ def _with_layer_scale_errors(model, size: float):
 
 @pytest.mark.parametrize("name", ["top50", "fp8_modelopt_default", "int4_awq", "w4a8_awq", "int8_smoothquant"])
 def test_a_planted_30_percent_kl_regression_fails_the_drift_bounds(workbench, catalog, name):
-    """Layer scales perturbed until the fake-quant KL is 30-45% above its measured value: the KL bound fails it."""
+    """Layer scales perturbed until the fake-quant KL is 30-50% above its measured value: the KL bound fails it.
+    (KL moves in steps with the perturbation: under the scalar kernel set fp8_modelopt_default jumps from below 1.30x
+    to 1.47x, so the window is 1.30-1.50x.)"""
     from quantsuite.drift import capture, compare
 
     scheme = catalog.scheme(name)
@@ -137,16 +139,16 @@ def test_a_planted_30_percent_kl_regression_fails_the_drift_bounds(workbench, ca
     measured = workbench.drift.measure(scheme)["fake_quant"]["kl_mean"]
     assert limits["fake_quant.kl_mean"].holds(measured)
     low, high = 0.0, 0.2
-    for _ in range(14):  # bisect the scale error for a KL 1.30-1.45x the measured one
+    for _ in range(14):  # bisect the scale error for a KL 1.30-1.50x the measured one
         size = (low + high) / 2
         kl = compare(reference, capture(_with_layer_scale_errors(model, size), batches, device))["kl_mean"]
         if kl < 1.30 * measured:
             low = size
-        elif kl > 1.45 * measured:
+        elif kl > 1.50 * measured:
             high = size
         else:
             break
-    assert 1.30 * measured <= kl <= 1.45 * measured, (size, kl / measured)
+    assert 1.30 * measured <= kl <= 1.50 * measured, (size, kl / measured)
     assert not limits["fake_quant.kl_mean"].holds(kl), f"KL {kl:.3g} ({kl / measured:.2f}x) passed"
 
 
