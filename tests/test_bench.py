@@ -409,11 +409,11 @@ def test_vllm_speed(benchmark, workbench, scheme, vllm_python, vllm_service, vll
     and one engine pair per GPU); results go to reports/vllm/<model>/<scheme>.json (`speed`) and, without xdist,
     to the benchmark JSON's extra_info."""
     from quantsuite.stages.vllm import VllmUnsupportedHere
-    from quantsuite.vllm import service as vllm_service
+    from quantsuite.vllm.service import vllm_version
 
     if scheme.mode == "none":
         pytest.skip("the BF16 reference is the baseline of every pair (its tokens/s are in each scheme's result)")
-    check = "cpu_patched" if vllm_service.is_cpu_build(vllm_python) else "cuda"
+    check = workbench.vllm.backend(vllm_python)
     expected = scheme.expect.vllm.get(check)
     if expected is not None and expected.outcome == "fail":
         pytest.skip(f"expected to fail in vLLM ({check}): {expected.reason}")
@@ -427,7 +427,7 @@ def test_vllm_speed(benchmark, workbench, scheme, vllm_python, vllm_service, vll
         _info(benchmark, workbench, scheme.name, "vllm_paired", 0)
         timed_rounds(benchmark, lambda: results.append(measure(vllm_speed_baseline, rounds)), rounds=1)
     result = results[-1]
-    benchmark.extra_info.update({"vllm_check": check, "vllm": vllm_service.vllm_version(vllm_python),
+    benchmark.extra_info.update({"vllm_check": check, "vllm": vllm_version(vllm_python),
                                  "weight_bytes_bound": result["weight_bytes_bound"],
                                  "vllm_paired": {name: {k: w[k] for k in ("ratio", "ratios", "bound_share",
                                                                           "baseline_ms_per_token",
