@@ -183,7 +183,7 @@ def test_decisions_repeat_in_a_fresh_process(workbench, catalog, request):
     if not schemes:
         pytest.skip("no AutoQuant scheme selected that runs here")
     expected = {s.name: workbench.schemes.result(s).resolution.group_formats for s in schemes}
-    states = {s.name: str(workbench.context.cache.path("scores", workbench.scores.key(workbench.scores.plan(s)))
+    states = {s.name: str(workbench.context.cache.path("scores", workbench.scores.scores_key(workbench.scores.plan(s)))
                           / "search_state.pt") for s in schemes}  # fmt: skip
     environment = dict(os.environ, PYTHONHASHSEED="12345")
     completed = subprocess.run([sys.executable, "-c", RESOLVE_IN_A_FRESH_PROCESS, json.dumps(states)], text=True,

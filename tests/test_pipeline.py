@@ -61,8 +61,8 @@ def test_a_code_change_means_a_rebuild(tmp_path, monkeypatch, workbench, model_s
     scheme = catalog.scheme("top50")
 
     def keys(bench):
-        return (bench.scores.key(bench.scores.plan(scheme)), bench.schemes.result(scheme).artifact_dir.name,
-                bench.exports.key(scheme))  # fmt: skip
+        return (bench.scores.scores_key(bench.scores.plan(scheme)), bench.schemes.result(scheme).artifact_dir.name,
+                bench.exports.export_key(scheme))  # fmt: skip
 
     def edit(module, name: str) -> None:
         edited = tmp_path / name

@@ -68,7 +68,7 @@ class Drift:
         if scheme.name in self._measurements:
             return self._measurements[scheme.name]
         context = self.context
-        key = context.cache.key({"export": self.exports.key(scheme), "evaluation": context.splits.fingerprint,
+        key = context.cache.key({"export": self.exports.export_key(scheme), "evaluation": context.splits.fingerprint,
                                  "stage": "drift", "code": code_hash(drift, sys.modules[__name__])})  # fmt: skip
 
         def build(directory: Path) -> None:

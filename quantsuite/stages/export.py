@@ -30,7 +30,7 @@ class Exports:
         self._paths: dict[str, Path] = {}
         self._tensor_bytes: dict[str, int] = {}
 
-    def key(self, scheme: SchemeSpec) -> str:
+    def export_key(self, scheme: SchemeSpec) -> str:
         """Cache key of the scheme's export, known without building it: later stages key on it."""
         code = code_hash(export, formats, sys.modules[__name__])
         inputs = {"scheme": self.schemes.result(scheme).artifact_dir.name, "versions": self.context.versions}
@@ -40,7 +40,7 @@ class Exports:
         """The scheme's checkpoint directory (built once)."""
         if scheme.name in self._paths:
             return self._paths[scheme.name]
-        manifest, key = self.schemes.result(scheme).manifest, self.key(scheme)
+        manifest, key = self.schemes.result(scheme).manifest, self.export_key(scheme)
 
         def build(directory: Path) -> None:
             started = time.perf_counter()
@@ -67,7 +67,7 @@ class Exports:
 
     def tensor_bytes(self, scheme: SchemeSpec) -> int:
         """Tensor bytes of the scheme's checkpoint (kept from its export, so a dropped export is not rebuilt)."""
-        key = self.key(scheme)
+        key = self.export_key(scheme)
         if key not in self._tensor_bytes:
             self.path(scheme)
         return self._tensor_bytes[key]

@@ -30,13 +30,13 @@ class Scores:
     def plan(self, scheme: SchemeSpec) -> ScoringPlan:
         return ScoringPlan.for_scheme(scheme, self.context.catalog, self.context.data_config.scoring_samples)
 
-    def key(self, plan: ScoringPlan) -> str:
+    def scores_key(self, plan: ScoringPlan) -> str:
         code = code_hash(autoquant, sys.modules[__name__])
         return self.context.cache.key(self.context.base_key() | {"plan": asdict(plan), "code": code})
 
     def state(self, plan: ScoringPlan) -> tuple[dict, str]:
         """(search state, its cache key) for `plan`."""
-        key = self.key(plan)
+        key = self.scores_key(plan)
         if key not in self._states:
 
             def build(directory: Path) -> None:

@@ -69,7 +69,7 @@ class VllmChecks:
         sequences, prompts = self.token_inputs
 
         code = code_hash(vllm_service, vllm_verdict, worker, cpu_fp8_compat, sys.modules[__name__])
-        key = self.context.cache.key({"export": self.exports.key(scheme), "check": check, "code": code,
+        key = self.context.cache.key({"export": self.exports.export_key(scheme), "check": check, "code": code,
                               "vllm": vllm_service.vllm_version(service.python), "sequences": sequences,
                               "prompts": prompts, "tokens": vllm_verdict.GREEDY_TOKENS})  # fmt: skip
 
@@ -78,7 +78,7 @@ class VllmChecks:
             if check == "model_free":
                 result = vllm_verdict.model_free_verdict(service, export_dir, manifest)
             else:
-                result = self.run(service, export_dir, check, self.exports.key(scheme))
+                result = self.run(service, export_dir, check, self.exports.export_key(scheme))
             if vllm_service.is_unsupported_here(result.get("error")):
                 raise VllmUnsupportedHere(f"{scheme.name} {check}: {vllm_service.error_text(result['error'])}")
             if vllm_service.is_transient(result.get("error")):

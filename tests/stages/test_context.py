@@ -59,7 +59,7 @@ def _scores_and_scheme_keys(context) -> tuple[str, str]:
     from quantsuite.stages.scores import Scores
 
     scores = Scores(context)
-    return scores.key(scores.plan(context.catalog.scheme("top50"))), context.cache.key(context.base_key())
+    return scores.scores_key(scores.plan(context.catalog.scheme("top50"))), context.cache.key(context.base_key())
 
 
 def _rekeyed(context, monkeypatch, target: str, value) -> tuple[str, str]:

@@ -60,7 +60,7 @@ def test_booby_trapped_search_state_is_refused(workbench, catalog, tmp_path):
     marker = Path("/tmp/quantsuite-trap-fired")
     marker.unlink(missing_ok=True)
     scheme = catalog.scheme("top50")
-    key = workbench.scores.key(workbench.scores.plan(scheme))
+    key = workbench.scores.scores_key(workbench.scores.plan(scheme))
     workbench.scores.state(workbench.scores.plan(scheme))  # the real entry exists
     genuine = load_search_state(workbench.context.cache.path("scores", key) / "search_state.pt")
     assert "candidate_stats" in genuine  # the safe loader reads what the suite writes

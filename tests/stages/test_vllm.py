@@ -60,7 +60,7 @@ def test_the_pytorch_reference_is_built_once_per_export_and_read_back_exactly(wo
     under vllm-reference/<key> (computing it per check took half of the CPU suite's vLLM build time); what is
     read back equals a fresh computation bit for bit (floats through JSON)."""
     scheme = catalog.scheme("bf16")
-    export_dir, key = workbench.exports.path(scheme), workbench.exports.key(scheme)
+    export_dir, key = workbench.exports.path(scheme), workbench.exports.export_key(scheme)
     events = workbench.context.cache.events
 
     def reference_events() -> list[str]:
