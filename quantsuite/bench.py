@@ -75,9 +75,10 @@ def compiled_fp8_support(device: torch.device) -> str | None:
             try:
                 error = float((compiled(x[:rows]).float() - eager[:rows]).norm() / eager[:rows].norm())
             except Exception as failure:  # whatever inductor raises here is a fact about this machine
-                return (f"torch {torch.__version__}'s torch.compile cannot build an FP8 layer on {device} (CPU kernels "
-                        f"{torch.backends.cpu.get_cpu_capability()}): {type(failure).__name__}: "
-                        f"{str(failure).strip().splitlines()[0][:200] if str(failure).strip() else ''}")  # fmt: skip
+                first_line = next(iter(str(failure).strip().splitlines()), "")[:200]
+                return (f"torch {torch.__version__}'s torch.compile cannot build an FP8 layer on {device} (CPU "
+                        f"kernels {torch.backends.cpu.get_cpu_capability()}): {type(failure).__name__}: "
+                        f"{first_line}")  # fmt: skip
             if not error < 0.01:
                 return (f"torch {torch.__version__} under torch.compile computes an FP8 layer ({inputs} inputs, "
                         f"{rows} rows, {torch.get_num_threads()} threads) {error:.3g} away from eager on {device} "

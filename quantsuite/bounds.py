@@ -32,6 +32,9 @@ BOUNDS_DIR = Path(__file__).resolve().parents[1] / "reports" / "bounds"
 K_SIGMA = 3.0
 LOOSER = {"max": max, "min": min}  # the looser of two bounds of a figure of that kind
 
+# the environment variables that choose a CPU's kernels (ATen's dispatch, oneDNN's and MKL's ISA limits): records
+# are measured under several (quantsuite.measure_bounds), and cache keys include those in force (stages.context)
+KERNEL_ENV_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 VLLM_RATIO = "vllm.error_ratio"  # vLLM's teacher-forced error / the BF16 export's (quantsuite.vllm.verdict.decide)
 
 # figure -> (direction of a regression's bound, its within-run standard error in drift.json or None)
@@ -102,7 +105,7 @@ class FigureBound(Strict):
 
 
 class BoundsRecord(Strict):
-    """reports/bounds/<model>.json (<model>.cuda.json): every runnable scheme's verdict bounds on one model."""
+    """reports/bounds/<model>.json (<model>.cuda-sm90.json): every runnable scheme's verdict bounds on one model."""
 
     model: str
     device: str = Field("cpu", pattern=r"^(cpu|cuda sm_\d+)$",
@@ -248,7 +251,7 @@ def verdict_limits(catalog: Catalog, scheme: SchemeSpec, model_tag: str, device_
     3. the scheme's hand-set expect.drift.<model> in schemes.yaml (3B/7B shapes, runs on a GPU);
     4. for a scheme without one, the loosest expect.drift.<model> of the catalog schemes of its families (and KV);
     5. drift_default of schemes.yaml: the loosest of the scheme's format families (fp8, int8, awq, nvfp4).
-    Only a record holds vLLM limits: without one, `vllm_limit` falls back to one bound for every scheme."""
+    Only a record holds vLLM limits: without one, `VllmChecks.bound` falls back to one bound for every scheme."""
     families = catalog.families(scheme)
     if record is not None and record_applies(record, device_class, data_config):
         seed = data_config.seed

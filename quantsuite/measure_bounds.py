@@ -26,7 +26,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from quantsuite.bounds import BOUNDS_DIR, FIGURES, K_SIGMA, BoundsRecord, derive, has_figure, markdown, record_path
+from quantsuite.bounds import (
+    BOUNDS_DIR,
+    FIGURES,
+    K_SIGMA,
+    KERNEL_ENV_VARS,
+    BoundsRecord,
+    derive,
+    has_figure,
+    markdown,
+    record_path,
+)
 from quantsuite.cache import write_atomic
 from quantsuite.data import DataConfig
 
@@ -41,7 +51,7 @@ KERNEL_SETS: dict[str, dict[str, str]] = {
     "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
     "default": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
 }
-KERNEL_ENV_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
 
 def measure_condition(model: str, seed: int, cache_root: Path, device: str, schemes: list[str] | None,
                       vllm_python: Path | None) -> dict[str, dict]:  # fmt: skip

@@ -43,10 +43,10 @@ def pytest_configure(config: pytest.Config) -> None:
     from quantsuite.vllm.service import VllmSetupError, resolve_vllm_python
 
     option = config.getoption
+    requested = ModelSpec(option("--model"), option("--device"), option("--dtype"), option("--model-seed"))
     if option("--run-id") is None:  # one id per run: the controller sets it, xdist workers inherit the options
-        config.option.run_id = time.strftime("%Y%m%d-%H%M%S") + f"-{ModelSpec(option('--model')).tag}"
+        config.option.run_id = time.strftime("%Y%m%d-%H%M%S") + f"-{requested.tag}"
     try:  # the catalog last: validating its preset names imports ModelOpt (6 s), which the other checks do not need
-        requested = ModelSpec(option("--model"), option("--device"), option("--dtype"), option("--model-seed"))
         requested.validate()
         data_config = DataConfig(
             path=option("--calib-data"), seed=option("--data-seed"), batch_size=option("--batch-size"),

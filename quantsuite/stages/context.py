@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import os
@@ -16,7 +17,7 @@ import torch
 from filelock import FileLock
 
 from quantsuite import data, models
-from quantsuite.bounds import Limit, load_record, verdict_limits
+from quantsuite.bounds import KERNEL_ENV_VARS, BoundsRecord, Limit, load_record, verdict_limits
 from quantsuite.cache import ArtifactCache, code_hash, package_versions, write_atomic
 from quantsuite.data import DataConfig, load_splits, require_samples, tokenize_batches
 from quantsuite.models import LoadedModel, ModelSpec, load_model, load_tokenizer
@@ -64,10 +65,15 @@ class RunContext:
         major, minor = torch.cuda.get_device_capability(self.device)
         return f"cuda sm_{major}{minor}"
 
+    @functools.cached_property
+    def bounds_record(self) -> BoundsRecord | None:
+        """This model's bounds record on this device class, read once (every drift and vLLM verdict consults it)."""
+        return load_record(self.model_tag, self.device_class)
+
     def verdict_limits(self, scheme: SchemeSpec) -> tuple[dict[str, Limit], str]:
         """The limits of the scheme's drift and vLLM figures here, and where from (quantsuite.bounds)."""
-        record = load_record(self.model_tag, self.device_class)
-        return verdict_limits(self.catalog, scheme, self.model_tag, self.device_class, self.data_config, record)
+        return verdict_limits(self.catalog, scheme, self.model_tag, self.device_class, self.data_config,
+                              self.bounds_record)  # fmt: skip
 
     def base_key(self) -> dict:
         """The inputs every artifact depends on: the model (weights; shape definitions and loading code: models.py),
@@ -79,17 +85,20 @@ class RunContext:
             "model_and_data_code": code_hash(models, data),  # not "code": each stage adds its own
         }  # fmt: skip
 
+    def report_path(self, kind: str, name: str) -> Path:
+        return self.reports_dir / kind / self.model_tag / f"{name}.json"
+
     def publish(self, kind: str, name: str, document: dict) -> Path:
         """Write a stage's result to reports/<kind>/<model>/<name>.json, stamped with this run's id. Each kind has
         one stage that publishes it (tests/stages/test_context.py checks it)."""
-        path = self.reports_dir / kind / self.model_tag / f"{name}.json"
+        path = self.report_path(kind, name)
         write_atomic(path, json.dumps(document | {"run_id": self.run_id}, indent=1, sort_keys=True) + "\n")
         return path
 
     def publish_part(self, kind: str, name: str, part: str, document: dict) -> Path:
         """Set `part` of reports/<kind>/<model>/<name>.json to `document`, keeping the parts other processes of this
         run wrote (under the file's lock); a file of another run is replaced."""
-        path = self.reports_dir / kind / self.model_tag / f"{name}.json"
+        path = self.report_path(kind, name)
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path) + ".lock"):
             merged = json.loads(path.read_text()) if path.is_file() else {}
@@ -139,8 +148,8 @@ def device_identity(device: torch.device) -> str:
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         return f"cuda {torch.cuda.get_device_name(device)} sm{major}{minor}"
-    limits = ",".join(f"{name}={os.environ.get(name, '')}" for name in ("ONEDNN_MAX_CPU_ISA",
-                                                                        "MKL_ENABLE_INSTRUCTIONS"))  # fmt: skip
+    limits = ",".join(f"{name}={os.environ.get(name, '')}" for name in KERNEL_ENV_VARS
+                      if name != "ATEN_CPU_CAPABILITY")  # ATen's own: the capability it dispatches to, below
     return f"{device.type} {torch.backends.cpu.get_cpu_capability()} {limits}"
 
 

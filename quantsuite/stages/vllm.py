@@ -174,7 +174,6 @@ class VllmChecks:
     def bound(self, scheme: SchemeSpec) -> tuple[float, str]:
         """The scheme's bound on vLLM's error as a multiple of the floor, and where from: its record's (or its
         format peers') on this device class (quantsuite.bounds), else NOISE_FACTOR for every scheme."""
-
         limits, where = self.context.verdict_limits(scheme)
         if VLLM_RATIO in limits:
             return limits[VLLM_RATIO].bound, where
