@@ -247,7 +247,8 @@ def verdict_limits(catalog: Catalog, scheme: SchemeSpec, model_tag: str, device_
                    data_config: DataConfig, record: BoundsRecord | None) -> tuple[dict[str, Limit], str]:  # fmt: skip
     """The limits of `scheme`'s drift (and vLLM) figures, and where they came from, first that applies:
     1. the generated record of `model_tag` on this device class (reports/bounds/), for a scheme it measured;
-    2. for a scheme it did not measure, the loosest record of the schemes of its format families (and KV cache);
+    2. for a scheme it did not measure, the loosest record of the schemes of its format families (and KV cache),
+       drift figures only;
     3. the scheme's hand-set expect.drift.<model> in schemes.yaml (3B/7B shapes, runs on a GPU);
     4. for a scheme without one, the loosest expect.drift.<model> of the catalog schemes of its families (and KV);
     5. drift_default of schemes.yaml: the loosest of the scheme's format families (fp8, int8, awq, nvfp4).
@@ -263,8 +264,11 @@ def verdict_limits(catalog: Catalog, scheme: SchemeSpec, model_tag: str, device_
                     if name in catalog.names()}  # fmt: skip
         borrowed = borrow(catalog, scheme, measured)
         if borrowed:
-            return borrowed[0], (f"{borrowed[1]} in {where}: {scheme.name} has no record of its own (record it: "
-                                 f"{record.command})")  # fmt: skip
+            # vLLM's ratio grows with what a scheme quantizes (H200: top50 1.78x, default 7.29x), so a peer's does not
+            # carry over to another pick: without a record of its own, VllmChecks.bound's one bound holds
+            drift_only = {figure: limit for figure, limit in borrowed[0].items() if figure != VLLM_RATIO}
+            return drift_only, (f"{borrowed[1]} in {where}: {scheme.name} has no record of its own (record it: "
+                                f"{record.command})")  # fmt: skip
     if model_tag in scheme.expect.drift:
         return hand_set_limits(scheme.expect.drift[model_tag]), f"expect.drift.{model_tag} of {scheme.name}"
     hand_set = {s.name: hand_set_limits(s.expect.drift[model_tag]) for s in catalog.schemes

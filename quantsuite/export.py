@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import hashlib
 import json
@@ -26,7 +27,16 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from quantsuite.formats import FORMATS, FP8, OPTIONAL_TENSORS, ExportFormat, QuantLinear, per_token_scale, to_fp8
+from quantsuite.formats import (
+    FORMATS,
+    FP8,
+    FP8_MAX,
+    OPTIONAL_TENSORS,
+    ExportFormat,
+    QuantLinear,
+    per_token_scale,
+    to_fp8,
+)
 from quantsuite.models import SafetensorsHeaderError, read_safetensors_header
 from quantsuite.timing import STAGE_TIMES
 
@@ -486,39 +496,105 @@ def _effective_input_scale(model: torch.nn.Module, name: str, tensors: dict, hub
     return tensors[norm_hub].float() / original
 
 
-def export_fidelity(model: torch.nn.Module, export_dir: Path) -> dict:
-    """How exactly the export stores what the fake-quantized `model` computes, per quantized layer.
+def fused_groups(names: list[str]) -> list[list[str]]:
+    """Layers of `names` that read one input, in the export's sense: q/k/v of a block (after its input_layernorm),
+    gate/up (after its post_attention_layernorm); every other layer alone."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for name in names:
+        head, _, rest = name.rpartition(".layers.")
+        block, _, layer = rest.partition(".")
+        norm = FOLDED_NORMS.get(layer) if head else None
+        groups.setdefault((f"{head}.layers.{block}", norm) if norm else (name, ""), []).append(name)
+    return list(groups.values())
 
-    Both sides as the effective weight a layer applies, W x diag(s) with s the AWQ / SmoothQuant input factor
-    (ModelOpt folds it into the norm for q/k/v and gate/up, and re-smooths fused layers to one shared factor):
-    the fake-quant weight times the model's pre_quant_scale, and the export's dequantized weight times its own.
+
+def _recollect_amax(quantizer: torch.nn.Module, weight: torch.Tensor) -> None:
+    from modelopt.torch.quantization.model_calib import enable_stats_collection, finish_stats_collection
+
+    quantizer.reset_amax()
+    enable_stats_collection(quantizer)
+    quantizer(weight)
+    finish_stats_collection(quantizer)
+
+
+def _quantize_as_exported(quantizer: torch.nn.Module, weight: torch.Tensor, spec: ExportFormat) -> torch.Tensor:
+    """`weight` fake-quantized the way the export computes its codes. Per-tensor FP8 divides the weight by a 0-dim
+    fp32 scale, which PyTorch does in the weight's own dtype: the quotient is rounded to BF16 before FP8 (ModelOpt's
+    fake quantization divides in float32). The other formats' exports quantize in float32, as written here."""
+    if spec.weight == "fp8" and spec.weight_scale == "tensor":
+        scale = torch.tensor(float(quantizer.amax) / FP8_MAX, device=weight.device)
+        return (weight / scale).to(FP8).float() * scale
+    return quantizer(weight.float())
+
+
+def export_rule_weights(modules: list[torch.nn.Module], spec: ExportFormat) -> list[torch.Tensor]:
+    """The effective weights W' x diag(s) that the export of one fused group (`fused_groups`, one format) should
+    store, computed from the fake-quant layers by the export's rules. Where the format's `fused_scales`: the AWQ /
+    SmoothQuant factors s_i are replaced by their mean s, each weight becomes W_i s_i / s with its amax collected
+    again (max), then the group shares the largest per-tensor weight amax (NVFP4's global scale, W4A8's FP8 stage).
+    Otherwise, or for a single layer, each fake-quant weight x its own factor. Codes as `_quantize_as_exported`."""
+    from modelopt.torch.quantization.nn import SequentialQuantizer
+
+    factors = [getattr(m.input_quantizer, "_pre_quant_scale", None) for m in modules]
+    quantizers = [m.weight_quantizer for m in modules]
+    weights = [m.weight for m in modules]
+    shared = None
+    if spec.fused_scales and len(modules) > 1:
+        quantizers = [copy.deepcopy(q) for q in quantizers]
+        if all(f is not None for f in factors):
+            shared = torch.stack(factors).mean(dim=0)
+            for index, factor in enumerate(factors):
+                if not torch.equal(factor, shared):
+                    weight = weights[index].float() * factor.float() / shared.float()
+                    weights[index] = weight.to(weights[index].dtype)
+                    _recollect_amax(quantizers[index], weights[index])
+            factors = [shared] * len(modules)
+        last = [q[-1] if isinstance(q, SequentialQuantizer) else q for q in quantizers]
+        amaxes = [q.amax for q in last]
+        if all(q.is_enabled for q in last) and all(a is not None and a.numel() == 1 for a in amaxes):
+            largest = torch.stack(amaxes).max()
+            for quantizer in last:
+                quantizer.amax = largest
+    return [_quantize_as_exported(q, w, spec) * (1.0 if f is None else f.float().reshape(1, -1))
+            for q, w, f in zip(quantizers, weights, factors, strict=True)]  # fmt: skip
+
+
+def export_fidelity(model: torch.nn.Module, export_dir: Path) -> dict:
+    """How exactly the export stores what the fake-quantized `model` computes under the export's rules, per
+    quantized layer.
+
+    Both sides as the effective weight a layer applies, W x diag(s) with s the AWQ / SmoothQuant input factor:
+    the export's dequantized weight times its own factor (stored, or folded into the preceding norm, as ModelOpt
+    does for q/k/v and gate/up), against `export_rule_weights` of the model (fused layers share their factor and
+    per-tensor amax). A correct export of any format then differs only where bf16 rounding ties fall.
     `differing_code_share`: share of weights differing by more than 1/32 of their magnitude (one code step of
     FP8 is >= 1/16, of int4 / fp4 more; bf16 rounding of the fake-quant output <= 1/256);
     `weight_relative_error_max`: the largest per-layer ||E - F|| / ||F||.
     """
     tensors = read_tensors(export_dir)
     algorithms = layer_algorithms(export_dir, tensors)
+    quantized = [name for name, module in model.named_modules()
+                 if getattr(module, "weight_quantizer", None) is not None and module.weight_quantizer.is_enabled
+                 and hub_name(name) in algorithms]  # fmt: skip
     differing = total = 0
     worst, worst_layer = 0.0, None
     with torch.no_grad():
-        for name, module in model.named_modules():
-            quantizer = getattr(module, "weight_quantizer", None)
-            hub = hub_name(name)
-            if quantizer is None or not quantizer.is_enabled or hub not in algorithms:
-                continue
-            spec = FORMATS[algorithms[hub]]
-            exported = spec.dequantize(layer_tensors(tensors, hub, spec))
-            fake = quantizer(module.weight).float().cpu()
-            model_factor = getattr(module.input_quantizer, "_pre_quant_scale", None)
-            if model_factor is not None:
-                fake = fake * model_factor.float().cpu().reshape(1, -1)
-            export_factor = _effective_input_scale(model, name, tensors, hub) if spec.pre_quant_scale else None
-            if export_factor is not None:
-                exported = exported * export_factor.reshape(1, -1)
-            mismatch = int(((exported - fake).abs() > fake.abs() / 32 + 1e-12).sum())
-            differing, total = differing + mismatch, total + fake.numel()
-            error = float((exported - fake).norm() / fake.norm().clamp_min(1e-30))
-            if error >= worst:
-                worst, worst_layer = error, hub
+        for group in fused_groups(quantized):
+            specs = {FORMATS[algorithms[hub_name(name)]] for name in group}
+            if len(specs) > 1:  # ModelOpt's export refuses a fused group of mixed formats
+                raise ExportError(f"{export_dir}: layers reading one input have different formats: {group}")
+            layer_spec = specs.pop()
+            expected = export_rule_weights([model.get_submodule(name) for name in group], layer_spec)
+            for name, fake in zip(group, expected, strict=True):
+                hub = hub_name(name)
+                fake = fake.cpu()
+                exported = layer_spec.dequantize(layer_tensors(tensors, hub, layer_spec))
+                factor = _effective_input_scale(model, name, tensors, hub) if layer_spec.pre_quant_scale else None
+                exported = exported if factor is None else exported * factor.reshape(1, -1)
+                mismatch = int(((exported - fake).abs() > fake.abs() / 32 + 1e-12).sum())
+                differing, total = differing + mismatch, total + fake.numel()
+                error = float((exported - fake).norm() / fake.norm().clamp_min(1e-30))
+                if error >= worst:
+                    worst, worst_layer = error, hub
     return {"differing_code_share": differing / total if total else 0.0, "quantized_weights": total,
             "weight_relative_error_max": worst, "worst_layer": worst_layer}  # fmt: skip

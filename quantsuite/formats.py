@@ -136,6 +136,8 @@ class ExportFormat:
     weight_scale_2: str | None = None  # a second, per-tensor fp32 weight scale: "multiply" (NVFP4: block scales
     # are in its units) or "fp8_grid" (W4A8: the dequantized weight is rounded to e4m3 in its units)
     pre_quant_scale: bool = False  # AWQ / SmoothQuant: input x a per-input BF16 vector (or folded into the norm)
+    fused_scales: bool = True  # layers that read one input (q/k/v, gate/up) share their scales in the export:
+    # one mean AWQ / SmoothQuant factor, one (the largest) per-tensor weight amax; per-tensor FP8 keeps its own
 
     @property
     def input_scale(self) -> bool:
@@ -225,7 +227,7 @@ class ExportFormat:
 FORMATS = {
     spec.quant_algo: spec
     for spec in (
-        ExportFormat("FP8", "fp8", "tensor", "F32", "fp8"),
+        ExportFormat("FP8", "fp8", "tensor", "F32", "fp8", fused_scales=False),
         ExportFormat("FP8_PER_CHANNEL_PER_TOKEN", "fp8", "channel", "F32", "fp8_per_token"),
         ExportFormat("W4A16_AWQ", "int4_rows", "block", "F32", "none", 128, pre_quant_scale=True),
         ExportFormat("W4A8_AWQ", "int4_rows", "block", "F32", "fp8", 128, "fp8_grid", pre_quant_scale=True),

@@ -78,6 +78,50 @@ def known_preset(value: str | None, field: str) -> str | None:
     return value
 
 
+VLLM_CHECKS = ("model_free", "cpu", "cpu_patched", "cuda")
+
+
+class VllmOutcome(Strict):
+    outcome: Literal["pass", "fail"] = Field(
+        description="model_free: vLLM's per-layer reading agrees with disk and manifest; cpu / cpu_patched / cuda: "
+        "the export loads in that vLLM backend and computes what the checkpoint means (teacher-forced, against "
+        "the BF16 noise floor)"
+    )
+    reason: str = Field(description="Why (the error's key line when it fails)")
+    match: str | None = Field(
+        default=None,
+        description="outcome fail: a regular expression the failure text must contain; another failure fails",
+    )
+    error_ratio: tuple[float, float] | None = Field(
+        default=None,
+        description="outcome fail of a load that computes something else: [low, high], the range of its error ratio "
+        "(the multiple of the BF16 noise floor) where that failure was measured, with margin. A ratio outside it "
+        "fails the test: a different fault (garbage weights) must not pass as the recorded one",
+    )
+    when_format: str | None = Field(
+        default=None,
+        description="outcome fail of an AutoQuant scheme: the format (one of the scheme's `formats`) whose layers "
+        "cause the failure. It is expected only when the pick has layers of that format; a pick without any (on "
+        "another model the search may choose none) must pass.",
+    )
+
+    @model_validator(mode="after")
+    def _match_for_failures(self) -> VllmOutcome:
+        if self.outcome == "fail" and not self.match:
+            raise ValueError("an expected failure needs `match`: a regular expression of its error text")
+        ratio = self.error_ratio
+        if ratio is not None and (self.outcome != "fail" or not 0 < ratio[0] < ratio[1]):
+            raise ValueError("error_ratio [low, high] with 0 < low < high bounds an expected failure (outcome: fail)")
+        if self.when_format and self.outcome != "fail":
+            raise ValueError("when_format only qualifies an expected failure (outcome: fail)")
+        if self.match:
+            try:
+                re.compile(self.match)
+            except re.error as error:
+                raise ValueError(f"match {self.match!r} is not a regular expression: {error}") from None
+        return self
+
+
 class FormatSpec(Strict):
     """A named quantization config usable by any scheme (see module docstring)."""
 
@@ -88,6 +132,11 @@ class FormatSpec(Strict):
     )
     lm_head: bool = Field(default=False, description="Make lm_head eligible (the preset keeps it BF16)")
     kv_cache: str | None = Field(default=None, description="ModelOpt KV-cache preset merged in, e.g. FP8_KV_CFG")
+    vllm: dict[Literal["model_free", "cpu", "cpu_patched", "cuda"], VllmOutcome] = Field(
+        default_factory=dict,
+        description="vLLM check -> the outcome of any scheme whose pick has layers of this format and which has no "
+        "expect.vllm of that check itself (what vLLM's loader does with the format, whatever the scheme)",
+    )
 
     @field_validator("preset", "kv_cache")
     @classmethod
@@ -146,52 +195,11 @@ class DriftBounds(Strict):
         ge=0, le=1, description="Lower bound on top-1 agreement of the reloaded export with the fake-quant model"
     )
     export_code_mismatch_max: float = Field(
-        ge=0, le=1, description="Upper bound on the share of exported FP8 weights differing from fake quant"
+        ge=0,
+        le=1,
+        description="Upper bound on the share of exported weights a code away from what the export rules give "
+        "(quantsuite.export.export_fidelity)",
     )
-
-
-VLLM_CHECKS = ("model_free", "cpu", "cpu_patched", "cuda")
-
-
-class VllmOutcome(Strict):
-    outcome: Literal["pass", "fail"] = Field(
-        description="model_free: vLLM's per-layer reading agrees with disk and manifest; cpu / cpu_patched / cuda: "
-        "the export loads in that vLLM backend and computes what the checkpoint means (teacher-forced, against "
-        "the BF16 noise floor)"
-    )
-    reason: str = Field(description="Why (the error's key line when it fails)")
-    match: str | None = Field(
-        default=None,
-        description="outcome fail: a regular expression the failure text must contain; another failure fails",
-    )
-    error_ratio: tuple[float, float] | None = Field(
-        default=None,
-        description="outcome fail of a load that computes something else: [low, high], the range of its error ratio "
-        "(the multiple of the BF16 noise floor) where that failure was measured, with margin. A ratio outside it "
-        "fails the test: a different fault (garbage weights) must not pass as the recorded one",
-    )
-    when_format: str | None = Field(
-        default=None,
-        description="outcome fail of an AutoQuant scheme: the format (one of the scheme's `formats`) whose layers "
-        "cause the failure. It is expected only when the pick has layers of that format; a pick without any (on "
-        "another model the search may choose none) must pass.",
-    )
-
-    @model_validator(mode="after")
-    def _match_for_failures(self) -> VllmOutcome:
-        if self.outcome == "fail" and not self.match:
-            raise ValueError("an expected failure needs `match`: a regular expression of its error text")
-        ratio = self.error_ratio
-        if ratio is not None and (self.outcome != "fail" or not 0 < ratio[0] < ratio[1]):
-            raise ValueError("error_ratio [low, high] with 0 < low < high bounds an expected failure (outcome: fail)")
-        if self.when_format and self.outcome != "fail":
-            raise ValueError("when_format only qualifies an expected failure (outcome: fail)")
-        if self.match:
-            try:
-                re.compile(self.match)
-            except re.error as error:
-                raise ValueError(f"match {self.match!r} is not a regular expression: {error}") from None
-        return self
 
 
 # models.NAMED_MODELS (not imported here: models pulls torch)
@@ -341,6 +349,18 @@ class Catalog(Strict):
                     raise ValueError(f"{where}.effective_bits: {scheme.effective_bits} is outside [{low:g}, 16], "
                                      f"the range reachable with formats {list(scheme.formats)}")  # fmt: skip
         return self
+
+    def vllm_expectation(self, scheme: SchemeSpec, check: str) -> tuple[VllmOutcome | None, str]:
+        """What `check` of vLLM should give for `scheme`, and where that is written: the scheme's own expect.vllm,
+        else the first of its formats' `vllm` (holding only when the pick has layers of that format), else None
+        (it must pass)."""
+        if check in scheme.expect.vllm:
+            return scheme.expect.vllm[check], f"expect.vllm.{check} of {scheme.name}"
+        for name in scheme.formats:
+            if check in self.formats[name].vllm:
+                outcome = self.formats[name].vllm[check].model_copy(update={"when_format": name})
+                return outcome, f"formats.{name}.vllm.{check} (schemes.yaml)"
+        return None, f"no expectation of {check} for {scheme.name}: it must pass"
 
     def cuda_only(self, scheme: SchemeSpec) -> str | None:
         """What in `scheme`'s fake-quant model needs CUDA (None: it runs on CPU)."""

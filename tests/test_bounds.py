@@ -131,6 +131,7 @@ def test_a_scheme_the_record_lacks_takes_the_loosest_bound_of_its_format_familie
     peers = [record.schemes[name]["export_fidelity.differing_code_share"].seed_bounds[0]
              for name in ("int4_awq", "w4a8_awq")]  # fmt: skip
     assert limits["export_fidelity.differing_code_share"].bound == max(peers)
+    assert VLLM_RATIO not in limits  # a peer's vLLM ratio depends on its pick: VllmChecks.bound's NOISE_FACTOR holds
 
 
 def test_a_scheme_without_hand_set_bounds_takes_its_families_peers_on_that_model(catalog):

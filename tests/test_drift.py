@@ -40,8 +40,9 @@ def test_fake_quant_and_export_agree(workbench, scheme, scheme_result, measureme
     than quantization did.
 
     AWQ / SmoothQuant formats: ModelOpt's export gives q/k/v and gate/up one shared pre_quant_scale (folded into
-    the norm) and requantizes their weights, a second rounding as large as the first. There the hand-set check is
-    that the export is no further from BF16 than the fake-quant model (measured 0.98x; bound 1.25x)."""
+    the norm) and requantizes their weights, a second rounding as large as the first (export_fidelity compares with
+    that requantization). There the hand-set check is that the export is no further from BF16 than the fake-quant
+    model (measured 0.98x; bound 1.25x)."""
     limits, source = _limits(workbench, scheme)
     assert not _violations(limits, measurement, ("export.", "fake_vs_export.", "export_fidelity."), source)
     if "export.kl_mean" not in limits:
@@ -173,6 +174,10 @@ def _planted_export(workbench, scheme, tmp_path, edit):
 SCALE_FAULTS = {
     "top50": ("proj.weight_scale", (("export_fidelity.differing_code_share",), ("export.kl_mean",
                                                                               "fake_vs_export.kl_mean"))),
+    # the AWQ factor ModelOpt folds into the norm before q/k/v (one shared factor for the fused group)
+    "int4_awq": ("input_layernorm.weight", (("export_fidelity.differing_code_share",),)),
+    # W4A8's FP8-stage scale, shared by the fused group
+    "w4a8_awq": (".weight_scale_2", (("export_fidelity.differing_code_share",),)),
     # NVFP4's global scale; ModelOpt 0.47 runs NVFP4 on CUDA only, so it runs where a GPU record covers the scheme
     "fp8_nvfp4_eb7": (".weight_scale_2", (("export.", "fake_vs_export.", "export_fidelity."),)),
 }  # fmt: skip
@@ -180,8 +185,9 @@ SCALE_FAULTS = {
 
 @pytest.mark.parametrize("name", SCALE_FAULTS)
 def test_one_exported_layer_scale_off_by_10_percent_fails_the_export_checks(workbench, catalog, tmp_path, name):
-    """One quantized layer's stored scale x 1.1 in a copy of the scheme's export (an FP8 weight_scale; an NVFP4
-    global scale): every weight of that layer moves by 10%, beyond a code step, and the export checks fail."""
+    """One quantized layer's stored scale x 1.1 in a copy of the scheme's export (an FP8 weight_scale; an AWQ factor
+    folded into a norm; a W4A8 or NVFP4 global scale): every weight it scales moves by 10%, beyond a code step, and
+    the export checks fail."""
     scheme = catalog.scheme(name)
     limits = _record_limits(workbench, scheme)
     suffix, catchers = SCALE_FAULTS[name]

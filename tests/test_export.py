@@ -14,12 +14,18 @@ from quantsuite.export import (
     ExportError,
     _excluded,
     check_export,
+    export_rule_weights,
+    fused_groups,
+    hub_name,
+    layer_tensors,
     linked_copy,
     load_export,
     predicted_bytes,
+    read_tensors,
     tensor_index,
     verify_export,
 )  # fmt: skip
+from quantsuite.formats import FORMATS
 from quantsuite.models import indexed_device
 
 pytestmark = pytest.mark.export
@@ -169,3 +175,45 @@ def test_reload_follows_a_device_map(workbench, catalog):
     spread.hf_device_map = device_map
     assert spread_device_map(spread) == (device_map if first != second else None)
     assert spread_device_map(single) is None
+
+
+def test_fused_groups_are_the_layers_that_read_one_input():
+    block = "model.language_model.layers.0."
+    names = [block + p for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")] + ["lm_head"]  # fmt: skip
+    assert fused_groups(names) == [names[0:3], names[3:4], names[4:6], names[6:7], names[7:8]]
+
+
+@pytest.mark.parametrize("name", ["int4_awq", "w4a8_awq"])
+def test_the_export_rules_explain_an_awq_export(workbench, catalog, name):
+    """The export of one block's q/k/v against the fake-quant layers: by the export's rules for fused layers (one mean
+    AWQ factor, weights rescaled to it and requantized, one shared per-tensor amax) next to no code differs; with
+    each layer keeping its own factor and scales, most do. The rules are what export_fidelity compares with."""
+    import dataclasses
+
+    scheme = catalog.scheme(name)
+    model, export_dir = workbench.schemes.model(scheme), workbench.exports.path(scheme)
+    tensors = read_tensors(export_dir)
+    group = [n for n, _ in model.named_modules() if ".layers.0.self_attn." in n and n.endswith(("q_proj", "k_proj",
+                                                                                                "v_proj"))]  # fmt: skip
+    spec = FORMATS[_quant_algo(workbench, scheme)]
+    norm = model.get_submodule(group[0].replace("self_attn.q_proj", "input_layernorm")).weight.float()
+    folded = tensors[hub_name(group[0]).replace("self_attn.q_proj", "input_layernorm") + ".weight"].float() / norm
+
+    def differing(expected: list[torch.Tensor]) -> float:
+        shares = []
+        for layer, weight in zip(group, expected, strict=True):
+            exported = spec.dequantize(layer_tensors(tensors, hub_name(layer), spec)) * folded.reshape(1, -1)
+            shares.append(float(((exported - weight).abs() > weight.abs() / 32 + 1e-12).float().mean()))
+        return max(shares)
+
+    with torch.no_grad():
+        modules = [model.get_submodule(n) for n in group]
+        by_rules = differing(export_rule_weights(modules, spec))
+        unshared = differing(export_rule_weights(modules, dataclasses.replace(spec, fused_scales=False)))
+    assert by_rules < 0.005 < 0.3 < unshared, (by_rules, unshared)
+
+
+def _quant_algo(workbench, scheme) -> str:
+    (algo,) = {m["quant_algo"] for m in workbench.schemes.result(scheme).manifest["modules"] if m["quant_algo"]}
+    return algo

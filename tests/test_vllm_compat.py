@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from quantsuite.export import Fp8Linear, linked_copy, to_fp8
+from quantsuite.schemes import Expectations, VllmOutcome
 from quantsuite.vllm.service import VllmService, engine_options, is_transient
 from quantsuite.vllm.verdict import (
     FLOOR_MAX,
@@ -28,13 +29,12 @@ from quantsuite.vllm.verdict import (
 vllm = pytest.mark.vllm_compat  # xdist work units: quantsuite.plugin.collection.scheduling_group
 
 
-def judge_expected(scheme, check: str, failures: list[str], picked_formats: set[str] | None = None,
-                   error_ratio: float | None = None) -> None:  # fmt: skip
-    """Strict expectations: an expected failure must fail with text matching its `match`; a pass, or a failure
-    of another kind, is a test failure. An expectation `when_format` F holds only if the pick has F layers
-    (`picked_formats`: the formats with a coverage above zero); without them the check must pass. One with an
-    `error_ratio` range holds only for a measured multiple of the floor (`error_ratio`) inside it."""
-    expectation = scheme.expect.vllm.get(check)
+def judge_expected(expectation: VllmOutcome | None, where: str, check: str, failures: list[str],
+                   picked_formats: set[str] | None = None, error_ratio: float | None = None) -> None:  # fmt: skip
+    """Strict expectations (`Catalog.vllm_expectation`, written at `where`): an expected failure must fail with text
+    matching its `match`; a pass, or a failure of another kind, is a test failure. An expectation `when_format` F
+    holds only if the pick has F layers (`picked_formats`: the formats with a coverage above zero); without them the
+    check must pass. One with an `error_ratio` range holds only for a measured multiple of the floor inside it."""
     if expectation is None or expectation.outcome == "pass":
         assert not failures, "\n".join(failures)
         return
@@ -44,10 +44,10 @@ def judge_expected(scheme, check: str, failures: list[str], picked_formats: set[
         return
     if not failures:
         pytest.fail(f"[XPASS(strict)] {check} was expected to fail ({expectation.reason}) but passed: update "
-                    f"schemes.yaml (expect.vllm.{check} of {scheme.name})")  # fmt: skip
+                    f"schemes.yaml ({where})")  # fmt: skip
     text = "\n".join(failures)
     if not re.search(expectation.match, text):
-        pytest.fail(f"{check} failed, but not as expected: expected /{expectation.match}/, got:\n{text}")
+        pytest.fail(f"{check} failed, but not as expected ({where}): expected /{expectation.match}/, got:\n{text}")
     if expectation.error_ratio is not None:
         low, high = expectation.error_ratio
         if error_ratio is None or not low <= error_ratio <= high:
@@ -69,7 +69,9 @@ def test_vllm(workbench, scheme, vllm_check, vllm_service, export_dropped_after)
         pytest.skip(f"this machine cannot run it in vLLM: {error}")
     coverage = workbench.schemes.result(scheme).manifest["totals"].get("coverage_by_format", {})
     picked = {name for name, share in coverage.items() if share > 0}
-    judge_expected(scheme, vllm_check, result["failures"], picked, result.get("decision", {}).get("error_ratio"))
+    expectation, where = workbench.context.catalog.vllm_expectation(scheme, vllm_check)
+    judge_expected(expectation, where, vllm_check, result["failures"], picked,
+                   result.get("decision", {}).get("error_ratio"))  # fmt: skip
 
 
 @vllm
@@ -288,13 +290,13 @@ def test_judge_expected_is_strict():
     expect = Expectations(vllm={"cuda": {"outcome": "fail", "reason": "op missing", "match": r"static_scaled_fp8"}})
     scheme = SchemeSpec(name="demo", description="d", mode="none", expect=expect)
     with pytest.raises(pytest.xfail.Exception):
-        judge_expected(scheme, "cuda", ["load: RuntimeError: _C::static_scaled_fp8_quant() expected"])
+        judge_expected(*_own(scheme, "cuda"), "cuda", ["load: RuntimeError: _C::static_scaled_fp8_quant() expected"])
     with pytest.raises(pytest.fail.Exception, match="failed, but not as expected"):
-        judge_expected(scheme, "cuda", ["load: OutOfMemoryError: CUDA out of memory"])
+        judge_expected(*_own(scheme, "cuda"), "cuda", ["load: OutOfMemoryError: CUDA out of memory"])
     with pytest.raises(pytest.fail.Exception, match="XPASS"):
-        judge_expected(scheme, "cuda", [])
+        judge_expected(*_own(scheme, "cuda"), "cuda", [])
     with pytest.raises(AssertionError):
-        judge_expected(scheme, "model_free", ["a problem"])  # no expectation: must pass
+        judge_expected(*_own(scheme, "model_free"), "model_free", ["a problem"])  # no expectation: must pass
 
 
 def test_an_expected_wrong_result_holds_only_inside_its_recorded_range():
@@ -307,10 +309,10 @@ def test_an_expected_wrong_result_holds_only_inside_its_recorded_range():
     scheme = SchemeSpec(name="demo", description="d", mode="none", expect=expect)
     failure = ["vLLM computes something else: 20.5x the floor"]
     with pytest.raises(pytest.xfail.Exception):
-        judge_expected(scheme, "cuda", failure, error_ratio=20.5)
+        judge_expected(*_own(scheme, "cuda"), "cuda", failure, error_ratio=20.5)
     for ratio in (35.6, 1000.0, None):
         with pytest.raises(pytest.fail.Exception, match="outside the recorded"):
-            judge_expected(scheme, "cuda", failure, error_ratio=ratio)
+            judge_expected(*_own(scheme, "cuda"), "cuda", failure, error_ratio=ratio)
     with pytest.raises(ValueError, match="error_ratio"):
         Expectations(vllm={"cuda": {"outcome": "pass", "reason": "r", "error_ratio": (1, 2)}})
 
@@ -325,12 +327,14 @@ def test_expected_failure_of_a_format_holds_only_when_the_pick_has_it():
     scheme = SchemeSpec(name="demo", description="d", mode="autoquant", formats=("FP8_DEFAULT_CFG", "INT4_AWQ"),
                         effective_bits=10, expect=expect)  # fmt: skip
     with pytest.raises(pytest.xfail.Exception):
-        judge_expected(scheme, "cuda", ["start (0) + length (512) exceeds dimension size (256)"], {"INT4_AWQ"})
+        judge_expected(*_own(scheme, "cuda"), "cuda", ["start (0) + length (512) exceeds dimension size (256)"],
+                       {"INT4_AWQ"})  # fmt: skip
     with pytest.raises(pytest.fail.Exception, match="XPASS"):
-        judge_expected(scheme, "cuda", [], {"FP8_DEFAULT_CFG", "INT4_AWQ"})
-    judge_expected(scheme, "cuda", [], {"FP8_DEFAULT_CFG"})  # no INT4 layer picked: passing is right
+        judge_expected(*_own(scheme, "cuda"), "cuda", [], {"FP8_DEFAULT_CFG", "INT4_AWQ"})
+    judge_expected(*_own(scheme, "cuda"), "cuda", [], {"FP8_DEFAULT_CFG"})  # no INT4 layer picked: passing is right
     with pytest.raises(AssertionError, match="no INT4_AWQ layer"):
-        judge_expected(scheme, "cuda", ["start (0) + length (512) exceeds dimension size (256)"], {"FP8_DEFAULT_CFG"})
+        judge_expected(*_own(scheme, "cuda"), "cuda", ["start (0) + length (512) exceeds dimension size (256)"],
+                       {"FP8_DEFAULT_CFG"})  # fmt: skip
     with pytest.raises(ValueError, match="when_format 'NVFP4' must be one of"):
         SchemeSpec(name="demo", description="d", mode="autoquant", formats=("FP8_DEFAULT_CFG", "INT4_AWQ"),
                    effective_bits=10, expect=Expectations(vllm={"cuda": expect.vllm["cuda"].model_copy(
@@ -358,3 +362,23 @@ def test_model_free_verdict_checks_the_kv_cache(tmp_path):
     ]
     manifest["totals"]["kv_cache_format"] = "BF16"
     assert len(verdict_problems({"layers": [], "kv_cache": "FP8"}, tmp_path, manifest)) == 1
+
+
+def _own(scheme, check: str) -> tuple:
+    return scheme.expect.vllm.get(check), f"expect.vllm.{check} of {scheme.name}"
+
+
+def test_a_format_carries_its_vllm_outcome_to_a_scheme_a_user_adds(catalog):
+    """vLLM's ModelOpt loader rejects W4A16_AWQ whatever the scheme: a user's INT4 AWQ scheme gets that expectation
+    from its format (only where its pick has INT4 layers); its own expect.vllm, where written, comes first."""
+    user = catalog.scheme("int4_awq").model_copy(update={"name": "my_awq", "alias": None, "expect": Expectations()})
+    expectation, where = catalog.vllm_expectation(user, "cuda")
+    assert where == "formats.INT4_AWQ.vllm.cuda (schemes.yaml)" and expectation.when_format == "INT4_AWQ"
+    with pytest.raises(pytest.xfail.Exception):
+        judge_expected(expectation, where, "cuda", ["load: ValueError: ModelOpt currently only supports ['FP8']"],
+                       {"INT4_AWQ"})  # fmt: skip
+    with pytest.raises(pytest.fail.Exception, match="not as expected"):
+        judge_expected(expectation, where, "cuda", ["vLLM computes something else: 40x"], {"INT4_AWQ"})
+    assert catalog.vllm_expectation(user, "cuda")[0] is not None
+    fp8 = catalog.scheme("top50").model_copy(update={"name": "my_fp8", "alias": None, "expect": Expectations()})
+    assert catalog.vllm_expectation(fp8, "cuda") == (None, "no expectation of cuda for my_fp8: it must pass")
