@@ -35,8 +35,13 @@ class Capture:
     hidden: dict[str, torch.Tensor]  # "block.N" / "final_norm" -> (tokens, hidden)
 
 
+IMAGE_INPUTS = ("pixel_values", "image_grid_thw")  # what an image prompt's batch adds to the model's inputs
+
+
 @torch.no_grad()
 def capture(model: torch.nn.Module, batches: list[dict], device: torch.device) -> Capture:
+    """Logits and hidden states at each batch's `measure_mask` positions (image prompts: the caption's) or, without
+    one, at every non-padding position."""
     decoder = language_model(model)
     stores: dict[str, list[torch.Tensor]] = {}
     masks: list[torch.Tensor] = []
@@ -53,9 +58,11 @@ def capture(model: torch.nn.Module, batches: list[dict], device: torch.device) -
     logits, next_tokens, sequences = [], [], []
     try:
         for batch in batches:
-            mask = batch["attention_mask"].bool()
+            mask = batch.get("measure_mask", batch["attention_mask"]).bool()
             masks.append(mask)
-            output = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+            images = {key: batch[key].to(device) for key in IMAGE_INPUTS if key in batch}
+            output = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                           **images)  # fmt: skip
             logits.append(output.logits[mask.to(output.logits.device)].float().cpu())
             shifted = torch.full_like(batch["labels"], IGNORE_INDEX)
             shifted[:, :-1] = batch["labels"][:, 1:]
@@ -146,3 +153,59 @@ def first_degraded_layer(drift: dict, threshold_db: float) -> str | None:
         if layer["sqnr_db"] is not None and layer["sqnr_db"] < threshold_db:
             return layer["layer"]
     return None
+
+
+@torch.no_grad()
+def activation_clipping(model: torch.nn.Module, batches: list[dict], device: torch.device,
+                        image_token_id: int) -> list[dict]:  # fmt: skip
+    """Per LM layer with a static per-tensor input amax (FP8, INT8, W4A8, NVFP4's global one): the largest |input|
+    at image positions and at text positions (after any AWQ / SmoothQuant factor), against the calibrated amax, and
+    the share of values beyond it at each (which the quantizer clips). Only batches of image prompts count."""
+    decoder = language_model(model)
+    stats: dict[str, dict] = {}
+    image_positions: list[torch.Tensor] = []
+
+    def hook(name: str, quantizer):
+        def record(_module, inputs):
+            x = inputs[0].detach().float()
+            factor = getattr(quantizer, "_pre_quant_scale", None)
+            x = (x * factor.float() if factor is not None else x).abs()
+            mask = image_positions[-1].to(x.device)
+            text = batch_text[-1].to(x.device)
+            amax = float(quantizer.amax)
+            entry = stats.setdefault(name, {"layer": name, "amax": amax, "image_max": 0.0, "text_max": 0.0,
+                                            "image_clipped": 0, "image_values": 0, "text_clipped": 0,
+                                            "text_values": 0})  # fmt: skip
+            for where, positions in (("image", mask), ("text", text)):
+                values = x[positions]
+                if values.numel():
+                    entry[f"{where}_max"] = max(entry[f"{where}_max"], float(values.max()))
+                    entry[f"{where}_clipped"] += int((values > amax).sum())
+                    entry[f"{where}_values"] += values.numel()
+
+        return record
+
+    batch_text: list[torch.Tensor] = []
+    handles = []
+    for name, module in decoder.named_modules():
+        quantizer = getattr(module, "input_quantizer", None)
+        amax = getattr(quantizer, "amax", None) if quantizer is not None and quantizer.is_enabled else None
+        if amax is not None and amax.numel() == 1 and isinstance(module, torch.nn.Linear):
+            handles.append(module.register_forward_pre_hook(hook(name, quantizer)))
+    try:
+        for batch in batches:
+            ids = batch["input_ids"]
+            image_positions.append(ids == image_token_id)
+            batch_text.append(batch["attention_mask"].bool() & (ids != image_token_id))
+            images = {key: batch[key].to(device) for key in IMAGE_INPUTS if key in batch}
+            model(input_ids=ids.to(device), attention_mask=batch["attention_mask"].to(device), **images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    rows = []
+    for entry in stats.values():
+        rows.append({"layer": entry["layer"], "amax": entry["amax"], "image_max": entry["image_max"],
+                     "text_max": entry["text_max"],
+                     "image_clipped_share": entry["image_clipped"] / max(entry["image_values"], 1),
+                     "text_clipped_share": entry["text_clipped"] / max(entry["text_values"], 1)})  # fmt: skip
+    return rows

@@ -337,6 +337,16 @@ def load_tokenizer(directory: Path):
     return AutoTokenizer.from_pretrained(directory, local_files_only=True)
 
 
+def load_image_processor(directory: Path):
+    """The Qwen2-VL image processor of a model directory (its preprocessor_config.json), the PIL implementation:
+    transformers' default one needs torchvision, which the CPU set-up lacks."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    settings = json.loads((Path(directory) / "preprocessor_config.json").read_text())
+    return Qwen2VLImageProcessorPil(**{k: v for k, v in settings.items() if k not in ("image_processor_type",
+                                                                                      "processor_class")})  # fmt: skip
+
+
 def load_model(spec: ModelSpec) -> LoadedModel:
     """Load the model in eval mode on the requested device (HF offline: no network is attempted)."""
     with STAGE_TIMES.measure("load the BF16 model"):

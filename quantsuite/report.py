@@ -24,7 +24,8 @@ import matplotlib.pyplot as plt
 
 from quantsuite.cache import write_atomic
 
-PLOTS = ("sensitivity.png", "coverage_heatmap.png", "pareto.png", "localization.png", "optimality_gap.png")
+PLOTS = ("sensitivity.png", "coverage_heatmap.png", "pareto.png", "localization.png", "optimality_gap.png",
+         "clipping.png")
 
 
 def _load_dir(path: Path, results_of: str | None = None) -> dict[str, dict]:
@@ -242,6 +243,7 @@ def build_report(reports_dir: Path, model: str, run_id: str | None = None, bench
         "pareto.png": _plot_pareto(research, manifests, drift, out / "pareto.png"),
         "localization.png": _plot_localization(drift, out / "localization.png"),
         "optimality_gap.png": _plot_gap(research, out / "optimality_gap.png"),
+        "clipping.png": _plot_clipping(drift, out / "clipping.png"),
     }
     summary["research"] = research
     summary["plots"] = plots  # data points drawn per plot; a plot without data is not written
@@ -272,6 +274,7 @@ def build_report(reports_dir: Path, model: str, run_id: str | None = None, bench
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *rows, "",
         *_vllm_sections(vllm, _load_dir(reports_dir / "vllm" / model / "controls", results_of).get("garbage_load")),
+        *_image_prompt_section(drift, plots["clipping.png"]),
         *section("Which layers are sensitive, and does the method change that?", "sensitivity.png", spearman),
         *section("Which blocks each scheme quantizes (any format)", "coverage_heatmap.png"),
         *section("Drift versus effective bits (targets re-solved from one scoring pass)", "pareto.png"),
@@ -287,6 +290,66 @@ def build_report(reports_dir: Path, model: str, run_id: str | None = None, bench
     write_atomic(out / "report.md", "\n".join(lines) + "\n")
     write_atomic(out / "summary.json", json.dumps(summary, indent=1, default=str))
     return out
+
+
+def _image_prompt_section(drift: dict[str, dict], plotted: int) -> list[str]:
+    """Per scheme: drift on image prompts beside text, and the worst clipping at image positions (and at text
+    positions of the same prompts); a scheme whose image KL or clipping exceeds its text ones is listed."""
+    sources = {d.get("image_prompts", {}).get("source") for d in drift.values()} - {None}
+    if not sources:
+        return []
+    rows, readings = [], []
+    for name, measurement in sorted(drift.items()):
+        images = measurement.get("image_prompts", {})
+        if "fake_quant" not in images:
+            continue
+        text_kl, image_kl = measurement["fake_quant"]["kl_mean"], images["fake_quant"]["kl_mean"]
+        clipping = images.get("clipping", [])
+        worst = max(clipping, key=lambda r: r["image_clipped_share"], default=None)
+        worst_text = max((r["text_clipped_share"] for r in clipping), default=0.0)
+        ratio = image_kl / text_kl if text_kl else None
+        rows.append(f"| {name} | {_fmt(text_kl)} | {_fmt(image_kl)} | {_fmt(ratio, '.2f')} | "
+                    f"{_fmt(images['fake_quant']['top1_agreement'], '.4f')} | {_fmt(images['export']['kl_mean'])} | "
+                    f"{_fmt(worst['image_clipped_share'] if worst else None, '.2%')} "
+                    f"({worst['layer'] if worst and worst['image_clipped_share'] else '-'}) | "
+                    f"{_fmt(worst_text, '.2%')} |")  # fmt: skip
+        if ratio is not None and ratio > 1.5 and worst and worst["image_clipped_share"] > worst_text:
+            readings.append(name)
+    text = ("Text-calibrated schemes whose image-prompt KL is over 1.5x their text KL and which clip more at image "
+            f"positions than at text ones: {', '.join(readings)}; candidates for image calibration." if readings else
+            "No scheme's image-prompt KL is over 1.5x its text KL with more clipping at image positions.")  # fmt: skip
+    return ["## Image prompts: what the image positions do to the quantized language model", "",
+            f"Source: {'; '.join(sorted(sources))}. Figures over the captions' positions after the image; clipping: "
+            "share of a layer's input values beyond its calibrated static amax, at image positions (worst layer) and "
+            "at the same prompts' text positions (worst layer).", "",
+            "| scheme | text KL | image-prompt KL | ratio | image-prompt top-1 | export KL (image prompts) | "
+            "clipped at image positions (layer) | clipped at text positions |", "|---|---|---|---|---|---|---|---|",
+            *rows, "", text, "", *(["![clipping.png](clipping.png)", ""] if plotted else [])]  # fmt: skip
+
+
+def _plot_clipping(drift: dict, path: Path) -> int:
+    """Per scheme with static input amax: each layer's largest |input| at image and at text positions, as a
+    multiple of its calibrated amax (above 1: clipped)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {name: d["image_prompts"]["clipping"] for name, d in sorted(drift.items())
+              if d.get("image_prompts", {}).get("clipping")}  # fmt: skip
+    if not series:
+        return 0
+    figure, axis = plt.subplots(figsize=(9, 4.5))
+    for index, (name, rows) in enumerate(series.items()):
+        color = plt.cm.tab20(index % 20)
+        axis.plot([r["image_max"] / r["amax"] for r in rows], "o-", color=color, ms=3, label=f"{name} image")
+        axis.plot([r["text_max"] / r["amax"] for r in rows], "x:", color=color, ms=3, label=f"{name} text")
+    axis.axhline(1.0, color="black", lw=0.8)
+    axis.set_xlabel("quantized LM layer with a static input amax (model order)")
+    axis.set_ylabel("largest |input| / calibrated amax")
+    axis.legend(fontsize=6, ncol=2)
+    _save(figure, path)
+    return sum(len(rows) for rows in series.values())
 
 
 def _lower_by(solver: dict) -> float | None:

@@ -414,8 +414,8 @@ def test_vllm_speed(benchmark, workbench, scheme, vllm_python, vllm_service, vll
     if scheme.mode == "none":
         pytest.skip("the BF16 reference is the baseline of every pair (its tokens/s are in each scheme's result)")
     check = workbench.vllm.backend(vllm_python)
-    expected = scheme.expect.vllm.get(check)
-    if expected is not None and expected.outcome == "fail":
+    expected = workbench.vllm.expected_failure(scheme, check)
+    if expected is not None:
         pytest.skip(f"expected to fail in vLLM ({check}): {expected.reason}")
     results = []
     rounds = int(os.environ.get("QUANTSUITE_VLLM_ROUNDS", 4 if workbench.context.device.type == "cuda" else 2))

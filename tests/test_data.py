@@ -1,8 +1,10 @@
-"""COCO captions loading, disjoint deterministic splits, and causal-LM batches with masked padding."""
+"""COCO captions loading (with and without images), disjoint deterministic splits, and causal-LM batches with
+masked padding, text and image prompts."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -11,11 +13,13 @@ from quantsuite.data import (
     IGNORE_INDEX,
     CaptionDataError,
     DataConfig,
+    image_caption_batches,
     load_captions,
+    load_image_splits,
     load_splits,
     tokenize_batches,
 )  # fmt: skip
-from quantsuite.models import TINY_DIR, load_tokenizer
+from quantsuite.models import TINY_DIR, load_image_processor, load_tokenizer
 
 
 def _coco_file(tmp_path, annotations):
@@ -83,3 +87,95 @@ def test_too_few_captions_names_the_options(tmp_path):
     path = _coco_file(tmp_path, [{"image_id": i, "id": i, "caption": f"caption {i}"} for i in range(10)])
     with pytest.raises(CaptionDataError, match="--eval-samples / --score-samples / --calib-samples"):
         load_splits(DataConfig(path=str(path)))
+
+
+def _coco_folder(tmp_path, images: int = 40, captions_per_image: int = 5):
+    """A COCO-layout folder (annotations/captions.json, train/ of JPEGs) of `images` small photos-like images."""
+    from PIL import Image
+
+    folder = tmp_path / "train"
+    folder.mkdir()
+    entries, annotations = [], []
+    for image_id in range(1, images + 1):
+        name = f"{image_id:012d}.jpg"
+        Image.new("RGB", (96 + image_id, 64), (image_id * 6 % 256, 80, 200)).save(folder / name)
+        entries.append({"id": image_id, "file_name": name, "width": 96 + image_id, "height": 64})
+        annotations += [{"image_id": image_id, "id": image_id * 10 + k, "caption": f"photo {image_id} view {k}"}
+                        for k in range(captions_per_image)]  # fmt: skip
+    path = tmp_path / "captions.json"
+    path.write_text(json.dumps({"images": entries, "annotations": annotations}))
+    return path, folder
+
+
+def test_images_resolve_in_coco_layout_and_splits_stay_disjoint_by_image(tmp_path):
+    path, folder = _coco_folder(tmp_path)
+    config = DataConfig(path=str(path), images_dir=str(folder), calibration_samples=20, scoring_samples=20,
+                        evaluation_samples=20)  # fmt: skip
+    splits = load_image_splits(config)
+    parts = (splits.evaluation, splits.scoring, splits.calibration, splits.training)
+    images = [{c.image for c in part} for part in parts]
+    assert all(c.image == str(folder / f"{c.image_id:012d}.jpg") for part in parts for c in part)
+    assert all(not (a & b) for i, a in enumerate(images) for b in images[i + 1 :])
+    # the text splits of the same file are the same captions, and adding the images leaves their fingerprint alone
+    text = load_splits(config)
+    assert [c.text for c in text.evaluation] == [c.text for c in splits.evaluation]
+    assert text.fingerprint == load_splits(DataConfig(path=str(path), calibration_samples=20, scoring_samples=20,
+                                                      evaluation_samples=20)).fingerprint  # fmt: skip
+    assert splits.fingerprint != text.fingerprint
+
+
+def test_a_captions_file_without_images_dir_is_text_only_and_the_default_has_scenes(tmp_path):
+    path, _ = _coco_folder(tmp_path)
+    assert load_image_splits(DataConfig(path=str(path))) is None
+    scenes = load_image_splits(DataConfig())
+    assert scenes is not None and all(c.image and c.image.endswith(".png") for c in scenes.evaluation)
+
+
+@pytest.mark.parametrize("fault", ["missing file", "not an image", "no images entry", "no images list", "not a folder",
+                                   "images dir alone"])  # fmt: skip
+def test_a_missing_or_unreadable_image_is_one_error_naming_the_file(tmp_path, fault):
+    path, folder = _coco_folder(tmp_path)
+    document = json.loads(path.read_text())
+    first = sorted(load_image_splits(DataConfig(path=str(path), images_dir=str(folder), calibration_samples=20,
+                                                scoring_samples=20, evaluation_samples=20)).evaluation,
+                   key=lambda c: c.image_id)[0]  # fmt: skip
+    config = {"path": str(path), "images_dir": str(folder), "calibration_samples": 20, "scoring_samples": 20,
+              "evaluation_samples": 20}  # fmt: skip
+    expected = {"missing file": first.image, "not an image": first.image,
+                "no images entry": f"image_id [{first.image_id}] of its annotations have no images[] entry",
+                "no images list": 'no "images" list', "not a folder": "is not a folder",
+                "images dir alone": "--images-dir needs --calib-data"}[fault]  # fmt: skip
+    if fault == "missing file":
+        Path(first.image).unlink()
+    elif fault == "not an image":
+        Path(first.image).write_bytes(b"not a jpeg")
+    elif fault == "no images entry":
+        document["images"] = [e for e in document["images"] if e["id"] != first.image_id]
+        path.write_text(json.dumps(document))
+    elif fault == "no images list":
+        path.write_text(json.dumps({"annotations": document["annotations"]}))
+    elif fault == "not a folder":
+        config["images_dir"] = str(path)
+    else:
+        config["path"] = None
+    with pytest.raises(CaptionDataError) as error:
+        load_splits(DataConfig(**config))
+        load_image_splits(DataConfig(**config))
+    assert expected in str(error.value), str(error.value)
+
+
+def test_image_prompt_batches_label_the_caption_only():
+    """<|vision_start|> + image tokens (grid / 2x2 merge) + <|vision_end|> + caption + EOS; labels and measured
+    positions on the caption only (measured: the position before each caption token)."""
+    tokenizer, processor = load_tokenizer(TINY_DIR), load_image_processor(TINY_DIR)
+    captions = load_image_splits(DataConfig()).evaluation[:3]
+    (batch,) = image_caption_batches(captions, tokenizer, processor, batch_size=8, sequence_length=64, image_size=112)
+    assert batch["image_grid_thw"].tolist() == [[1, 8, 8]] * 3 and batch["pixel_values"].shape[0] == 3 * 64
+    pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    for row, caption in enumerate(captions):
+        ids, labels, measured = batch["input_ids"][row], batch["labels"][row], batch["measure_mask"][row]
+        assert int((ids == pad).sum()) == 16
+        text = tokenizer(caption.text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        assert labels[labels != IGNORE_INDEX].tolist() == text
+        assert int(measured.sum()) == len(text) and bool(measured[17]) and not bool(measured[16])
+

@@ -56,9 +56,45 @@ def test_fake_quant_and_export_agree(workbench, scheme, scheme_result, measureme
 
 @pytest.mark.scheme_modes("none")
 def test_bf16_reference_has_zero_drift(scheme, measurement):
+    for part in (measurement, measurement["image_prompts"]):
+        for form in ("fake_quant", "export", "fake_vs_export"):
+            assert part[form]["kl_mean"] == 0.0 and part[form]["max_abs_logit_difference"] == 0.0, form
+            assert all(layer["relative_error"] == 0.0 for layer in part[form]["layers"]), form
+    assert measurement["image_prompts"]["clipping"] == []  # nothing quantized, nothing clipped
+
+
+def test_image_prompts_are_measured_apart_from_text(workbench, scheme, measurement):
+    """The bundled scenes' image prompts (or --images-dir's): the same figures over the captions' positions after
+    the image, reported beside the text ones, and per layer with a static input amax its clipping at image and text
+    positions. Report only: no bound yet (the tiny model's vision tower is untrained)."""
+    images = measurement["image_prompts"]
+    assert images["source"] == workbench.context.image_source
+    text_tokens, image_tokens = measurement["fake_quant"]["tokens"], images["fake_quant"]["tokens"]
+    assert image_tokens > 0 and image_tokens != text_tokens
     for form in ("fake_quant", "export", "fake_vs_export"):
-        assert measurement[form]["kl_mean"] == 0.0 and measurement[form]["max_abs_logit_difference"] == 0.0, form
-        assert all(layer["relative_error"] == 0.0 for layer in measurement[form]["layers"]), form
+        assert images[form]["kl_mean"] >= 0 and 0 <= images[form]["top1_agreement"] <= 1
+    for row in images["clipping"]:
+        assert row["amax"] > 0 and 0 <= row["image_clipped_share"] <= 1 and 0 <= row["text_clipped_share"] <= 1
+        assert (row["image_clipped_share"] > 0) == (row["image_max"] > row["amax"]), row
+
+
+def test_clipping_at_image_positions_follows_the_calibrated_amax(workbench, catalog):
+    """One layer's input amax halved in a copy of top50's fake-quant model: that layer clips more at image
+    positions (the clipping figure reads the amax the quantizer uses)."""
+    import copy
+
+    from quantsuite.drift import activation_clipping
+
+    model = copy.deepcopy(workbench.schemes.model(catalog.scheme("top50")))
+    batches = workbench.context.image_batches("evaluation")
+    image_token = workbench.context.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    clean = {r["layer"]: r for r in activation_clipping(model, batches, workbench.context.device, image_token)}
+    layer = next(name for name in clean if name.endswith("q_proj"))
+    quantizer = model.get_submodule("model.language_model." + layer).input_quantizer
+    quantizer.amax = quantizer.amax / 2
+    halved = {r["layer"]: r for r in activation_clipping(model, batches, workbench.context.device, image_token)}
+    assert halved[layer]["image_clipped_share"] > max(clean[layer]["image_clipped_share"], 0.001), halved[layer]
+    assert halved[layer]["amax"] == pytest.approx(clean[layer]["amax"] / 2)
 
 
 def test_error_localized_to_quantized_blocks(scheme, scheme_result, measurement):

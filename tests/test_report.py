@@ -41,6 +41,18 @@ def test_report_and_summary_exist(report_dir, workbench, catalog, request):
         assert all(f" {fmt} " in row for fmt in scheme.formats), row  # the formats column, per format
         assert summary["schemes"][scheme.name]["totals"]["lm_storage_bits"] > 4
     assert "Spearman" in text and "exact objective" in text
+    images = text.split("## Image prompts", 1)[1].split("\n## ", 1)[0]
+    assert f"Source: {workbench.context.image_source}" in images
+    for name, drift in summary_drift(workbench, catalog, request).items():
+        if "fake_quant" in drift.get("image_prompts", {}):
+            assert f"| {name} | " in images, name
+
+
+def summary_drift(workbench, catalog, request) -> dict:
+    """The drift JSON of the selected schemes that have one on this device."""
+    path = workbench.context.reports_dir / "drift" / workbench.context.model_tag
+    names = [s.name for s in catalog.select(request.config.getoption("--scheme"))]
+    return {n: json.loads((path / f"{n}.json").read_text()) for n in names if (path / f"{n}.json").is_file()}
 
 
 @pytest.mark.parametrize("plot", PLOTS)

@@ -67,8 +67,7 @@ def test_vllm(workbench, scheme, vllm_check, vllm_service, export_dropped_after)
         result = workbench.vllm.verdict(scheme, vllm_check, vllm_service)
     except VllmUnsupportedHere as error:
         pytest.skip(f"this machine cannot run it in vLLM: {error}")
-    coverage = workbench.schemes.result(scheme).manifest["totals"].get("coverage_by_format", {})
-    picked = {name for name, share in coverage.items() if share > 0}
+    picked = workbench.vllm.picked_formats(scheme)
     expectation, where = workbench.context.catalog.vllm_expectation(scheme, vllm_check)
     judge_expected(expectation, where, vllm_check, result["failures"], picked,
                    result.get("decision", {}).get("error_ratio"))  # fmt: skip
@@ -154,9 +153,10 @@ def test_separate_engine_core_ends_with_its_engine(workbench, vllm_service):
     # with the CPU's options the engine core did not start on one H200 (run gpu-18)
     workbench.context.release()
     options = engine_options(workbench.context.device, "check") | {"separate_engine_core": True}  # BF16: no patch
+    before = set(descendants(vllm_service.process.pid))  # the server's own (earlier tests' compile workers)
     with vllm_service.engine(export_dir, options, name="separate-core") as engine:
         assert not engine.error, engine.error
-        running = descendants(vllm_service.process.pid)
+        running = [pid for pid in descendants(vllm_service.process.pid) if pid not in before]
         assert len(running) >= 2, running  # the engine process and its engine core (plus vLLM's workers)
         # MIN_SEQUENCE_TOKENS: shorter prompts crash vLLM's CPU attention (SIGILL); 4 tokens did on an AMX box
         timed = engine.call("timed", prompts=[list(range(1, MIN_SEQUENCE_TOKENS + 4))], max_tokens=4)

@@ -22,7 +22,7 @@ import pytest
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # Options that take a value; a value that is an existing path confuses pytest's rootdir choice (docstring).
 VALUE_OPTIONS = ("--scheme", "--model", "--device", "--dtype", "--calib-data", "--batch-size", "--seq-len",
-                 "--calib-samples", "--score-samples", "--eval-samples", "--data-seed", "--model-seed",
+                 "--calib-samples", "--images-dir", "--score-samples", "--eval-samples", "--data-seed", "--model-seed",
                  "--cache-dir", "--vllm-python", "--run-id", "--reports-dir")  # fmt: skip
 RESTARTED = "QUANTSUITE_PYTEST_ARGS_JOINED"
 
@@ -40,6 +40,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     add("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
     add("--dtype", default="bfloat16", help="bfloat16, the one dtype export and reload support end to end")
     add("--calib-data", default=None, help="COCO captions annotation JSON (default: the bundled captions)")
+    add("--images-dir", default=None,
+        help="Folder of --calib-data's images (COCO layout: images[].file_name under it; e.g. train2017/). Without it "
+             "a captions file is text only; without both, image prompts use the bundled generated scenes")  # fmt: skip
+    add("--image-size", type=int, default=112, help="Image prompts: pixels per side each image is resized to "
+        "(a multiple of 28; 112 gives 16 image tokens)")  # fmt: skip
     add("--batch-size", type=int, default=8, help="Batch size for calibration/scoring/evaluation")
     add("--seq-len", type=int, default=64, help="Maximum tokens per caption sample")
     add("--calib-samples", type=int, default=64, help="Captions for calibration")

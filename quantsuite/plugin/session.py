@@ -36,8 +36,9 @@ def settings(config: pytest.Config) -> RunSettings:
 
 def pytest_configure(config: pytest.Config) -> None:
     """Refuse bad input once, before any work, as a usage error naming the fix: --scheme, --model, --device,
-    --dtype, --calib-data, --vllm-python (or $QUANTSUITE_VLLM_PYTHON), schemes.yaml."""
-    from quantsuite.data import CaptionDataError, load_splits
+    --dtype, --calib-data, --images-dir (every image the splits use is opened), --vllm-python (or
+    $QUANTSUITE_VLLM_PYTHON), schemes.yaml."""
+    from quantsuite.data import CaptionDataError, load_image_splits, load_splits
     from quantsuite.models import ModelSourceError
     from quantsuite.schemes import SchemeError
     from quantsuite.vllm.service import VllmSetupError, resolve_vllm_python
@@ -49,11 +50,13 @@ def pytest_configure(config: pytest.Config) -> None:
     try:  # the catalog last: validating its preset names imports ModelOpt (6 s), which the other checks do not need
         requested.validate()
         data_config = DataConfig(
-            path=option("--calib-data"), seed=option("--data-seed"), batch_size=option("--batch-size"),
+            path=option("--calib-data"), images_dir=option("--images-dir"), image_size=option("--image-size"),
+            seed=option("--data-seed"), batch_size=option("--batch-size"),
             sequence_length=option("--seq-len"), calibration_samples=option("--calib-samples"),
             scoring_samples=option("--score-samples"), evaluation_samples=option("--eval-samples"),
         )  # fmt: skip
         splits = load_splits(data_config)  # the file, its captions and the sample counts against them
+        load_image_splits(data_config)  # and every image the splits use
         vllm_python = resolve_vllm_python(option("--vllm-python"))
         catalog = load_catalog()
         for scheme in catalog.select(option("--scheme")):

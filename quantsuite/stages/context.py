@@ -19,8 +19,16 @@ from filelock import FileLock
 from quantsuite import data, models
 from quantsuite.bounds import KERNEL_ENV_VARS, BoundsRecord, Limit, load_record, verdict_limits
 from quantsuite.cache import ArtifactCache, code_hash, package_versions, write_atomic
-from quantsuite.data import DataConfig, load_splits, require_samples, tokenize_batches
-from quantsuite.models import LoadedModel, ModelSpec, load_model, load_tokenizer
+from quantsuite.data import (
+    CaptionSplits,
+    DataConfig,
+    image_caption_batches,
+    load_image_splits,
+    load_splits,
+    require_samples,
+    tokenize_batches,
+)
+from quantsuite.models import LoadedModel, ModelSpec, load_image_processor, load_model, load_tokenizer
 from quantsuite.schemes import Catalog, SchemeSpec
 
 REPORTS_DIR = Path(__file__).resolve().parents[2] / "reports"
@@ -45,6 +53,7 @@ class RunContext:
         self.source_dir = model_spec.source_dir()
         self.tokenizer = load_tokenizer(self.source_dir)
         self.splits = load_splits(data_config)
+        self.image_splits: CaptionSplits | None = load_image_splits(data_config)  # None: text only
         self.model_fingerprint = model_spec.fingerprint()
         self.versions = package_versions()
         self._holders: list[Callable[[], None]] = []  # stages' "drop what you keep on the device" hooks
@@ -112,6 +121,23 @@ class RunContext:
             require_samples(split, samples, len(captions))
             captions = captions[:samples]
         return tokenize_batches(captions, self.tokenizer, self.data_config.batch_size, self.data_config.sequence_length)
+
+    @property
+    def image_source(self) -> str:
+        """Where the image prompts come from, in words (the report says it)."""
+        source = self.data_config.image_source
+        if source is None:
+            return f"none: {self.data_config.source.name} without --images-dir is text only"
+        return f"{source[0].name} with the images of {source[1]}"
+
+    def image_batches(self, split: str) -> list[dict]:
+        """Image prompts of `split` (quantsuite.data.image_caption_batches); [] where the data is text only."""
+        if self.image_splits is None:
+            return []
+        config = self.data_config
+        return image_caption_batches(getattr(self.image_splits, split), self.tokenizer,
+                                     load_image_processor(self.source_dir), config.batch_size, config.sequence_length,
+                                     config.image_size)  # fmt: skip
 
     def load(self) -> LoadedModel:
         return load_model(self.model_spec)

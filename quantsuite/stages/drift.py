@@ -1,5 +1,7 @@
 """Drift stage: what quantization did, in plain PyTorch, on the evaluation split: (a) the fake-quantized model
-and (b) the reloaded export against BF16, and (a) against (b).
+and (b) the reloaded export against BF16, and (a) against (b); the same over image prompts where the data has
+images (`image_prompts`, measured at the captions' positions), with the fake-quant model's clipping of the
+activations it reads at image positions.
 
     >>> drift = Drift(context, schemes, exports)
     >>> drift.measure(context.catalog.scheme("top50"))["fake_quant"]["kl_mean"]  # doctest: +SKIP
@@ -13,7 +15,7 @@ from pathlib import Path
 
 from quantsuite import drift
 from quantsuite.cache import code_hash
-from quantsuite.drift import Capture, capture, compare
+from quantsuite.drift import Capture, activation_clipping, capture, compare
 from quantsuite.export import export_fidelity, load_export, spread_device_map
 from quantsuite.schemes import SchemeSpec
 from quantsuite.stages.context import RunContext, free_memory
@@ -30,16 +32,27 @@ class Drift:
         self.schemes = schemes
         self.exports = exports
         self._reference: Capture | None = None
+        self._image_reference: Capture | None = None
         self._measurements: dict[str, dict] = {}
 
     def reference(self) -> Capture:
         """BF16 logits and block outputs on the evaluation split."""
         if self._reference is None:
-            model = self.context.load().model
-            self._reference = capture(model, self.context.batches("evaluation"), self.context.device)
-            del model
-            free_memory()
+            self._reference = self._bf16_capture(self.context.batches("evaluation"))
         return self._reference
+
+    def image_reference(self) -> Capture:
+        """BF16 logits and block outputs on the image prompts of the evaluation split."""
+        if self._image_reference is None:
+            self._image_reference = self._bf16_capture(self.context.image_batches("evaluation"))
+        return self._image_reference
+
+    def _bf16_capture(self, batches: list[dict]) -> Capture:
+        model = self.context.load().model
+        result = capture(model, batches, self.context.device)
+        del model
+        free_memory()
+        return result
 
     def require_runnable(self, scheme: SchemeSpec) -> None:
         """Raise CudaRequired, naming what and the fix, when the fake-quant model cannot run on this device."""
@@ -50,26 +63,41 @@ class Drift:
         against (b), with the export's fidelity to (a); nothing cached (the planted-fault tests feed it faults)."""
         context = self.context
         batches, device = context.batches("evaluation"), context.device
+        images = context.image_batches("evaluation")
         fake = capture(quantized, batches, device)  # (a): measured before anything touches the export
+        fake_images = capture(quantized, images, device) if images else None
+        clipping = activation_clipping(quantized, images, device, context.tokenizer.convert_tokens_to_ids(
+            "<|image_pad|>")) if images else []  # fmt: skip
         fidelity = export_fidelity(quantized, export_dir)
         # a model spread over several GPUs (device_map="auto") is reloaded spread the same way
         reloaded = load_export(export_dir, device, device_map=spread_device_map(quantized))
         exported = capture(reloaded, batches, device)  # (b)
+        exported_images = capture(reloaded, images, device) if images else None
         del reloaded
         free_memory()
+        image_prompts: dict = {"source": context.image_source}
+        if fake_images is not None:
+            reference = self.image_reference()
+            image_prompts |= {"fake_quant": compare(reference, fake_images, device),
+                              "export": compare(reference, exported_images, device),
+                              "fake_vs_export": compare(fake_images, exported_images, device),
+                              "clipping": clipping}  # fmt: skip
         return {
             "scheme": scheme.name, "model": context.model_tag, "export_dir": str(export_dir),
             "fake_quant": compare(self.reference(), fake, device),
             "export": compare(self.reference(), exported, device),
             "fake_vs_export": compare(fake, exported, device), "export_fidelity": fidelity,
+            "image_prompts": image_prompts,
         }  # fmt: skip
 
     def measure(self, scheme: SchemeSpec) -> dict:
         if scheme.name in self._measurements:
             return self._measurements[scheme.name]
         context = self.context
+        images = context.image_splits.fingerprint if context.image_splits else None
         key = context.cache.key({"export": self.exports.export_key(scheme), "evaluation": context.splits.fingerprint,
-                                 "stage": "drift", "code": code_hash(drift, sys.modules[__name__])})  # fmt: skip
+                                 "images": images, "stage": "drift",
+                                 "code": code_hash(drift, sys.modules[__name__])})  # fmt: skip
 
         def build(directory: Path) -> None:
             self.require_runnable(scheme)

@@ -22,7 +22,7 @@ from quantsuite import formats
 from quantsuite.bounds import VLLM_RATIO
 from quantsuite.cache import code_hash
 from quantsuite.export import load_export
-from quantsuite.schemes import SchemeSpec
+from quantsuite.schemes import SchemeSpec, VllmOutcome
 from quantsuite.stages.context import RunContext, free_memory
 from quantsuite.stages.export import Exports
 from quantsuite.stages.scheme import Schemes
@@ -189,6 +189,21 @@ class VllmChecks:
                                        "noise floor to judge against; see its own test")  # fmt: skip
         return vllm_verdict.decide(metrics, floor, *self.bound(scheme)), floor
 
+    def picked_formats(self, scheme: SchemeSpec) -> set[str]:
+        """The catalog formats the scheme's pick has layers of (coverage above zero)."""
+        coverage = self.schemes.result(scheme).manifest["totals"].get("coverage_by_format", {})
+        return {name for name, share in coverage.items() if share > 0}
+
+    def expected_failure(self, scheme: SchemeSpec, check: str) -> VllmOutcome | None:
+        """The recorded failure `check` gives for the scheme's pick (`Catalog.vllm_expectation`: its own, else its
+        formats'; one `when_format` F only where the pick has F layers), or None: it must load and pass."""
+        expectation, _ = self.context.catalog.vllm_expectation(scheme, check)
+        if expectation is None or expectation.outcome != "fail":
+            return None
+        if expectation.when_format and expectation.when_format not in self.picked_formats(scheme):
+            return None
+        return expectation
+
     @staticmethod
     def backend(vllm_python: Path) -> str:
         """The check a real load runs with this vLLM: `cpu_patched` on the CPU build, `cuda` otherwise."""
@@ -202,8 +217,7 @@ class VllmChecks:
         environment = vllm_service.pinned_environment(self.context.device)
         with vllm_service.VllmService(vllm_python, log_dir, environment) as service:
             for scheme in schemes:
-                expected = scheme.expect.vllm.get(check)
-                if scheme.name == self.context.reference_scheme().name or (expected and expected.outcome == "fail"):
+                if scheme.name == self.context.reference_scheme().name or self.expected_failure(scheme, check):
                     continue  # the floor itself; a recorded failure is judged against its own range
                 try:
                     result = self.check(scheme, check, service)

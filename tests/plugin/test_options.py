@@ -135,11 +135,33 @@ def _truncated_model(directory: Path) -> Path:
     return directory
 
 
+def _coco_folder_missing_an_image(directory: Path) -> list[str]:
+    """A COCO-layout folder of 60 images with 5 captions each, one image file deleted (only the images of the
+    evaluation, scoring and calibration splits are opened at start-up)."""
+    from PIL import Image
+
+    (directory / "train").mkdir()
+    images, annotations = [], []
+    for image_id in range(60):
+        name = f"{image_id:012d}.jpg"
+        Image.new("RGB", (64, 64), (image_id * 4, 90, 160)).save(directory / "train" / name)
+        images.append({"id": image_id, "file_name": name})
+        annotations += [{"image_id": image_id, "id": image_id * 5 + k, "caption": f"a photo {k}"} for k in range(5)]
+    (directory / "c.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    from quantsuite.data import DataConfig, load_captions, split_captions
+
+    used = split_captions(load_captions(directory / "c.json", directory / "train"), DataConfig()).evaluation[0]
+    Path(used.image).unlink()
+    return [f"--calib-data={directory / 'c.json'}", f"--images-dir={directory / 'train'}"]
+
+
 FILE_INPUT = {
     "five captions": (lambda d: ["--calib-data", str(_write_captions(d / "c.json", ["a dog on grass"] * 5))],
                       r"c.json: 5 captions, but evaluation \+ scoring \+ calibration samples ask for 192"),
     "empty captions": (lambda d: ["--calib-data", str(_write_captions(d / "c.json", [" "] * 300))],
                        r"c.json: 300 of 300 captions are empty \(annotations\[0, 1, 2, 3, 4\]...\); give them text"),
+    "missing image": (_coco_folder_missing_an_image,
+                      r"c.json: 1 image\(s\) under --images-dir cannot be read, e.g.\n  .*/train/\d{12}.jpg: "),
     "truncated weights": (lambda d: ["--model", str(_truncated_model(d / "Qwen2.5-VL-cut"))],
                           r"Qwen2.5-VL-cut/model.safetensors: \d+ bytes on disk, header says \d+: truncated; "
                           r"copy the model's weights again"),
