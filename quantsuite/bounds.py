@@ -249,7 +249,8 @@ def verdict_limits(catalog: Catalog, scheme: SchemeSpec, model_tag: str, device_
     1. the generated record of `model_tag` on this device class (reports/bounds/), for a scheme it measured;
     2. for a scheme it did not measure, the loosest record of the schemes of its format families (and KV cache),
        drift figures only;
-    3. the scheme's hand-set expect.drift.<model> in schemes.yaml (3B/7B shapes, runs on a GPU);
+    3. the scheme's hand-set expect.drift.<model> in schemes.yaml (3B/7B shapes, runs on a GPU), with the bundled
+       captions (a captions file of the user's goes to 5: every bound of 1-4 was measured on the bundled ones);
     4. for a scheme without one, the loosest expect.drift.<model> of the catalog schemes of its families (and KV);
     5. drift_default of schemes.yaml: the loosest of the scheme's format families (fp8, int8, awq, nvfp4).
     Only a record holds vLLM limits: without one, `VllmChecks.bound` falls back to one bound for every scheme."""
@@ -269,6 +270,11 @@ def verdict_limits(catalog: Catalog, scheme: SchemeSpec, model_tag: str, device_
             drift_only = {figure: limit for figure, limit in borrowed[0].items() if figure != VLLM_RATIO}
             return drift_only, (f"{borrowed[1]} in {where}: {scheme.name} has no record of its own (record it: "
                                 f"{record.command})")  # fmt: skip
+    chosen = sorted(families) or sorted(catalog.drift_default)
+    if data_config.path is not None:  # every record and hand-set bound was measured on the bundled captions
+        limits = loosest([hand_set_limits(catalog.drift_default[family]) for family in chosen])
+        return limits, (f"drift_default ({', '.join(chosen)}): the recorded and hand-set bounds were measured on the "
+                        f"bundled captions, not on {data_config.source.name}")  # fmt: skip
     if model_tag in scheme.expect.drift:
         return hand_set_limits(scheme.expect.drift[model_tag]), f"expect.drift.{model_tag} of {scheme.name}"
     hand_set = {s.name: hand_set_limits(s.expect.drift[model_tag]) for s in catalog.schemes
@@ -277,7 +283,6 @@ def verdict_limits(catalog: Catalog, scheme: SchemeSpec, model_tag: str, device_
     if borrowed:
         return borrowed[0], (f"{borrowed[1]} in schemes.yaml's expect.drift.{model_tag}: {scheme.name} has none of "
                              "its own")  # fmt: skip
-    chosen = sorted(families) or sorted(catalog.drift_default)
     limits = loosest([hand_set_limits(catalog.drift_default[family]) for family in chosen])
     return limits, f"drift_default ({', '.join(chosen)}): {scheme.name} has no bounds of its own for {model_tag}"
 

@@ -122,6 +122,17 @@ def test_limits_come_from_the_record_then_the_catalog_then_the_family_default(ca
     assert limits["export_fidelity.differing_code_share"].bound == catalog.drift_default["fp8"].export_code_mismatch_max
 
 
+def test_a_captions_file_of_the_users_takes_the_family_defaults(catalog, tmp_path):
+    """Every record and hand-set bound was measured on the bundled captions; on a user's captions (other words, other
+    lengths: the tiny model's drift on real-photo captions was 2-3x its bundled-caption figure) only drift_default's
+    break-detecting bounds hold."""
+    top50 = catalog.scheme("top50")
+    limits, source = verdict_limits(catalog, top50, "tiny", "cpu", DataConfig(path=str(tmp_path / "c.json")),
+                                    load_record("tiny"))  # fmt: skip
+    assert source.startswith("drift_default (fp8): the recorded and hand-set bounds were measured on the"), source
+    assert limits["fake_quant.kl_mean"].bound == catalog.drift_default["fp8"].kl_mean_max
+
+
 def test_a_scheme_the_record_lacks_takes_the_loosest_bound_of_its_format_families(catalog):
     record = load_record("tiny")
     awq = catalog.scheme("int4_awq")

@@ -69,8 +69,7 @@ def test_image_prompts_are_measured_apart_from_text(workbench, scheme, measureme
     positions. Report only: no bound yet (the tiny model's vision tower is untrained)."""
     images = measurement["image_prompts"]
     assert images["source"] == workbench.context.image_source
-    text_tokens, image_tokens = measurement["fake_quant"]["tokens"], images["fake_quant"]["tokens"]
-    assert image_tokens > 0 and image_tokens != text_tokens
+    assert images["fake_quant"]["tokens"] > 0
     for form in ("fake_quant", "export", "fake_vs_export"):
         assert images[form]["kl_mean"] >= 0 and 0 <= images[form]["top1_agreement"] <= 1
     for row in images["clipping"]:
