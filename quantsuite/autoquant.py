@@ -54,6 +54,7 @@ class ScoringPlan:
     disabled_layers: tuple[str, ...]
     cost_excluded: tuple[str, ...]
     score_samples: int
+    calibration: str = "text"  # text | image_text: what the scoring batches are (SchemeSpec.calibration)
 
     @classmethod
     def for_scheme(cls, scheme: SchemeSpec, catalog: Catalog, default_score_samples: int) -> ScoringPlan:
@@ -72,11 +73,14 @@ class ScoringPlan:
             disabled_layers=disabled,
             cost_excluded=excluded,
             score_samples=scheme.score_samples or default_score_samples,
+            calibration=scheme.calibration,
         )
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
-    return {key: value.to(device) for key, value in batch.items()}
+    """The model's inputs of `batch` on `device` (an image prompt's `measure_mask` is the drift stage's, not the
+    model's)."""
+    return {key: value.to(device) for key, value in batch.items() if key != "measure_mask"}
 
 
 def run_scoring(

@@ -274,7 +274,7 @@ def build_report(reports_dir: Path, model: str, run_id: str | None = None, bench
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *rows, "",
         *_vllm_sections(vllm, _load_dir(reports_dir / "vllm" / model / "controls", results_of).get("garbage_load")),
-        *_image_prompt_section(drift, plots["clipping.png"]),
+        *_image_prompt_section(drift, plots["clipping.png"], manifests),
         *section("Which layers are sensitive, and does the method change that?", "sensitivity.png", spearman),
         *section("Which blocks each scheme quantizes (any format)", "coverage_heatmap.png"),
         *section("Drift versus effective bits (targets re-solved from one scoring pass)", "pareto.png"),
@@ -292,7 +292,19 @@ def build_report(reports_dir: Path, model: str, run_id: str | None = None, bench
     return out
 
 
-def _image_prompt_section(drift: dict[str, dict], plotted: int) -> list[str]:
+def _calibration_pairs(manifests: dict[str, dict]) -> list[tuple[str, str]]:
+    """(text-calibrated, image-calibrated) scheme pairs that differ only in `calibration`."""
+    def rest(spec: dict) -> str:
+        return json.dumps({k: v for k, v in spec.items() if k not in ("name", "alias", "description", "calibration",
+                                                                      "expect")}, sort_keys=True)  # fmt: skip
+
+    calibrated = {name: m["scheme"].get("calibration", "text") for name, m in manifests.items()}
+    text = {rest(m["scheme"]): name for name, m in manifests.items() if calibrated[name] == "text"}
+    return [(text[rest(m["scheme"])], name) for name, m in sorted(manifests.items())
+            if calibrated[name] != "text" and rest(m["scheme"]) in text]  # fmt: skip
+
+
+def _image_prompt_section(drift: dict[str, dict], plotted: int, manifests: dict[str, dict] | None = None) -> list[str]:
     """Per scheme: drift on image prompts beside text, and the worst clipping at image positions (and at text
     positions of the same prompts); a scheme whose image KL or clipping exceeds its text ones is listed."""
     sources = {d.get("image_prompts", {}).get("source") for d in drift.values()} - {None}
@@ -313,18 +325,28 @@ def _image_prompt_section(drift: dict[str, dict], plotted: int) -> list[str]:
                     f"{_fmt(worst['image_clipped_share'] if worst else None, '.2%')} "
                     f"({worst['layer'] if worst and worst['image_clipped_share'] else '-'}) | "
                     f"{_fmt(worst_text, '.2%')} |")  # fmt: skip
-        if ratio is not None and ratio > 1.5 and worst and worst["image_clipped_share"] > worst_text:
+        text_calibrated = (manifests or {}).get(name, {}).get("scheme", {}).get("calibration", "text") == "text"
+        clips_more = worst is not None and worst["image_clipped_share"] > worst_text
+        if text_calibrated and ratio is not None and ratio > 1.5 and clips_more:
             readings.append(name)
     text = ("Text-calibrated schemes whose image-prompt KL is over 1.5x their text KL and which clip more at image "
             f"positions than at text ones: {', '.join(readings)}; candidates for image calibration." if readings else
             "No scheme's image-prompt KL is over 1.5x its text KL with more clipping at image positions.")  # fmt: skip
+    pairs = [(a, b) for a, b in _calibration_pairs(manifests or {}) if "fake_quant" in
+             drift.get(a, {}).get("image_prompts", {}) and "fake_quant" in drift.get(b, {}).get("image_prompts", {})]
+    pair_rows = [f"| {a} / {b} | {_fmt(drift[a]['fake_quant']['kl_mean'])} / {_fmt(drift[b]['fake_quant']['kl_mean'])} "
+                 f"| {_fmt(drift[a]['image_prompts']['fake_quant']['kl_mean'])} / "
+                 f"{_fmt(drift[b]['image_prompts']['fake_quant']['kl_mean'])} |" for a, b in pairs]  # fmt: skip
+    calibration = (["Text-calibrated against image-calibrated (schemes equal but for `calibration`):", "",
+                    "| text / image_text | text KL | image-prompt KL |", "|---|---|---|", *pair_rows, ""]
+                   if pairs else [])  # fmt: skip
     return ["## Image prompts: what the image positions do to the quantized language model", "",
             f"Source: {'; '.join(sorted(sources))}. Figures over the captions' positions after the image; clipping: "
             "share of a layer's input values beyond its calibrated static amax, at image positions (worst layer) and "
             "at the same prompts' text positions (worst layer).", "",
             "| scheme | text KL | image-prompt KL | ratio | image-prompt top-1 | export KL (image prompts) | "
             "clipped at image positions (layer) | clipped at text positions |", "|---|---|---|---|---|---|---|---|",
-            *rows, "", text, "", *(["![clipping.png](clipping.png)", ""] if plotted else [])]  # fmt: skip
+            *rows, "", text, "", *calibration, *(["![clipping.png](clipping.png)", ""] if plotted else [])]  # fmt: skip
 
 
 def _plot_clipping(drift: dict, path: Path) -> int:

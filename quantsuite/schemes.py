@@ -250,6 +250,11 @@ class SchemeSpec(Strict):
         description="KV-cache preset (e.g. FP8_KV_CFG) switched on after the layer decisions and calibrated in a pass "
         "of its own, as ModelOpt's hf_ptq does after AutoQuant: the layers' formats and calibration stay as without it",
     )
+    calibration: Literal["text", "image_text"] = Field(
+        default="text",
+        description="What calibration and AutoQuant scoring feed the model: text = the captions alone; image_text = "
+        "image prompts (each image with its caption: --images-dir's, or the bundled scenes with the default data)",
+    )
     calibration_samples: int | None = Field(default=None, ge=1, description="Overrides --calib-samples")
     score_samples: int | None = Field(default=None, ge=1, description="Overrides --score-samples")
     expect: Expectations = Field(default_factory=Expectations, description="Expectations of later tests")
@@ -303,7 +308,8 @@ class SchemeSpec(Strict):
 
     def spec_hash_input(self) -> str:
         """JSON of what changes the scheme's decisions (not its description or later-stage expectations)."""
-        return json.dumps(self.model_dump(exclude={"description", "expect", "alias"}), sort_keys=True)
+        text = {"calibration"} if self.calibration == "text" else set()  # the default keeps earlier keys
+        return json.dumps(self.model_dump(exclude={"description", "expect", "alias"} | text), sort_keys=True)
 
 
 class Catalog(Strict):

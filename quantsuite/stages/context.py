@@ -130,14 +130,27 @@ class RunContext:
             return f"none: {self.data_config.source.name} without --images-dir is text only"
         return f"{source[0].name} with the images of {source[1]}"
 
-    def image_batches(self, split: str) -> list[dict]:
+    def image_batches(self, split: str, samples: int | None = None) -> list[dict]:
         """Image prompts of `split` (quantsuite.data.image_caption_batches); [] where the data is text only."""
         if self.image_splits is None:
             return []
+        captions = getattr(self.image_splits, split)
+        if samples is not None:
+            require_samples(split, samples, len(captions))
+            captions = captions[:samples]
         config = self.data_config
-        return image_caption_batches(getattr(self.image_splits, split), self.tokenizer,
-                                     load_image_processor(self.source_dir), config.batch_size, config.sequence_length,
-                                     config.image_size)  # fmt: skip
+        return image_caption_batches(captions, self.tokenizer, load_image_processor(self.source_dir),
+                                     config.batch_size, config.sequence_length, config.image_size)  # fmt: skip
+
+    def calibration_batches(self, split: str, samples: int, calibration: str) -> list[dict]:
+        """What calibration or scoring feeds the model (SchemeSpec.calibration): `samples` captions of `split`, as
+        text, or as image prompts (image_text)."""
+        if calibration == "text":
+            return self.batches(split, samples)
+        if self.image_splits is None:
+            raise data.CaptionDataError(f"calibration: {calibration} needs images, and {self.image_source}; pass "
+                                        "--images-dir with --calib-data, or use the bundled data")  # fmt: skip
+        return self.image_batches(split, samples)
 
     def load(self) -> LoadedModel:
         return load_model(self.model_spec)

@@ -100,6 +100,8 @@ class Schemes:
             quant_config = None
         key = context.cache.key(context.base_key() | {
             "scheme": scheme.spec_hash_input(), "scores": scores_key, "calibration_samples": calibration,
+            **({"images": context.image_splits.fingerprint if context.image_splits else None}
+               if scheme.calibration != "text" else {}),
             "quant_config": canonical_json(quant_config), "manifest": SCHEMA_VERSION,
             "formats": {name: context.catalog.formats[name].model_dump(mode="json") for name in scheme.formats},
             "code": code_hash(autoquant, manifest, formats, sys.modules[__name__]),
@@ -136,7 +138,7 @@ class Schemes:
         model = self.context.load().model
         if quant_config is not None:
             with STAGE_TIMES.measure("calibrate + fake-quantize a scheme"):
-                batches = self.context.batches("calibration", calibration)
+                batches = self.context.calibration_batches("calibration", calibration, scheme.calibration)
                 apply_config(model, quant_config, batches, self.context.device)
                 if scheme.kv_cache:
                     calibrate_kv_cache(model, scheme.kv_cache, batches, self.context.device)
@@ -150,6 +152,8 @@ class Schemes:
                       "dtype": context.model_spec.dtype, "seed": context.model_spec.seed},
             "data": {"source": str(data.source), "fingerprint": context.splits.fingerprint, "seed": data.seed,
                      "calibration_samples": calibration, "score_samples": scheme.score_samples or data.scoring_samples,
+                     "calibration": scheme.calibration,
+                     "images": context.image_source if scheme.calibration != "text" else None,
                      "batch_size": data.batch_size, "sequence_length": data.sequence_length},
             "scores_key": scores_key,
             "versions": context.versions,

@@ -32,7 +32,12 @@ class Scores:
 
     def scores_key(self, plan: ScoringPlan) -> str:
         code = code_hash(autoquant, sys.modules[__name__])
-        return self.context.cache.key(self.context.base_key() | {"plan": asdict(plan), "code": code})
+        inputs = asdict(plan)
+        if plan.calibration == "text":
+            del inputs["calibration"]  # the default keeps earlier keys
+        else:
+            inputs["images"] = self.context.image_splits.fingerprint if self.context.image_splits else None
+        return self.context.cache.key(self.context.base_key() | {"plan": inputs, "code": code})
 
     def state(self, plan: ScoringPlan) -> tuple[dict, str]:
         """(search state, its cache key) for `plan`."""
@@ -44,7 +49,7 @@ class Scores:
                 self.context.require_cuda(needs, f"AutoQuant scoring over {'+'.join(plan.presets)}")
                 loaded = self.context.load()
                 started = time.perf_counter()
-                batches = self.context.batches("scoring", plan.score_samples)
+                batches = self.context.calibration_batches("scoring", plan.score_samples, plan.calibration)
                 state = run_scoring(loaded.model, plan, batches, loaded.device)
                 self.runs += 1
                 save_search_state(state, directory / "search_state.pt")

@@ -44,3 +44,31 @@ def test_small_models_stay_live_across_schemes_and_releases(tmp_path, workbench,
         assert bench.schemes.model(top50) is first
     else:
         assert bench.schemes.model(top50) is not first
+
+
+def test_the_calibration_choice_is_in_the_manifest_and_the_key(workbench, catalog):
+    """int8_sq_image = int8_sq calibrated on image prompts: its manifest records the choice and the images, its
+    decisions' cache key differs, and the text-calibrated scheme's key is what it was before the field existed."""
+    import json
+
+    text, image = catalog.scheme("int8_sq"), catalog.scheme("int8_sq_image")
+    text_result, image_result = workbench.schemes.result(text), workbench.schemes.result(image)
+    data = image_result.manifest["data"]
+    assert data["calibration"] == "image_text" and data["images"] == workbench.context.image_source
+    assert text_result.manifest["data"]["calibration"] == "text"
+    assert text_result.artifact_dir != image_result.artifact_dir
+    assert "calibration" not in json.loads(text.spec_hash_input()) and "image_text" in image.spec_hash_input()
+
+
+def test_image_calibration_without_images_names_the_fix(tmp_path, model_spec, catalog):
+    """A captions file without --images-dir is text only: a scheme asking for image calibration says what to pass."""
+    import json as json_
+
+    from quantsuite.data import CaptionDataError, DataConfig
+
+    captions = tmp_path / "c.json"
+    captions.write_text(json_.dumps({"annotations": [{"image_id": i // 5, "id": i, "caption": f"a dog {i}"}
+                                                     for i in range(300)]}))  # fmt: skip
+    bench = Workbench(model_spec, DataConfig(path=str(captions)), catalog, tmp_path / "cache", tmp_path / "reports")
+    with pytest.raises(CaptionDataError, match=r"calibration: image_text needs images.*pass --images-dir"):
+        bench.context.calibration_batches("calibration", 8, "image_text")
