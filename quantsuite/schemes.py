@@ -356,17 +356,29 @@ class Catalog(Strict):
                                      f"the range reachable with formats {list(scheme.formats)}")  # fmt: skip
         return self
 
-    def vllm_expectation(self, scheme: SchemeSpec, check: str) -> tuple[VllmOutcome | None, str]:
-        """What `check` of vLLM should give for `scheme`, and where that is written: the scheme's own expect.vllm,
-        else the first of its formats' `vllm` (holding only when the pick has layers of that format), else None
-        (it must pass)."""
+    def vllm_expectation(self, scheme: SchemeSpec, check: str,
+                         picked: set[str] | None = None) -> tuple[VllmOutcome | None, str]:  # fmt: skip
+        """What `check` of vLLM should give for `scheme`, and where that is written: the scheme's own expect.vllm;
+        else its formats' `vllm` (of the formats in `picked`, the pick's, where given): one holds only when the pick
+        has layers of its format (when_format), several at once expect any of their failures; else None (it must
+        pass)."""
         if check in scheme.expect.vllm:
             return scheme.expect.vllm[check], f"expect.vllm.{check} of {scheme.name}"
-        for name in scheme.formats:
-            if check in self.formats[name].vllm:
-                outcome = self.formats[name].vllm[check].model_copy(update={"when_format": name})
-                return outcome, f"formats.{name}.vllm.{check} (schemes.yaml)"
-        return None, f"no expectation of {check} for {scheme.name}: it must pass"
+        own = {name: self.formats[name].vllm[check] for name in scheme.formats if check in self.formats[name].vllm
+               and (picked is None or name in picked)}  # fmt: skip
+        if not own:
+            return None, f"no expectation of {check} for {scheme.name}: it must pass"
+        where = ", ".join(f"formats.{name}.vllm.{check}" for name in own) + " (schemes.yaml)"
+        if len(own) == 1:
+            ((name, outcome),) = own.items()
+            return outcome.model_copy(update={"when_format": name}), where
+        outcomes = list(own.values())
+        if any(outcome.outcome != "fail" or outcome.error_ratio for outcome in outcomes):
+            raise SchemeError(f"schemes.yaml: {scheme.name}: its formats {list(own)} each record a vLLM {check} "
+                              f"outcome that cannot be combined; give it its own expect.vllm.{check}")  # fmt: skip
+        combined = VllmOutcome(outcome="fail", match="|".join(f"(?:{o.match})" for o in outcomes),
+                               reason="; ".join(o.reason for o in outcomes))  # fmt: skip
+        return combined, where
 
     def cuda_only(self, scheme: SchemeSpec) -> str | None:
         """What in `scheme`'s fake-quant model needs CUDA (None: it runs on CPU)."""

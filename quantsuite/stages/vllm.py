@@ -197,7 +197,7 @@ class VllmChecks:
     def expected_failure(self, scheme: SchemeSpec, check: str) -> VllmOutcome | None:
         """The recorded failure `check` gives for the scheme's pick (`Catalog.vllm_expectation`: its own, else its
         formats'; one `when_format` F only where the pick has F layers), or None: it must load and pass."""
-        expectation, _ = self.context.catalog.vllm_expectation(scheme, check)
+        expectation, _ = self.context.catalog.vllm_expectation(scheme, check, self.picked_formats(scheme))
         if expectation is None or expectation.outcome != "fail":
             return None
         if expectation.when_format and expectation.when_format not in self.picked_formats(scheme):
