@@ -142,6 +142,13 @@ class RunContext:
         return image_caption_batches(captions, self.tokenizer, load_image_processor(self.source_dir),
                                      config.batch_size, config.sequence_length, config.image_size)  # fmt: skip
 
+    def calibration_key(self, calibration: str) -> dict:
+        """What a stage fed `calibration` data adds to its cache key: nothing for text (earlier keys hold), the image
+        prompts' fingerprint otherwise."""
+        if calibration == "text":
+            return {}
+        return {"calibration": calibration, "images": self.image_splits.fingerprint if self.image_splits else None}
+
     def calibration_batches(self, split: str, samples: int, calibration: str) -> list[dict]:
         """What calibration or scoring feeds the model (SchemeSpec.calibration): `samples` captions of `split`, as
         text, or as image prompts (image_text)."""

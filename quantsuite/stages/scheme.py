@@ -100,8 +100,7 @@ class Schemes:
             quant_config = None
         key = context.cache.key(context.base_key() | {
             "scheme": scheme.spec_hash_input(), "scores": scores_key, "calibration_samples": calibration,
-            **({"images": context.image_splits.fingerprint if context.image_splits else None}
-               if scheme.calibration != "text" else {}),
+            **context.calibration_key(scheme.calibration),
             "quant_config": canonical_json(quant_config), "manifest": SCHEMA_VERSION,
             "formats": {name: context.catalog.formats[name].model_dump(mode="json") for name in scheme.formats},
             "code": code_hash(autoquant, manifest, formats, sys.modules[__name__]),

@@ -32,11 +32,8 @@ class Scores:
 
     def scores_key(self, plan: ScoringPlan) -> str:
         code = code_hash(autoquant, sys.modules[__name__])
-        inputs = asdict(plan)
-        if plan.calibration == "text":
-            del inputs["calibration"]  # the default keeps earlier keys
-        else:
-            inputs["images"] = self.context.image_splits.fingerprint if self.context.image_splits else None
+        inputs = {k: v for k, v in asdict(plan).items() if k != "calibration"} | self.context.calibration_key(
+            plan.calibration)  # fmt: skip
         return self.context.cache.key(self.context.base_key() | {"plan": inputs, "code": code})
 
     def state(self, plan: ScoringPlan) -> tuple[dict, str]:
