@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from quantsuite.schemes import LM_HEAD_PATTERN, VISION_PATTERN, Catalog, SchemeError, SchemeSpec
+from quantsuite.catalog import LM_HEAD_PATTERN, VISION_PATTERN, Catalog, SchemeError, SchemeSpec
 
 BLOCK_PATTERN = re.compile(r"(?:^|\.)language_model\.layers\.(\d+)\.")
 NO_QUANT = "NONE"

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from quantsuite.export import FP8, Fp8Linear, per_token_scale, to_fp8
+from quantsuite.checkpoint import FP8, Fp8Linear, per_token_scale, to_fp8
 from quantsuite.formats import FP8_MAX
 from quantsuite.models import language_model
 

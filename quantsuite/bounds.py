@@ -3,7 +3,7 @@
 A verdict compares a measured figure (KL, top-1 agreement, differing export codes, vLLM's error as a multiple of
 the BF16 noise floor) with a bound. The bound is not typed by hand: `quantsuite.measure_bounds` measures every
 runnable scheme under several conditions and `derive` makes each bound from the spread it saw:
-- within a run: the bootstrap standard error over evaluation captions (quantsuite.drift, quantsuite.vllm.verdict);
+- within a run: the bootstrap standard error over evaluation captions (quantsuite.divergence, quantsuite.vllm.verdict);
 - across machines' numerics: the same run under other CPU kernel sets (or, on a GPU, repeated runs);
 - across data seeds: the same run on other caption splits (`--data-seed`).
 
@@ -25,8 +25,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from quantsuite.catalog import Catalog, DriftBounds, SchemeSpec
 from quantsuite.data import DataConfig
-from quantsuite.schemes import Catalog, DriftBounds, SchemeSpec
 
 BOUNDS_DIR = Path(__file__).resolve().parents[1] / "reports" / "bounds"
 K_SIGMA = 3.0

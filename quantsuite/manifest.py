@@ -26,7 +26,7 @@ from collections import Counter
 import torch
 
 from quantsuite.autoquant import NO_QUANT, Resolution, block_index, group_scores
-from quantsuite.schemes import Catalog, SchemeSpec
+from quantsuite.catalog import Catalog, SchemeSpec
 
 SCHEMA_VERSION = 5  # 3: per-module weight_bits, shape; 4: selection.solver (both picks); 5: any preset (quant_algo,
 # block_size, storage_bits per module; lm_storage_bits, coverage_by_format, quantized_layers in totals)

@@ -58,9 +58,9 @@ def measure_condition(model: str, seed: int, cache_root: Path, device: str, sche
     """Every runnable scheme's drift measurement in this process (its kernel set is its environment's), and with
     `vllm_python` its vLLM error ratio (`vllm`: the decision's error_ratio and its standard error) where vLLM
     loads it and computes without error."""
+    from quantsuite.catalog import load_catalog
     from quantsuite.models import ModelSpec
     from quantsuite.pipeline import Workbench
-    from quantsuite.schemes import load_catalog
 
     catalog = load_catalog()
     chosen = [s for s in catalog.schemes if (schemes is None or s.name in schemes)
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
 
     vllm_python = None if args.no_vllm else resolve_vllm_python(args.vllm_python)
     if args.schemes:
-        from quantsuite.schemes import load_catalog
+        from quantsuite.catalog import load_catalog
 
         args.schemes = [scheme.name for scheme in load_catalog().select(args.schemes)]  # unknown: one clear error
     if args.condition:

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from quantsuite.catalog import Catalog
 from quantsuite.data import DataConfig
 from quantsuite.models import ModelSpec
-from quantsuite.schemes import Catalog
 from quantsuite.stages.context import REPORTS_DIR, RunContext
 from quantsuite.stages.drift import Drift
 from quantsuite.stages.export import Exports

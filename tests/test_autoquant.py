@@ -141,7 +141,7 @@ def _skip_unless_selected(request, workbench, *schemes) -> None:
 
 
 def _nested_pairs():
-    from quantsuite.schemes import load_catalog
+    from quantsuite.catalog import load_catalog
 
     ranked = [s for s in load_catalog().schemes if s.coverage_mode == "top_k_blocks"]
     return [(a, b) if a.coverage < b.coverage else (b, a) for a, b in combinations(ranked, 2)
@@ -160,7 +160,7 @@ RESOLVE_IN_A_FRESH_PROCESS = """
 import json, sys
 from pathlib import Path
 from quantsuite.autoquant import load_search_state, resolve_config
-from quantsuite.schemes import load_catalog
+from quantsuite.catalog import load_catalog
 catalog = load_catalog()
 wanted = json.loads(sys.argv[1])
 print(json.dumps({name: resolve_config(load_search_state(Path(state)), catalog.scheme(name)).group_formats
@@ -322,7 +322,7 @@ def test_exact_solver_never_worse_across_targets(workbench, catalog):
 
 def _kv_twins():
     """(scheme with `kv_cache`, the catalog scheme that is the same but for it)."""
-    from quantsuite.schemes import load_catalog
+    from quantsuite.catalog import load_catalog
 
     schemes = load_catalog().schemes
     core = lambda s: s.model_dump(exclude={"name", "alias", "description", "expect", "kv_cache"})  # noqa: E731

@@ -24,7 +24,7 @@ from quantsuite.bench import (
     slow_fp8_matmul,
     to_scaled_mm,
 )
-from quantsuite.export import export_model, load_export
+from quantsuite.checkpoint import export_model, load_export
 from quantsuite.formats import QuantLinear
 from quantsuite.timing import STAGE_TIMES
 
@@ -133,7 +133,7 @@ def test_scaled_mm_layers_match_the_dequantized_export(workbench, scheme, scheme
     (on the 2-core box with a reference-kernel _scaled_mm, 47 ms a call, each scheme took 2-6 s)."""
     import torch
 
-    from quantsuite.export import Fp8Linear
+    from quantsuite.checkpoint import Fp8Linear
 
     _skip_without_fp8_matmul(workbench)
     model = load_export(exported, workbench.context.device)

@@ -19,8 +19,8 @@ from quantsuite.bounds import (
     record_path,
     verdict_limits,
 )
+from quantsuite.catalog import Expectations
 from quantsuite.data import DataConfig
-from quantsuite.schemes import Expectations
 
 
 def _run(kl: float, kl_se: float, top1: float, share: float = 0.03) -> dict:

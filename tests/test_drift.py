@@ -82,7 +82,7 @@ def test_clipping_at_image_positions_follows_the_calibrated_amax(workbench, cata
     positions (the clipping figure reads the amax the quantizer uses)."""
     import copy
 
-    from quantsuite.drift import activation_clipping
+    from quantsuite.divergence import activation_clipping
 
     model = copy.deepcopy(workbench.schemes.model(catalog.scheme("top50")))
     batches = workbench.context.image_batches("evaluation")
@@ -166,7 +166,7 @@ def test_a_planted_30_percent_kl_regression_fails_the_drift_bounds(workbench, ca
     """Layer scales perturbed until the fake-quant KL is 30-50% above its measured value: the KL bound fails it.
     (KL moves in steps with the perturbation: under the scalar kernel set fp8_modelopt_default jumps from below 1.30x
     to 1.47x, so the window is 1.30-1.50x.)"""
-    from quantsuite.drift import capture, compare
+    from quantsuite.divergence import capture, compare
 
     scheme = catalog.scheme(name)
     limits = _record_limits(workbench, scheme)

@@ -7,8 +7,7 @@ import json
 import pytest
 import torch
 
-from quantsuite.drift import capture, compare
-from quantsuite.export import (
+from quantsuite.checkpoint import (
     EXPORT_INFO,
     PROCESSOR_FILES,
     ExportError,
@@ -25,6 +24,7 @@ from quantsuite.export import (
     tensor_index,
     verify_export,
 )  # fmt: skip
+from quantsuite.divergence import capture, compare
 from quantsuite.formats import FORMATS
 from quantsuite.models import indexed_device
 
@@ -125,7 +125,7 @@ def test_plain_from_pretrained_misloads_and_our_loader_does_not(workbench, catal
 
 def test_kv_cache_is_checked_in_the_export():
     """kv_cache_quant_algo and one k_scale / v_scale per LM k_proj / v_proj for an FP8 KV cache; neither for BF16."""
-    from quantsuite.export import _kv_cache_problems
+    from quantsuite.checkpoint import _kv_cache_problems
 
     layers = [{"name": f"model.language_model.layers.0.self_attn.{p}_proj", "role": "lm_linear"} for p in "qkv"]
     manifest = {"totals": {"kv_cache_format": "FP8"}, "modules": layers}
@@ -145,7 +145,7 @@ def test_reload_follows_a_device_map(workbench, catalog):
     the device its map names, same logits as the reload on one device. With two GPUs the map splits the decoder
     layers between cuda:0 and cuda:1 (the real case); elsewhere it maps everything to this device, which still
     runs accelerate's dispatch path."""
-    from quantsuite.export import spread_device_map
+    from quantsuite.checkpoint import spread_device_map
 
     pytest.importorskip("accelerate", reason="a device_map reload needs accelerate (pip install accelerate)")
     # accelerate places what a map calls "cuda" on "cuda:0" (the map named plain "cuda" and failed on one H200, gpu-18)

@@ -11,7 +11,7 @@ import re
 import pytest
 import torch
 
-from quantsuite.export import _layer_problems
+from quantsuite.checkpoint import _layer_problems
 from quantsuite.formats import (
     FORMATS,
     QuantLinear,

@@ -56,7 +56,7 @@ def test_a_code_change_means_a_rebuild(tmp_path, monkeypatch, workbench, model_s
     """Each stage's key covers the code that makes its artifact (before: only package versions, so a changed
     compare() or export_model reused old artifacts): an edited producer changes its stage's key and every key
     downstream, none upstream."""
-    from quantsuite import autoquant, export
+    from quantsuite import autoquant, checkpoint
 
     scheme = catalog.scheme("top50")
 
@@ -70,7 +70,7 @@ def test_a_code_change_means_a_rebuild(tmp_path, monkeypatch, workbench, model_s
         monkeypatch.setattr(module, "__file__", str(edited))
 
     before = keys(workbench)
-    edit(export, "export.py")  # scores and decisions keep their keys: the session's cache serves them (no rescoring)
+    edit(checkpoint, "checkpoint.py")  # scores and decisions keep their keys (no rescoring)
     cache = workbench.context.cache.root
     after_export_edit = keys(Workbench(model_spec, data_config, catalog, cache, tmp_path / "reports"))
     assert after_export_edit[:2] == before[:2] and after_export_edit[2] != before[2], (before, after_export_edit)

@@ -119,7 +119,7 @@ def test_rank_correlation_by_definition():
     assert rank_correlation([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
     assert rank_correlation([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]) == pytest.approx(0.8)
     assert rank_correlation([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486832980505138)
-    from quantsuite.research import spearman
+    from quantsuite.analysis import spearman
 
     first, second = [3, 1, 2, 5, 4], [1, 2, 3, 4, 5]
     assert spearman(first, second) == pytest.approx(rank_correlation(first, second))

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from quantsuite.export import Fp8Linear, linked_copy, to_fp8
-from quantsuite.schemes import Expectations, VllmOutcome
+from quantsuite.catalog import Expectations, VllmOutcome
+from quantsuite.checkpoint import Fp8Linear, linked_copy, to_fp8
 from quantsuite.vllm.service import VllmService, engine_options, is_transient
 from quantsuite.vllm.verdict import (
     FLOOR_MAX,
@@ -285,7 +285,7 @@ def test_fuse_like_vllm_requantizes_to_the_max_scale():
 
 def test_judge_expected_is_strict():
     """An expected failure must fail with its recorded text; a pass or a different failure fails the test."""
-    from quantsuite.schemes import Expectations, SchemeSpec
+    from quantsuite.catalog import Expectations, SchemeSpec
 
     expect = Expectations(vllm={"cuda": {"outcome": "fail", "reason": "op missing", "match": r"static_scaled_fp8"}})
     scheme = SchemeSpec(name="demo", description="d", mode="none", expect=expect)
@@ -302,7 +302,7 @@ def test_judge_expected_is_strict():
 def test_an_expected_wrong_result_holds_only_inside_its_recorded_range():
     """nvfp4 on sm90 computes something else at ~20x the floor (Marlin skips the activation quantization): the
     same message at the garbage load's 35x, or no ratio at all, is another fault and fails."""
-    from quantsuite.schemes import Expectations, SchemeSpec
+    from quantsuite.catalog import Expectations, SchemeSpec
 
     expect = Expectations(vllm={"cuda": {"outcome": "fail", "reason": "W4A4 run as W4A16", "match": "computes",
                                          "error_ratio": (16, 30)}})  # fmt: skip
@@ -320,7 +320,7 @@ def test_an_expected_wrong_result_holds_only_inside_its_recorded_range():
 def test_expected_failure_of_a_format_holds_only_when_the_pick_has_it():
     """fp8_int4_eb10 fails in vLLM through its W4A16_AWQ layers; at the 3B shape AutoQuant picked none (FP8 only)
     and vLLM passed. The expectation follows the pick: xfail with INT4 layers, must pass without them."""
-    from quantsuite.schemes import Expectations, SchemeSpec
+    from quantsuite.catalog import Expectations, SchemeSpec
 
     expect = Expectations(vllm={"cuda": {"outcome": "fail", "reason": "int4 read as BF16", "match": "exceeds",
                                          "when_format": "INT4_AWQ"}})  # fmt: skip

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from quantsuite.catalog import Catalog, load_catalog
 from quantsuite.data import DataConfig
 from quantsuite.models import ModelSpec
-from quantsuite.schemes import Catalog, load_catalog
 
 
 @dataclass(frozen=True)
@@ -38,9 +38,9 @@ def pytest_configure(config: pytest.Config) -> None:
     """Refuse bad input once, before any work, as a usage error naming the fix: --scheme, --model, --device,
     --dtype, --calib-data, --images-dir (every image the splits use is opened), --vllm-python (or
     $QUANTSUITE_VLLM_PYTHON), schemes.yaml."""
+    from quantsuite.catalog import SchemeError
     from quantsuite.data import CaptionDataError, load_image_splits, load_splits
     from quantsuite.models import ModelSourceError
-    from quantsuite.schemes import SchemeError
     from quantsuite.vllm.service import VllmSetupError, resolve_vllm_python
 
     option = config.getoption

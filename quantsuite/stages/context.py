@@ -19,6 +19,7 @@ from filelock import FileLock
 from quantsuite import data, models
 from quantsuite.bounds import KERNEL_ENV_VARS, BoundsRecord, Limit, load_record, verdict_limits
 from quantsuite.cache import ArtifactCache, code_hash, package_versions, write_atomic
+from quantsuite.catalog import Catalog, SchemeSpec
 from quantsuite.data import (
     CaptionSplits,
     DataConfig,
@@ -29,7 +30,6 @@ from quantsuite.data import (
     tokenize_batches,
 )
 from quantsuite.models import LoadedModel, ModelSpec, load_image_processor, load_model, load_tokenizer
-from quantsuite.schemes import Catalog, SchemeSpec
 
 REPORTS_DIR = Path(__file__).resolve().parents[2] / "reports"
 

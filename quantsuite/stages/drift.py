@@ -13,11 +13,11 @@ import json
 import sys
 from pathlib import Path
 
-from quantsuite import drift
+from quantsuite import divergence
 from quantsuite.cache import code_hash
-from quantsuite.drift import Capture, activation_clipping, capture, compare
-from quantsuite.export import export_fidelity, load_export, spread_device_map
-from quantsuite.schemes import SchemeSpec
+from quantsuite.catalog import SchemeSpec
+from quantsuite.checkpoint import export_fidelity, load_export, spread_device_map
+from quantsuite.divergence import Capture, activation_clipping, capture, compare
 from quantsuite.stages.context import RunContext, free_memory
 from quantsuite.stages.export import Exports
 from quantsuite.stages.scheme import Schemes
@@ -97,7 +97,7 @@ class Drift:
         images = context.image_splits.fingerprint if context.image_splits else None
         key = context.cache.key({"export": self.exports.export_key(scheme), "evaluation": context.splits.fingerprint,
                                  "images": images, "stage": "drift",
-                                 "code": code_hash(drift, sys.modules[__name__])})  # fmt: skip
+                                 "code": code_hash(divergence, sys.modules[__name__])})  # fmt: skip
 
         def build(directory: Path) -> None:
             self.require_runnable(scheme)

@@ -12,10 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-from quantsuite import export, formats
+from quantsuite import checkpoint, formats
 from quantsuite.cache import code_hash
-from quantsuite.export import ExportError, export_model, tensor_index, verify_export
-from quantsuite.schemes import SchemeSpec
+from quantsuite.catalog import SchemeSpec
+from quantsuite.checkpoint import ExportError, export_model, tensor_index, verify_export
 from quantsuite.stages.context import RunContext
 from quantsuite.stages.scheme import Schemes
 
@@ -32,7 +32,7 @@ class Exports:
 
     def export_key(self, scheme: SchemeSpec) -> str:
         """Cache key of the scheme's export, known without building it: later stages key on it."""
-        code = code_hash(export, formats, sys.modules[__name__])
+        code = code_hash(checkpoint, formats, sys.modules[__name__])
         inputs = {"scheme": self.schemes.result(scheme).artifact_dir.name, "versions": self.context.versions}
         return self.context.cache.key(inputs | {"stage": "export", "code": code})
 

@@ -10,11 +10,11 @@ import json
 import sys
 from pathlib import Path
 
-from quantsuite import research
+from quantsuite import analysis
 from quantsuite.autoquant import apply_config, picked_effective_bits, resolve_config
 from quantsuite.cache import code_hash
-from quantsuite.drift import capture, compare
-from quantsuite.schemes import SchemeSpec
+from quantsuite.catalog import SchemeSpec
+from quantsuite.divergence import capture, compare
 from quantsuite.stages.context import RunContext, free_memory
 from quantsuite.stages.drift import Drift
 from quantsuite.stages.scores import Scores
@@ -42,7 +42,7 @@ class Research:
         base = plans["gradient"][0]
         key = context.cache.key({"scores": {m: k for m, (_, k) in states.items()}, "targets": SWEEP_TARGETS,
                                  "evaluation": context.splits.fingerprint, "stage": "research",
-                                 "code": code_hash(research, sys.modules[__name__])})  # fmt: skip
+                                 "code": code_hash(analysis, sys.modules[__name__])})  # fmt: skip
 
         def factory(bits: float) -> SchemeSpec:
             return base.model_copy(update={"name": f"sweep_eb{bits:g}", "coverage": None, "effective_bits": bits,
@@ -64,9 +64,9 @@ class Research:
                               "kl_mean": measured["kl_mean"], "top1_agreement": measured["top1_agreement"],
                               "perplexity_delta": measured["perplexity_delta"]})  # fmt: skip
             result = {
-                "sensitivity": research.block_sensitivities({m: s for m, (s, _) in states.items()}),
+                "sensitivity": analysis.block_sensitivities({m: s for m, (s, _) in states.items()}),
                 "sweep": sweep,
-                "optimality_gap": research.optimality_gap(state, factory, list(SWEEP_TARGETS)),
+                "optimality_gap": analysis.optimality_gap(state, factory, list(SWEEP_TARGETS)),
             }
             (directory / "research.json").write_text(json.dumps(result, indent=1))
 

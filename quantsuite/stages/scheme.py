@@ -21,8 +21,8 @@ import torch
 from quantsuite import autoquant, formats, manifest
 from quantsuite.autoquant import Resolution, apply_config, calibrate_kv_cache, resolve_config
 from quantsuite.cache import canonical_json, code_hash
+from quantsuite.catalog import SchemeSpec
 from quantsuite.manifest import SCHEMA_VERSION, build_manifest
-from quantsuite.schemes import SchemeSpec
 from quantsuite.stages.context import RunContext, free_memory
 from quantsuite.stages.scores import Scores
 from quantsuite.timing import STAGE_TIMES

@@ -15,7 +15,7 @@ from pathlib import Path
 from quantsuite import autoquant
 from quantsuite.autoquant import ScoringPlan, load_search_state, run_scoring, save_search_state
 from quantsuite.cache import code_hash
-from quantsuite.schemes import CUDA_ONLY_PRESETS, SchemeSpec
+from quantsuite.catalog import CUDA_ONLY_PRESETS, SchemeSpec
 from quantsuite.stages.context import RunContext, free_memory
 
 

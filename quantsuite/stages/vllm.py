@@ -17,12 +17,11 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from quantsuite import export as export_module
-from quantsuite import formats
+from quantsuite import checkpoint, formats
 from quantsuite.bounds import VLLM_RATIO
 from quantsuite.cache import code_hash
-from quantsuite.export import load_export
-from quantsuite.schemes import SchemeSpec, VllmOutcome
+from quantsuite.catalog import SchemeSpec, VllmOutcome
+from quantsuite.checkpoint import load_export
 from quantsuite.stages.context import RunContext, free_memory
 from quantsuite.stages.export import Exports
 from quantsuite.stages.scheme import Schemes
@@ -138,7 +137,7 @@ class VllmChecks:
 
         if export_key is None:
             return compute()
-        code = code_hash(vllm_verdict, export_module, formats, sys.modules[__name__])
+        code = code_hash(vllm_verdict, checkpoint, formats, sys.modules[__name__])
         key = self.context.cache.key({"export": export_key, "code": code, "sequences": sequences,
                                       "prompts": prompts, "tokens": vllm_verdict.GREEDY_TOKENS,
                                       "device": str(device)})  # fmt: skip

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from quantsuite.export import QUANTIZED_DTYPES, Fp8Linear, hub_name
+from quantsuite.checkpoint import QUANTIZED_DTYPES, Fp8Linear, hub_name
 from quantsuite.formats import to_fp8
 from quantsuite.vllm.service import VllmService
 

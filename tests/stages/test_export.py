@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from quantsuite.export import ExportError, tensor_index, verify_export
+from quantsuite.checkpoint import ExportError, tensor_index, verify_export
 from quantsuite.pipeline import Workbench
 
 pytestmark = pytest.mark.export

@@ -198,7 +198,7 @@ class DriftBounds(Strict):
         ge=0,
         le=1,
         description="Upper bound on the share of exported weights a code away from what the export rules give "
-        "(quantsuite.export.export_fidelity)",
+        "(quantsuite.checkpoint.export_fidelity)",
     )
 
 

@@ -7,7 +7,7 @@ import copy
 import pytest
 import yaml
 
-from quantsuite.schemes import CATALOG_PATH, SchemeError, dump_catalog, load_catalog, parse_catalog
+from quantsuite.catalog import CATALOG_PATH, SchemeError, dump_catalog, load_catalog, parse_catalog
 
 
 @pytest.fixture
@@ -127,7 +127,7 @@ def test_format_quant_config_keeps_vision_disabled_last():
 
 
 def test_every_preset_has_a_family_and_drift_default_covers_every_family():
-    from quantsuite.schemes import FAMILIES, PRESET_ALGORITHMS, PRESET_FAMILIES
+    from quantsuite.catalog import FAMILIES, PRESET_ALGORITHMS, PRESET_FAMILIES
 
     assert set(PRESET_FAMILIES) == set(PRESET_ALGORITHMS) and set(PRESET_FAMILIES.values()) == set(FAMILIES)
     catalog = load_catalog()
