@@ -20,24 +20,16 @@ from __future__ import annotations
 
 import copy
 import math
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from quantsuite.catalog import LM_HEAD_PATTERN, VISION_PATTERN, Catalog, SchemeError, SchemeSpec
+from quantsuite.catalog import VISION_PATTERN, SchemeSpec, block_index
 
-BLOCK_PATTERN = re.compile(r"(?:^|\.)language_model\.layers\.(\d+)\.")
 NO_QUANT = "NONE"
-
-
-def block_index(module_name: str) -> int | None:
-    """Decoder block of an in-memory module name (`model.language_model.layers.3.mlp.up_proj` -> 3)."""
-    match = BLOCK_PATTERN.search(module_name)
-    return int(match.group(1)) if match else None
 
 
 def recipe_name(recipe: object) -> str:
@@ -55,26 +47,6 @@ class ScoringPlan:
     cost_excluded: tuple[str, ...]
     score_samples: int
     calibration: str = "text"  # text | image_text: what the scoring batches are (SchemeSpec.calibration)
-
-    @classmethod
-    def for_scheme(cls, scheme: SchemeSpec, catalog: Catalog, default_score_samples: int) -> ScoringPlan:
-        formats = [catalog.formats[name] for name in scheme.formats]
-        if len({(spec.exclude_modules, spec.lm_head) for spec in formats}) > 1:
-            raise SchemeError(f"schemes.yaml: {scheme.name}.formats: an autoquant scheme's formats must share "
-                              "exclude_modules and lm_head (eligibility is one set of disabled layers)")  # fmt: skip
-        if any(spec.kv_cache for spec in formats):
-            raise SchemeError(f"schemes.yaml: {scheme.name}.formats: KV-cache formats work in plain schemes only")
-        lm_head = formats[0].lm_head
-        disabled = (VISION_PATTERN, *(() if lm_head else (LM_HEAD_PATTERN,)), *formats[0].exclude_modules)
-        excluded = (VISION_PATTERN, *(() if lm_head else (LM_HEAD_PATTERN,)))
-        return cls(
-            method=scheme.method,
-            presets=tuple(spec.preset for spec in formats),
-            disabled_layers=disabled,
-            cost_excluded=excluded,
-            score_samples=scheme.score_samples or default_score_samples,
-            calibration=scheme.calibration,
-        )
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -238,6 +210,7 @@ class Resolution:
     block_sensitivity: dict[int, float]
     chosen_blocks: tuple[int, ...] | None  # top_k_blocks only
     solver: dict | None = None  # auto only: both solvers' picks (objective, effective bits), which one was used
+    groups: dict[str, dict] = field(default_factory=dict)  # group_scores of the search state it was resolved from
 
 
 def resolve_config(state: dict, scheme: SchemeSpec) -> Resolution:
@@ -272,7 +245,7 @@ def resolve_config(state: dict, scheme: SchemeSpec) -> Resolution:
     replay["best"] = dict(state["best"], recipe=recipes)
     config = mtq.get_auto_quantize_config(replay)
     group_formats = {hparam: recipe_name(recipe) for hparam, recipe in recipes.items()}
-    return Resolution(config, group_formats, sensitivity, chosen, solver)
+    return Resolution(config, group_formats, sensitivity, chosen, solver, groups)
 
 
 @torch.no_grad()

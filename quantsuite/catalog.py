@@ -28,6 +28,13 @@ from quantsuite.formats import FORMATS, ExportFormat
 CATALOG_PATH = Path(__file__).resolve().parents[1] / "schemes.yaml"
 VISION_PATTERN = "*visual*"
 LM_HEAD_PATTERN = "*lm_head*"
+BLOCK_PATTERN = re.compile(r"(?:^|\.)language_model\.layers\.(\d+)\.")  # an LM decoder block's modules
+
+
+def block_index(module_name: str) -> int | None:
+    """Decoder block of an in-memory module name (`model.language_model.layers.3.mlp.up_proj` -> 3)."""
+    match = BLOCK_PATTERN.search(module_name)
+    return int(match.group(1)) if match else None
 
 
 class SchemeError(ValueError):

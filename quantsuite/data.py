@@ -229,6 +229,20 @@ def load_image_splits(config: DataConfig) -> CaptionSplits | None:
     return splits
 
 
+def split_batches(splits: CaptionSplits, split: str, samples: int | None, tokenizer, config: DataConfig,
+                  image_processor=None) -> list[dict[str, torch.Tensor]]:  # fmt: skip
+    """The first `samples` captions of `split` (all of them for None) as causal-LM batches (`tokenize_batches`),
+    or as image prompts (`image_caption_batches`) when an image processor is given."""
+    captions = getattr(splits, split)
+    if samples is not None:
+        require_samples(split, samples, len(captions))
+        captions = captions[:samples]
+    if image_processor is None:
+        return tokenize_batches(captions, tokenizer, config.batch_size, config.sequence_length)
+    return image_caption_batches(captions, tokenizer, image_processor, config.batch_size, config.sequence_length,
+                                 config.image_size)  # fmt: skip
+
+
 def tokenize_batches(
     captions: tuple[Caption, ...] | list[Caption], tokenizer, batch_size: int, sequence_length: int
 ) -> list[dict[str, torch.Tensor]]:

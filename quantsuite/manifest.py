@@ -25,8 +25,8 @@ from collections import Counter
 
 import torch
 
-from quantsuite.autoquant import NO_QUANT, Resolution, block_index, group_scores
-from quantsuite.catalog import Catalog, SchemeSpec
+from quantsuite.autoquant import NO_QUANT, Resolution
+from quantsuite.catalog import Catalog, SchemeSpec, block_index
 
 SCHEMA_VERSION = 5  # 3: per-module weight_bits, shape; 4: selection.solver (both picks); 5: any preset (quant_algo,
 # block_size, storage_bits per module; lm_storage_bits, coverage_by_format, quantized_layers in totals)
@@ -52,14 +52,15 @@ def enabled_quantizers(model: torch.nn.Module, prefix_filter: str) -> list[str]:
     ]  # fmt: skip
 
 
-def linear_layers(model: torch.nn.Module) -> dict[str, tuple[str, torch.nn.Linear]]:
-    """name -> (role, module) for every nn.Linear; role is lm_linear, lm_head or vision."""
+def linear_layers(model: torch.nn.Module) -> dict[str, tuple[str, int | None, torch.nn.Linear]]:
+    """name -> (role, decoder block, module) for every nn.Linear; role is lm_linear, lm_head, vision or other."""
     layers = {}
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
-            role = "lm_linear" if block_index(name) is not None else "lm_head" if name.endswith("lm_head") else (
+            block = block_index(name)
+            role = "lm_linear" if block is not None else "lm_head" if name.endswith("lm_head") else (
                 "vision" if "visual" in name else "other")  # fmt: skip
-            layers[name] = (role, module)
+            layers[name] = (role, block, module)
     return layers
 
 
@@ -73,18 +74,17 @@ def build_manifest(
     scheme: SchemeSpec,
     catalog: Catalog,
     context: dict,
-    state: dict | None = None,
     resolution: Resolution | None = None,
 ) -> dict:
     """Describe `model` (quantized with `scheme`) layer by layer; `context` carries model/data/version facts."""
-    groups = group_scores(state) if state else {}
+    groups = resolution.groups if resolution else {}
     module_group = {module: hparam for hparam, group in groups.items() for module in group["modules"]}
     bits_of = {name: catalog.formats[name].weight_bits for name in scheme.formats}
     format_of = {name: catalog.formats[name].export_format for name in scheme.formats}
     format_by_preset = {catalog.formats[name].preset: name for name in scheme.formats}  # recipe -> catalog name
     modules, weights, bits, storage = [], Counter(), Counter(), Counter()
     quantized_layers = bf16_layers = 0
-    for name, (role, module) in linear_layers(model).items():
+    for name, (role, block, module) in linear_layers(model).items():
         quantized = _enabled(module, "weight_quantizer")
         group = module_group.get(name)
         if resolution is not None and group in resolution.group_formats:
@@ -107,7 +107,7 @@ def build_manifest(
         if role in ("lm_linear", "lm_head"):
             quantized_layers, bf16_layers = quantized_layers + (fmt != BF16), bf16_layers + (fmt == BF16)
             modules.append({
-                "name": name, "role": role, "block": block_index(name), "group": group, "format": fmt,
+                "name": name, "role": role, "block": block, "group": group, "format": fmt,
                 "quant_algo": spec.quant_algo if spec else None, "block_size": spec.block_size if spec else None,
                 "input_quantized": _enabled(module, "input_quantizer"), "weight_count": count,
                 "shape": list(module.weight.shape), "weight_bits": layer_bits, "storage_bits": layer_storage,

@@ -15,12 +15,12 @@ from syrupy.extensions.json import JSONSnapshotExtension
 
 from quantsuite.autoquant import (
     NO_QUANT,
-    block_index,
     pick_objective,
     picked_effective_bits,
     resolve_config,
     top_k_blocks,
 )
+from quantsuite.catalog import block_index
 from quantsuite.formats import FORMATS
 from quantsuite.manifest import BF16, decisions, enabled_quantizers
 

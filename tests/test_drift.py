@@ -85,7 +85,7 @@ def test_clipping_at_image_positions_follows_the_calibrated_amax(workbench, cata
     from quantsuite.divergence import activation_clipping
 
     model = copy.deepcopy(workbench.schemes.model(catalog.scheme("top50")))
-    batches = workbench.context.image_batches("evaluation")
+    batches = workbench.context.batches("evaluation", images=True)
     image_token = workbench.context.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     clean = {r["layer"]: r for r in activation_clipping(model, batches, workbench.context.device, image_token)}
     layer = next(name for name in clean if name.endswith("q_proj"))

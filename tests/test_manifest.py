@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from quantsuite.autoquant import Resolution
+from quantsuite.autoquant import Resolution, group_scores
 from quantsuite.manifest import BF16, SCHEMA_VERSION, ManifestError, build_manifest, decisions
 
 
@@ -54,6 +54,7 @@ def test_disagreement_between_decisions_and_model_fails(workbench, mlp_only):
             }
         }
     }
-    lying = Resolution({}, {group: "NONE"}, {}, None)  # says BF16 while the model quantizes down_proj
+    # says BF16 while the model quantizes down_proj
+    lying = Resolution({}, {group: "NONE"}, {}, None, groups=group_scores(state))
     with pytest.raises(ManifestError, match=r"layers\.0\.mlp\.down_proj decision BF16 but weight quantizer enabled"):
-        build_manifest(model, scheme, workbench.context.catalog, {}, state, lying)
+        build_manifest(model, scheme, workbench.context.catalog, {}, lying)

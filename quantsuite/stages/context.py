@@ -20,15 +20,7 @@ from quantsuite import data, models
 from quantsuite.bounds import KERNEL_ENV_VARS, BoundsRecord, Limit, load_record, verdict_limits
 from quantsuite.cache import ArtifactCache, code_hash, package_versions, write_atomic
 from quantsuite.catalog import Catalog, SchemeSpec
-from quantsuite.data import (
-    CaptionSplits,
-    DataConfig,
-    image_caption_batches,
-    load_image_splits,
-    load_splits,
-    require_samples,
-    tokenize_batches,
-)
+from quantsuite.data import CaptionSplits, DataConfig, load_image_splits, load_splits, split_batches
 from quantsuite.models import LoadedModel, ModelSpec, load_image_processor, load_model, load_tokenizer
 
 REPORTS_DIR = Path(__file__).resolve().parents[2] / "reports"
@@ -57,6 +49,7 @@ class RunContext:
         self.model_fingerprint = model_spec.fingerprint()
         self.versions = package_versions()
         self._holders: list[Callable[[], None]] = []  # stages' "drop what you keep on the device" hooks
+        self._image_batches: dict[tuple[str, int | None], list[dict]] = {}
 
     @property
     def model_tag(self) -> str:
@@ -115,12 +108,21 @@ class RunContext:
                 merged = {}  # another run's results
             return self.publish(kind, name, merged | {part: document})
 
-    def batches(self, split: str, samples: int | None = None) -> list[dict]:
-        captions = getattr(self.splits, split)
-        if samples is not None:
-            require_samples(split, samples, len(captions))
-            captions = captions[:samples]
-        return tokenize_batches(captions, self.tokenizer, self.data_config.batch_size, self.data_config.sequence_length)
+    @functools.cached_property
+    def image_processor(self):
+        return load_image_processor(self.source_dir)
+
+    def batches(self, split: str, samples: int | None = None, images: bool = False) -> list[dict]:
+        """`samples` captions of `split` (all for None) as text batches, or with `images` as image prompts ([] where
+        the data is text only; built once per split and count)."""
+        if not images:
+            return split_batches(self.splits, split, samples, self.tokenizer, self.data_config)
+        if self.image_splits is None:
+            return []
+        if (split, samples) not in self._image_batches:
+            self._image_batches[split, samples] = split_batches(self.image_splits, split, samples, self.tokenizer,
+                                                                self.data_config, self.image_processor)  # fmt: skip
+        return self._image_batches[split, samples]
 
     @property
     def image_source(self) -> str:
@@ -130,34 +132,35 @@ class RunContext:
             return f"none: {self.data_config.source.name} without --images-dir is text only"
         return f"{source[0].name} with the images of {source[1]}"
 
-    def image_batches(self, split: str, samples: int | None = None) -> list[dict]:
-        """Image prompts of `split` (quantsuite.data.image_caption_batches); [] where the data is text only."""
-        if self.image_splits is None:
-            return []
-        captions = getattr(self.image_splits, split)
-        if samples is not None:
-            require_samples(split, samples, len(captions))
-            captions = captions[:samples]
-        config = self.data_config
-        return image_caption_batches(captions, self.tokenizer, load_image_processor(self.source_dir),
-                                     config.batch_size, config.sequence_length, config.image_size)  # fmt: skip
+    def stage_key(self, inputs: dict, calibration: str = "text") -> str:
+        """The cache key of an artifact made from this run's model and data (`base_key`), fed `calibration` data
+        (text adds nothing, so earlier keys hold; image prompts add their fingerprint), and the stage's own `inputs`
+        (its code among them)."""
+        fed = {} if calibration == "text" else {
+            "calibration": calibration, "images": self.image_splits.fingerprint if self.image_splits else None}
+        return self.cache.key(self.base_key() | fed | inputs)
 
-    def calibration_key(self, calibration: str) -> dict:
-        """What a stage fed `calibration` data adds to its cache key: nothing for text (earlier keys hold), the image
-        prompts' fingerprint otherwise."""
-        if calibration == "text":
-            return {}
-        return {"calibration": calibration, "images": self.image_splits.fingerprint if self.image_splits else None}
+    def provenance(self, calibration: str, samples: dict[str, int]) -> dict:
+        """Where an artifact came from (a manifest's model, data, versions and device): `samples` per split it used,
+        fed `calibration` data."""
+        data = self.data_config
+        return {
+            "model": {"name": self.model_tag, "fingerprint": self.model_fingerprint, "dtype": self.model_spec.dtype,
+                      "seed": self.model_spec.seed},
+            "data": {"source": str(data.source), "fingerprint": self.splits.fingerprint, "seed": data.seed, **samples,
+                     "calibration": calibration, "images": self.image_source if calibration != "text" else None,
+                     "batch_size": data.batch_size, "sequence_length": data.sequence_length},
+            "versions": self.versions,
+            "device": self.device_name,
+        }  # fmt: skip
 
     def calibration_batches(self, split: str, samples: int, calibration: str) -> list[dict]:
         """What calibration or scoring feeds the model (SchemeSpec.calibration): `samples` captions of `split`, as
         text, or as image prompts (image_text)."""
-        if calibration == "text":
-            return self.batches(split, samples)
-        if self.image_splits is None:
+        if calibration != "text" and self.image_splits is None:
             raise data.CaptionDataError(f"calibration: {calibration} needs images, and {self.image_source}; pass "
                                         "--images-dir with --calib-data, or use the bundled data")  # fmt: skip
-        return self.image_batches(split, samples)
+        return self.batches(split, samples, images=calibration != "text")
 
     def load(self) -> LoadedModel:
         return load_model(self.model_spec)

@@ -44,7 +44,7 @@ class Drift:
     def image_reference(self) -> Capture:
         """BF16 logits and block outputs on the image prompts of the evaluation split."""
         if self._image_reference is None:
-            self._image_reference = self._bf16_capture(self.context.image_batches("evaluation"))
+            self._image_reference = self._bf16_capture(self.context.batches("evaluation", images=True))
         return self._image_reference
 
     def _bf16_capture(self, batches: list[dict]) -> Capture:
@@ -63,7 +63,7 @@ class Drift:
         against (b), with the export's fidelity to (a); nothing cached (the planted-fault tests feed it faults)."""
         context = self.context
         batches, device = context.batches("evaluation"), context.device
-        images = context.image_batches("evaluation")
+        images = context.batches("evaluation", images=True)
         fake = capture(quantized, batches, device)  # (a): measured before anything touches the export
         fake_images = capture(quantized, images, device) if images else None
         clipping = activation_clipping(quantized, images, device, context.tokenizer.convert_tokens_to_ids(

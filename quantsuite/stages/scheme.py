@@ -20,7 +20,7 @@ import torch
 
 from quantsuite import autoquant, formats, manifest
 from quantsuite.autoquant import Resolution, apply_config, calibrate_kv_cache, resolve_config
-from quantsuite.cache import canonical_json, code_hash
+from quantsuite.cache import code_hash
 from quantsuite.catalog import SchemeSpec
 from quantsuite.manifest import SCHEMA_VERSION, build_manifest
 from quantsuite.stages.context import RunContext, free_memory
@@ -89,7 +89,8 @@ class Schemes:
         started = time.perf_counter()
         state = scores_key = resolution = None
         if scheme.mode == "autoquant":
-            state, scores_key = self.scores.state(self.scores.plan(scheme))
+            plan = self.scores.plan(scheme)
+            state, scores_key = self.scores.state(plan)
             timings["scoring_s"] = time.perf_counter() - started
             resolution = resolve_config(state, scheme)
             timings["resolve_s"] = time.perf_counter() - started - timings["scoring_s"]
@@ -98,18 +99,19 @@ class Schemes:
             quant_config = context.catalog.formats[scheme.formats[0]].quant_config()
         else:
             quant_config = None
-        key = context.cache.key(context.base_key() | {
+        key = context.stage_key({
             "scheme": scheme.spec_hash_input(), "scores": scores_key, "calibration_samples": calibration,
-            **context.calibration_key(scheme.calibration),
-            "quant_config": canonical_json(quant_config), "manifest": SCHEMA_VERSION,
+            "quant_config": quant_config, "manifest": SCHEMA_VERSION,
             "formats": {name: context.catalog.formats[name].model_dump(mode="json") for name in scheme.formats},
             "code": code_hash(autoquant, manifest, formats, sys.modules[__name__]),
-        })  # fmt: skip
+        }, scheme.calibration)  # fmt: skip
+        provenance = context.provenance(scheme.calibration, {
+            "calibration_samples": calibration,
+            "score_samples": scheme.score_samples or context.data_config.scoring_samples}) | {"scores_key": scores_key}
 
         def build(directory: Path) -> None:
             model = self._quantize(scheme, quant_config, calibration)
-            document = build_manifest(model, scheme, context.catalog, self._provenance(scheme, calibration, scores_key),
-                                      state, resolution)  # fmt: skip
+            document = build_manifest(model, scheme, context.catalog, provenance, resolution)
             (directory / "manifest.json").write_text(json.dumps(document, indent=1, sort_keys=True))
 
         artifact_dir, reused = context.cache.get_or_build("schemes", key, build, scheme.name)
@@ -143,18 +145,3 @@ class Schemes:
                     calibrate_kv_cache(model, scheme.kv_cache, batches, self.context.device)
         self._models[scheme.name] = model
         return model
-
-    def _provenance(self, scheme: SchemeSpec, calibration: int, scores_key: str | None) -> dict:
-        context, data = self.context, self.context.data_config
-        return {
-            "model": {"name": context.model_tag, "fingerprint": context.model_fingerprint,
-                      "dtype": context.model_spec.dtype, "seed": context.model_spec.seed},
-            "data": {"source": str(data.source), "fingerprint": context.splits.fingerprint, "seed": data.seed,
-                     "calibration_samples": calibration, "score_samples": scheme.score_samples or data.scoring_samples,
-                     "calibration": scheme.calibration,
-                     "images": context.image_source if scheme.calibration != "text" else None,
-                     "batch_size": data.batch_size, "sequence_length": data.sequence_length},
-            "scores_key": scores_key,
-            "versions": context.versions,
-            "device": context.device_name,
-        }  # fmt: skip

@@ -15,7 +15,7 @@ from pathlib import Path
 from quantsuite import autoquant
 from quantsuite.autoquant import ScoringPlan, load_search_state, run_scoring, save_search_state
 from quantsuite.cache import code_hash
-from quantsuite.catalog import CUDA_ONLY_PRESETS, SchemeSpec
+from quantsuite.catalog import CUDA_ONLY_PRESETS, LM_HEAD_PATTERN, VISION_PATTERN, SchemeError, SchemeSpec
 from quantsuite.stages.context import RunContext, free_memory
 
 
@@ -28,13 +28,27 @@ class Scores:
         self._states: dict[str, dict] = {}
 
     def plan(self, scheme: SchemeSpec) -> ScoringPlan:
-        return ScoringPlan.for_scheme(scheme, self.context.catalog, self.context.data_config.scoring_samples)
+        """What scoring `scheme` depends on besides model and data; schemes with equal plans share one pass."""
+        formats = [self.context.catalog.formats[name] for name in scheme.formats]
+        if len({(spec.exclude_modules, spec.lm_head) for spec in formats}) > 1:
+            raise SchemeError(f"schemes.yaml: {scheme.name}.formats: an autoquant scheme's formats must share "
+                              "exclude_modules and lm_head (eligibility is one set of disabled layers)")  # fmt: skip
+        if any(spec.kv_cache for spec in formats):
+            raise SchemeError(f"schemes.yaml: {scheme.name}.formats: KV-cache formats work in plain schemes only")
+        lm_head = formats[0].lm_head
+        return ScoringPlan(
+            method=scheme.method,
+            presets=tuple(spec.preset for spec in formats),
+            disabled_layers=(VISION_PATTERN, *(() if lm_head else (LM_HEAD_PATTERN,)), *formats[0].exclude_modules),
+            cost_excluded=(VISION_PATTERN, *(() if lm_head else (LM_HEAD_PATTERN,))),
+            score_samples=scheme.score_samples or self.context.data_config.scoring_samples,
+            calibration=scheme.calibration,
+        )
 
     def scores_key(self, plan: ScoringPlan) -> str:
         code = code_hash(autoquant, sys.modules[__name__])
-        inputs = {k: v for k, v in asdict(plan).items() if k != "calibration"} | self.context.calibration_key(
-            plan.calibration)  # fmt: skip
-        return self.context.cache.key(self.context.base_key() | {"plan": inputs, "code": code})
+        inputs = {k: v for k, v in asdict(plan).items() if k != "calibration"}
+        return self.context.stage_key({"plan": inputs, "code": code}, plan.calibration)
 
     def state(self, plan: ScoringPlan) -> tuple[dict, str]:
         """(search state, its cache key) for `plan`."""
