@@ -57,8 +57,8 @@ def compiled_fp8_support(device: torch.device) -> str | None:
     """None if ScaledMmLinear under torch.compile computes what it computes eager (24 rows, then one row: its fused
     FP8 reduction), for layers of 128, 256 and 512 inputs, at this process's thread count; else why not. With torch
     2.13 and the AVX2 CPU kernel set inductor's fused FP8 reduction returns inf or nan for some of these shapes and
-    thread counts (128 inputs at one thread; measured on an AVX-512 box forced to AVX2); under the scalar kernel set
-    (ATEN_CPU_CAPABILITY=default) inductor's C++ build fails. Checked once per process."""
+    thread counts; under the scalar kernel set (ATEN_CPU_CAPABILITY=default) inductor's C++ build fails
+    (reports/bounds/README.md). Checked once per process."""
     from types import SimpleNamespace
 
     generator = torch.Generator().manual_seed(0)
@@ -89,9 +89,9 @@ def compiled_fp8_support(device: torch.device) -> str | None:
 @functools.cache
 def slow_fp8_matmul(device: torch.device, limit: float = 50.0) -> str | None:
     """On a CPU, why torch._scaled_mm is too slow to time a real-FP8 model (None if it is not, and on CUDA). Some
-    CPU builds run it through a reference kernel: on a 2-core CI box 65 ms for one 256 x 128 x 128 product, about
-    1900x a BF16 matmul of the same shape, so one tiny-model prefill took 20 s. `limit`: the tolerated ratio.
-    Measured once per process (per device and limit)."""
+    CPU builds run it through a reference kernel, three orders of magnitude slower than a BF16 matmul of the same
+    shape (reports/profile-cpu-2core/README.md). `limit`: the tolerated ratio. Measured once per process (per
+    device and limit)."""
     if device.type != "cpu":
         return None
     import time
@@ -129,15 +129,11 @@ class ScaledMmLinear(torch.nn.Module):
     output channel).
 
     Under torch.compile, inputs of at most `reduce_rows` rows (batch-1 decoding) skip _scaled_mm: the FP8 x FP8
-    products (exact in FP32) are summed by a reduction that inductor fuses with the FP8 loads and the scales. With it
-    the compiled batch-1 decode of `default` (3B shape) measured 1.18x BF16 on an H200 (reports/gpu-speed-scale-h200,
-    gpu-17). One linear at one row in the same run, under a CUDA graph, favoured _scaled_mm for the MLP shapes
-    (2048 -> 22016: 10.8 us against 37.5), a figure that repeats one layer whose FP8 weights stay in L2. End to
-    end, reduce_rows = 0 (always _scaled_mm) measured 1.136x BF16 (52.0 / 58.9 ms per step, gpu-18, another
-    lease of the same kind of card): the fused reduction stays.
+    products (exact in FP32) are summed by a reduction that inductor fuses with the FP8 loads and the scales: end to
+    end it beat always calling _scaled_mm at batch 1 (reports/gpu-speed-scale-h200/README.md, gpu-17 and gpu-18).
     """
 
-    reduce_rows = 1  # measured at batch 1 only
+    reduce_rows = 1
 
     def __init__(self, source: Fp8Linear):
         super().__init__()
@@ -297,9 +293,8 @@ def decode_step(model: torch.nn.Module, batch_size: int, prompt_length: int, new
     return step, batch_size * new_tokens
 
 
-# What a nightly may fail on. Measured on an H200 (3B shape, reports/sample-3b-shape-h200/extra): real-FP8 prefill
-# at 8 x 1024 tokens repeated within 1.1% (median) across runs; at 4 x 64 tokens, and decode at batch 4 (both
-# host-bound), identical runs differed by 20-80%, so those are reported, never gated.
+# What a nightly may fail on: the benchmarks that repeat between identical runs (compute-bound real-FP8 prefill);
+# host-bound ones are reported, never gated (docs/benchmarks.md, reports/sample-3b-shape-h200/).
 GATED_KINDS = ("real_fp8_prefill", "real_fp8_prefill_paired")
 GATED_MIN_TOKENS = 8192
 

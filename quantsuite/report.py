@@ -103,9 +103,9 @@ def _vllm_cell(result: dict | None) -> str:
     return " ".join(cells)
 
 
-# The largest difference between identical runs of a paired vLLM speed ratio, per workload, where measured:
-# reports/gpu-3b-shape-h200-vllm/README.md "Repeat" (one H200, 3B shape, the same command twice): batch 1 1.1-3.3%,
-# batch 256 6-23% (host-bound). A reading's noise is the larger of this and the run's own BF16 spread.
+# The largest difference between identical runs of a paired vLLM speed ratio, per workload, where measured
+# (source: reports/gpu-3b-shape-h200-vllm/README.md "Repeat"). A reading's noise is the larger of this and the
+# run's own BF16 spread.
 BETWEEN_RUN_SPREAD = {"H200": {"batch1": 0.033, "batch256": 0.226}}
 
 
@@ -118,9 +118,8 @@ def speed_reading(paired: dict, bound: float, between_runs: float = 0.0) -> tupl
     """The BF16 rounds' own spread ((max - min) / median tokens/s over the paired rounds) and what the ratio says
     against it: `faster` / `slower` only where it differs from 1 by more than that spread, `within noise` where
     it does not, and `past the bound (suspect)` where a gain exceeds the weight-bytes bound by more than the
-    spread (both workloads are decode: weight reads bound the gain). On an H200, batch-256 BF16 rounds of the 3B
-    shape moved 27k-38k tokens/s on one engine (host-bound): a 0.85x there is no finding; batch-1 rounds moved
-    1-3%.
+    spread (both workloads are decode: weight reads bound the gain; reports/gpu-3b-shape-h200-vllm/README.md has
+    the spreads measured).
 
     `between_runs`: the spread between identical runs (between_run_spread), when larger than the rounds' own.
 

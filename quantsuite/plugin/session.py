@@ -90,7 +90,7 @@ def worker_threads() -> int | None:
 
 def share_cpu_threads() -> None:
     """Under pytest-xdist, torch in each worker uses its share of the cores (torch's default is every core per
-    process: N workers oversubscribed the CPU N times; on the 2-core CI box that made -n 2 runs 3.4x slower)."""
+    process: N workers would oversubscribe the CPU N times; reports/profile-cpu-2core/README.md)."""
     threads = worker_threads()
     if threads:
         import torch

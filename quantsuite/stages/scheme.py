@@ -53,8 +53,7 @@ class Schemes:
     """Decisions per scheme (`schemes/<key>`, key: base inputs + scheme spec + scores key + quant config + code),
     published as reports/manifests/<model>/<scheme>.json. Quantized models are kept for reuse: at most
     `live_models`, or by default as many as stay below SMALL_MODELS_BYTES together (one at a time for the 3B
-    shape); small ones survive `context.release()` too. Recalibrating evicted tiny models took 18% of the CPU
-    suite's worker time (591 s, 43 calibrations for 19 schemes)."""
+    shape); small ones survive `context.release()` too (why: reports/profile-cpu-2core/README.md)."""
 
     def __init__(self, context: RunContext, scores: Scores, live_models: int | None = None) -> None:
         self.context = context

@@ -121,7 +121,7 @@ class VllmChecks:
         """What the export means, computed in PyTorch on the reloaded checkpoint: teacher-forced scores per shard
         and with vLLM's fused-layer scales (`fused`, the one a load is judged against), and greedy outputs. With
         `export_key`, built once under `vllm-reference/<key>` and shared by the cpu, cpu_patched and cuda checks
-        (the CPU suite computed it twice per export before: 17% of its worker time went to vLLM builds)."""
+        (reports/profile-cpu-2core/README.md)."""
         sequences, prompts = self.token_inputs
         device = self.context.device
 
@@ -232,8 +232,8 @@ class VllmChecks:
     @contextlib.contextmanager
     def speed_session(self, scheme: SchemeSpec, service) -> Iterator[Callable[[object, int], dict]]:
         """Everything a speed measurement of the scheme needs, ready before it starts: the host-wide SPEED_LOCK
-        (one measurement at a time per host: another worker's exports or engine loads beside the rounds moved
-        batch-256 ratios by up to 35% between identical runs on a 2 x H200 host), the export, and its engine
+        (one measurement at a time per host: work beside the rounds moves the ratios, reports/bounds/README.md),
+        the export, and its engine
         as users run vLLM. Raises VllmUnsupportedHere (this hardware) or RuntimeError (no load) on entry;
         yields `measure(baseline, rounds)`."""
         with self.context.cache.exclusive(SPEED_LOCK):
