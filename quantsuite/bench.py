@@ -12,8 +12,8 @@
   kernels, which made the real-FP8 path slower than BF16.
 - `StaticCacheDecoder` decodes greedily on a static KV cache with the whole forward compiled in reduce-overhead mode
   (CUDA graphs), the path where batch-1 decode can show FP8 speed; `greedy_decode` is the eager dynamic-cache loop.
-- `gate_baseline` keeps, from a previous run's benchmark JSON, the entries stable enough to fail a nightly on:
-  `python -m quantsuite.bench gate-baseline PREVIOUS.json OUT.json` (scripts/nightly.sh compares against OUT).
+- `gate_baseline` keeps, from a previous run's benchmark JSON, the entries stable enough to fail a nightly on
+  (the nightly's benchmark step, quantsuite/steps.py, compares against it).
 
 pytest-benchmark times these closures (`tests/test_bench.py`); ratios to BF16 come from the same run.
 """
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -312,9 +311,3 @@ def gate_baseline(previous: Path, out: Path) -> int:
     Path(out).write_text(json.dumps(data))
     return len(data["benchmarks"])
 
-
-if __name__ == "__main__":
-    if len(sys.argv) != 4 or sys.argv[1] != "gate-baseline":
-        sys.exit("usage: python -m quantsuite.bench gate-baseline PREVIOUS.json OUT.json")
-    kept = gate_baseline(Path(sys.argv[2]), Path(sys.argv[3]))
-    print(f"gate baseline: {kept} benchmarks of {sys.argv[2]} ({', '.join(GATED_KINDS)}, >= {GATED_MIN_TOKENS} tokens)")

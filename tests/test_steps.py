@@ -1,27 +1,21 @@
-"""The nightly (scripts/nightly.sh): its regression gate (+ quantsuite.bench.gate_baseline): a benchmark run compared
-against an earlier run fails when a gated benchmark's median got slower by more than the script's threshold,
-passes against itself, and ignores benchmarks that are not gated (host-bound ones vary 20-80% run to run); and its
-steps, run together or as separate jobs (STEPS), each with its wall time and exit status recorded."""
+"""The nightly (scripts/nightly.sh -> quantsuite.steps): its regression gate (+ quantsuite.bench.gate_baseline): a
+benchmark run compared against an earlier run fails when a gated benchmark's median got slower by more than the gate,
+passes against itself, and ignores benchmarks that are not gated (host-bound ones vary run to run); and its steps, run
+together or as separate jobs (STEPS), each with its wall time and exit status recorded."""
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import uuid
 from pathlib import Path
 
 from quantsuite.bench import gate_baseline
+from quantsuite.steps import GATE
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _gate() -> str:
-    found = re.search(r"--benchmark-compare-fail=([\w.:%]+)", (ROOT / "scripts" / "nightly.sh").read_text())
-    assert found, "scripts/nightly.sh lost its --benchmark-compare-fail gate"
-    return found.group(1)
 
 
 def _benchmark_run(tmp_path: Path, cache_dir: str, *extra: str) -> subprocess.CompletedProcess:
@@ -60,7 +54,7 @@ def test_gate_fails_on_a_prefill_regression_only(tmp_path, pytestconfig, workben
 
     def compared_with(baseline: Path) -> subprocess.CompletedProcess:
         return _benchmark_run(tmp_path, cache_dir, f"--benchmark-compare={baseline}", "--benchmark-compare-fail",
-                              _gate())  # fmt: skip
+                              GATE)  # fmt: skip
 
     # Baselines 100x apart from this run, so the outcome does not hang on this machine's timing noise.
     regressed = compared_with(_baseline(data, {"real_fp8_prefill": 100, "real_fp8_decode": 0.01},
@@ -104,5 +98,19 @@ def test_steps_run_as_separate_jobs_and_record_their_times():
 def test_an_unknown_step_is_refused_naming_the_steps():
     done, steps = _nightly("schemes bogus", "true")
     assert done.returncode == 2
-    assert "STEPS has 'bogus'; accepted steps: schemes research vllm-speed benchmark" in done.stderr
+    assert "nightly: STEPS has 'bogus'; accepted steps: schemes research vllm-speed benchmark" in done.stderr
     assert not steps.exists()
+
+
+def test_ci_stops_at_the_first_failing_pass(tmp_path):
+    """CI's passes run in order with the same extra arguments; a failing pass ends the run with its status."""
+    log = tmp_path / "calls"
+    stand_in = f"bash -c 'echo \"$*\" >> {log}; exit $FAIL' pytest"
+    for fail, calls in (("0", 2), ("3", 1)):
+        log.unlink(missing_ok=True)
+        env = os.environ | {"PYTEST": stand_in, "FAIL": fail}
+        done = subprocess.run([sys.executable, "-m", "quantsuite.steps", "ci", "-k", "x"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert done.returncode == int(fail), done.stderr
+        lines = log.read_text().splitlines()
+        assert len(lines) == calls and all(line.endswith("--run-id=latest-tiny -k x") for line in lines), lines

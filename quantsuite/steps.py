@@ -1,0 +1,142 @@
+"""The steps of a run, declared once: CI's two passes and the GPU nightly's four steps. `scripts/test.sh` (what CI and
+`make test` run) and `scripts/nightly.sh` (the GPU workflow, `make nightly`) only call this.
+
+    python -m quantsuite.steps ci [pytest args]   # CI: every test on 2 xdist workers, then the benchmarks
+    python -m quantsuite.steps nightly            # the GPU nightly; settings from the environment (scripts/nightly.sh)
+
+CI stops at the first failing pass. The nightly runs every step it is given even after one fails (the report then
+shows where the scheme broke), records each step's wall time and exit status in reports/<RUN_ID>-nightly-steps.tsv,
+and exits non-zero at the end if any failed.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GATE = "median:10%"  # the nightly fails on a gated benchmark's median more than this slower than COMPARE's
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    args: tuple[str, ...]  # pytest arguments
+    parallel: bool = False  # spread over the run's workers (CI: 2 CPU workers; nightly: one per GPU)
+    env: dict[str, str] = field(default_factory=dict)  # defaults; the caller's environment wins
+
+
+CI_RUN_ID = "latest-tiny"  # one run id for both passes: the report joins this run's results only
+CI = (
+    # everything but the benchmarks, vLLM tests grouped on one worker
+    Step("tests", ("-m", "not benchmark", "--durations=25"), parallel=True),
+    # the benchmarks in one process (never under xdist); they write their JSON and the run's report
+    Step("benchmarks", ("-m", "benchmark", "--benchmark-disable-gc", "-p", "no:xdist", "--benchmark-json",
+                        "reports/benchmarks-tiny.json", "--durations=15"),
+         env={"QUANTSUITE_BENCH_ROUNDS": "3", "QUANTSUITE_BENCH_WARMUP": "1"}),
+)  # fmt: skip
+
+NIGHTLY = (
+    # 1. schemes, exports, drift, vLLM verdicts: one scheme per GPU when there are several
+    Step("schemes", ("-m", "autoquant or export or drift or vllm_compat", "--no-report"), parallel=True),
+    # 2. research (method comparison, Pareto sweep, optimality gap) and the report's own checks
+    Step("research", ("tests/test_report.py", "-p", "no:xdist", "--no-report")),
+    # 3. vLLM speed, BF16 and each scheme alternating inside one test (CUDA graphs)
+    Step("vllm-speed", ("-m", "paired", "--no-report"), parallel=True),
+    # 4. PyTorch benchmarks in one process; this step writes the report from everything the earlier ones left
+    Step("benchmark", ("-m", "benchmark and not paired", "--benchmark-disable-gc", "-p", "no:xdist")),
+)
+# Prefill benchmarks at a compute-bound shape (docs/benchmarks.md); compiled batch-1 decode for one scheme
+NIGHTLY_ENV = {"QUANTSUITE_BENCH_BATCH": "8", "QUANTSUITE_BENCH_PREFILL_TOKENS": "1024",
+               "QUANTSUITE_COMPILED_DECODE_SCHEMES": "fp8_modelopt_default"}  # fmt: skip
+
+
+def _pytest() -> list[str]:
+    """The pytest command: $PYTEST (tests stand in `true` / `false`), else this interpreter's pytest."""
+    return shlex.split(os.environ.get("PYTEST") or f"{shlex.quote(sys.executable)} -m pytest")
+
+
+def _run(command: list[str], env: dict[str, str]) -> int:
+    return subprocess.run(command, cwd=ROOT, env=env | os.environ).returncode
+
+
+def ci(pytest_args: list[str]) -> int:
+    """CI's passes in order with the same extra pytest arguments; the first failing one's exit status."""
+    for step in CI:
+        workers = ["-n", "2", "--dist", "loadgroup"] if step.parallel else []
+        status = _run([*_pytest(), *workers, *step.args, f"--run-id={CI_RUN_ID}", *pytest_args], step.env)
+        if status:
+            return status
+    return 0
+
+
+def nightly() -> int:
+    """The nightly steps named in $STEPS (default: all, in order); see scripts/nightly.sh for the settings."""
+    env = os.environ
+    names = env.get("STEPS", "").split() or [step.name for step in NIGHTLY]
+    accepted = " ".join(step.name for step in NIGHTLY)
+    for name in names:
+        if name not in accepted.split():
+            print(f"nightly: STEPS has '{name}'; accepted steps: {accepted}", file=sys.stderr)
+            return 2
+    run_id = env.get("RUN_ID") or time.strftime("nightly-%Y%m%d")
+    gpus = int(env.get("GPUS") or _cuda_devices())
+    common = [f"--model={env.get('QUANTSUITE_MODEL') or 'qwen2.5-vl-3b-shape'}", "--drop-exports",
+              f"--run-id={run_id}", *(f"--scheme={name}" for name in env.get("SCHEMES", "").split())]  # fmt: skip
+    table = ROOT / "reports" / f"{run_id}-nightly-steps.tsv"
+    table.parent.mkdir(parents=True, exist_ok=True)
+    if not table.exists():  # steps run as separate jobs add their rows to one table
+        table.write_text("step\tseconds\texit\n")
+    failed = []
+    for step in (step for step in NIGHTLY if step.name in names):
+        extra = ["-n", str(gpus), "--dist", "loadgroup"] if step.parallel and gpus > 1 else []
+        if step.name == "benchmark":
+            extra += [f"--benchmark-json=reports/{run_id}-benchmarks.json", *_gate_args(run_id)]
+        started = time.monotonic()
+        status = _run([*_pytest(), *step.args, *common, *extra], NIGHTLY_ENV)
+        seconds = round(time.monotonic() - started)
+        with table.open("a") as rows:
+            rows.write(f"{step.name}\t{seconds}\t{status}\n")
+        print(f"nightly: step {step.name} took {seconds} s, exit {status}", file=sys.stderr)
+        failed += [step.name] if status else []
+    print(f"report: reports/{run_id}/report.md; step times: {table.relative_to(ROOT)}")
+    if failed:
+        print(f"nightly: failed steps: {' '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cuda_devices() -> int:
+    import torch
+
+    return max(torch.cuda.device_count(), 1)
+
+
+def _gate_args(run_id: str) -> list[str]:
+    """With $COMPARE (an earlier run's benchmark JSON): fail on a regression of the benchmarks that repeat
+    (quantsuite/bench.py GATED_KINDS), compared against a baseline holding only those."""
+    previous = os.environ.get("COMPARE")
+    if not previous:
+        return []
+    from quantsuite.bench import gate_baseline
+
+    baseline = ROOT / "reports" / f"{run_id}-gate-baseline.json"
+    gate_baseline(Path(previous), baseline)
+    return [f"--benchmark-compare={baseline}", f"--benchmark-compare-fail={GATE}"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in ("ci", "nightly"):
+        print("usage: python -m quantsuite.steps ci [pytest args] | nightly", file=sys.stderr)
+        return 2
+    return ci(argv[1:]) if argv[0] == "ci" else nightly()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
