@@ -15,6 +15,7 @@ from pathlib import Path
 from quantsuite.catalog import Catalog
 from quantsuite.data import DataConfig
 from quantsuite.models import ModelSpec
+from quantsuite.stages.benchmarks import Benchmarks
 from quantsuite.stages.context import REPORTS_DIR, RunContext
 from quantsuite.stages.drift import Drift
 from quantsuite.stages.export import Exports
@@ -25,7 +26,8 @@ from quantsuite.stages.vllm import VllmChecks
 
 
 class Workbench:
-    """One run's stages, left to right: scores -> schemes -> exports -> drift / vllm; research on scores + drift."""
+    """One run's stages, left to right: scores -> schemes -> exports -> drift / vllm; research on scores + drift;
+    benchmarks (what pytest-benchmark timed, as the report reads it)."""
 
     def __init__(self, model_spec: ModelSpec, data_config: DataConfig, catalog: Catalog, cache_root: Path,
                  reports_dir: Path = REPORTS_DIR, live_models: int | None = None,
@@ -37,3 +39,4 @@ class Workbench:
         self.drift = Drift(self.context, self.schemes, self.exports)
         self.vllm = VllmChecks(self.context, self.schemes, self.exports)
         self.research = Research(self.context, self.scores, self.drift)
+        self.benchmarks = Benchmarks(self.context)

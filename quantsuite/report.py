@@ -38,7 +38,7 @@ def _load_dir(path: Path, results_of: str | None = None) -> dict[str, dict]:
 
 @dataclass(frozen=True)
 class BenchmarkResults:
-    """What the report takes from one pytest-benchmark JSON file.
+    """What the report takes from the benchmarks stage (reports/benchmarks/<model>/).
 
     tokens_per_s: scheme -> {kind: tokens/s of the median round}; paired: scheme -> {kind: median of per-round
     ratios to BF16} for benchmarks that alternate BF16 and the scheme (no separate BF16 entry); context: device,
@@ -50,23 +50,19 @@ class BenchmarkResults:
     context: dict = field(default_factory=dict)
 
 
-def read_benchmarks(benchmark_json: Path | None) -> BenchmarkResults:
-    if not benchmark_json or not Path(benchmark_json).is_file():
-        return BenchmarkResults()
+def read_benchmarks(reports_dir: Path, model: str, results_of: str | None = None) -> BenchmarkResults:
+    """The benchmarks stage's results (reports/benchmarks/<model>/, one part per kind) of run `results_of`."""
     results = BenchmarkResults()
-    for entry in json.loads(Path(benchmark_json).read_text()).get("benchmarks", []):
-        info = entry.get("extra_info", {})
-        scheme = info.get("scheme")
-        if not scheme:
-            continue
-        for key in ("device", "versions", "prefill_shape"):
-            results.context.setdefault(key, info.get(key))
-        if info.get("tokens"):
-            results.tokens_per_s.setdefault(scheme, {})[info["kind"]] = info["tokens"] / entry["stats"]["median"]
-        if info.get("vllm_output_tokens_per_s"):  # timed inside the vLLM process
-            results.tokens_per_s.setdefault(scheme, {})[f"vllm_{info['vllm_check']}"] = info["vllm_output_tokens_per_s"]
-        if info.get("paired_ratio_median"):
-            results.paired.setdefault(scheme, {})[info["kind"]] = info["paired_ratio_median"]
+    for scheme, parts in _load_dir(Path(reports_dir) / "benchmarks" / model, results_of).items():
+        for kind, info in parts.items():
+            if not isinstance(info, dict):
+                continue  # run_id
+            for key in ("device", "versions", "prefill_shape"):
+                results.context.setdefault(key, info.get(key))
+            if info.get("tokens"):
+                results.tokens_per_s.setdefault(scheme, {})[kind] = info["tokens"] / info["median_s"]
+            if info.get("paired_ratio_median"):
+                results.paired.setdefault(scheme, {})[kind] = info["paired_ratio_median"]
     return results
 
 
@@ -190,8 +186,7 @@ def _vllm_sections(vllm: dict[str, dict], garbage: dict | None) -> list[str]:
     return lines
 
 
-def build_report(reports_dir: Path, model: str, run_id: str | None = None, benchmark_json: Path | None = None,
-                 results_of: str | None = None) -> Path:  # fmt: skip
+def build_report(reports_dir: Path, model: str, run_id: str | None = None, results_of: str | None = None) -> Path:
     """Write reports/<run-id>/{report.md, summary.json, *.png} from the JSON stamped with `results_of` (a run id;
     None joins everything under reports/); returns the report directory."""
     reports_dir = Path(reports_dir)
@@ -210,7 +205,7 @@ def build_report(reports_dir: Path, model: str, run_id: str | None = None, bench
     research = json.loads(research_path.read_text()) if research_path.is_file() else {}
     if results_of is not None and research.get("run_id") != results_of:
         research = {}
-    benchmarks = read_benchmarks(benchmark_json)
+    benchmarks = read_benchmarks(reports_dir, model, results_of)
     speed = benchmarks.tokens_per_s
     baseline = speed.get("bf16", {})
 
@@ -495,7 +490,5 @@ if __name__ == "__main__":
     parser.add_argument("--reports-dir", default=str(Path(__file__).resolve().parents[1] / "reports"))
     parser.add_argument("--run-id", default=None)
     parser.add_argument("--results-of", default=None, help="join only the JSON of this run id (default: all)")
-    parser.add_argument("--benchmark-json", default=None)
     arguments = parser.parse_args()
-    print(build_report(Path(arguments.reports_dir), arguments.model, arguments.run_id, arguments.benchmark_json,
-                       arguments.results_of))  # fmt: skip
+    print(build_report(Path(arguments.reports_dir), arguments.model, arguments.run_id, arguments.results_of))

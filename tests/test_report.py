@@ -126,23 +126,32 @@ def test_rank_correlation_by_definition():
     assert spearman(first, second) != pytest.approx(rank_correlation(first, second[::-1]))
 
 
-def test_speed_ratios_come_from_the_benchmark_json(tmp_path, report_dir, workbench):
-    """Ratios to BF16 are computed from the same benchmark JSON (same run, same device)."""
-    entries = [
-        {"stats": {"median": median}, "extra_info": {"scheme": name, "kind": "fake_quant_prefill", "tokens": 100}}
-        for name, median in (("bf16", 0.1), ("fp8_autoquant_top50", 0.2))
-    ] + [{"stats": {"median": 0.1}, "extra_info": {"scheme": "fp8_autoquant_top50", "kind": "real_fp8_prefill_paired",
-                                                   "tokens": 100, "paired_ratio_median": 1.25}}]  # fmt: skip
-    (tmp_path / "bench.json").write_text(json.dumps({"benchmarks": entries}))
+def test_speed_ratios_come_from_the_benchmarks_stage(tmp_path, workbench):
+    """Ratios to BF16 are computed from the benchmarks stage's parts of one run (same run, same device); another
+    run's benchmarks are not joined."""
+    from quantsuite.pipeline import Workbench
+
     context = workbench.context
-    out = build_report(
-        context.reports_dir, context.model_tag, f"test-speed-{context.model_tag}", tmp_path / "bench.json"
-    )
-    line = next(
-        row for row in (out / "report.md").read_text().splitlines() if row.startswith("| fp8_autoquant_top50 |")
-    )
+    bench = Workbench(context.model_spec, context.data_config, context.catalog, context.cache.root, tmp_path,
+                      run_id="speed")  # fmt: skip
+    for name in ("bf16", "fp8_autoquant_top50"):
+        bench.schemes.result(context.catalog.scheme(name))  # this run's manifests (from the cache)
+    for name, median in (("bf16", 0.1), ("fp8_autoquant_top50", 0.2)):
+        bench.benchmarks.record({"scheme": name, "kind": "fake_quant_prefill", "tokens": 100}, median)
+    bench.benchmarks.record({"scheme": "fp8_autoquant_top50", "kind": "real_fp8_prefill_paired", "tokens": 100,
+                             "paired_ratio_median": 1.25}, 0.1)  # fmt: skip
+    out = build_report(tmp_path, context.model_tag, "speed-report", results_of="speed")
+    rows = (out / "report.md").read_text().splitlines()
+    line = next(row for row in rows if row.startswith("| fp8_autoquant_top50 |"))
     assert "fake_quant_prefill:0.50x" in line
     assert "real_fp8_prefill_paired:1.25x" in line, "paired benchmarks carry their own BF16 rounds"
+    later = Workbench(context.model_spec, context.data_config, context.catalog, context.cache.root, tmp_path,
+                      run_id="later")  # fmt: skip
+    for name in ("bf16", "fp8_autoquant_top50"):
+        later.schemes.result(context.catalog.scheme(name))
+    line = next(row for row in (build_report(tmp_path, context.model_tag, "later-report", results_of="later")
+                                / "report.md").read_text().splitlines() if row.startswith("| fp8_autoquant_top50 |"))
+    assert "fake_quant_prefill" not in line, "another run's benchmarks were joined"
 
 
 def test_report_joins_one_run(tmp_path, workbench, catalog):

@@ -1,5 +1,5 @@
 """Session fixtures: the catalog, model and data settings, one Workbench per process, a scheme's fake-quant model
-and export, and vLLM's environment and service."""
+and export, and vLLM's environment and service; each benchmark's timing handed to the benchmarks stage."""
 
 from __future__ import annotations
 
@@ -97,3 +97,14 @@ def vllm_service(pytestconfig, vllm_python, workbench):
         except VllmUnsupportedHere as error:
             pytest.skip(f"this machine cannot run vLLM's checks: {error}")
         yield service
+
+
+@pytest.fixture(autouse=True)
+def _benchmark_published(request):
+    """After a test that timed something with pytest-benchmark: its median round and extra_info go to the benchmarks
+    stage (reports/benchmarks/), which the report reads."""
+    yield
+    benchmark, bench = request.node.funcargs.get("benchmark"), request.node.funcargs.get("workbench")
+    if benchmark is None or bench is None or getattr(benchmark, "stats", None) is None:  # not timed (or disabled)
+        return
+    bench.benchmarks.record(dict(benchmark.extra_info), benchmark.stats.stats.median)

@@ -79,13 +79,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     reports = Path(config.getoption("--reports-dir"))
     tag = settings(config).model_spec.tag
     if (reports / "manifests" / tag).is_dir():
-        benchmark_json = getattr(config.option, "benchmark_json", None)  # a Path (pytest-benchmark >= 5)
-        if hasattr(benchmark_json, "flush") and not benchmark_json.closed:  # older versions: an open file
-            benchmark_json.flush()
-        path = getattr(benchmark_json, "name", None) if hasattr(benchmark_json, "flush") else benchmark_json
         run_id = config.getoption("--run-id")
         try:
-            out = build_report(reports, tag, run_id, Path(path) if path else None, results_of=run_id)
+            out = build_report(reports, tag, run_id, results_of=run_id)
         except FileNotFoundError as error:  # the run made no manifest (it failed before): nothing to join
             print(f"\nquantsuite report not written: {error}")
             return
