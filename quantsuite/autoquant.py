@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from quantsuite.catalog import VISION_PATTERN, SchemeSpec, block_index
+from quantsuite.data import model_inputs
 
 NO_QUANT = "NONE"
 
@@ -49,12 +50,6 @@ class ScoringPlan:
     calibration: str = "text"  # text | image_text: what the scoring batches are (SchemeSpec.calibration)
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
-    """The model's inputs of `batch` on `device` (an image prompt's `measure_mask` is the drift stage's, not the
-    model's)."""
-    return {key: value.to(device) for key, value in batch.items() if key != "measure_mask"}
-
-
 def run_scoring(
     model: torch.nn.Module, plan: ScoringPlan, batches: list[dict], device: torch.device, target_bits: float = 12.0
 ) -> dict:
@@ -66,7 +61,7 @@ def run_scoring(
     import modelopt.torch.quantization as mtq
 
     def forward_step(module: torch.nn.Module, batch: dict):
-        output = module(**_to_device(batch, device))
+        output = module(**model_inputs(batch, device, labels=True))
         return output.logits if plan.method == "kl_div" else output
 
     _, state = mtq.auto_quantize(
@@ -252,7 +247,7 @@ def resolve_config(state: dict, scheme: SchemeSpec) -> Resolution:
 def calibrate_loop(batches: list[dict], device: torch.device, description: str):
     def forward_loop(model: torch.nn.Module) -> None:
         for batch in tqdm(batches, desc=description, leave=False):
-            model(**_to_device(batch, device))
+            model(**model_inputs(batch, device, labels=True))
 
     return forward_loop
 

@@ -229,6 +229,13 @@ def load_image_splits(config: DataConfig) -> CaptionSplits | None:
     return splits
 
 
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device, labels: bool = False) -> dict:
+    """What the model reads of a batch, on `device`: every key but `measure_mask` (which positions drift measures)
+    and, unless `labels`, the labels (scoring's loss needs them; a forward that only reads logits does not)."""
+    left_out = {"measure_mask"} | (set() if labels else {"labels"})
+    return {key: value.to(device) for key, value in batch.items() if key not in left_out}
+
+
 def split_batches(splits: CaptionSplits, split: str, samples: int | None, tokenizer, config: DataConfig,
                   image_processor=None) -> list[dict[str, torch.Tensor]]:  # fmt: skip
     """The first `samples` captions of `split` (all of them for None) as causal-LM batches (`tokenize_batches`),
@@ -269,7 +276,8 @@ def image_caption_batches(captions: tuple[Caption, ...] | list[Caption], tokeniz
     """Batches of image prompts: `<|vision_start|>` + the image's tokens + `<|vision_end|>` + the caption (cut to
     `sequence_length` tokens) + EOS, right-padded. Each image is resized to `image_size` square and read by the
     model's image processor. Besides the causal-LM keys (labels only on the caption and EOS), each batch has
-    `pixel_values`, `image_grid_thw` and `measure_mask`: the positions whose next token is a caption token (from
+    `pixel_values`, `image_grid_thw`, `mm_token_type_ids` (1 at the image's tokens) and `measure_mask`: the
+    positions whose next token is a caption token (from
     `<|vision_end|>` on), where drift is measured."""
     from PIL import Image
 
@@ -302,5 +310,8 @@ def image_caption_batches(captions: tuple[Caption, ...] | list[Caption], tokeniz
             batch["attention_mask"][index, : len(row)] = 1
             batch["labels"][index, : len(row)] = torch.tensor(label)
             batch["measure_mask"][index, : len(row)] = torch.tensor(measure)
-        batches.append(batch | {"pixel_values": pixels["pixel_values"], "image_grid_thw": pixels["image_grid_thw"]})
+        # mm_token_type_ids (1 at the image's tokens): without it transformers gives the image prompt 1-D positions
+        # instead of Qwen2.5-VL's 3-D M-RoPE ones, which is not what the model computes when served
+        batches.append(batch | {"pixel_values": pixels["pixel_values"], "image_grid_thw": pixels["image_grid_thw"],
+                                "mm_token_type_ids": (batch["input_ids"] == pad).int()})  # fmt: skip
     return batches

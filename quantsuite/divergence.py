@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quantsuite.data import IGNORE_INDEX
+from quantsuite.data import IGNORE_INDEX, model_inputs
 from quantsuite.models import language_model
 
 
@@ -35,7 +35,6 @@ class Capture:
     hidden: dict[str, torch.Tensor]  # "block.N" / "final_norm" -> (tokens, hidden)
 
 
-IMAGE_INPUTS = ("pixel_values", "image_grid_thw")  # what an image prompt's batch adds to the model's inputs
 
 
 @torch.no_grad()
@@ -60,9 +59,7 @@ def capture(model: torch.nn.Module, batches: list[dict], device: torch.device) -
         for batch in batches:
             mask = batch.get("measure_mask", batch["attention_mask"]).bool()
             masks.append(mask)
-            images = {key: batch[key].to(device) for key in IMAGE_INPUTS if key in batch}
-            output = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                           **images)  # fmt: skip
+            output = model(**model_inputs(batch, device))
             logits.append(output.logits[mask.to(output.logits.device)].float().cpu())
             shifted = torch.full_like(batch["labels"], IGNORE_INDEX)
             shifted[:, :-1] = batch["labels"][:, 1:]
@@ -197,8 +194,7 @@ def activation_clipping(model: torch.nn.Module, batches: list[dict], device: tor
             ids = batch["input_ids"]
             image_positions.append(ids == image_token_id)
             batch_text.append(batch["attention_mask"].bool() & (ids != image_token_id))
-            images = {key: batch[key].to(device) for key in IMAGE_INPUTS if key in batch}
-            model(input_ids=ids.to(device), attention_mask=batch["attention_mask"].to(device), **images)
+            model(**model_inputs(batch, device))
     finally:
         for handle in handles:
             handle.remove()

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from quantsuite.data import (
     BUNDLED_CAPTIONS,
@@ -179,3 +180,31 @@ def test_image_prompt_batches_label_the_caption_only():
         assert labels[labels != IGNORE_INDEX].tolist() == text
         assert int(measured.sum()) == len(text) and bool(measured[17]) and not bool(measured[16])
 
+
+
+def test_image_prompts_get_the_3d_positions_a_served_model_uses():
+    """The tiny model reads our image prompt with Qwen2.5-VL's 3-D M-RoPE positions (what vLLM and the model's own
+    processor give it): the logits equal those with the positions get_rope_index computes, and differ from those
+    of the same batch without mm_token_type_ids, where transformers quietly falls back to 1-D positions (every image
+    figure was measured so until vLLM disagreed: 40x the text floor on the tiny BF16 export)."""
+    from quantsuite.models import ModelSpec, load_model
+
+    tokenizer, image_processor = load_tokenizer(TINY_DIR), load_image_processor(TINY_DIR)
+    captions = load_image_splits(DataConfig()).evaluation[:2]
+    (batch,) = image_caption_batches(captions, tokenizer, image_processor, batch_size=2, sequence_length=64,
+                                     image_size=112)  # fmt: skip
+    pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert torch.equal(batch["mm_token_type_ids"], (batch["input_ids"] == pad).int())
+    model = load_model(ModelSpec("tiny")).model
+    inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
+    positions, _ = model.model.get_rope_index(batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
+                                              image_grid_thw=batch["image_grid_thw"],
+                                              attention_mask=batch["attention_mask"])  # fmt: skip
+    assert positions.shape[0] == 3 and not torch.equal(positions[1], positions[2]), "no 3-D positions"
+    with torch.no_grad():
+        ours = model(**inputs, mm_token_type_ids=batch["mm_token_type_ids"]).logits
+        explicit = model(**inputs, position_ids=positions).logits
+        one_d = model(**inputs).logits
+    mask = batch["measure_mask"]
+    assert torch.equal(ours[mask], explicit[mask])
+    assert not torch.allclose(ours[mask], one_d[mask], atol=1e-3)
