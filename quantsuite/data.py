@@ -271,6 +271,14 @@ def tokenize_batches(
     return batches
 
 
+def prompt_image(path: str | Path, image_size: int):
+    """The image of an image prompt as the model's processor gets it: RGB, resized to `image_size` square (bicubic)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC)
+
+
 def image_caption_batches(captions: tuple[Caption, ...] | list[Caption], tokenizer, image_processor, batch_size: int,
                           sequence_length: int, image_size: int) -> list[dict[str, torch.Tensor]]:  # fmt: skip
     """Batches of image prompts: `<|vision_start|>` + the image's tokens + `<|vision_end|>` + the caption (cut to
@@ -279,18 +287,13 @@ def image_caption_batches(captions: tuple[Caption, ...] | list[Caption], tokeniz
     `pixel_values`, `image_grid_thw`, `mm_token_type_ids` (1 at the image's tokens) and `measure_mask`: the
     positions whose next token is a caption token (from
     `<|vision_end|>` on), where drift is measured."""
-    from PIL import Image
-
     start, pad, end = (tokenizer.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|image_pad|>",
                                                                      "<|vision_end|>"))  # fmt: skip
     merge = image_processor.merge_size**2
     batches = []
     for first in range(0, len(captions), batch_size):
         chunk = captions[first : first + batch_size]
-        images = []
-        for caption in chunk:
-            with Image.open(caption.image) as image:
-                images.append(image.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC))
+        images = [prompt_image(caption.image, image_size) for caption in chunk]
         pixels = image_processor(images=images, return_tensors="pt")
         rows, labels, measured = [], [], []
         for caption, grid in zip(chunk, pixels["image_grid_thw"], strict=True):

@@ -81,6 +81,8 @@ def test_noise_floor_is_small(workbench, vllm_python, vllm_service):
     floor = workbench.vllm.check(workbench.context.reference_scheme(), check, vllm_service)
     assert not floor.get("error"), floor["error"]
     assert floor["teacher_forced"]["logprob_mae"] <= FLOOR_MAX, floor["teacher_forced"]
+    if workbench.vllm.image_inputs is not None:  # image prompts: the same bound
+        assert floor["images"]["logprob_mae"] <= FLOOR_MAX, floor["images"]
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +155,8 @@ def test_separate_engine_core_ends_with_its_engine(workbench, vllm_service):
     # with the CPU's options the engine core did not start on one H200 (run gpu-18)
     workbench.context.release()
     options = engine_options(workbench.context.device, "check") | {"separate_engine_core": True}  # BF16: no patch
-    before = set(descendants(vllm_service.process.pid))  # the server's own (earlier tests' compile workers)
+    # the server's own (earlier tests' compile workers); none when this test is the first to start the server
+    before = set(descendants(vllm_service.process.pid)) if vllm_service.process else set()
     with vllm_service.engine(export_dir, options, name="separate-core") as engine:
         assert not engine.error, engine.error
         running = [pid for pid in descendants(vllm_service.process.pid) if pid not in before]
@@ -194,6 +197,29 @@ def test_garbage_load_is_not_called_compatible(tmp_path, workbench, catalog, vll
     record = {"teacher_forced": result["teacher_forced"], "floor": floor, "error_ratio": decision.error_ratio}
     workbench.vllm.publish_control("garbage_load", record)
     assert not decision.compatible, decision.text
+
+
+@vllm
+def test_image_prompts_judged_against_1d_positions_fail(workbench, catalog, vllm_python, vllm_service, monkeypatch):
+    """Planted fault: the PyTorch reference reads the image prompts with 1-D positions (their batches without
+    mm_token_type_ids, as the suite's own image measurements did before vLLM disagreed). vLLM's scores of the BF16
+    export are then far from it, and the image-prompt verdict must call that incompatible."""
+    images = workbench.vllm.image_inputs
+    if images is None:
+        pytest.skip("the data has no images (--calib-data without --images-dir)")
+    bf16 = catalog.scheme("bf16")
+    check = workbench.vllm.backend(vllm_python)
+    own = workbench.vllm.check(bf16, check, vllm_service)  # the floor, with the right reference, before the fault
+    assert own.get("images"), own.get("error")
+    wrong = [{key: value for key, value in batch.items() if key != "mm_token_type_ids"} for batch in images["batches"]]
+    monkeypatch.setitem(images, "batches", wrong)
+    result = workbench.vllm.run(vllm_service, workbench.exports.path(bf16), check)  # reference computed afresh
+    assert result.get("loaded"), result.get("error")
+    decision = workbench.vllm.decide_images(result["images"], check, vllm_service)
+    workbench.vllm.publish_control("image_reference_with_1d_positions", {
+        "images": result["images"], "floor": decision["floor"], "error_ratio": decision["error_ratio"],
+        "bound": decision["bound"]})  # fmt: skip
+    assert not decision["compatible"], decision["text"]
 
 
 @vllm

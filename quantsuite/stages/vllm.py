@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from quantsuite.bounds import VLLM_RATIO
 from quantsuite.cache import code_hash
 from quantsuite.catalog import SchemeSpec, VllmOutcome
 from quantsuite.checkpoint import load_export
+from quantsuite.data import prompt_image
 from quantsuite.stages.context import RunContext, free_memory
 from quantsuite.stages.export import Exports
 from quantsuite.stages.scheme import Schemes
@@ -31,6 +33,7 @@ from quantsuite.vllm import speed as vllm_speed
 from quantsuite.vllm import verdict as vllm_verdict
 
 SPEED_LOCK = "vllm-speed"  # cache.exclusive name held by every vLLM speed measurement and speed-engine load
+IMAGE_PROMPTS = 8  # the evaluation split's image prompts each load is also scored on (where the data has images)
 
 
 class TransientVllmFailure(RuntimeError):
@@ -60,6 +63,40 @@ class VllmChecks:
                                                          self.context.data_config.sequence_length)  # fmt: skip
         return sequences, vllm_verdict.prompt_token_ids(self.context.tokenizer)
 
+    @functools.cached_property
+    def image_inputs(self) -> dict | None:
+        """The first IMAGE_PROMPTS image prompts of the evaluation split as a load is scored on them (None where the
+        data is text only): `batches` (the reference's), and as vLLM gets them: `sequences` (token ids, the image's
+        tokens expanded), `images` (each prepared as the processor gets it, a PNG under the cache), `masks` (the
+        caption's positions, where they are compared) and `image_token`."""
+        context = self.context
+        if context.image_splits is None:
+            return None
+        count = min(IMAGE_PROMPTS, len(context.image_splits.evaluation))
+        batches = context.batches("evaluation", count, images=True)
+        size = context.data_config.image_size
+        folder = context.cache.root / "vllm-images" / context.image_splits.fingerprint[:20] / str(size)
+        folder.mkdir(parents=True, exist_ok=True)
+        sequences, masks, images = [], [], []
+        for index, caption in enumerate(context.image_splits.evaluation[:count]):
+            batch, row = batches[index // context.data_config.batch_size], index % context.data_config.batch_size
+            length = int(batch["attention_mask"][row].sum())
+            sequences.append(batch["input_ids"][row, :length].tolist())
+            masks.append(batch["measure_mask"][row, : length - 1].tolist())
+            path = folder / f"{index}.png"
+            if not path.is_file():  # written whole, then renamed: another worker may be writing the same file
+                temporary = folder / f".{index}.{os.getpid()}.png"
+                prompt_image(caption.image, size).save(temporary)
+                os.replace(temporary, path)
+            images.append(str(path))
+        token = context.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        return {"batches": batches, "sequences": sequences, "masks": masks, "images": images, "image_token": token}
+
+    def _image_key(self) -> dict:
+        images = self.image_inputs
+        return {} if images is None else {"image_prompts": images["sequences"],
+                                          "images": self.context.image_splits.fingerprint}  # fmt: skip
+
     def check(self, scheme: SchemeSpec, check: str, service) -> dict:
         """One vLLM check of the scheme's export: `model_free`, or a `cpu` / `cpu_patched` / `cuda` load scored
         teacher-forced (and greedily) against the PyTorch reference of the same checkpoint. Cached per (export,
@@ -69,8 +106,9 @@ class VllmChecks:
 
         code = code_hash(vllm_service, vllm_verdict, worker, cpu_fp8_compat, sys.modules[__name__])
         key = self.context.cache.key({"export": self.exports.export_key(scheme), "check": check, "code": code,
-                              "vllm": vllm_service.vllm_version(service.python), "sequences": sequences,
-                              "prompts": prompts, "tokens": vllm_verdict.GREEDY_TOKENS})  # fmt: skip
+                                      "vllm": vllm_service.vllm_version(service.python), "sequences": sequences,
+                                      "prompts": prompts, "tokens": vllm_verdict.GREEDY_TOKENS}
+                                     | self._image_key())  # fmt: skip
 
         def build(directory: Path) -> None:
             export_dir = self.exports.path(scheme)
@@ -95,8 +133,11 @@ class VllmChecks:
         (`reference`: computed once per export key and shared by every check of it). `reference_dir`: judge against
         another checkpoint's reference instead (the planted fault of a verdict fed the wrong export)."""
         sequences, prompts = self.token_inputs
+        images = self.image_inputs
         self.context.release()  # the engine gets the device: nothing of ours stays on it
         options = vllm_service.engine_options(self.context.device, "check", share=0.35)
+        if images:
+            options["images_per_prompt"] = 1
         with service.engine(export_dir, options, patch=check == "cpu_patched") as engine:
             result = {key: engine.opened.get(key) for key in ("loaded", "error", "kernels", "patches",
                                                                "load_seconds", "vllm_version")}  # fmt: skip
@@ -105,17 +146,23 @@ class VllmChecks:
                 return result
             scores = engine.call("score", prompts=sequences)
             greedy = engine.call("generate", prompts=prompts, max_tokens=vllm_verdict.GREEDY_TOKENS)
-        for answer in (scores, greedy):
+            image_scores = engine.call("score", prompts=images["sequences"], images=images["images"],
+                                       image_token=images["image_token"]) if images else {}  # fmt: skip
+        for answer in (scores, greedy, image_scores):
             if answer.get("error"):
                 return result | {"error": answer["error"]}
         reference = self.reference(export_dir, export_key) if reference_dir is None else self.reference(reference_dir)
         per_shard, fused = reference["per_shard"], reference["fused"]
-        return result | {"teacher_forced": vllm_verdict.teacher_forced(fused, scores),
-                         "teacher_forced_per_shard": vllm_verdict.teacher_forced(per_shard, scores),
-                         "fusion_effect": vllm_verdict.teacher_forced(per_shard, fused),
-                         "fused_groups": reference["fused_groups"],
-                         "greedy": vllm_verdict.agreement(reference["greedy"], greedy["outputs"]),
-                         "greedy_outputs": greedy["outputs"]}  # fmt: skip
+        result |= {"teacher_forced": vllm_verdict.teacher_forced(fused, scores),
+                   "teacher_forced_per_shard": vllm_verdict.teacher_forced(per_shard, scores),
+                   "fusion_effect": vllm_verdict.teacher_forced(per_shard, fused),
+                   "fused_groups": reference["fused_groups"],
+                   "greedy": vllm_verdict.agreement(reference["greedy"], greedy["outputs"]),
+                   "greedy_outputs": greedy["outputs"]}  # fmt: skip
+        if images:  # the caption's positions after the image, against the reference with vLLM's fused scales
+            result["images"] = vllm_verdict.teacher_forced(reference["images"],
+                                                           vllm_verdict.at_positions(image_scores, images["masks"]))
+        return result
 
     def reference(self, export_dir: Path, export_key: str | None = None) -> dict:
         """What the export means, computed in PyTorch on the reloaded checkpoint: teacher-forced scores per shard
@@ -131,16 +178,19 @@ class VllmChecks:
             fused_groups = vllm_verdict.fuse_like_vllm(reloaded)  # what vLLM must compute: one scale per fused GEMM
             fused = vllm_verdict.reference_scores(reloaded, sequences, device) if fused_groups else per_shard
             greedy = vllm_verdict.reference_generate(reloaded, prompts, vllm_verdict.GREEDY_TOKENS, device)
+            images = self.image_inputs
+            image_scores = vllm_verdict.reference_image_scores(reloaded, images["batches"], device) if images else None
             del reloaded
             free_memory()
-            return {"per_shard": per_shard, "fused": fused, "fused_groups": fused_groups, "greedy": greedy}
+            return {"per_shard": per_shard, "fused": fused, "fused_groups": fused_groups, "greedy": greedy,
+                    "images": image_scores}  # fmt: skip
 
         if export_key is None:
             return compute()
         code = code_hash(vllm_verdict, checkpoint, formats, sys.modules[__name__])
         key = self.context.cache.key({"export": export_key, "code": code, "sequences": sequences,
                                       "prompts": prompts, "tokens": vllm_verdict.GREEDY_TOKENS,
-                                      "device": str(device)})  # fmt: skip
+                                      "device": str(device)} | self._image_key())  # fmt: skip
 
         def build(directory: Path) -> None:
             (directory / "reference.json").write_text(json.dumps(compute()))
@@ -163,10 +213,15 @@ class VllmChecks:
                                   "error_ratio_se": decision.error_ratio_se, "bound": decision.bound,
                                   "text": decision.text, "floor": floor}  # fmt: skip
             failures = [] if decision.compatible else [f"vLLM computes something else: {decision.text}"]
+            if result.get("images") is not None:
+                image = self.decide_images(result["images"], check, service)
+                result["image_decision"] = image
+                failures += [] if image["compatible"] else [f"vLLM computes something else on image prompts: "
+                                                            f"{image['text']}"]  # fmt: skip
         result["failures"] = failures
         keys = ("failures", "problems", "loaded", "error", "decision", "teacher_forced", "teacher_forced_per_shard",
-                "fusion_effect", "fused_groups", "greedy", "kernels", "patches", "load_seconds",
-                "vllm_version")  # fmt: skip
+                "fusion_effect", "fused_groups", "greedy", "images", "image_decision", "kernels", "patches",
+                "load_seconds", "vllm_version")  # fmt: skip
         self.context.publish_part("vllm", scheme.name, check, {k: result[k] for k in keys if result.get(k) is not None})
         return result
 
@@ -187,6 +242,19 @@ class VllmChecks:
             raise TransientVllmFailure(f"the BF16 reference did not run in vLLM ({check}), so there is no "
                                        "noise floor to judge against; see its own test")  # fmt: skip
         return vllm_verdict.decide(metrics, floor, *self.bound(scheme)), floor
+
+    def decide_images(self, metrics: dict, check: str, service) -> dict:
+        """vLLM's agreement on image prompts (caption positions) judged against the BF16 export's on the same
+        prompts, with NOISE_FACTOR: no image-prompt bound has been measured yet, so this catches a break, not a
+        small regression."""
+        floor = self.check(self.context.reference_scheme(), check, service).get("images")
+        if floor is None:
+            raise TransientVllmFailure(f"the BF16 reference has no image-prompt scores in vLLM ({check}); see its test")
+        decision = vllm_verdict.decide(metrics, floor, vllm_verdict.NOISE_FACTOR,
+                                       "NOISE_FACTOR, no measured bound for image prompts")  # fmt: skip
+        return {"compatible": decision.compatible, "error_ratio": decision.error_ratio,
+                "error_ratio_se": decision.error_ratio_se, "bound": decision.bound, "text": decision.text,
+                "floor": floor}  # fmt: skip
 
     def picked_formats(self, scheme: SchemeSpec) -> set[str]:
         """The catalog formats the scheme's pick has layers of (coverage above zero)."""

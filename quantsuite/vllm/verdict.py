@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from quantsuite.checkpoint import QUANTIZED_DTYPES, Fp8Linear, hub_name
+from quantsuite.data import model_inputs
 from quantsuite.formats import to_fp8
 from quantsuite.vllm.service import VllmService
 
@@ -147,6 +148,30 @@ def reference_scores(model: torch.nn.Module, sequences: list[list[int]], device:
         actual = log_softmax.gather(1, torch.tensor(ids[1:], device=device)[:, None])[:, 0]
         results.append({"actual_logprobs": actual.tolist(), "top1": logits.argmax(-1).tolist()})
     return {"sequences": results}
+
+
+@torch.no_grad()
+def reference_image_scores(model: torch.nn.Module, batches: list[dict], device: torch.device) -> dict:
+    """`reference_scores` of image prompts (quantsuite.data.image_caption_batches), the image read through its
+    pixels: per prompt, the logprob of the actual next token and the top-1 token at the caption's positions."""
+    results = []
+    for batch in batches:
+        logits = model(**model_inputs(batch, device)).logits.float()
+        for row in range(batch["input_ids"].shape[0]):
+            length = int(batch["attention_mask"][row].sum())
+            ids = batch["input_ids"][row, :length].to(device)
+            row_logits = logits[row, : length - 1]
+            actual = torch.log_softmax(row_logits, dim=-1).gather(1, ids[1:, None])[:, 0]
+            keep = batch["measure_mask"][row, : length - 1].to(device)
+            results.append({"actual_logprobs": actual[keep].tolist(), "top1": row_logits.argmax(-1)[keep].tolist()})
+    return {"sequences": results}
+
+
+def at_positions(scores: dict, masks: list[list[bool]]) -> dict:
+    """`score`'s answer kept at the positions each mask marks (the caption's positions of an image prompt)."""
+    return {"sequences": [{key: [value for value, kept in zip(sequence[key], mask, strict=True) if kept]
+                           for key in ("actual_logprobs", "top1")}
+                          for sequence, mask in zip(scores["sequences"], masks, strict=True)]}  # fmt: skip
 
 
 def teacher_forced(reference: dict, candidate: dict) -> dict:

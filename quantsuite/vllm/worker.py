@@ -10,7 +10,8 @@ a JSON file written atomically to the path the request names (`reply`).
 - `open` forks an engine process from the server (vLLM already imported; CUDA is never touched in the server)
   that builds `LLM(model=EXPORT, quantization="modelopt" when quantized, **options)` and then serves `call`s:
   `score` (teacher-forced: per position, the logprob of the actual next token and vLLM's top-1 token, from
-  `prompt_logprobs`), `generate` (greedy tokens with logprobs), `timed` (one timed `generate` of a workload).
+  `prompt_logprobs`; image prompts too, on engines opened with `images_per_prompt`), `generate` (greedy tokens
+  with logprobs), `timed` (one timed `generate` of a workload).
   `close` ends it; the process exit frees all its memory. An engine that dies is reported as `Crashed`.
   With `patch: true` the engine applies quantsuite's opt-in CPU FP8 compatibility layer first.
 """
@@ -123,13 +124,28 @@ class EngineCalls:
     def __init__(self, llm) -> None:
         self.llm = llm
 
-    def score(self, prompts: list[list[int]]) -> dict:
+    def score(self, prompts: list[list[int]], images: list[str] | None = None, image_token: int | None = None) -> dict:
+        """Teacher-forced scores of `prompts`; with `images` (one prepared image file per prompt) each prompt is an
+        image prompt whose image tokens are already expanded: vLLM gets them collapsed to one `image_token` with the
+        image and must expand them to the same ids."""
         from vllm import SamplingParams
 
         params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1)
-        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
+        requests = [{"prompt_token_ids": ids} for ids in prompts]
+        if images:
+            from PIL import Image
+
+            for request, ids, image in zip(requests, prompts, images, strict=True):
+                request["prompt_token_ids"] = [token for i, token in enumerate(ids)
+                                               if not (token == image_token and i and ids[i - 1] == image_token)]
+                with Image.open(image) as opened:
+                    request["multi_modal_data"] = {"image": opened.convert("RGB")}  # fmt: skip
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
         sequences = []
         for ids, output in zip(prompts, outputs, strict=True):
+            if list(output.prompt_token_ids) != list(ids):
+                raise ValueError(f"vLLM made the prompt {len(output.prompt_token_ids)} tokens, the suite's has "
+                                 f"{len(ids)} (the image's tokens expanded differently)")  # fmt: skip
             positions = output.prompt_logprobs[1:]  # position i predicts token i + 1
             actual = [float(step[token].logprob) for step, token in zip(positions, ids[1:], strict=True)]
             top1 = [next(token for token, entry in step.items() if entry.rank == 1) for step in positions]
@@ -178,10 +194,11 @@ def engine_main(request: dict, commands: int) -> None:
         # vLLM's default runs the engine core in its own process (scheduling overlaps the GPU); checks keep it in
         # this process (one process to watch), speed engines run it as users get it
         separate = options.pop("separate_engine_core", False)
+        images = options.pop("images_per_prompt", 0)  # image prompts need vLLM's multimodal inputs enabled
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if separate else "0"
         started = time.perf_counter()
         llm = LLM(model=str(export_dir), quantization="modelopt" if quantized else None, dtype="bfloat16",
-                  limit_mm_per_prompt={"image": 0, "video": 0}, seed=0, **options)  # fmt: skip
+                  limit_mm_per_prompt={"image": images, "video": 0}, seed=0, **options)  # fmt: skip
         result |= {"loaded": True, "load_seconds": time.perf_counter() - started, "vllm_version": vllm.__version__}
     except BaseException as error:
         reply(request["reply"], result | {"error": error_record(error, "load")})
