@@ -9,7 +9,7 @@ import pytest
 
 from quantsuite.pipeline import Workbench
 
-STAGES = ["context", "scores", "scheme", "export", "drift", "vllm", "research"]  # left to right
+STAGES = ["context", "scores", "scheme", "export", "drift", "vllm", "research", "benchmarks"]  # left to right
 STAGES_DIR = Path(__file__).resolve().parents[1] / "quantsuite" / "stages"
 
 
@@ -47,7 +47,7 @@ def test_a_stage_importing_a_later_one_is_caught(tmp_path, monkeypatch):
 
 def test_the_orchestrator_shares_one_context(workbench):
     stages = [workbench.scores, workbench.schemes, workbench.exports, workbench.drift, workbench.vllm,
-              workbench.research]  # fmt: skip
+              workbench.research, workbench.benchmarks]  # fmt: skip
     assert all(stage.context is workbench.context for stage in stages)
     assert workbench.exports.schemes is workbench.schemes and workbench.drift.exports is workbench.exports
 
