@@ -29,7 +29,7 @@ import torch
 
 from quantsuite.checkpoint import FP8, Fp8Linear, per_token_scale, to_fp8
 from quantsuite.formats import FP8_MAX
-from quantsuite.models import language_model
+from quantsuite.models import clear_image_positions, language_model
 
 
 class Fp8MatmulUnavailable(RuntimeError):
@@ -265,6 +265,7 @@ def greedy_decode(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) ->
     """Greedy decoding of `new_tokens` after the prompt `ids` (batch x prompt) with transformers' dynamic cache:
     a plain loop over forward calls, the KV growing by one token per step (no fixed shapes: eager kernels, bound by
     the host at batch 1 on a GPU). Returns the new tokens (batch x new_tokens)."""
+    clear_image_positions(model)  # positions from 0, not an earlier image prompt's
     output = model(input_ids=ids, use_cache=True)
     tokens = [output.logits[:, -1:].argmax(-1)]
     for _ in range(new_tokens - 1):

@@ -211,6 +211,15 @@ def language_model(model: torch.nn.Module) -> torch.nn.Module:
     return model.model.language_model
 
 
+def clear_image_positions(model: torch.nn.Module) -> None:
+    """Forget the M-RoPE offsets Qwen2.5-VL keeps from its last image prompt (`rope_deltas`): transformers adds them
+    to the positions of every later forward on a KV cache without explicit positions, so a text decode after image
+    prompts (a model calibrated or measured on them) would take their positions, or fail on their batch size."""
+    for module in model.modules():
+        if getattr(module, "rope_deltas", None) is not None:
+            module.rope_deltas = None
+
+
 @dataclass
 class LoadedModel:
     model: torch.nn.Module

@@ -105,6 +105,7 @@ def _benchmark_published(request):
     stage (reports/benchmarks/), which the report reads."""
     yield
     benchmark, bench = request.node.funcargs.get("benchmark"), request.node.funcargs.get("workbench")
-    if benchmark is None or bench is None or getattr(benchmark, "stats", None) is None:  # not timed (or disabled)
+    stats = getattr(benchmark, "stats", None)
+    if bench is None or stats is None or not stats.stats.data:  # not timed: disabled, skipped, or failed in its rounds
         return
     bench.benchmarks.record(dict(benchmark.extra_info), benchmark.stats.stats.median)
