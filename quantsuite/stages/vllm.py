@@ -209,9 +209,7 @@ class VllmChecks:
             failures = [f"vLLM {vllm_service.error_text(result['error'])}"]
         else:
             decision, floor = self.decide(scheme, result["teacher_forced"], check, service)
-            result["decision"] = {"compatible": decision.compatible, "error_ratio": decision.error_ratio,
-                                  "error_ratio_se": decision.error_ratio_se, "bound": decision.bound,
-                                  "text": decision.text, "floor": floor}  # fmt: skip
+            result["decision"] = _decision_record(decision, floor)
             failures = [] if decision.compatible else [f"vLLM computes something else: {decision.text}"]
             if result.get("images") is not None:
                 image = self.decide_images(result["images"], check, service)
@@ -252,9 +250,7 @@ class VllmChecks:
             raise TransientVllmFailure(f"the BF16 reference has no image-prompt scores in vLLM ({check}); see its test")
         decision = vllm_verdict.decide(metrics, floor, vllm_verdict.NOISE_FACTOR,
                                        "NOISE_FACTOR, no measured bound for image prompts")  # fmt: skip
-        return {"compatible": decision.compatible, "error_ratio": decision.error_ratio,
-                "error_ratio_se": decision.error_ratio_se, "bound": decision.bound, "text": decision.text,
-                "floor": floor}  # fmt: skip
+        return _decision_record(decision, floor)
 
     def picked_formats(self, scheme: SchemeSpec) -> set[str]:
         """The catalog formats the scheme's pick has layers of (coverage above zero)."""
@@ -343,3 +339,10 @@ class VllmChecks:
         """A negative control's figures (a garbage load, a verdict fed the wrong reference) under
         reports/vllm/<model>/controls/<name>.json, which the report reads."""
         self.context.publish("vllm", f"controls/{name}", record)
+
+
+def _decision_record(decision, floor: dict) -> dict:
+    """What reports/vllm keeps of a decision (text or image prompts): its verdict, ratio, bound and the floor."""
+    return {"compatible": decision.compatible, "error_ratio": decision.error_ratio,
+            "error_ratio_se": decision.error_ratio_se, "bound": decision.bound, "text": decision.text,
+            "floor": floor}  # fmt: skip
