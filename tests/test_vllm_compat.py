@@ -215,11 +215,11 @@ def test_image_prompts_judged_against_1d_positions_fail(workbench, catalog, vllm
     monkeypatch.setitem(images, "batches", wrong)
     result = workbench.vllm.run(vllm_service, workbench.exports.path(bf16), check)  # reference computed afresh
     assert result.get("loaded"), result.get("error")
-    decision = workbench.vllm.decide_images(result["images"], check, vllm_service)
+    decision, floor = workbench.vllm.decide(bf16, result["images"], check, vllm_service, part="images")
     workbench.vllm.publish_control("image_reference_with_1d_positions", {
-        "images": result["images"], "floor": decision["floor"], "error_ratio": decision["error_ratio"],
-        "bound": decision["bound"]})  # fmt: skip
-    assert not decision["compatible"], decision["text"]
+        "images": result["images"], "floor": floor, "error_ratio": decision.error_ratio,
+        "bound": decision.bound})  # fmt: skip
+    assert not decision.compatible, decision.text
 
 
 @vllm

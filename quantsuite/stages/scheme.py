@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import sys
@@ -104,15 +105,7 @@ class Schemes:
             "formats": {name: context.catalog.formats[name].model_dump(mode="json") for name in scheme.formats},
             "code": code_hash(autoquant, manifest, formats, sys.modules[__name__]),
         }, scheme.calibration)  # fmt: skip
-        provenance = context.provenance(scheme.calibration, {
-            "calibration_samples": calibration,
-            "score_samples": scheme.score_samples or context.data_config.scoring_samples}) | {"scores_key": scores_key}
-
-        def build(directory: Path) -> None:
-            model = self._quantize(scheme, quant_config, calibration)
-            document = build_manifest(model, scheme, context.catalog, provenance, resolution)
-            (directory / "manifest.json").write_text(json.dumps(document, indent=1, sort_keys=True))
-
+        build = functools.partial(self._build, scheme, quant_config, calibration, resolution, scores_key)
         artifact_dir, reused = context.cache.get_or_build("schemes", key, build, scheme.name)
         document = json.loads((artifact_dir / "manifest.json").read_text())
         manifest_path = context.publish("manifests", scheme.name, document)
@@ -121,6 +114,16 @@ class Schemes:
         self._results[scheme.name] = result
         self._configs[scheme.name] = (quant_config, calibration)
         return result
+
+    def _build(self, scheme: SchemeSpec, quant_config: dict | None, calibration: int, resolution: Resolution | None,
+               scores_key: str | None, directory: Path) -> None:  # fmt: skip
+        """Quantize the model with `scheme`'s decisions and write its manifest into the artifact `directory`."""
+        model = self._quantize(scheme, quant_config, calibration)
+        samples = {"calibration_samples": calibration,
+                   "score_samples": scheme.score_samples or self.context.data_config.scoring_samples}
+        provenance = self.context.provenance(scheme.calibration, samples) | {"scores_key": scores_key}
+        document = build_manifest(model, scheme, self.context.catalog, provenance, resolution)
+        (directory / "manifest.json").write_text(json.dumps(document, indent=1, sort_keys=True))
 
     def model(self, scheme: SchemeSpec) -> torch.nn.Module:
         """The model quantized with `scheme` (calibrated from the stored decisions; kept for reuse)."""

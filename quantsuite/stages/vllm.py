@@ -212,10 +212,9 @@ class VllmChecks:
             result["decision"] = _decision_record(decision, floor)
             failures = [] if decision.compatible else [f"vLLM computes something else: {decision.text}"]
             if result.get("images") is not None:
-                image = self.decide_images(result["images"], check, service)
-                result["image_decision"] = image
-                failures += [] if image["compatible"] else [f"vLLM computes something else on image prompts: "
-                                                            f"{image['text']}"]  # fmt: skip
+                image, image_floor = self.decide(scheme, result["images"], check, service, part="images")
+                result["image_decision"] = _decision_record(image, image_floor)
+                failures += [] if image.compatible else [f"vLLM computes something else on image prompts: {image.text}"]
         result["failures"] = failures
         keys = ("failures", "problems", "loaded", "error", "decision", "teacher_forced", "teacher_forced_per_shard",
                 "fusion_effect", "fused_groups", "greedy", "images", "image_decision", "kernels", "patches",
@@ -232,25 +231,20 @@ class VllmChecks:
         fallback = f"NOISE_FACTOR, no recorded vLLM bound for {scheme.name} on {self.context.device_class}"
         return vllm_verdict.NOISE_FACTOR, fallback
 
-    def decide(self, scheme: SchemeSpec, metrics: dict, check: str, service):
-        """(`metrics`, vLLM's teacher-forced agreement with a reference, judged against `scheme`'s bound x the BF16
-        export's floor measured by the same check; the floor)."""
-        floor = self.check(self.context.reference_scheme(), check, service).get("teacher_forced")
+    def decide(self, scheme: SchemeSpec, metrics: dict, check: str, service, part: str = "teacher_forced"):
+        """(`metrics`, vLLM's agreement with a reference on the prompts of `part`, judged against `scheme`'s bound x
+        the BF16 export's floor measured by the same check on the same prompts; the floor). Image prompts
+        (`images`) are judged with NOISE_FACTOR: no image-prompt bound has been measured yet, so that verdict
+        catches a break, not a small regression."""
+        floor = self.check(self.context.reference_scheme(), check, service).get(part)
         if floor is None:
-            raise TransientVllmFailure(f"the BF16 reference did not run in vLLM ({check}), so there is no "
+            raise TransientVllmFailure(f"the BF16 reference has no {part} scores in vLLM ({check}), so there is no "
                                        "noise floor to judge against; see its own test")  # fmt: skip
-        return vllm_verdict.decide(metrics, floor, *self.bound(scheme)), floor
-
-    def decide_images(self, metrics: dict, check: str, service) -> dict:
-        """vLLM's agreement on image prompts (caption positions) judged against the BF16 export's on the same
-        prompts, with NOISE_FACTOR: no image-prompt bound has been measured yet, so this catches a break, not a
-        small regression."""
-        floor = self.check(self.context.reference_scheme(), check, service).get("images")
-        if floor is None:
-            raise TransientVllmFailure(f"the BF16 reference has no image-prompt scores in vLLM ({check}); see its test")
-        decision = vllm_verdict.decide(metrics, floor, vllm_verdict.NOISE_FACTOR,
-                                       "NOISE_FACTOR, no measured bound for image prompts")  # fmt: skip
-        return _decision_record(decision, floor)
+        if part == "images":
+            bound = vllm_verdict.NOISE_FACTOR, "NOISE_FACTOR, no measured bound for image prompts"
+        else:
+            bound = self.bound(scheme)
+        return vllm_verdict.decide(metrics, floor, *bound), floor
 
     def picked_formats(self, scheme: SchemeSpec) -> set[str]:
         """The catalog formats the scheme's pick has layers of (coverage above zero)."""
