@@ -386,16 +386,10 @@ def test_export_time_and_size(benchmark, workbench, scheme, scheme_result):
 def vllm_speed_baseline(workbench, vllm_service):
     """The BF16 export's vLLM engine, as users run it (CUDA graphs on a GPU), opened once per test process and
     kept alive so every scheme alternates with it round by round."""
-    from quantsuite.stages.vllm import SPEED_LOCK
-    from quantsuite.vllm.service import engine_options, error_text
+    from quantsuite.vllm.service import error_text
 
-    with contextlib.ExitStack() as stack:
-        with workbench.context.cache.exclusive(SPEED_LOCK):  # loading beside another worker's rounds would disturb them
-            export_dir = workbench.exports.path(workbench.context.reference_scheme())
-            workbench.context.release()
-            options = engine_options(workbench.context.device, "speed", share=0.3)
-            patch = workbench.context.device.type != "cuda"
-            engine = stack.enter_context(vllm_service.engine(export_dir, options, patch, name="bf16-speed"))
+    reference = workbench.context.reference_scheme()
+    with workbench.vllm.speed_engine(reference, vllm_service, name="bf16-speed") as engine:
         if engine.error:
             pytest.fail(f"the BF16 export does not load in vLLM for the speed runs: {error_text(engine.error)}")
         yield engine

@@ -288,24 +288,40 @@ class VllmChecks:
         return ratios
 
     @contextlib.contextmanager
+    def speed_engine(self, scheme: SchemeSpec, service, name: str | None = None, hold: bool = False) -> Iterator:
+        """The scheme's export in vLLM as users run it (CUDA graphs on a GPU; image prompts enabled where the data
+        has images), loaded under the host-wide SPEED_LOCK (loading beside another worker's rounds would disturb
+        them) and, with `hold`, holding it until the engine closes. The engine's `error` says why it did not load."""
+        lock = self.context.cache.exclusive(SPEED_LOCK)
+        with contextlib.ExitStack() as stack:
+            with lock:
+                export_dir = self.exports.path(scheme)
+                self.context.release()
+                patch = self.context.device.type != "cuda"
+                engine = stack.enter_context(service.engine(export_dir, self.speed_options(), patch, name))
+                if hold:
+                    stack.enter_context(lock)  # re-entered (same lock object): held until the stack closes
+            yield engine
+
+    def speed_options(self) -> dict:
+        """The speed engines' arguments (vllm.service.engine_options), with one image per prompt where the data has
+        images."""
+        options = vllm_service.engine_options(self.context.device, "speed", share=0.3)
+        return options | ({"images_per_prompt": 1} if self.image_inputs else {})
+
+    @contextlib.contextmanager
     def speed_session(self, scheme: SchemeSpec, service) -> Iterator[Callable[[object, int], dict]]:
-        """Everything a speed measurement of the scheme needs, ready before it starts: the host-wide SPEED_LOCK
-        (one measurement at a time per host: work beside the rounds moves the ratios, reports/bounds/README.md),
-        the export, and its engine
-        as users run vLLM. Raises VllmUnsupportedHere (this hardware) or RuntimeError (no load) on entry;
-        yields `measure(baseline, rounds)`."""
-        with self.context.cache.exclusive(SPEED_LOCK):
-            export_dir = self.exports.path(scheme)
-            self.context.release()
-            cuda = self.context.device.type == "cuda"
-            options = vllm_service.engine_options(self.context.device, "speed", share=0.3)
-            with service.engine(export_dir, options, patch=not cuda) as engine:
-                if vllm_service.is_unsupported_here(engine.error):
-                    raise VllmUnsupportedHere(f"{scheme.name}: {vllm_service.error_text(engine.error)}")
-                if engine.error:
-                    raise RuntimeError(f"{scheme.name}: the speed engine did not load: "
-                                       f"{vllm_service.error_text(engine.error)}")  # fmt: skip
-                yield lambda baseline, rounds: self._measure(scheme, engine, options, baseline, rounds)
+        """Everything a speed measurement of the scheme needs, ready before it starts: the export and its engine
+        (`speed_engine`), with the host-wide SPEED_LOCK held throughout (one measurement at a time per host: work
+        beside the rounds moves the ratios, reports/bounds/README.md). Raises VllmUnsupportedHere (this hardware)
+        or RuntimeError (no load) on entry; yields `measure(baseline, rounds)`."""
+        with self.speed_engine(scheme, service, hold=True) as engine:
+            if vllm_service.is_unsupported_here(engine.error):
+                raise VllmUnsupportedHere(f"{scheme.name}: {vllm_service.error_text(engine.error)}")
+            if engine.error:
+                raise RuntimeError(f"{scheme.name}: the speed engine did not load: "
+                                   f"{vllm_service.error_text(engine.error)}")  # fmt: skip
+            yield lambda baseline, rounds: self._measure(scheme, engine, self.speed_options(), baseline, rounds)
 
     def _measure(self, scheme: SchemeSpec, engine, options: dict, baseline, rounds: int) -> dict:
         """Paired with the BF16 export's engine `baseline` (already open): per workload the median per-round
@@ -318,13 +334,17 @@ class VllmChecks:
                         "checkpoint_bytes": scheme_bytes, "bf16_checkpoint_bytes": reference_bytes,
                         "weight_bytes_bound": reference_bytes / scheme_bytes}  # fmt: skip
         cuda = self.context.device.type == "cuda"
-        for workload in vllm_speed.workloads(self.context.tokenizer, captions, cuda):
+        workloads = list(vllm_speed.workloads(self.context.tokenizer, captions, cuda))
+        if self.image_inputs:
+            workloads.append(vllm_speed.image_workload(self.image_inputs, cuda))
+        for workload in workloads:
             paired = vllm_speed.paired_speed(baseline, engine, workload, rounds)
             if paired.get("error"):
                 raise TransientVllmFailure(f"{scheme.name} {workload.name}: "
                                            f"{vllm_service.error_text(paired['error'])}")  # fmt: skip
             bound = result["weight_bytes_bound"]
-            paired["bound_share"] = (paired["ratio"] - 1) / (bound - 1) if abs(bound - 1) > 1e-3 else None
+            decode = not workload.images  # prefill (image prompts) is compute-bound: no weight-bytes bound
+            paired["bound_share"] = (paired["ratio"] - 1) / (bound - 1) if decode and abs(bound - 1) > 1e-3 else None
             result["workloads"][workload.name] = paired
         self.context.publish_part("vllm", scheme.name, "speed", result)
         return result

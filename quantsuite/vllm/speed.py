@@ -1,5 +1,6 @@
 """vLLM's speed as users see it: `paired_speed` runs BF16 and a scheme alternating round by round on the same
-prompts (CUDA graphs on a GPU), ratio = median of per-round ratios, over `workloads` (a batch and batch 1).
+prompts (CUDA graphs on a GPU), ratio = median of per-round ratios, over `workloads` (a batch and batch 1) and,
+where the data has images, `image_workload` (image prompts, prefill-heavy).
 """
 
 from __future__ import annotations
@@ -13,11 +14,14 @@ from quantsuite.vllm.service import Engine
 # -- speed ----------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Workload:
-    """A fixed generation job: `prompts` x `max_tokens` new tokens (greedy, EOS ignored)."""
+    """A fixed generation job: `prompts` x `max_tokens` new tokens (greedy, EOS ignored); with `images` (one
+    prepared image file per prompt) each prompt is an image prompt whose image tokens are `image_token`."""
 
     name: str
     prompts: tuple[tuple[int, ...], ...]
     max_tokens: int
+    images: tuple[str, ...] = ()
+    image_token: int | None = None
 
 
 def workloads(tokenizer, captions: list[str], cuda: bool) -> tuple[Workload, Workload]:
@@ -34,10 +38,23 @@ def workloads(tokenizer, captions: list[str], cuda: bool) -> tuple[Workload, Wor
     return (Workload(f"batch{batch}", prompts, new_tokens), Workload("batch1", prompts[:1], single_tokens))
 
 
+def image_workload(image_inputs: dict, cuda: bool) -> Workload:
+    """Image prompts (VllmChecks.image_inputs: the evaluation split's, each an image and its caption) cycled to a
+    batch of GPU 256 / CPU 8, 8 / 4 new tokens each: prefill-heavy, the vision tower (BF16 in every scheme) and the
+    LM's prefill over image and caption. Every round processes each image afresh (EngineCalls.timed)."""
+    batch, new_tokens = (256, 8) if cuda else (8, 4)
+    count = len(image_inputs["sequences"])
+    picks = [index % count for index in range(batch)]
+    return Workload(f"images{batch}", tuple(tuple(image_inputs["sequences"][i]) for i in picks), new_tokens,
+                    tuple(image_inputs["images"][i] for i in picks), image_inputs["image_token"])  # fmt: skip
+
+
 def paired_speed(baseline: Engine, candidate: Engine, workload: Workload, rounds: int) -> dict:
     """Alternate baseline and candidate (ABBA order, one warm-up each); output tokens/s per round and the median
     of the per-round ratios candidate / baseline."""
     arguments = {"prompts": [list(p) for p in workload.prompts], "max_tokens": workload.max_tokens}
+    if workload.images:
+        arguments |= {"images": list(workload.images), "image_token": workload.image_token}
     per_round: dict[str, list[float]] = {"baseline": [], "candidate": []}
     for engine in (baseline, candidate):
         warm = engine.call("timed", **arguments)
@@ -52,7 +69,8 @@ def paired_speed(baseline: Engine, candidate: Engine, workload: Workload, rounds
             per_round[label].append(timed["output_tokens"] / timed["seconds"])
     ratios = [c / b for b, c in zip(per_round["baseline"], per_round["candidate"], strict=True)]
     batch = len(workload.prompts)
-    return {"workload": workload.name, "batch": batch, "prompt_tokens": len(workload.prompts[0]),
+    return {"workload": workload.name, "batch": batch, "prompt_tokens": statistics.mean(map(len, workload.prompts)),
+            "images": len(workload.images),
             "new_tokens": workload.max_tokens, "rounds": rounds, "baseline_tokens_per_s": per_round["baseline"],
             "candidate_tokens_per_s": per_round["candidate"], "ratios": ratios, "ratio": statistics.median(ratios),
             "baseline_ms_per_token": 1000 * batch / statistics.median(per_round["baseline"]),

@@ -11,7 +11,7 @@ a JSON file written atomically to the path the request names (`reply`).
   that builds `LLM(model=EXPORT, quantization="modelopt" when quantized, **options)` and then serves `call`s:
   `score` (teacher-forced: per position, the logprob of the actual next token and vLLM's top-1 token, from
   `prompt_logprobs`; image prompts too, on engines opened with `images_per_prompt`), `generate` (greedy tokens
-  with logprobs), `timed` (one timed `generate` of a workload).
+  with logprobs), `timed` (one timed `generate` of a workload, image prompts included).
   `close` ends it; the process exit frees all its memory. An engine that dies is reported as `Crashed`.
   With `patch: true` the engine applies quantsuite's opt-in CPU FP8 compatibility layer first.
 """
@@ -131,16 +131,7 @@ class EngineCalls:
         from vllm import SamplingParams
 
         params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1)
-        requests = [{"prompt_token_ids": ids} for ids in prompts]
-        if images:
-            from PIL import Image
-
-            for request, ids, image in zip(requests, prompts, images, strict=True):
-                request["prompt_token_ids"] = [token for i, token in enumerate(ids)
-                                               if not (token == image_token and i and ids[i - 1] == image_token)]
-                with Image.open(image) as opened:
-                    request["multi_modal_data"] = {"image": opened.convert("RGB")}  # fmt: skip
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        outputs = self.llm.generate(requests(prompts, images, image_token), params, use_tqdm=False)
         sequences = []
         for ids, output in zip(prompts, outputs, strict=True):
             if list(output.prompt_token_ids) != list(ids):
@@ -165,15 +156,40 @@ class EngineCalls:
             results.append({"token_ids": list(completion.token_ids), "logprobs": logprobs})
         return {"outputs": results}
 
-    def timed(self, prompts: list[list[int]], max_tokens: int) -> dict:
+    def timed(self, prompts: list[list[int]], max_tokens: int, images: list[str] | None = None,
+              image_token: int | None = None) -> dict:  # fmt: skip
+        """One timed greedy generation of `prompts` (EOS ignored). Image prompts (`images`, as in `score`) are
+        fresh in every call: a unique id per image and a unique prefix-cache salt, so no round reuses an earlier
+        round's processed image, vision-tower output or prefix (a prefill-heavy workload measures its prefill)."""
         from vllm import SamplingParams
 
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-        requests = [{"prompt_token_ids": ids} for ids in prompts]
+        batch = requests(prompts, images, image_token, fresh=f"{os.getpid()}-{time.perf_counter_ns()}")
         started = time.perf_counter()
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        outputs = self.llm.generate(batch, params, use_tqdm=False)
         seconds = time.perf_counter() - started
         return {"seconds": seconds, "output_tokens": sum(len(o.outputs[0].token_ids) for o in outputs)}
+
+
+def requests(prompts: list[list[int]], images: list[str] | None, image_token: int | None,
+             fresh: str | None = None) -> list[dict]:  # fmt: skip
+    """vLLM prompts for token ids; with `images` (one file per prompt) the image's expanded tokens collapse to one
+    `image_token` and the image goes in `multi_modal_data`. `fresh`: an id that makes each image and prefix new to
+    vLLM's caches (per-image `multi_modal_uuids` and the prefix cache's `cache_salt`)."""
+    batch: list[dict] = [{"prompt_token_ids": ids} for ids in prompts]
+    if not images:
+        return batch
+    from PIL import Image
+
+    for index, (request, ids, image) in enumerate(zip(batch, prompts, images, strict=True)):
+        request["prompt_token_ids"] = [token for i, token in enumerate(ids)
+                                       if not (token == image_token and i and ids[i - 1] == image_token)]  # fmt: skip
+        with Image.open(image) as opened:
+            request["multi_modal_data"] = {"image": opened.convert("RGB")}
+        if fresh is not None:
+            request["multi_modal_uuids"] = {"image": [f"{fresh}-{index}"]}
+            request["cache_salt"] = f"{fresh}-{index}"
+    return batch
 
 
 def engine_main(request: dict, commands: int) -> None:
