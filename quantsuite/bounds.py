@@ -36,6 +36,8 @@ LOOSER = {"max": max, "min": min}  # the looser of two bounds of a figure of tha
 # are measured under several (quantsuite.measure_bounds), and cache keys include those in force (stages.context)
 KERNEL_ENV_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 VLLM_RATIO = "vllm.error_ratio"  # vLLM's teacher-forced error / the BF16 export's (quantsuite.vllm.verdict.decide)
+VLLM_IMAGE_RATIO = "vllm.image_error_ratio"  # the same on image prompts, against the BF16 export's image floor
+VLLM_FIGURES = (VLLM_RATIO, VLLM_IMAGE_RATIO)
 
 # figure -> (direction of a regression's bound, its within-run standard error in drift.json or None)
 FIGURES: dict[str, tuple[Literal["max", "min"], str | None]] = {
@@ -46,6 +48,7 @@ FIGURES: dict[str, tuple[Literal["max", "min"], str | None]] = {
     "fake_vs_export.top1_agreement": ("min", "fake_vs_export.top1_agreement_se"),
     "export_fidelity.differing_code_share": ("max", None),
     VLLM_RATIO: ("max", "vllm.error_ratio_se"),
+    VLLM_IMAGE_RATIO: ("max", "vllm.image_error_ratio_se"),
 }
 
 
@@ -270,7 +273,7 @@ def verdict_limits(catalog: Catalog, scheme: SchemeSpec, model_tag: str, device_
         if borrowed:
             # vLLM's ratio grows with what a scheme quantizes (H200: top50 1.78x, default 7.29x), so a peer's does not
             # carry over to another pick: without a record of its own, VllmChecks.bound's one bound holds
-            drift_only = {figure: limit for figure, limit in borrowed[0].items() if figure != VLLM_RATIO}
+            drift_only = {figure: limit for figure, limit in borrowed[0].items() if figure not in VLLM_FIGURES}
             return drift_only, (f"{borrowed[1]} in {where}: {scheme.name} has no record of its own (record it: "
                                 f"{record.command})")  # fmt: skip
     chosen = sorted(families) or sorted(catalog.drift_default)

@@ -10,6 +10,9 @@ measurements resumes without measuring it again.
     python -m quantsuite.measure_bounds --kernels native avx2 --seeds 0   # a quicker, narrower record
     python -m quantsuite.measure_bounds --model qwen2.5-vl-3b-shape --device cuda --repeats 2 --seeds 0 1 \
         --schemes bf16 top50 top50_kv default                             # GPU
+    python -m quantsuite.measure_bounds --model tiny --schemes bf16 top50 --update   # re-measure two schemes
+
+`--update` keeps the existing record's other schemes; it must be measured under the same conditions.
 
 writes reports/bounds/<model>.json (<model>.cuda-sm90.json on an H100/H200) and a .md table beside it.
 """
@@ -34,6 +37,7 @@ from quantsuite.bounds import (
     BoundsRecord,
     derive,
     has_figure,
+    load_record,
     markdown,
     record_path,
 )
@@ -138,6 +142,22 @@ def generate(model: str, kernel_sets: list[str], seeds: list[int], workdir: Path
                         conditions=conditions_text, schemes=by_scheme)  # fmt: skip
 
 
+def updated(existing: BoundsRecord | None, measured: BoundsRecord, path: Path) -> BoundsRecord:
+    """`existing` with the schemes of `measured` re-measured (the other schemes kept): both must be measured under the
+    same conditions, k and package (and vLLM) versions; the command and `measured` say both runs."""
+    if existing is None:
+        raise SystemExit(f"--update: there is no record at {path} to update; run without --update first")
+    same = ("conditions", "k_sigma", "device")
+    if any(getattr(existing, name) != getattr(measured, name) for name in same) or any(
+            existing.measured.get(name) != measured.measured.get(name) for name in ("versions", "vllm", "gpu")):
+        raise SystemExit(f"--update: {path} was measured under other conditions or versions than this run ("
+                         f"{', '.join(same)}, versions, vLLM, GPU must match); rewrite the record without --update")
+    when = f"{measured.measured['date']}: {' '.join(sorted(measured.schemes))}"
+    return existing.model_copy(update={"schemes": existing.schemes | measured.schemes,
+                                       "measured": existing.measured | {"updated": when},
+                                       "command": f"{existing.command}; then {measured.command} --update"})
+
+
 def machine(device: str, vllm_python: Path | None) -> dict[str, str]:
     """Where this process measures: date, CPU and its kernel set, GPU, package and vLLM versions."""
     import torch
@@ -174,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parallel", type=int, default=2, help="conditions measured at once (threads shared)")
     parser.add_argument("--workdir", default=None, help="keep each condition's measurements and cache here")
     parser.add_argument("--out-dir", default=str(BOUNDS_DIR))
+    parser.add_argument("--update", action="store_true",
+                        help="replace only the measured schemes in the existing record (same conditions)")
     parser.add_argument("--condition", help=argparse.SUPPRESS)  # internal: one subprocess's kernels:seed
     parser.add_argument("--condition-out", help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
@@ -202,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
                       args.repeats, args.schemes, vllm_python)  # fmt: skip
     out = Path(args.out_dir)
     path = record_path(args.model, record.device, out)
+    if args.update:
+        record = updated(load_record(args.model, record.device, out), record, path)
     write_atomic(path, record.model_dump_json(indent=1) + "\n")
     write_atomic(path.with_suffix(".md"), markdown(record))
     print(f"wrote {path} ({len(record.schemes)} schemes; measurements in {workdir})")

@@ -35,3 +35,27 @@ def test_a_kept_workdir_is_derived_without_measuring_and_keeps_where_it_was_meas
     # one run at seed 0: the within-run standard error stands in for the kernel sets' spread
     assert bounds[VLLM_RATIO].sigma_kernels == pytest.approx(0.1)
     assert "measure_bounds --model tiny --device cpu --kernels native default --seeds 0 1" in record.command
+
+
+def test_update_replaces_only_the_measured_schemes(tmp_path):
+    """`--update` re-measures some schemes and keeps the others; a record of other conditions or versions is refused."""
+    from quantsuite.measure_bounds import updated
+
+    measured_on = {"date": "2026-12-02", "cpu": "x86_64", "cpu_capability": "AVX512", "versions": "{}"}
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+        kl = 1e-3 if name == "first" else 2e-3
+        document = {"top50": _measurement(kl, 1.5), "device_class": "cpu", "measured_on": measured_on}
+        if name == "first":
+            document["default"] = _measurement(5e-3, 4.0)
+        (tmp_path / name / "native-seed0.json").write_text(json.dumps(document))
+    first = generate("tiny", ["native"], [0], tmp_path / "first", parallel=1, k=3.0)
+    second = generate("tiny", ["native"], [0], tmp_path / "second", parallel=1, k=3.0, schemes=["top50"])
+    merged = updated(first, second, tmp_path / "tiny.json")
+    assert merged.schemes["default"] == first.schemes["default"]
+    assert merged.schemes["top50"] == second.schemes["top50"] != first.schemes["top50"]
+    assert merged.command.endswith("--schemes top50 --update") and "updated" in merged.measured
+    with pytest.raises(SystemExit, match="rewrite the record without --update"):
+        updated(first, second.model_copy(update={"k_sigma": 2.0}), tmp_path / "tiny.json")
+    with pytest.raises(SystemExit, match="no record"):
+        updated(None, second, tmp_path / "tiny.json")

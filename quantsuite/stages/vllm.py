@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from quantsuite import checkpoint, formats
-from quantsuite.bounds import VLLM_RATIO
+from quantsuite.bounds import VLLM_IMAGE_RATIO, VLLM_RATIO
 from quantsuite.cache import code_hash
 from quantsuite.catalog import SchemeSpec, VllmOutcome
 from quantsuite.checkpoint import load_export
@@ -222,29 +222,25 @@ class VllmChecks:
         self.context.publish_part("vllm", scheme.name, check, {k: result[k] for k in keys if result.get(k) is not None})
         return result
 
-    def bound(self, scheme: SchemeSpec) -> tuple[float, str]:
-        """The scheme's bound on vLLM's error as a multiple of the floor, and where from: its record's (or its
-        format peers') on this device class (quantsuite.bounds), else NOISE_FACTOR for every scheme."""
+    def bound(self, scheme: SchemeSpec, part: str = "teacher_forced") -> tuple[float, str]:
+        """The scheme's bound on vLLM's error on the prompts of `part` (captions, or `images`: image prompts) as a
+        multiple of the floor, and where from: its record's on this device class (quantsuite.bounds), else
+        NOISE_FACTOR for every scheme."""
+        figure = VLLM_IMAGE_RATIO if part == "images" else VLLM_RATIO
         limits, where = self.context.verdict_limits(scheme)
-        if VLLM_RATIO in limits:
-            return limits[VLLM_RATIO].bound, where
-        fallback = f"NOISE_FACTOR, no recorded vLLM bound for {scheme.name} on {self.context.device_class}"
+        if figure in limits:
+            return limits[figure].bound, where
+        fallback = f"NOISE_FACTOR, no recorded {figure} bound for {scheme.name} on {self.context.device_class}"
         return vllm_verdict.NOISE_FACTOR, fallback
 
     def decide(self, scheme: SchemeSpec, metrics: dict, check: str, service, part: str = "teacher_forced"):
-        """(`metrics`, vLLM's agreement with a reference on the prompts of `part`, judged against `scheme`'s bound x
-        the BF16 export's floor measured by the same check on the same prompts; the floor). Image prompts
-        (`images`) are judged with NOISE_FACTOR: no image-prompt bound has been measured yet, so that verdict
-        catches a break, not a small regression."""
+        """(`metrics`, vLLM's agreement with a reference on the prompts of `part`, judged against `scheme`'s bound
+        (`bound`) x the BF16 export's floor measured by the same check on the same prompts; the floor)."""
         floor = self.check(self.context.reference_scheme(), check, service).get(part)
         if floor is None:
             raise TransientVllmFailure(f"the BF16 reference has no {part} scores in vLLM ({check}), so there is no "
                                        "noise floor to judge against; see its own test")  # fmt: skip
-        if part == "images":
-            bound = vllm_verdict.NOISE_FACTOR, "NOISE_FACTOR, no measured bound for image prompts"
-        else:
-            bound = self.bound(scheme)
-        return vllm_verdict.decide(metrics, floor, *bound), floor
+        return vllm_verdict.decide(metrics, floor, *self.bound(scheme, part)), floor
 
     def picked_formats(self, scheme: SchemeSpec) -> set[str]:
         """The catalog formats the scheme's pick has layers of (coverage above zero)."""
@@ -267,8 +263,9 @@ class VllmChecks:
         return "cpu_patched" if vllm_service.is_cpu_build(vllm_python) else "cuda"
 
     def error_ratios(self, schemes: list[SchemeSpec], vllm_python: Path, log_dir: Path) -> dict[str, dict]:
-        """Each scheme's vLLM error ratio and its within-run standard error, where this machine's vLLM loads it
-        and computes without error (what quantsuite.bounds records); the BF16 reference is the floor itself."""
+        """Each scheme's vLLM error ratio and its within-run standard error, on captions and (where the data has
+        images) on image prompts, where this machine's vLLM loads it and computes without error (what
+        quantsuite.bounds records); the BF16 reference is the floor itself."""
         check = self.backend(vllm_python)
         ratios = {}
         environment = vllm_service.pinned_environment(self.context.device)
@@ -285,6 +282,10 @@ class VllmChecks:
                 decision, _ = self.decide(scheme, result["teacher_forced"], check, service)
                 ratios[scheme.name] = {"error_ratio": decision.error_ratio, "error_ratio_se": decision.error_ratio_se,
                                        "check": check}  # fmt: skip
+                if result.get("images"):
+                    image, _ = self.decide(scheme, result["images"], check, service, part="images")
+                    ratios[scheme.name] |= {"image_error_ratio": image.error_ratio,
+                                            "image_error_ratio_se": image.error_ratio_se}  # fmt: skip
         return ratios
 
     @contextlib.contextmanager
