@@ -23,7 +23,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -176,10 +176,27 @@ class ModelSpec:
         source = self.source_dir()
         for file in sorted(source.iterdir()):
             if file.is_file() and (file.suffix in (".json", ".safetensors", ".jinja", ".txt")):
-                digest.update(file.name.encode() + str(file.stat().st_size).encode())
-                with file.open("rb") as handle:
-                    digest.update(handle.read(1 << 20))
+                digest.update(file.name.encode() + file_identity(file))
         return digest.hexdigest()
+
+
+WHOLE_FILE_BYTES = 64 << 20  # files up to this size are hashed whole
+
+
+def file_identity(path: Path) -> bytes:
+    """What identifies a model file's content: a file up to WHOLE_FILE_BYTES, all of it (a tiny model retrained in
+    one part only, its vision tower, must change it); a larger one (real weights, GBs), its size, modification time
+    and 64 MiB-spaced samples of 64 KiB besides its first MiB (reading all of a 3B's 7.5 GB each run would cost
+    seconds; a file rewritten in place gets a new modification time)."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        if size <= WHOLE_FILE_BYTES:
+            return hashlib.sha256(handle.read()).digest()
+        digest = hashlib.sha256(f"{size}:{path.stat().st_mtime_ns}".encode() + handle.read(1 << 20))
+        for offset in range(1 << 20, size, 64 << 20):
+            handle.seek(offset)
+            digest.update(handle.read(64 << 10))
+        return digest.digest()
 
 
 def device_for_worker(device: str, worker: str, gpu_count: int) -> str:
@@ -436,6 +453,95 @@ def train_tiny(output_dir: Path = TINY_DIR, seed: int = 1234, steps: int = 600, 
     finally:  # a failed save leaves no half-written copy next to the model (one was once committed)
         shutil.rmtree(staging, ignore_errors=True)
     return result
+
+
+def train_tiny_vision(model_dir: Path = TINY_DIR, seed: int = 1234, steps: int = 400, log=print) -> dict:
+    """Train the tiny model's vision tower and language model together on the training split of the bundled scenes
+    (image prompts), alternating with text batches of the bundled captions' training split so that the language
+    model keeps its text; rewrite the model in place, atomically.
+
+    Returns (merged into training.json) the text evaluation perplexity after it, and the scenes' evaluation
+    perplexity over the caption tokens when the model reads each caption with its own image, with another scene's
+    image, with a blank grey image, and as text alone (`image_helps`: own image below each of the others).
+    Deterministic for a given seed, torch version and thread count.
+    """
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from quantsuite.data import DataConfig, image_caption_batches, load_image_splits, load_splits, tokenize_batches
+
+    torch.manual_seed(seed)
+    config = DataConfig()
+    splits = load_image_splits(config)
+    tokenizer, processor = load_tokenizer(model_dir), load_image_processor(model_dir)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+    size, length = config.image_size, config.sequence_length
+    text = load_splits(config)
+    image_batches = image_caption_batches(splits.training, tokenizer, processor, 16, length, size)
+    text_batches = tokenize_batches(text.training, tokenizer, batch_size=16, sequence_length=64)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps, pct_start=0.1)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for step in range(steps):
+        batches = image_batches if step % 2 == 0 else text_batches
+        batch = batches[int(torch.randint(len(batches), (1,), generator=generator))]
+        loss = model(**{key: value for key, value in batch.items() if key != "measure_mask"}).loss
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        clear_image_positions(model)
+        if step % 100 == 0 or step >= steps - 2:
+            log(f"step {step:4d} ({'image' if step % 2 == 0 else 'text'}) loss {loss.item():.3f}")
+    model.eval()
+    model.to(torch.bfloat16)
+    figures = image_perplexities(model, tokenizer, processor, list(splits.evaluation), config)
+    text_perplexity = perplexity(model, tokenize_batches(text.evaluation, tokenizer, batch_size=16, sequence_length=64))
+    result = {"evaluation_perplexity": text_perplexity, "scenes_evaluation_perplexity": figures,
+              "image_steps": steps, "image_seed": seed,
+              "image_helps": all(figures["own_image"] < value for key, value in figures.items() if key != "own_image")}
+    training = json.loads((Path(model_dir) / "training.json").read_text()) | result
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=Path(model_dir).parent))
+    try:
+        model.save_pretrained(staging)
+        for path in Path(model_dir).iterdir():  # tokenizer and processor files as they were (unchanged here)
+            if not (staging / path.name).exists():
+                shutil.copy2(path, staging / path.name)
+        (staging / "training.json").write_text(json.dumps(training, indent=1) + "\n")
+        staging.chmod(0o755)
+        backup = Path(model_dir).with_name(".tiny-previous")
+        Path(model_dir).rename(backup)
+        staging.rename(model_dir)
+        shutil.rmtree(backup)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return training
+
+
+def image_perplexities(model: torch.nn.Module, tokenizer, processor, captions: list, config) -> dict[str, float]:
+    """Perplexity over the caption tokens of image `captions` (grouped by image, as the splits are) read with each
+    caption's own image, with another image's (the next group's), with a blank grey image, and as text alone: what
+    the model takes from the image (`config`: a DataConfig, for image size and sequence length)."""
+    from quantsuite.data import image_caption_batches, prompt_image, tokenize_batches
+
+    size, length = config.image_size, config.sequence_length
+    images = list(dict.fromkeys(caption.image for caption in captions))  # each image once, in order
+    another = [images[(images.index(caption.image) + 1) % len(images)] for caption in captions]
+
+    def with_images(images: list[str]) -> float:
+        chosen = [replace(caption, image=image) for caption, image in zip(captions, images, strict=True)]
+        found = image_caption_batches(chosen, tokenizer, processor, 16, length, size)
+        value = perplexity(model, [{k: v for k, v in b.items() if k != "measure_mask"} for b in found])
+        clear_image_positions(model)
+        return value
+
+    with tempfile.TemporaryDirectory() as blank_dir:
+        blank = Path(blank_dir) / "blank.png"
+        prompt_image(captions[0].image, size).point(lambda _: 128).save(blank)
+        return {"own_image": with_images([c.image for c in captions]), "another_image": with_images(another),
+                "blank_image": with_images([str(blank)] * len(captions)),
+                "text_alone": perplexity(model, tokenize_batches(captions, tokenizer, 16, length))}
 
 
 @torch.no_grad()

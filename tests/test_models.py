@@ -157,3 +157,28 @@ def test_train_tiny_leaves_nothing_behind_when_saving_fails(tmp_path, monkeypatc
     with pytest.raises(OSError, match="disk full"):
         models.train_tiny(tmp_path / "tiny", steps=1, log=lambda line: None)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fingerprint_sees_a_change_anywhere_in_the_weights(tmp_path, monkeypatch):
+    """The tiny model retrained in its vision tower only changed bytes past the first MiB of model.safetensors, which
+    the fingerprint once read alone: a small file is hashed whole; a large one (real weights) by size, modification
+    time and samples, so a file rewritten in place changes it too."""
+    from quantsuite import models
+
+    local = tmp_path / "copy"
+    local.mkdir()
+    for file in TINY_DIR.iterdir():
+        (local / file.name).write_bytes(file.read_bytes())
+    weights = local / "model.safetensors"
+    before = ModelSpec(str(local)).fingerprint()
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x01  # a bit in the last tensor
+    weights.write_bytes(bytes(data))
+    changed = ModelSpec(str(local)).fingerprint()
+    assert changed != before
+    monkeypatch.setattr(models, "WHOLE_FILE_BYTES", 1 << 20)  # the large-file path on the same files
+    large = ModelSpec(str(local)).fingerprint()
+    assert large == ModelSpec(str(local)).fingerprint()
+    data[-3] ^= 0x01
+    weights.write_bytes(bytes(data))  # rewritten in place: a new modification time
+    assert ModelSpec(str(local)).fingerprint() != large
