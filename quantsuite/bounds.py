@@ -38,6 +38,8 @@ KERNEL_ENV_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INST
 VLLM_RATIO = "vllm.error_ratio"  # vLLM's teacher-forced error / the BF16 export's (quantsuite.vllm.verdict.decide)
 VLLM_IMAGE_RATIO = "vllm.image_error_ratio"  # the same on image prompts, against the BF16 export's image floor
 VLLM_FIGURES = (VLLM_RATIO, VLLM_IMAGE_RATIO)
+IMAGE_KL, IMAGE_TOP1 = "image_prompts.fake_quant.kl_mean", "image_prompts.fake_quant.top1_agreement"
+IMAGE_FIGURES = (IMAGE_KL, IMAGE_TOP1, VLLM_IMAGE_RATIO)  # measured where the data has images
 
 # figure -> (direction of a regression's bound, its within-run standard error in drift.json or None)
 FIGURES: dict[str, tuple[Literal["max", "min"], str | None]] = {
@@ -47,6 +49,8 @@ FIGURES: dict[str, tuple[Literal["max", "min"], str | None]] = {
     "fake_vs_export.kl_mean": ("max", "fake_vs_export.kl_mean_se"),
     "fake_vs_export.top1_agreement": ("min", "fake_vs_export.top1_agreement_se"),
     "export_fidelity.differing_code_share": ("max", None),
+    IMAGE_KL: ("max", "image_prompts.fake_quant.kl_mean_se"),
+    IMAGE_TOP1: ("min", "image_prompts.fake_quant.top1_agreement_se"),
     VLLM_RATIO: ("max", "vllm.error_ratio_se"),
     VLLM_IMAGE_RATIO: ("max", "vllm.image_error_ratio_se"),
 }
@@ -155,7 +159,7 @@ def has_figure(measurement: dict, figure: str) -> bool:
 def resolution(measurement: dict, figure: str) -> float:
     """The smallest step a figure can take: one token of an agreement, one weight of a code share, 0 for a KL."""
     if figure.endswith("top1_agreement"):
-        return 1.0 / measurement[figure.split(".")[0]]["tokens"]
+        return 1.0 / figure_value(measurement, figure.rpartition(".")[0] + ".tokens")
     if figure.endswith("differing_code_share"):
         return 1.0 / max(measurement["export_fidelity"]["quantized_weights"], 1)
     return 0.0

@@ -34,6 +34,15 @@ def test_drift_within_bounds(workbench, scheme, measurement):
     assert not _violations(limits, measurement, ("fake_quant.",), source)
 
 
+def test_image_prompt_drift_within_bounds(workbench, scheme, measurement):
+    """The fake-quant model's KL and top-1 agreement against BF16 on image prompts (at the captions' positions),
+    within the scheme's limits where its record measured them (quantsuite.bounds.IMAGE_FIGURES)."""
+    limits, source = _limits(workbench, scheme)
+    if not any(figure.startswith("image_prompts.") for figure in limits):
+        pytest.skip(f"no image-prompt drift bounds for {scheme.name} here ({source}); the figures are reported")
+    assert not _violations(limits, measurement, ("image_prompts.fake_quant.",), source)
+
+
 def test_fake_quant_and_export_agree(workbench, scheme, scheme_result, measurement):
     """(a) and (b) agree: the export's KL, its agreement with the fake-quant model and its differing codes within the
     limits. Where the limits have no bound of the export's own KL (hand-set ones), the export must add no more error

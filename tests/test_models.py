@@ -182,3 +182,24 @@ def test_fingerprint_sees_a_change_anywhere_in_the_weights(tmp_path, monkeypatch
     data[-3] ^= 0x01
     weights.write_bytes(bytes(data))  # rewritten in place: a new modification time
     assert ModelSpec(str(local)).fingerprint() != large
+
+
+IMAGE_CONTENT_NATS_MIN = 0.08  # per caption token; source: reports/image-prompts-tiny-cpu/README.md ("The tiny model")
+
+
+def test_the_tiny_model_reads_its_images():
+    """Issue 25's tiny default that actually looks: on the held-out scenes, a caption read with its own image must be
+    more predictable than with another scene's image by IMAGE_CONTENT_NATS_MIN per caption token (what the image's
+    content is worth to it), and than with a blank image or none. The untrained tower fails it: it took only the
+    presence of an image, not its content."""
+    import math
+
+    from quantsuite.data import DataConfig, load_image_splits
+    from quantsuite.models import image_perplexities, load_image_processor, load_model, load_tokenizer
+
+    loaded = load_model(ModelSpec("tiny", device="cpu"))
+    splits = load_image_splits(DataConfig())
+    figures = image_perplexities(loaded.model, load_tokenizer(TINY_DIR), load_image_processor(TINY_DIR),
+                                 list(splits.evaluation), DataConfig())  # fmt: skip
+    assert all(figures["own_image"] < value for name, value in figures.items() if name != "own_image"), figures
+    assert math.log(figures["another_image"] / figures["own_image"]) >= IMAGE_CONTENT_NATS_MIN, figures
