@@ -436,10 +436,11 @@ def _plot_pareto(research: dict, manifests: dict, drift: dict, path: Path) -> in
     measured_points = [n for n, m in drift.items() if n in manifests and m["fake_quant"]["kl_mean"] > 0]
     if not sweep and not measured_points:
         return 0
-    figure, axis = plt.subplots(figsize=(6, 4))
+    figure, axis = plt.subplots(figsize=(9, 4.5))
     if sweep:
         axis.plot([r["lm_effective_bits"] for r in sweep], [r["kl_mean"] for r in sweep], "o-", label="AutoQuant sweep")
     markers: dict[str, str] = {}
+    points: list[tuple[str, float, float]] = []
     for name, measured in drift.items():
         if name in measured_points:
             totals = manifests[name]["totals"]
@@ -448,14 +449,39 @@ def _plot_pareto(research: dict, manifests: dict, drift: dict, path: Path) -> in
             first = family not in markers
             marker = markers.setdefault(family, "xo^svD*P<>"[len(markers) % 10])
             axis.scatter(bits, measured["fake_quant"]["kl_mean"], marker=marker, label=family if first else None)
-            axis.annotate(name.replace("fp8_", ""), (bits, measured["fake_quant"]["kl_mean"]), fontsize=6)
+            points.append((name, bits, measured["fake_quant"]["kl_mean"]))
     axis.set(xlabel="LM bits per weight (sweep: effective bits; schemes: storage bits, scales included)",
              ylabel="KL(BF16 || quant), mean per token", yscale="log",
              title="Drift versus bits, all formats")  # fmt: skip
     if sweep or markers:
-        axis.legend(fontsize=7)
+        axis.legend(fontsize=7, loc="upper right")
+    if points:
+        numbered_labels(figure, axis, points)
     _save(figure, path)
     return len(sweep) + len(measured_points)
+
+
+def numbered_labels(figure, axis, points: list[tuple[str, float, float]]) -> list:
+    """Label each point with its number and list the numbers' names beside the plot: points whose labels would
+    overlap share one label ("3,4") at the first of them, merged until no two labels overlap. Returns the labels."""
+    ordered = sorted(points, key=lambda point: (point[1], point[2], point[0]))
+    clusters = [[index] for index in range(len(ordered))]
+    renderer = figure.canvas.get_renderer()
+    while True:
+        texts = [axis.annotate(",".join(str(i + 1) for i in cluster), ordered[cluster[0]][1:], fontsize=7,
+                               xytext=(3, 3), textcoords="offset points") for cluster in clusters]  # fmt: skip
+        boxes = [text.get_window_extent(renderer) for text in texts]
+        clash = next(((a, b) for a in range(len(boxes)) for b in range(a + 1, len(boxes))
+                      if boxes[a].overlaps(boxes[b])), None)  # fmt: skip
+        if clash is None:
+            break
+        for text in texts:
+            text.remove()
+        a, b = clash
+        clusters[a] += clusters.pop(b)
+    table = "\n".join(f"{index + 1}  {name}" for index, (name, _, _) in enumerate(ordered))
+    axis.text(1.02, 1.0, table, transform=axis.transAxes, fontsize=6, va="top", family="monospace")
+    return texts
 
 
 def _plot_localization(drift: dict, path: Path) -> int:
@@ -463,14 +489,20 @@ def _plot_localization(drift: dict, path: Path) -> int:
              if any(layer["relative_error"] > 0 for layer in measured["fake_quant"]["layers"])}  # fmt: skip
     if not lines:
         return 0
-    figure, axis = plt.subplots(figsize=(8, 4))
-    for name, layers in lines.items():
-        axis.plot(range(len(layers)), [max(layer["relative_error"], 1e-8) for layer in layers], label=name)
+    figure, axis = plt.subplots(figsize=(10, 4.5))
+    for index, (name, layers) in enumerate(lines.items()):
+        style = line_style(index)
+        axis.plot(range(len(layers)), [max(layer["relative_error"], 1e-8) for layer in layers], label=name, **style)
     axis.set(xlabel="decoder block (last point: final norm)", ylabel="relative error of hidden states",
              yscale="log", title="Where quantization error enters and how it accumulates")  # fmt: skip
-    axis.legend(fontsize=6, ncol=2)
+    axis.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the lines, not over them
     _save(figure, path)
     return sum(len(layers) for layers in lines.values())
+
+
+def line_style(index: int) -> dict:
+    """A line's colour and dash, distinct for up to 80 lines: tab20's 20 colours, then the next dash pattern."""
+    return {"color": plt.cm.tab20(index % 20), "linestyle": ("-", "--", ":", "-.")[index // 20 % 4]}
 
 
 def _plot_gap(research: dict, path: Path) -> int:

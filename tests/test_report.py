@@ -239,3 +239,34 @@ def test_a_speed_ratio_inside_the_spread_between_identical_runs_is_no_finding():
     assert speed_reading(paired, 1.2, between_run_spread("NVIDIA H200", "batch1"))[1] == "within noise"
     assert speed_reading(paired, 1.2, between_run_spread("cpu", "batch1")) == (pytest.approx(0.00995), "faster")
     assert speed_reading(paired | {"ratio": 1.05}, 1.2, between_run_spread("NVIDIA H200", "batch1"))[1] == "faster"
+
+
+def test_point_labels_never_overlap_and_every_point_is_named():
+    """The drift-versus-bits plot printed int4_awq over w4a8_awq and default over its KV twin: labels are numbers,
+    merged where they would overlap, with the names listed beside the plot."""
+    import matplotlib.pyplot as plt
+
+    from quantsuite.report import numbered_labels
+
+    points = [("int4_awq", 4.25, 0.0166), ("w4a8_awq", 4.25, 0.0189), ("default", 8.5, 0.00338),
+              ("default_kv", 8.5, 0.00339), ("top50", 12.3, 0.00039), ("eb13", 13.0, 0.000114),
+              ("eb13_exact", 13.0, 0.000115), ("full", 8.6, 0.00129)]  # fmt: skip
+    figure, axis = plt.subplots(figsize=(9, 4.5))
+    axis.scatter([p[1] for p in points], [p[2] for p in points])
+    axis.set_yscale("log")
+    labels = numbered_labels(figure, axis, points)
+    renderer = figure.canvas.get_renderer()
+    boxes = [label.get_window_extent(renderer) for label in labels]
+    assert not any(boxes[a].overlaps(boxes[b]) for a in range(len(boxes)) for b in range(a + 1, len(boxes)))
+    numbered = sorted(int(n) for label in labels for n in label.get_text().split(","))
+    assert numbered == list(range(1, len(points) + 1))
+    assert len(labels) < len(points)  # the coincident pairs share a label
+    plt.close(figure)
+
+
+def test_line_styles_are_distinct_for_every_scheme():
+    """The localization plot drew 20 schemes in 10 repeating colours."""
+    from quantsuite.report import line_style
+
+    styles = [line_style(index) for index in range(30)]
+    assert len({(tuple(style["color"]), style["linestyle"]) for style in styles}) == 30
