@@ -216,8 +216,8 @@ def _planted_export(workbench, scheme, tmp_path, edit):
 
 # one layer's stored scale x 1.1: scheme -> (the scale's name suffix, figure prefixes each of which must catch it)
 SCALE_FAULTS = {
-    "top50": ("proj.weight_scale", (("export_fidelity.differing_code_share",), ("export.kl_mean",
-                                                                              "fake_vs_export.kl_mean"))),
+    # (the KL figures catch it in 11 of top50's 28 FP8 layers, not in the first: reports/bounds/README.md)
+    "top50": ("proj.weight_scale", (("export_fidelity.differing_code_share",),)),
     # the AWQ factor ModelOpt folds into the norm before q/k/v (one shared factor for the fused group)
     "int4_awq": ("input_layernorm.weight", (("export_fidelity.differing_code_share",),)),
     # W4A8's FP8-stage scale, shared by the fused group
