@@ -417,20 +417,7 @@ def train_tiny(output_dir: Path = TINY_DIR, seed: int = 1234, steps: int = 600, 
     config = make_config(tokenizer, "tiny")
     model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.float32)
     batches = tokenize_batches(splits.training, tokenizer, batch_size=16, sequence_length=64)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    for step in range(steps):
-        batch = batches[int(torch.randint(len(batches), (1,), generator=generator))]
-        loss = model(**batch).loss
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        if step % 100 == 0 or step == steps - 1:
-            log(f"step {step:4d} loss {loss.item():.3f}")
+    train_steps(model, [batches], steps, 3e-3, seed, log)
     model.eval()
     model.to(torch.bfloat16)
     evaluation = tokenize_batches(splits.evaluation, tokenizer, batch_size=16, sequence_length=64)
@@ -453,6 +440,31 @@ def train_tiny(output_dir: Path = TINY_DIR, seed: int = 1234, steps: int = 600, 
     finally:  # a failed save leaves no half-written copy next to the model (one was once committed)
         shutil.rmtree(staging, ignore_errors=True)
     return result
+
+
+def train_steps(model: torch.nn.Module, sources: list[list[dict]], steps: int, max_lr: float, seed: int,
+                log=print) -> None:  # fmt: skip
+    """`steps` AdamW steps (one-cycle schedule up to `max_lr`, gradients clipped at 1) on the CPU, step i on a batch
+    drawn from `sources[i % len(sources)]` (deterministic from `seed`); image prompts' M-RoPE offsets are cleared
+    after each step."""
+    from quantsuite.data import model_inputs
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=max_lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=steps, pct_start=0.1)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for step in range(steps):
+        batches = sources[step % len(sources)]
+        batch = batches[int(torch.randint(len(batches), (1,), generator=generator))]
+        loss = model(**model_inputs(batch, torch.device("cpu"), labels=True)).loss
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        clear_image_positions(model)
+        if step % 100 == 0 or step >= steps - len(sources):
+            log(f"step {step:4d} loss {loss.item():.3f}")
 
 
 def train_tiny_vision(model_dir: Path = TINY_DIR, seed: int = 1234, steps: int = 400, log=print) -> dict:
@@ -478,22 +490,7 @@ def train_tiny_vision(model_dir: Path = TINY_DIR, seed: int = 1234, steps: int =
     text = load_splits(config)
     image_batches = image_caption_batches(splits.training, tokenizer, processor, 16, length, size)
     text_batches = tokenize_batches(text.training, tokenizer, batch_size=16, sequence_length=64)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps, pct_start=0.1)
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    for step in range(steps):
-        batches = image_batches if step % 2 == 0 else text_batches
-        batch = batches[int(torch.randint(len(batches), (1,), generator=generator))]
-        loss = model(**{key: value for key, value in batch.items() if key != "measure_mask"}).loss
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        clear_image_positions(model)
-        if step % 100 == 0 or step >= steps - 2:
-            log(f"step {step:4d} ({'image' if step % 2 == 0 else 'text'}) loss {loss.item():.3f}")
+    train_steps(model, [image_batches, text_batches], steps, 2e-3, seed, log)
     model.eval()
     model.to(torch.bfloat16)
     figures = image_perplexities(model, tokenizer, processor, list(splits.evaluation), config)
@@ -532,7 +529,7 @@ def image_perplexities(model: torch.nn.Module, tokenizer, processor, captions: l
     def with_images(images: list[str]) -> float:
         chosen = [replace(caption, image=image) for caption, image in zip(captions, images, strict=True)]
         found = image_caption_batches(chosen, tokenizer, processor, 16, length, size)
-        value = perplexity(model, [{k: v for k, v in b.items() if k != "measure_mask"} for b in found])
+        value = perplexity(model, found)
         clear_image_positions(model)
         return value
 
@@ -546,11 +543,14 @@ def image_perplexities(model: torch.nn.Module, tokenizer, processor, captions: l
 
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, batches: list[dict]) -> float:
-    """Token-weighted perplexity of `model` on causal-LM batches (padding excluded by the labels)."""
+    """Token-weighted perplexity of `model` on causal-LM batches, image prompts included (padding and image tokens
+    excluded by the labels)."""
+    from quantsuite.data import model_inputs
+
     device = next(model.parameters()).device
     total_loss, total_tokens = 0.0, 0
     for batch in batches:
-        batch = {key: value.to(device) for key, value in batch.items()}
+        batch = model_inputs(batch, device, labels=True)
         tokens = int((batch["labels"][:, 1:] != -100).sum())
         total_loss += float(model(**batch).loss) * tokens
         total_tokens += tokens
