@@ -322,7 +322,7 @@ class VllmChecks:
             if engine.error:
                 raise RuntimeError(f"{scheme.name}: the speed engine did not load: "
                                    f"{vllm_service.error_text(engine.error)}")  # fmt: skip
-            yield lambda baseline, rounds: self._measure(scheme, engine, self.speed_options(), baseline, rounds)
+            yield lambda baseline, rounds: self._measure(scheme, engine, engine.options, baseline, rounds)
 
     def _measure(self, scheme: SchemeSpec, engine, options: dict, baseline, rounds: int) -> dict:
         """Paired with the BF16 export's engine `baseline` (already open): per workload the median per-round
