@@ -13,7 +13,9 @@ evaluation pass per target; the research stage (`quantsuite.stages.research.Rese
 
 from __future__ import annotations
 
-from quantsuite.autoquant import NO_QUANT, block_sensitivity, resolve_config
+import numpy as np
+
+from quantsuite.autoquant import NO_QUANT, block_sensitivity, group_scores, pick_objective, resolve_config
 
 
 def spearman(first: list[float], second: list[float]) -> float:
@@ -45,3 +47,163 @@ def optimality_gap(state: dict, scheme_factory, targets: list[float]) -> list[di
                      "relative_gap": (autoquant - exact) / exact if exact > 0 else 0.0,
                      "fp8_groups": sum(fmt != NO_QUANT for fmt in resolution.group_formats.values())})  # fmt: skip
     return rows
+
+
+# --- uncertainty: intervals over the evaluation captions ---------------------------------------------------------
+CONFIDENCE = 0.95
+RESAMPLES = 2000
+
+
+def caption_sums(measurement: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(per-caption summed KL, per-caption tokens) of a `divergence.compare` result, in caption order."""
+    by_caption = measurement["kl_by_caption"]
+    return np.asarray(by_caption["sums"], dtype=float), np.asarray(by_caption["tokens"], dtype=float)
+
+
+def bootstrap_interval(statistic, captions: int, resamples: int = RESAMPLES) -> list[float]:
+    """95% percentile interval of `statistic(indices)` when the evaluation captions are resampled whole
+    (scipy.stats.bootstrap over the caption indices: every figure in one statistic sees the same resample, so
+    differences and rank correlations between schemes are paired). Fixed seed."""
+    from scipy.stats import bootstrap
+
+    if captions < 2:
+        value = float(statistic(np.arange(captions)))
+        return [value, value]
+    result = bootstrap((np.arange(captions),), lambda indices: statistic(indices.astype(int)), vectorized=False,
+                       n_resamples=resamples, method="percentile", confidence_level=CONFIDENCE, rng=0)  # fmt: skip
+    return [float(result.confidence_interval.low), float(result.confidence_interval.high)]
+
+
+def kl_interval(measurement: dict) -> list[float]:
+    """Interval of one measurement's mean KL (summed KL / tokens over resampled captions)."""
+    sums, tokens = caption_sums(measurement)
+    return bootstrap_interval(lambda i: sums[i].sum() / tokens[i].sum(), len(sums))
+
+
+def kl_difference(first: dict, second: dict) -> dict:
+    """first's mean KL minus second's, both measured on the same evaluation captions, with its paired interval;
+    `differs` only when the interval excludes 0."""
+    a, tokens = caption_sums(first)
+    b, other = caption_sums(second)
+    if not np.array_equal(tokens, other):
+        raise ValueError("kl_difference needs two measurements over the same evaluation captions")
+    low, high = bootstrap_interval(lambda i: (a[i].sum() - b[i].sum()) / tokens[i].sum(), len(a))
+    return {"difference": float((a.sum() - b.sum()) / tokens.sum()), "interval": [low, high],
+            "differs": not low <= 0.0 <= high}  # fmt: skip
+
+
+def rank_against_kl(scores: dict[str, float], measurements: dict[str, dict]) -> dict:
+    """Does a per-scheme figure (`scores`, fixed: an objective, storage bits...) order the schemes as their mean KL
+    does? Spearman with its interval over resampled evaluation captions (every scheme's KL from the same resample),
+    and the pairs it misorders: a lower score but a higher KL, the KL difference outside its interval."""
+    names = sorted(set(scores) & set(measurements))
+    result: dict = {"schemes": names, "spearman": None, "interval": None, "misordered": []}
+    if len(names) < 3:
+        return result
+    sums = np.stack([caption_sums(measurements[name])[0] for name in names])
+    tokens = caption_sums(measurements[names[0]])[1]
+    fixed = [scores[name] for name in names]
+    result["spearman"] = spearman(fixed, list(sums.sum(1) / tokens.sum()))
+    result["interval"] = bootstrap_interval(lambda i: spearman(fixed, list(sums[:, i].sum(1) / tokens[i].sum())),
+                                            len(tokens))  # fmt: skip
+    for index, first in enumerate(names):
+        for second in names[index + 1 :]:
+            if scores[first] == scores[second]:
+                continue
+            lower, higher = sorted((first, second), key=scores.get)
+            if sums[names.index(lower)].sum() <= sums[names.index(higher)].sum():
+                continue  # ordered as the scores order them: no interval needed
+            difference = kl_difference(measurements[lower], measurements[higher])
+            if difference["differs"] and difference["difference"] > 0:
+                result["misordered"].append({"lower_score": lower, "higher_score": higher} | difference)
+    return result
+
+
+# --- the studies' comparisons (pure functions of search states and manifests) ------------------------------------
+def jaccard(first: list[str], second: list[str]) -> float:
+    """Overlap of two picks' quantized layers: |A & B| / |A | B| (1 when both quantize nothing)."""
+    a, b = set(first), set(second)
+    return len(a & b) / len(a | b) if a | b else 1.0
+
+
+def group_sensitivity(state: dict) -> dict[str, float]:
+    """LM layer group -> its best quantized format's score minus BF16's (the ranking AutoQuant's pick follows)."""
+    result = {}
+    for hparam, group in group_scores(state).items():
+        quantized = [score for name, score in group["scores"].items() if name != NO_QUANT]
+        if group["block"] is not None and quantized:
+            result[hparam] = min(quantized) - group["scores"].get(NO_QUANT, 0.0)
+    return result
+
+
+def rank_agreement(first: dict[str, float], second: dict[str, float]) -> dict[str, float]:
+    """Spearman and Kendall's tau between two rankings of the same layer groups."""
+    from scipy.stats import kendalltau
+
+    common = sorted(set(first) & set(second))
+    a, b = [first[k] for k in common], [second[k] for k in common]
+    return {"spearman": spearman(a, b), "kendall": float(kendalltau(a, b).statistic)}
+
+
+def quantized_modules(state: dict, scheme) -> list[str]:
+    """The layers `scheme`'s pick from `state` quantizes (any format)."""
+    resolution = resolve_config(state, scheme)
+    return sorted(module for hparam, fmt in resolution.group_formats.items() if fmt != NO_QUANT
+                  for module in resolution.groups[hparam]["modules"])  # fmt: skip
+
+
+def score_size_stability(states: dict[tuple[int, int], dict], budgets: tuple[float, ...], scheme_factory) -> dict:
+    """Every (size, draw) scoring run against the reference, the largest size's draw 0: rank agreement of the layer
+    groups' sensitivities and overlap of the exact picks at each budget. The seed spread is how far the largest
+    size's other draws are from the reference; the smallest stable size is the smallest from which every size's
+    every draw picks, at every budget, at least as close to the reference as the worst of those draws."""
+    sizes = sorted({size for size, _ in states})
+    draws = sorted({draw for _, draw in states})
+    reference_run = (sizes[-1], draws[0])
+    reference = states[reference_run]
+    reference_sensitivity = group_sensitivity(reference)
+    picks = {run: {bits: quantized_modules(state, scheme_factory(bits, "exact")) for bits in budgets}
+             for run, state in states.items()}  # fmt: skip
+    runs = []
+    for (size, draw), state in sorted(states.items()):
+        agreement = rank_agreement(group_sensitivity(state), reference_sensitivity)
+        overlap = {str(bits): jaccard(picks[size, draw][bits], picks[reference_run][bits]) for bits in budgets}
+        runs.append({"size": size, "draw": draw, **agreement, "overlap": overlap})
+    spread_runs = [r for r in runs if r["size"] == sizes[-1] and r["draw"] != draws[0]]
+    spread = {"spearman_min": min(r["spearman"] for r in spread_runs),
+              "overlap_min": {str(b): min(r["overlap"][str(b)] for r in spread_runs) for b in budgets}}  # fmt: skip
+
+    def stable(size: int) -> bool:
+        return all(r["overlap"][str(b)] >= spread["overlap_min"][str(b)] - 1e-12 for r in runs if r["size"] == size
+                   for b in budgets)  # fmt: skip
+
+    stable_size = None
+    for size in reversed(sizes):
+        if not stable(size):
+            break
+        stable_size = size
+    return {"reference": {"size": reference_run[0], "draw": reference_run[1]}, "sizes": sizes, "draws": draws,
+            "budgets": list(budgets), "runs": runs, "seed_spread": spread, "stable_size": stable_size}  # fmt: skip
+
+
+def scheme_objective(state: dict, manifest: dict, presets: dict[str, str]) -> tuple[float | None, str]:
+    """AutoQuant's objective for any scheme's decisions (its manifest): the summed scores, under `state`, of the
+    preset each layer group took (`presets`: catalog format name -> its ModelOpt preset). None with the reason where
+    the scores cannot describe it: a preset the pass did not score, a group split between formats, a quantized
+    layer outside the scored groups (lm_head)."""
+    formats = {entry["name"]: presets.get(entry["format"], entry["format"]) for entry in manifest["modules"]}
+    grouped = set()
+    picks = {}
+    for hparam, group in group_scores(state).items():
+        taken = {formats.get(module, "BF16") for module in group["modules"]}
+        grouped.update(group["modules"])
+        if len(taken) > 1:
+            return None, f"{hparam}: split between {sorted(taken)}"
+        fmt = NO_QUANT if taken == {"BF16"} else taken.pop()
+        if fmt not in group["scores"]:
+            return None, f"format {fmt} was not scored (scored: {sorted(group['scores'])})"
+        picks[hparam] = fmt
+    outside = sorted(name for name, fmt in formats.items() if fmt != "BF16" and name not in grouped)
+    if outside:
+        return None, f"quantized outside the scored groups: {outside[:3]}"
+    return pick_objective(state, picks), ""

@@ -18,10 +18,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -48,6 +50,21 @@ class ScoringPlan:
     cost_excluded: tuple[str, ...]
     score_samples: int
     calibration: str = "text"  # text | image_text: what the scoring batches are (SchemeSpec.calibration)
+    grouping: str = "fused"  # fused | per_linear: ModelOpt's grouping rules, or none (SchemeSpec.grouping)
+    draw: int | None = None  # None: the scoring split; a seed: score_samples drawn from scoring + training (studies)
+
+
+@contextlib.contextmanager
+def grouping_rules(grouping: str):
+    """ModelOpt's AutoQuant grouping rules for `grouping`: its own (fused: q/k/v one decision, gate/up one), or none
+    (per_linear: every linear layer is a group of its own, the searcher's default without rules)."""
+    from modelopt.torch.quantization.algorithms import _AutoQuantizeBaseSearcher
+
+    if grouping == "fused":
+        yield
+        return
+    with mock.patch.object(_AutoQuantizeBaseSearcher, "quant_grouping_rules", []):
+        yield
 
 
 def run_scoring(
@@ -64,22 +81,23 @@ def run_scoring(
         output = module(**model_inputs(batch, device, labels=True))
         return output.logits if plan.method == "kl_div" else output
 
-    _, state = mtq.auto_quantize(
-        model,
-        constraints={
-            "effective_bits": target_bits,
-            "cost": {"excluded_module_name_patterns": list(plan.cost_excluded)},
-        },
-        quantization_formats=list(plan.presets),
-        data_loader=batches,
-        forward_step=forward_step,
-        loss_func=(lambda output, batch: output.loss) if plan.method == "gradient" else None,
-        disabled_layers=list(plan.disabled_layers),
-        num_calib_steps=len(batches),
-        num_score_steps=len(batches),
-        method=plan.method,
-        verbose=False,
-    )
+    with grouping_rules(plan.grouping):
+        _, state = mtq.auto_quantize(
+            model,
+            constraints={
+                "effective_bits": target_bits,
+                "cost": {"excluded_module_name_patterns": list(plan.cost_excluded)},
+            },
+            quantization_formats=list(plan.presets),
+            data_loader=batches,
+            forward_step=forward_step,
+            loss_func=(lambda output, batch: output.loss) if plan.method == "gradient" else None,
+            disabled_layers=list(plan.disabled_layers),
+            num_calib_steps=len(batches),
+            num_score_steps=len(batches),
+            method=plan.method,
+            verbose=False,
+        )
     if hasattr(model, "gradient_checkpointing_disable"):
         model.gradient_checkpointing_disable()  # the gradient method leaves it on
     model.eval()

@@ -262,6 +262,11 @@ class SchemeSpec(Strict):
         description="What calibration and AutoQuant scoring feed the model: text = the captions alone; image_text = "
         "image prompts (each image with its caption: --images-dir's, or the bundled scenes with the default data)",
     )
+    grouping: Literal["fused", "per_linear"] = Field(
+        default="fused",
+        description="What AutoQuant decides one format for: fused = ModelOpt's grouping rules (q/k/v one decision, "
+        "gate/up one, as vLLM fuses them); per_linear = each linear layer its own decision (the rules emptied)",
+    )
     calibration_samples: int | None = Field(default=None, ge=1, description="Overrides --calib-samples")
     score_samples: int | None = Field(default=None, ge=1, description="Overrides --score-samples")
     expect: Expectations = Field(default_factory=Expectations, description="Expectations of later tests")
@@ -292,6 +297,8 @@ class SchemeSpec(Strict):
                 f"solver {self.solver} needs mode: autoquant with coverage_mode: auto (the solver picks "
                 "formats under the effective-bits budget; top_k_blocks ranks blocks instead)"
             )
+        if self.grouping != "fused" and self.mode != "autoquant":
+            raise ValueError(f"grouping {self.grouping} needs mode: autoquant (only AutoQuant groups its decisions)")
         if self.coverage is not None and not 0 < self.coverage <= 1:
             raise ValueError(f"coverage {self.coverage} must lie in (0, 1]")
         for check, expected in self.expect.vllm.items():
@@ -315,7 +322,9 @@ class SchemeSpec(Strict):
 
     def spec_hash_input(self) -> str:
         """JSON of what changes the scheme's decisions (not its description or later-stage expectations)."""
-        text = {"calibration"} if self.calibration == "text" else set()  # the default keeps earlier keys
+        # the defaults keep earlier keys
+        text = ({"calibration"} if self.calibration == "text" else set()) | (
+            {"grouping"} if self.grouping == "fused" else set())
         return json.dumps(self.model_dump(exclude={"description", "expect", "alias"} | text), sort_keys=True)
 
 

@@ -194,6 +194,14 @@ def split_captions(captions: list[Caption], config: DataConfig, source: Path | N
     return CaptionSplits(evaluation, scoring, calibration, training, digest.hexdigest())
 
 
+def drawn_captions(splits: CaptionSplits, samples: int, seed: int) -> tuple[Caption, ...]:
+    """`samples` captions drawn at random (by `seed`) from the scoring and training splits: the pool a study that
+    varies the scoring data draws from (never the evaluation or calibration captions)."""
+    pool = splits.scoring + splits.training
+    require_samples("scoring + training", samples, len(pool), "a score-size study")
+    return tuple(sorted(pool, key=lambda c: hashlib.sha256(f"{seed}:{c.annotation_id}".encode()).hexdigest())[:samples])
+
+
 SAMPLE_OPTIONS = {"calibration": "--calib-samples", "scoring": "--score-samples", "evaluation": "--eval-samples"}
 
 

@@ -5,7 +5,8 @@ the logits, and for every decoder block (and the final norm) the output hidden s
 candidate)` then gives
 - KL(ref || quant) per token: mean and p99 (nats); top-1 agreement; perplexity of both and its delta;
 - the within-run spread of mean KL and top-1 agreement: their bootstrap standard errors over evaluation captions
-  (`kl_mean_se`, `top1_agreement_se`; scipy.stats.bootstrap, captions resampled whole);
+  (`kl_mean_se`, `top1_agreement_se`; scipy.stats.bootstrap, captions resampled whole), and the KL summed per
+  caption (`kl_by_caption`) for intervals and paired comparisons across schemes (`quantsuite.analysis`);
 - logit SQNR in dB (10 log10 of signal power over error power; None when the two are identical);
 - per block and for the final norm: SQNR (dB) and relative error ||h_q - h_ref|| / ||h_ref||, so error can
   be followed from the block where it enters to the logits.
@@ -102,6 +103,15 @@ def _token_kl_and_top1(reference: torch.Tensor, candidate: torch.Tensor, device:
     return torch.cat(kl), torch.cat(top1)
 
 
+def per_caption(per_token: torch.Tensor, sequences: torch.Tensor) -> dict[str, list]:
+    """`per_token` summed per evaluation caption, with each caption's token count (captions in order): what
+    `quantsuite.analysis` resamples for intervals and paired differences between schemes."""
+    counts = torch.bincount(sequences)
+    sums = torch.zeros(counts.numel(), dtype=torch.float64).index_add_(0, sequences, per_token.double())
+    present = counts > 0
+    return {"sums": sums[present].tolist(), "tokens": counts[present].tolist()}
+
+
 def bootstrap_standard_error(per_token: torch.Tensor, sequences: torch.Tensor, resamples: int = 2000) -> float:
     """Standard error of the mean of `per_token` over tokens when whole captions are resampled (a caption's tokens
     are not independent): scipy's bootstrap of sum(values) / sum(tokens) over captions, paired, fixed seed."""
@@ -134,6 +144,7 @@ def compare(reference: Capture, candidate: Capture, device: torch.device | str =
         "kl_p99": float(torch.quantile(kl.float(), 0.99)),
         "top1_agreement": float(top1.float().mean()),
         "kl_mean_se": bootstrap_standard_error(kl, reference.sequences),
+        "kl_by_caption": per_caption(kl, reference.sequences),
         "top1_agreement_se": bootstrap_standard_error(top1.double(), reference.sequences),
         "perplexity_reference": reference_ppl,
         "perplexity": candidate_ppl,

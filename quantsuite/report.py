@@ -22,6 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from quantsuite import analysis
 from quantsuite.cache import write_atomic
 
 PLOTS = ("sensitivity.png", "coverage_heatmap.png", "pareto.png", "localization.png", "optimality_gap.png",
@@ -239,6 +240,10 @@ def build_report(reports_dir: Path, model: str, run_id: str | None = None, resul
         "localization.png": _plot_localization(drift, out / "localization.png"),
         "optimality_gap.png": _plot_gap(research, out / "optimality_gap.png"),
         "clipping.png": _plot_clipping(drift, out / "clipping.png"),
+        "score_size.png": _plot_score_size(research.get("score_size", {}), out / "score_size.png"),
+        "proxy.png": _plot_proxy(research.get("proxy", {}), out / "proxy.png"),
+        "frontier.png": _plot_frontier(manifests, drift, out / "frontier.png"),
+        "speed_frontier.png": _plot_speed_frontier(vllm, drift, out / "speed_frontier.png"),
     }
     summary["research"] = research
     summary["plots"] = plots  # data points drawn per plot; a plot without data is not written
@@ -250,10 +255,14 @@ def build_report(reports_dir: Path, model: str, run_id: str | None = None, resul
             return []  # no data for it in this run: no empty plot, no empty section
         return [f"## {title}", "", f"![{plot}]({plot}){'  ' + ' '.join(text) if text else ''}", ""]
 
+    spread = sensitivity.get("spearman_range")
     spearman = (f"Spearman rank correlation of per-block sensitivity between {' and '.join(sensitivity['methods'])}: "
-                f"{_fmt(sensitivity.get('spearman'))}." if sensitivity.get("methods") else "")  # fmt: skip
+                f"{_fmt(sensitivity.get('spearman'))}"
+                + (f" (range {_fmt(spread[0])} to {_fmt(spread[1])} over {len(sensitivity['spearman_by_draw'])} "
+                   "scoring draws)." if spread else ".") if sensitivity.get("methods") else "")  # fmt: skip
     gap_rows = [f"| {r['effective_bits']} | {r['autoquant_objective']:.4g} | {r['exact_objective']:.4g} | "
-                f"{100 * r['relative_gap']:.1f}% |" for r in research.get("optimality_gap", [])]  # fmt: skip
+                f"{100 * r['relative_gap']:.1f}% | {_range(r.get('relative_gap_range'), 100, '.1f')} |"
+                for r in research.get("optimality_gap", [])]  # fmt: skip
     solver_rows = [f"| {name} | {m['scheme']['effective_bits']} | {m['selection']['solver']['used']} | "
                    f"{m['selection']['solver']['modelopt']['objective']:.4g} | "
                    f"{m['selection']['solver']['exact']['objective']:.4g} | "
@@ -275,8 +284,9 @@ def build_report(reports_dir: Path, model: str, run_id: str | None = None, resul
         *section("Drift versus effective bits (targets re-solved from one scoring pass)", "pareto.png"),
         *section("Where error enters (per-block relative error of the hidden states)", "localization.png"),
         *section("AutoQuant's pick versus an exact solve of the same scores", "optimality_gap.png"),
-        *(["| target bits | AutoQuant objective | exact objective | gap |", "|---|---|---|---|", *gap_rows]
-          if gap_rows else []),
+        *(["| target bits | AutoQuant objective | exact objective | gap | gap over scoring draws (%) |",
+           "|---|---|---|---|---|", *gap_rows] if gap_rows else []),
+        *_research_sections(research, plots, vllm, drift, manifests),
         *(["", "## Solvers per scheme: ModelOpt's LP pick and the exact pick of the same scores", "",
            "Objective = sum of the picked formats' scores (lower is better); `solver` is the pick applied.", "",
            "| scheme | target bits | solver | ModelOpt objective | exact objective | exact lower by | groups that "
@@ -285,6 +295,194 @@ def build_report(reports_dir: Path, model: str, run_id: str | None = None, resul
     write_atomic(out / "report.md", "\n".join(lines) + "\n")
     write_atomic(out / "summary.json", json.dumps(summary, indent=1, default=str))
     return out
+
+
+def _range(pair: list[float] | None, scale: float = 1.0, spec: str = ".3g") -> str:
+    return "-" if not pair else f"{format(scale * pair[0], spec)} to {format(scale * pair[1], spec)}"
+
+
+def _kl_cell(measured: dict) -> str:
+    """`1.2e-04 [9.8e-05, 2.1e-04]`: a mean KL with its 95% interval over the evaluation captions."""
+    interval = measured.get("kl_interval") or (analysis.kl_interval(measured) if "kl_by_caption" in measured else None)
+    return f"{measured['kl_mean']:.3g}" + (f" [{interval[0]:.2g}, {interval[1]:.2g}]" if interval else "")
+
+
+def vllm_error_ratios(vllm: dict[str, dict]) -> dict[str, float]:
+    """Scheme -> vLLM's teacher-forced error against the BF16 floor, from the check that ran on the real engine
+    (cuda, else the patched CPU engine, else the plain one)."""
+    ratios = {}
+    for name, checks in vllm.items():
+        for check in ("cuda", "cpu_patched", "cpu"):
+            ratio = ((checks.get(check) or {}).get("decision") or {}).get("error_ratio")
+            if ratio is not None:
+                ratios[name] = ratio
+                break
+    return ratios
+
+
+def _research_sections(research: dict, plots: dict, vllm: dict, drift: dict, manifests: dict) -> list[str]:
+    """The studies of issue 26 (score size, grouping, proxy, frontiers); each only where it ran."""
+    lines: list[str] = []
+    study = research.get("score_size")
+    if study:
+        spread = study["seed_spread"]["overlap_min"]
+        lines += ["## How many scoring samples make the picks stable?", "",
+                  f"Reference: {study['reference']['size']} samples, draw {study['reference']['draw']}; each size "
+                  f"scored on {len(study['draws'])} draws of captions from the scoring + training splits. Overlap = "
+                  "Jaccard of the quantized layers of the exact pick at each budget. Seed spread: the largest size's "
+                  "other draws against the reference, overlap at least "
+                  + ", ".join(f"{spread[str(b)]:.2f} at {b} bits" for b in study["budgets"]) + ".", "",
+                  f"**Smallest stable size: {study['stable_size']}** (every draw of it and of every larger size "
+                  "picks within the seed spread at every budget).", "",
+                  "![score_size.png](score_size.png)" if plots.get("score_size.png") else "", "",
+                  "| samples | Spearman vs reference (draws) | Kendall | overlap min over draws | KL of the pick at "
+                  f"{study.get('measured_budget')} bits (draws) |", "|---|---|---|---|---|"]  # fmt: skip
+        for size in study["sizes"]:
+            rows = [r for r in study["runs"] if r["size"] == size]
+            overlap = ", ".join(f"{b}: {min(r['overlap'][str(b)] for r in rows):.2f}" for b in study["budgets"])
+            kls = [r["drift"]["kl_mean"] for r in rows if r.get("drift")]
+            lines.append(f"| {size} | {_range([min(r['spearman'] for r in rows), max(r['spearman'] for r in rows)])} "
+                         f"| {_range([min(r['kendall'] for r in rows), max(r['kendall'] for r in rows)])} | "
+                         f"{overlap} | {_range([min(kls), max(kls)]) if kls else '-'} |")  # fmt: skip
+        lines.append("")
+    grouping = research.get("grouping")
+    if grouping:
+        lines += ["## What fused q/k/v and gate/up decisions cost", "",
+                  "Exact picks of the same budget from ModelOpt's fused groups and from one decision per linear layer "
+                  "(grouping rules emptied); cost = fused KL minus per-linear KL, with its paired 95% interval over "
+                  "the evaluation captions.", "",
+                  "| target bits | overlap | fused: bits, KL | per linear: bits, KL | cost of fusing | differs |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for row in grouping["rows"]:
+            cost = row["fused_cost"]
+            lines.append(f"| {row['target_effective_bits']} | {row['overlap']:.2f} | "
+                         f"{row['fused']['lm_effective_bits']:.2f}, {_kl_cell(row['fused'])} | "
+                         f"{row['per_linear']['lm_effective_bits']:.2f}, {_kl_cell(row['per_linear'])} | "
+                         f"{cost['difference']:+.2g} [{cost['interval'][0]:+.2g}, {cost['interval'][1]:+.2g}] | "
+                         f"{'yes' if cost['differs'] else 'no'} |")  # fmt: skip
+        finer = {n: v for n, v in vllm.items()
+                 if manifests.get(n, {}).get("scheme", {}).get("grouping") == "per_linear"}  # fmt: skip
+        for name, checks in sorted(finer.items()):
+            lines.append(f"\nvLLM with a per-linear pick ({name}): {_vllm_cell(checks)}.")
+        lines.append("")
+    proxy = research.get("proxy")
+    if proxy and proxy.get("spearman") is not None:
+        misordered = "; ".join(f"{m['lower_score']} scores lower than {m['higher_score']} but drifts more "
+                               f"({m['difference']:+.2g} [{m['interval'][0]:+.2g}, {m['interval'][1]:+.2g}])"
+                               for m in proxy["misordered"]) or "none"  # fmt: skip
+        kl = {name: measured["fake_quant"] for name, measured in drift.items() if "kl_by_caption" in measured.get(
+            "fake_quant", {})}  # fmt: skip
+        engine = analysis.rank_against_kl(vllm_error_ratios(vllm), kl)
+        lines += ["## Does AutoQuant's objective predict the drift?", "",
+                  f"Spearman of the objective (summed scores of each pick under one scoring pass) against PyTorch KL "
+                  f"over {len(proxy['schemes'])} picks (catalog schemes the scores describe, and the sweep): "
+                  f"**{proxy['spearman']:.3f}** [{proxy['interval'][0]:.3f}, {proxy['interval'][1]:.3f}]. "
+                  f"Misordered beyond the interval: {misordered}. Left out: "
+                  + "; ".join(f"{n} ({r[:90]})" for n, r in sorted(proxy["left_out"].items())) + ".", "",
+                  *([f"vLLM's error against the BF16 floor against PyTorch KL over {len(engine['schemes'])} schemes: "
+                     f"Spearman **{engine['spearman']:.3f}** [{engine['interval'][0]:.3f}, "
+                     f"{engine['interval'][1]:.3f}] (interval over the evaluation captions of the KL)."]
+                    if engine["spearman"] is not None else []), "",
+                  "![proxy.png](proxy.png)" if plots.get("proxy.png") else "", ""]  # fmt: skip
+    if plots.get("frontier.png"):
+        lines += ["## Frontier: storage bits against KL, every format", "", "![frontier.png](frontier.png)  "
+                  "Bars: 95% intervals over the evaluation captions; the line joins the Pareto-optimal schemes.", ""]
+    if plots.get("speed_frontier.png"):
+        lines += ["## Frontier: vLLM speed against KL", "", "![speed_frontier.png](speed_frontier.png)", ""]
+    return lines
+
+
+def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
+    """Names of the points no other point beats on both (lower x and lower y), ordered by x."""
+    front = [name for name, (x, y) in points.items()
+             if not any(ox <= x and oy <= y and (ox, oy) != (x, y) for ox, oy in points.values())]  # fmt: skip
+    return sorted(front, key=lambda name: points[name])
+
+
+def _error_bars(values: list[float], intervals: list[list[float] | None]) -> list[list[float]]:
+    low = [v - i[0] if i else 0.0 for v, i in zip(values, intervals, strict=True)]
+    high = [i[1] - v if i else 0.0 for v, i in zip(values, intervals, strict=True)]
+    return [[max(x, 0.0) for x in low], [max(x, 0.0) for x in high]]
+
+
+def _plot_score_size(study: dict, path: Path) -> int:
+    if not study:
+        return 0
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for draw in study["draws"]:
+        rows = [r for r in study["runs"] if r["draw"] == draw]
+        left.plot([r["size"] for r in rows], [r["spearman"] for r in rows], "o-", label=f"draw {draw}")
+    for index, budget in enumerate(study["budgets"]):
+        sizes = study["sizes"]
+        worst = [min(r["overlap"][str(budget)] for r in study["runs"] if r["size"] == size) for size in sizes]
+        right.plot(sizes, worst, marker="o", label=f"{budget} bits", **line_style(index))
+        right.axhline(study["seed_spread"]["overlap_min"][str(budget)], **line_style(index), alpha=0.3)
+    left.set(xscale="log", xlabel="scoring samples", ylabel="Spearman vs reference", title="Layer ranking")
+    right.set(xscale="log", xlabel="scoring samples", ylabel="overlap (worst draw)",
+              title="Picks (faint: seed spread)")  # fmt: skip
+    left.legend(fontsize=7)
+    right.legend(fontsize=7)
+    _save(figure, path)
+    return len(study["runs"])
+
+
+def _plot_proxy(proxy: dict, path: Path) -> int:
+    names = proxy.get("schemes", [])
+    if len(names) < 2:
+        return 0
+    figure, axis = plt.subplots(figsize=(9, 4.5))
+    x = [proxy["objective"][n] for n in names]
+    y = [proxy["kl_mean"][n] for n in names]
+    axis.errorbar(x, y, yerr=_error_bars(y, [proxy["kl_interval"][n] for n in names]), fmt="o", ms=4)
+    axis.set(xscale="log", yscale="log", xlabel="AutoQuant objective of the pick (summed scores)",
+             ylabel="KL(BF16 || quant), mean per token",
+             title=f"Proxy against outcome (Spearman {proxy['spearman']:.3f})")  # fmt: skip
+    numbered_labels(figure, axis, list(zip(names, x, y, strict=True)))
+    _save(figure, path)
+    return len(names)
+
+
+def _plot_frontier(manifests: dict, drift: dict, path: Path) -> int:
+    points, intervals = {}, {}
+    for name, measured in drift.items():
+        fake = measured.get("fake_quant", {})
+        if name in manifests and fake.get("kl_mean", 0) > 0:
+            totals = manifests[name]["totals"]
+            points[name] = (totals.get("lm_storage_bits", totals["lm_effective_bits"]), fake["kl_mean"])
+            intervals[name] = analysis.kl_interval(fake) if "kl_by_caption" in fake else None
+    if len(points) < 2:
+        return 0
+    figure, axis = plt.subplots(figsize=(9, 4.5))
+    names = sorted(points)
+    y = [points[n][1] for n in names]
+    axis.errorbar([points[n][0] for n in names], y, yerr=_error_bars(y, [intervals[n] for n in names]), fmt="o",
+                  ms=4)  # fmt: skip
+    front = pareto_front(points)
+    axis.plot([points[n][0] for n in front], [points[n][1] for n in front], "-", alpha=0.5, label="Pareto front")
+    axis.set(yscale="log", xlabel="LM storage bits per weight (scales included)",
+             ylabel="KL(BF16 || quant), mean per token", title="Storage bits against drift, every scheme")  # fmt: skip
+    axis.legend(fontsize=7)
+    numbered_labels(figure, axis, [(n, *points[n]) for n in names])
+    _save(figure, path)
+    return len(points)
+
+
+def _plot_speed_frontier(vllm: dict, drift: dict, path: Path) -> int:
+    points = {}
+    for name, checks in vllm.items():
+        workloads = (checks.get("speed") or {}).get("workloads", {})
+        fake = drift.get(name, {}).get("fake_quant", {})
+        if "batch1" in workloads and fake.get("kl_mean", 0) > 0:
+            points[name] = (workloads["batch1"]["ratio"], fake["kl_mean"])
+    if len(points) < 2:
+        return 0
+    figure, axis = plt.subplots(figsize=(9, 4.5))
+    axis.scatter([p[0] for p in points.values()], [p[1] for p in points.values()])
+    axis.set(yscale="log", xlabel="vLLM batch-1 decode speed / BF16 (paired)", ylabel="KL(BF16 || quant)",
+             title="Speed against drift")  # fmt: skip
+    numbered_labels(figure, axis, [(n, *p) for n, p in points.items()])
+    _save(figure, path)
+    return len(points)
 
 
 def _calibration_pairs(manifests: dict[str, dict]) -> list[tuple[str, str]]:

@@ -15,6 +15,7 @@ from syrupy.extensions.json import JSONSnapshotExtension
 
 from quantsuite.autoquant import (
     NO_QUANT,
+    group_scores,
     pick_objective,
     picked_effective_bits,
     resolve_config,
@@ -52,6 +53,8 @@ def test_kv_cache_follows_spec(catalog, scheme, scheme_result):
 
 
 def test_fused_groups_share_a_decision(workbench, scheme, scheme_result):
+    """grouping fused: q/k/v and gate/up take one format each (as vLLM fuses them); per_linear: every AutoQuant
+    decision is one linear layer's, so such a pick may split them."""
     formats: dict[tuple[int, str], set[str]] = defaultdict(set)
     for entry in scheme_result.manifest["modules"]:
         for group, pattern in FUSED.items():
@@ -61,7 +64,11 @@ def test_fused_groups_share_a_decision(workbench, scheme, scheme_result):
         assert entry["input_quantized"] == quantizes_input, entry["name"]  # weight-only formats: input stays BF16
     assert formats, "no q/k/v or gate/up layers found"
     split = {key: value for key, value in formats.items() if len(value) > 1}
-    assert not split, f"fused groups with split decisions: {split}"
+    if scheme.grouping == "fused":
+        assert not split, f"fused groups with split decisions: {split}"
+    elif scheme.mode == "autoquant":
+        state, _ = workbench.scores.state(workbench.scores.plan(scheme))
+        assert all(len(group["modules"]) == 1 for group in group_scores(state).values())
 
 
 @pytest.mark.scheme_modes("autoquant")

@@ -433,7 +433,8 @@ def test_compiled_fp8_support_is_measured_on_this_kernel_set():
     """torch 2.13's inductor computes the fused FP8 reduction wrongly under the AVX2 kernel set at one thread (a
     forced-AVX2 clone failed every FP8 scheme's compiled one-row path with an infinite error): in a fresh process at
     one thread (this process may hold compiled code of another thread count) the probe says so there; under the
-    scalar kernel set inductor's C++ build fails, and the probe says that; nothing on the native kernels."""
+    scalar kernel set inductor's C++ build failed in one clone and built and agreed with eager in another
+    (reports/bounds/README.md): either is a measured fact the probe must report; nothing on the native kernels."""
     import subprocess
     import sys
 
@@ -447,7 +448,7 @@ def test_compiled_fp8_support_is_measured_on_this_kernel_set():
     capability = torch.backends.cpu.get_cpu_capability()
     if capability == "AVX2":
         assert "away from eager" in reason, reason
-    elif capability == "DEFAULT":  # the scalar kernel set: inductor's generated C++ does not compile
-        assert "cannot build" in reason, reason
+    elif capability == "DEFAULT":  # the scalar kernel set: inductor's C++ build failed on one box, built on another
+        assert reason == "None" or "cannot build" in reason, reason
     else:
         assert reason == "None", reason

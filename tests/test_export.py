@@ -118,9 +118,8 @@ def test_plain_from_pretrained_misloads_and_our_loader_does_not(workbench, catal
     plain = compare(fake, capture(plain_model, batches, workbench.context.device))
     assert plain["kl_mean"] > 100 * ours["kl_mean"], (plain["kl_mean"], ours["kl_mean"])
     assert plain["top1_agreement"] < ours["top1_agreement"]
-    bounds = scheme.expect.drift.get(workbench.context.model_tag)
-    if bounds is not None:  # the scheme's own (a)-vs-(b) bound holds for our loader, on these batches too
-        assert ours["top1_agreement"] >= bounds.export_top1_agreement_min
+    # the export's own verdicts (test_drift.py) judge our loader on the whole evaluation split, with bounds measured
+    # on all of it; 16 captions are too few for them (reports/bounds/README.md, fresh clones of session 15)
 
 
 def test_kv_cache_is_checked_in_the_export():

@@ -37,7 +37,8 @@ def workbench(pytestconfig, model_spec, data_config, catalog):
     cache_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(cache_dir / "workbench.lock")):  # tokenizer / split set-up touches shared files once
         bench = Workbench(model_spec, data_config, catalog, cache_dir, Path(pytestconfig.getoption("--reports-dir")),
-                          run_id=pytestconfig.getoption("--run-id"))  # fmt: skip
+                          run_id=pytestconfig.getoption("--run-id"),
+                          research=settings(pytestconfig).research)  # fmt: skip
     pytestconfig.stash[WORKBENCH] = bench
     return bench
 

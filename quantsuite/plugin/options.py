@@ -19,11 +19,14 @@ from pathlib import Path
 
 import pytest
 
+from quantsuite.stages.research import STUDIES, ResearchSettings
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # Options that take a value; a value that is an existing path confuses pytest's rootdir choice (docstring).
 VALUE_OPTIONS = ("--scheme", "--model", "--device", "--dtype", "--calib-data", "--batch-size", "--seq-len",
                  "--calib-samples", "--images-dir", "--score-samples", "--eval-samples", "--data-seed", "--model-seed",
-                 "--cache-dir", "--vllm-python", "--run-id", "--reports-dir")  # fmt: skip
+                 "--cache-dir", "--vllm-python", "--run-id", "--reports-dir", "--research-studies",
+                 "--research-score-sizes", "--research-draws")  # fmt: skip
 RESTARTED = "QUANTSUITE_PYTEST_ARGS_JOINED"
 
 
@@ -58,6 +61,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="Delete each scheme's export once its tests are done (disk-bound machines; 3B: ~6 GB each)")  # fmt: skip
     add("--vllm-python", default=None,
         help="Python of the vLLM environment (default .venv-vllm/bin/python or $QUANTSUITE_VLLM_PYTHON)")  # fmt: skip
+    add("--research-studies", default=",".join(STUDIES),
+        help=f"Research studies to run, comma-separated (default all: {','.join(STUDIES)})")  # fmt: skip
+    add("--research-score-sizes", default=",".join(map(str, ResearchSettings.score_sizes)),
+        help="score_size study: scoring sample sizes, comma-separated (the largest is the reference)")  # fmt: skip
+    add("--research-draws", default=",".join(map(str, ResearchSettings.draws)),
+        help="score_size study: seeds of the scoring captions drawn from the scoring + training splits")  # fmt: skip
     add("--run-id", default=None, help="Name of the report directory reports/<run-id> (default: time)")
     add("--no-report", action="store_true", help="Do not write reports/<run-id>/report.md at the end")
     add("--reports-dir", default=str(PROJECT_ROOT / "reports"), help="Where manifests and reports go")

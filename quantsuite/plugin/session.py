@@ -13,6 +13,7 @@ import pytest
 from quantsuite.catalog import Catalog, load_catalog
 from quantsuite.data import DataConfig
 from quantsuite.models import ModelSpec
+from quantsuite.stages.research import ResearchSettings
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class RunSettings:
     data_config: DataConfig
     catalog: Catalog
     vllm_python: Path | None
+    research: ResearchSettings
 
 
 SETTINGS = pytest.StashKey[RunSettings]()
@@ -39,7 +41,7 @@ def pytest_configure(config: pytest.Config) -> None:
     --dtype, --calib-data, --images-dir (every image the splits use is opened), --vllm-python (or
     $QUANTSUITE_VLLM_PYTHON), schemes.yaml."""
     from quantsuite.catalog import SchemeError
-    from quantsuite.data import CaptionDataError, load_image_splits, load_splits
+    from quantsuite.data import CaptionDataError, load_image_splits, load_splits, require_samples
     from quantsuite.models import ModelSourceError
     from quantsuite.vllm.service import VllmSetupError, resolve_vllm_python
 
@@ -61,11 +63,30 @@ def pytest_configure(config: pytest.Config) -> None:
         catalog = load_catalog()
         for scheme in catalog.select(option("--scheme")):
             check_sample_overrides(scheme, splits)
-    except (SchemeError, ModelSourceError, CaptionDataError, VllmSetupError) as error:
+        research = ResearchSettings(tuple(_listed(option("--research-studies"))),
+                                    _integers(option("--research-score-sizes"), "--research-score-sizes"),
+                                    _integers(option("--research-draws"), "--research-draws"))  # fmt: skip
+        require_samples("scoring + training", max(research.score_sizes), len(splits.scoring + splits.training),
+                        "--research-score-sizes")  # fmt: skip
+    except (SchemeError, ModelSourceError, CaptionDataError, VllmSetupError, ValueError) as error:
         raise pytest.UsageError(str(error)) from None
     model_spec = replace(requested, device=worker_device(requested.device))
-    config.stash[SETTINGS] = RunSettings(model_spec, data_config, catalog, vllm_python)
+    config.stash[SETTINGS] = RunSettings(model_spec, data_config, catalog, vllm_python, research)
     share_cpu_threads()
+
+
+def _listed(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def _integers(value: str, option: str) -> tuple[int, ...]:
+    try:
+        numbers = tuple(int(item) for item in _listed(value))
+    except ValueError:
+        raise ValueError(f"{option} {value!r}: expected comma-separated whole numbers, e.g. 8,16,32") from None
+    if any(number < (0 if option == "--research-draws" else 1) for number in numbers):
+        raise ValueError(f"{option} {value!r}: sizes must be at least 1, draws at least 0")
+    return numbers
 
 
 def check_sample_overrides(scheme, splits) -> None:

@@ -124,6 +124,12 @@ class RunContext:
                                                                 self.data_config, self.image_processor)  # fmt: skip
         return self._image_batches[split, samples]
 
+    def drawn_batches(self, samples: int, seed: int) -> list[dict]:
+        """Text batches of `samples` captions drawn by `seed` from the scoring and training splits."""
+        captions = data.drawn_captions(self.splits, samples, seed)
+        return data.tokenize_batches(captions, self.tokenizer, self.data_config.batch_size,
+                                     self.data_config.sequence_length)  # fmt: skip
+
     @property
     def image_source(self) -> str:
         """Where the image prompts come from, in words (the report says it)."""

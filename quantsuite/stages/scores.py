@@ -43,11 +43,13 @@ class Scores:
             cost_excluded=(VISION_PATTERN, *(() if lm_head else (LM_HEAD_PATTERN,))),
             score_samples=scheme.score_samples or self.context.data_config.scoring_samples,
             calibration=scheme.calibration,
+            grouping=scheme.grouping,
         )
 
     def scores_key(self, plan: ScoringPlan) -> str:
         code = code_hash(autoquant, sys.modules[__name__])
-        inputs = {k: v for k, v in asdict(plan).items() if k != "calibration"}
+        defaults = {("grouping", "fused"), ("draw", None)}  # keep the keys from before these fields
+        inputs = {k: v for k, v in asdict(plan).items() if k != "calibration" and (k, v) not in defaults}
         return self.context.stage_key({"plan": inputs, "code": code}, plan.calibration)
 
     def state(self, plan: ScoringPlan) -> tuple[dict, str]:
@@ -60,7 +62,10 @@ class Scores:
                 self.context.require_cuda(needs, f"AutoQuant scoring over {'+'.join(plan.presets)}")
                 loaded = self.context.load()
                 started = time.perf_counter()
-                batches = self.context.calibration_batches("scoring", plan.score_samples, plan.calibration)
+                if plan.draw is None:
+                    batches = self.context.calibration_batches("scoring", plan.score_samples, plan.calibration)
+                else:
+                    batches = self.context.drawn_batches(plan.score_samples, plan.draw)
                 state = run_scoring(loaded.model, plan, batches, loaded.device)
                 self.runs += 1
                 save_search_state(state, directory / "search_state.pt")
