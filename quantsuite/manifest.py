@@ -21,6 +21,7 @@ AutoQuant cost model (FP8 8, INT4 AWQ 4, NVFP4 4.5), the unit of a scheme's targ
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 import torch
@@ -188,6 +189,23 @@ def build_manifest(
         "blocks": block_list,
         "modules": modules,
     }
+
+
+# Layers vLLM fuses into one (qkv_proj, gate_up_proj): their shards must share a precision there
+FUSED_GROUPS = {"qkv": re.compile(r"^(.*)\.self_attn\.[qkv]_proj$"),
+                "gate_up": re.compile(r"^(.*)\.mlp\.(gate|up)_proj$")}  # fmt: skip
+
+
+def split_fused_groups(manifest: dict) -> list[str]:
+    """The fused layer groups (`<block>.qkv`, `<block>.gate_up`) whose layers the manifest gives different formats:
+    a per_linear pick may; vLLM refuses to load such a checkpoint."""
+    formats: dict[str, set[str]] = {}
+    for entry in manifest["modules"]:
+        for group, pattern in FUSED_GROUPS.items():
+            found = pattern.match(entry["name"])
+            if found:
+                formats.setdefault(f"{found.group(1)}.{group}", set()).add(entry["format"])
+    return sorted(name for name, taken in formats.items() if len(taken) > 1)
 
 
 def decisions(manifest: dict) -> dict[str, str]:

@@ -68,7 +68,8 @@ def test_vllm(workbench, scheme, vllm_check, vllm_service, export_dropped_after)
     except VllmUnsupportedHere as error:
         pytest.skip(f"this machine cannot run it in vLLM: {error}")
     picked = workbench.vllm.picked_formats(scheme)
-    expectation, where = workbench.context.catalog.vllm_expectation(scheme, vllm_check, picked)
+    expectation, where = workbench.context.catalog.vllm_expectation(scheme, vllm_check, picked,
+                                                                    workbench.vllm.split_fused(scheme))  # fmt: skip
     judge_expected(expectation, where, vllm_check, result["failures"], picked,
                    result.get("decision", {}).get("error_ratio"))  # fmt: skip
 

@@ -185,7 +185,7 @@ class Research:
 
         def build() -> dict:
             states = {run: self.scores.state(plan)[0] for run, plan in plans.items()}
-            study = analysis.score_size_stability(states, settings.budgets, self._scheme)
+            study = analysis.score_size_stability(states, settings.budgets)
             for row in study["runs"]:
                 measured = self._measure(states[row["size"], row["draw"]], self._scheme(middle, "exact"))
                 row["drift"] = {k: measured[k] for k in ("lm_effective_bits", "kl_mean", "kl_interval")}

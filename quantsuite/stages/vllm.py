@@ -24,6 +24,7 @@ from quantsuite.cache import code_hash
 from quantsuite.catalog import SchemeSpec, VllmOutcome
 from quantsuite.checkpoint import load_export
 from quantsuite.data import prompt_image
+from quantsuite.manifest import split_fused_groups
 from quantsuite.stages.context import RunContext, free_memory
 from quantsuite.stages.export import Exports
 from quantsuite.stages.scheme import Schemes
@@ -247,10 +248,15 @@ class VllmChecks:
         coverage = self.schemes.result(scheme).manifest["totals"].get("coverage_by_format", {})
         return {name for name, share in coverage.items() if share > 0}
 
+    def split_fused(self, scheme: SchemeSpec) -> list[str]:
+        """The groups vLLM fuses (q/k/v, gate/up) that the scheme's pick gives different formats."""
+        return split_fused_groups(self.schemes.result(scheme).manifest)
+
     def expected_failure(self, scheme: SchemeSpec, check: str) -> VllmOutcome | None:
         """The recorded failure `check` gives for the scheme's pick (`Catalog.vllm_expectation`: its own, else its
         formats'; one `when_format` F only where the pick has F layers), or None: it must load and pass."""
-        expectation, _ = self.context.catalog.vllm_expectation(scheme, check, self.picked_formats(scheme))
+        expectation, _ = self.context.catalog.vllm_expectation(scheme, check, self.picked_formats(scheme),
+                                                               self.split_fused(scheme))  # fmt: skip
         if expectation is None or expectation.outcome != "fail":
             return None
         if expectation.when_format and expectation.when_format not in self.picked_formats(scheme):

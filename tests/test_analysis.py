@@ -1,0 +1,99 @@
+"""The research studies' statistics (quantsuite.analysis) on known values, each with a planted inconsistency it must
+catch: intervals over evaluation captions, paired differences, rank agreement against KL, pick overlap, the
+smallest stable score size, and the frontier."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+
+from quantsuite import analysis
+from quantsuite.report import pareto_front
+
+
+def measurement(kl_per_caption: list[float], tokens: int = 10) -> dict:
+    sums = [value * tokens for value in kl_per_caption]
+    return {"kl_mean": sum(sums) / (tokens * len(sums)),
+            "kl_by_caption": {"sums": sums, "tokens": [tokens] * len(sums)}}  # fmt: skip
+
+
+rng = np.random.default_rng(0)
+NOISY = list(1e-3 * (1 + 0.3 * rng.standard_normal(64)))
+
+
+def test_kl_interval_holds_the_mean_and_narrows_with_captions():
+    few, many = measurement(NOISY[:8]), measurement(NOISY)
+    low, high = analysis.kl_interval(many)
+    assert low < many["kl_mean"] < high
+    assert high - low < np.subtract(*reversed(analysis.kl_interval(few)))
+
+
+def test_kl_difference_differs_only_outside_its_interval():
+    """Planted: one scheme 20% worse on every caption differs; the same scheme against itself does not."""
+    base = measurement(NOISY)
+    worse = measurement([1.2 * value for value in NOISY])
+    assert analysis.kl_difference(worse, base)["differs"]
+    assert analysis.kl_difference(worse, base)["difference"] > 0
+    assert not analysis.kl_difference(base, measurement(NOISY))["differs"]
+    shifted = measurement(list(np.roll(NOISY, 1)))  # same captions' values, each moved to another caption
+    assert not analysis.kl_difference(shifted, base)["differs"]
+    with pytest.raises(ValueError, match="same evaluation captions"):
+        analysis.kl_difference(measurement(NOISY, tokens=11), base)
+
+
+def test_rank_against_kl_names_the_pairs_a_proxy_misorders():
+    """Five schemes whose KL grows with their score; planted: the proxy scores the worst scheme lowest."""
+    measurements = {f"s{i}": measurement([(1 + i) * value for value in NOISY]) for i in range(5)}
+    honest = {f"s{i}": float(i) for i in range(5)}
+    result = analysis.rank_against_kl(honest, measurements)
+    assert result["spearman"] == pytest.approx(1.0) and not result["misordered"]
+    planted = honest | {"s4": -1.0}
+    result = analysis.rank_against_kl(planted, measurements)
+    kl = [measurements[name]["kl_mean"] for name in result["schemes"]]
+    assert result["spearman"] == pytest.approx(spearmanr([planted[n] for n in result["schemes"]], kl).statistic)
+    assert result["spearman"] < 0.5
+    assert {(m["lower_score"], m["higher_score"]) for m in result["misordered"]} == {
+        ("s4", f"s{i}") for i in range(4)}  # fmt: skip
+    assert result["interval"][0] <= result["interval"][1]
+
+
+def test_jaccard_and_rank_agreement():
+    assert analysis.jaccard(["a", "b"], ["b", "c"]) == pytest.approx(1 / 3)
+    assert analysis.jaccard([], []) == 1.0
+    agreement = analysis.rank_agreement({"a": 1.0, "b": 2.0, "c": 3.0}, {"a": 10.0, "b": 30.0, "c": 20.0})
+    assert agreement["spearman"] == pytest.approx(0.5) and agreement["kendall"] == pytest.approx(1 / 3)
+
+
+def state_of(scores: dict[str, float]) -> dict:
+    """A search state with one FP8-or-BF16 group per layer and equal costs: the scores alone decide the pick."""
+    from modelopt.torch.quantization.algorithms import QuantRecipe
+
+    recipes = [QuantRecipe("FP8_DEFAULT_CFG"), QuantRecipe(None)]
+    stats = {f"model.language_model.layers.{i}.mlp.down_proj.quant_recipe": {
+        "formats": recipes, "scores": [score, 0.0], "costs": [8.0, 16.0],
+        "module_names": [f"model.language_model.layers.{i}.mlp.down_proj"]} for i, score in enumerate(scores.values())}
+    return {"candidate_stats": stats, "cost_denominator": 16.0 * len(scores)}  # fmt: skip
+
+
+def test_smallest_stable_size_follows_the_picks():
+    """Six layers; the reference (size 64, draw 0) ranks them 0 < 1 < ... < 5 and the other draw of size 64 agrees.
+    Size 32 agrees on both draws, size 8 picks other layers on one draw: 32 is the smallest stable size. Planted: the
+    size-32 draw that agreed now picks like size 8's, and 64 becomes the smallest stable size."""
+    ordered = {str(i): float(i + 1) for i in range(6)}
+    swapped = ordered | {"0": 6.5, "5": 0.5}  # the most sensitive layer ranked least
+    states = {(64, 0): state_of(ordered), (64, 1): state_of(ordered), (32, 0): state_of(ordered),
+              (32, 1): state_of(ordered), (8, 0): state_of(swapped), (8, 1): state_of(ordered)}  # fmt: skip
+    study = analysis.score_size_stability(states, (12.0,))
+    assert study["stable_size"] == 32
+    assert study["seed_spread"]["overlap_min"]["12.0"] == 1.0
+    eight = next(r for r in study["runs"] if (r["size"], r["draw"]) == (8, 0))
+    assert eight["overlap"]["12.0"] < 1.0 and eight["spearman"] < 1.0
+    planted = analysis.score_size_stability(states | {(32, 1): state_of(swapped)}, (12.0,))
+    assert planted["stable_size"] == 64
+
+
+def test_pareto_front_leaves_out_dominated_schemes():
+    points = {"a": (8.0, 3.0), "b": (9.0, 1.0), "c": (9.5, 2.0), "d": (12.0, 0.5), "e": (12.0, 0.7)}
+    assert pareto_front(points) == ["a", "b", "d"]
+    assert "b" not in pareto_front(points | {"planted": (8.5, 0.9)})
