@@ -110,7 +110,8 @@ def rank_against_kl(scores: dict[str, float], measurements: dict[str, dict]) -> 
     sums = np.stack([caption_sums(measurements[name])[0] for name in names])
     tokens = caption_sums(measurements[names[0]])[1]
     fixed = [scores[name] for name in names]
-    result["spearman"] = spearman(fixed, list(sums.sum(1) / tokens.sum()))
+    kl = dict(zip(names, sums.sum(1) / tokens.sum(), strict=True))
+    result["spearman"] = spearman(fixed, [kl[name] for name in names])
     result["interval"] = bootstrap_interval(lambda i: spearman(fixed, list(sums[:, i].sum(1) / tokens[i].sum())),
                                             len(tokens))  # fmt: skip
     for index, first in enumerate(names):
@@ -118,7 +119,7 @@ def rank_against_kl(scores: dict[str, float], measurements: dict[str, dict]) -> 
             if scores[first] == scores[second]:
                 continue
             lower, higher = sorted((first, second), key=scores.get)
-            if sums[names.index(lower)].sum() <= sums[names.index(higher)].sum():
+            if kl[lower] <= kl[higher]:
                 continue  # ordered as the scores order them: no interval needed
             difference = kl_difference(measurements[lower], measurements[higher])
             if difference["differs"] and difference["difference"] > 0:
@@ -152,11 +153,14 @@ def rank_agreement(first: dict[str, float], second: dict[str, float]) -> dict[st
     return {"spearman": spearman(a, b), "kendall": float(kendalltau(a, b).statistic)}
 
 
+def quantized_modules(groups: dict[str, dict], picks: dict[str, str]) -> list[str]:
+    """The layers a pick (group -> format name) quantizes in any format; `groups` as `group_scores` gives them."""
+    return sorted(module for hparam, fmt in picks.items() if fmt != NO_QUANT for module in groups[hparam]["modules"])
+
+
 def exact_quantized_modules(state: dict, effective_bits: float) -> list[str]:
     """The layers the exact pick of `state`'s scores at `effective_bits` quantizes (any format)."""
-    picks, _ = exact_pick(state, effective_bits)
-    groups = group_scores(state)
-    return sorted(module for hparam, fmt in picks.items() if fmt != NO_QUANT for module in groups[hparam]["modules"])
+    return quantized_modules(group_scores(state), exact_pick(state, effective_bits)[0])
 
 
 def score_size_stability(states: dict[tuple[int, int], dict], budgets: tuple[float, ...]) -> dict:

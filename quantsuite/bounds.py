@@ -241,7 +241,7 @@ def signature(catalog: Catalog, scheme: SchemeSpec) -> set[str]:
     (which adds its own error on top: INT4 AWQ + KV measured above every AWQ scheme's bound on tiny), plus its
     calibration data where it is not text (INT8 SmoothQuant calibrated on image prompts drifted 27x more on text
     than calibrated on captions, tiny): bounds measured under one calibration do not carry over to another."""
-    kv = scheme.kv_cache or any(catalog.formats[name].kv_cache for name in scheme.formats)
+    kv = catalog.kv_cache(scheme)
     calibration = {f"calibration:{scheme.calibration}"} if scheme.calibration != "text" else set()
     return catalog.families(scheme) | ({"kv"} if kv else set()) | calibration
 

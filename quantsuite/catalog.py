@@ -379,6 +379,11 @@ class Catalog(Strict):
                                      f"the range reachable with formats {list(scheme.formats)}")  # fmt: skip
         return self
 
+    def kv_cache(self, scheme: SchemeSpec) -> str | None:
+        """The KV-cache preset `scheme` switches on: its own `kv_cache`, else one of its formats'; None for none."""
+        return scheme.kv_cache or next((self.formats[name].kv_cache for name in scheme.formats
+                                        if self.formats[name].kv_cache), None)  # fmt: skip
+
     def vllm_expectation(self, scheme: SchemeSpec, check: str, picked: set[str] | None = None,
                          split: list[str] | None = None) -> tuple[VllmOutcome | None, str]:  # fmt: skip
         """What `check` of vLLM should give for `scheme`, and where that is written: the scheme's own expect.vllm;

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from quantsuite.data import IGNORE_INDEX, model_inputs
@@ -117,10 +118,8 @@ def bootstrap_standard_error(per_token: torch.Tensor, sequences: torch.Tensor, r
     are not independent): scipy's bootstrap of sum(values) / sum(tokens) over captions, paired, fixed seed."""
     from scipy.stats import bootstrap
 
-    counts = torch.bincount(sequences)
-    present = counts > 0
-    sums = torch.zeros(counts.numel(), dtype=torch.float64).index_add_(0, sequences, per_token.double())
-    sums, counts = sums[present].numpy(), counts[present].double().numpy()
+    by_caption = per_caption(per_token, sequences)
+    sums, counts = np.asarray(by_caption["sums"]), np.asarray(by_caption["tokens"], dtype=float)
     if sums.size < 2:
         return 0.0
     result = bootstrap((sums, counts), lambda s, n, axis=-1: s.sum(axis) / n.sum(axis), paired=True,

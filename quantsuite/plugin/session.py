@@ -64,8 +64,8 @@ def pytest_configure(config: pytest.Config) -> None:
         for scheme in catalog.select(option("--scheme")):
             check_sample_overrides(scheme, splits)
         research = ResearchSettings(tuple(_listed(option("--research-studies"))),
-                                    _integers(option("--research-score-sizes"), "--research-score-sizes"),
-                                    _integers(option("--research-draws"), "--research-draws"))  # fmt: skip
+                                    _integers(option("--research-score-sizes"), "--research-score-sizes", 1),
+                                    _integers(option("--research-draws"), "--research-draws", 0))  # fmt: skip
         require_samples("scoring + training", max(research.score_sizes), len(splits.scoring + splits.training),
                         "--research-score-sizes")  # fmt: skip
     except (SchemeError, ModelSourceError, CaptionDataError, VllmSetupError, ValueError) as error:
@@ -79,13 +79,13 @@ def _listed(value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
-def _integers(value: str, option: str) -> tuple[int, ...]:
+def _integers(value: str, option: str, minimum: int) -> tuple[int, ...]:
     try:
         numbers = tuple(int(item) for item in _listed(value))
     except ValueError:
         raise ValueError(f"{option} {value!r}: expected comma-separated whole numbers, e.g. 8,16,32") from None
-    if any(number < (0 if option == "--research-draws" else 1) for number in numbers):
-        raise ValueError(f"{option} {value!r}: sizes must be at least 1, draws at least 0")
+    if any(number < minimum for number in numbers):
+        raise ValueError(f"{option} {value!r}: each must be at least {minimum}")
     return numbers
 
 

@@ -24,7 +24,6 @@ from pathlib import Path
 
 from quantsuite import analysis
 from quantsuite.autoquant import (
-    NO_QUANT,
     ScoringPlan,
     apply_config,
     pick_objective,
@@ -98,13 +97,13 @@ class Research:
                            context.device)  # fmt: skip
         del model
         free_memory()
-        quantized = sorted(module for hparam, fmt in resolution.group_formats.items() if fmt != NO_QUANT
-                           for module in resolution.groups[hparam]["modules"])  # fmt: skip
-        return {"lm_effective_bits": picked_effective_bits(state, resolution.group_formats),
-                "objective": pick_objective(state, resolution.group_formats),
+        picks = resolution.group_formats
+        return {"lm_effective_bits": picked_effective_bits(state, picks),
+                "objective": pick_objective(state, picks),
                 "kl_mean": measured["kl_mean"], "kl_interval": analysis.kl_interval(measured),
                 "top1_agreement": measured["top1_agreement"], "perplexity_delta": measured["perplexity_delta"],
-                "kl_by_caption": measured["kl_by_caption"], "quantized_modules": quantized}  # fmt: skip
+                "kl_by_caption": measured["kl_by_caption"],
+                "quantized_modules": analysis.quantized_modules(resolution.groups, picks)}  # fmt: skip
 
     def _cached(self, study: str, inputs: dict, build) -> dict:
         context = self.context
@@ -129,8 +128,7 @@ class Research:
     def sensitivity(self) -> dict:
         """Per-block sensitivity by method on the scoring split, and the methods' Spearman on each scoring draw."""
         methods = {"gradient": self._plan(), "kl_div": self._plan(method="kl_div")}
-        samples = methods["gradient"].score_samples
-        keys = {m: self.scores.state(p)[1] for m, p in methods.items()}
+        keys = {m: self.scores.scores_key(p) for m, p in methods.items()}
 
         def build() -> dict:
             states = {m: self.scores.state(p)[0] for m, p in methods.items()}
@@ -143,28 +141,28 @@ class Research:
             result["spearman_range"] = [min(per_draw), max(per_draw)]
             return result
 
-        return self._cached("sensitivity", {"scores": keys, "draws": self.settings.draws, "samples": samples}, build)
+        return self._cached("sensitivity", {"scores": keys, "draws": self.settings.draws}, build)
 
     def sweep(self) -> list[dict]:
         """Targets re-solved from one scoring pass (ModelOpt's LP, as schemes apply it), each applied and measured."""
-        state, key = self.scores.state(self._plan())
+        plan = self._plan()
 
         def build() -> dict:
+            state, _ = self.scores.state(plan)
             rows = []
             for bits in SWEEP_TARGETS:
                 rows.append({"target_effective_bits": bits} | self._measure(state, self._scheme(bits)))
             return {"rows": rows}
 
-        return self._cached("sweep", {"scores": key, "targets": SWEEP_TARGETS}, build)["rows"]
+        return self._cached("sweep", {"scores": self.scores.scores_key(plan), "targets": SWEEP_TARGETS}, build)["rows"]
 
     def optimality_gap(self) -> list[dict]:
         """Per target: ModelOpt's LP objective against the exact optimum, and the gap's range over scoring draws."""
         plan = self._plan()
-        state, key = self.scores.state(plan)
-        keys = [self.scores.state(replace(plan, draw=draw))[1] for draw in self.settings.draws]
+        keys = [self.scores.scores_key(p) for p in (plan, *(replace(plan, draw=d) for d in self.settings.draws))]
 
         def build() -> dict:
-            rows = analysis.optimality_gap(state, self._scheme, list(SWEEP_TARGETS))
+            rows = analysis.optimality_gap(self.scores.state(plan)[0], self._scheme, list(SWEEP_TARGETS))
             drawn = [analysis.optimality_gap(self.scores.state(replace(plan, draw=draw))[0], self._scheme,
                                              list(SWEEP_TARGETS)) for draw in self.settings.draws]  # fmt: skip
             for index, row in enumerate(rows):
@@ -172,7 +170,7 @@ class Research:
                 row["relative_gap_range"] = [min(gaps), max(gaps)]
             return {"rows": rows}
 
-        return self._cached("optimality_gap", {"scores": [key, *keys], "targets": SWEEP_TARGETS}, build)["rows"]
+        return self._cached("optimality_gap", {"scores": keys, "targets": SWEEP_TARGETS}, build)["rows"]
 
     def score_size(self) -> dict:
         """Layer ranking and picks with few scoring samples against the largest size (draw 0), over several draws;
@@ -180,7 +178,7 @@ class Research:
         settings = self.settings
         plans = {(size, draw): self._plan(score_samples=size, draw=draw)
                  for size in settings.score_sizes for draw in settings.draws}  # fmt: skip
-        keys = {f"{size}:{draw}": self.scores.state(plan)[1] for (size, draw), plan in plans.items()}
+        keys = {f"{size}:{draw}": self.scores.scores_key(plan) for (size, draw), plan in plans.items()}
         middle = settings.budgets[len(settings.budgets) // 2]
 
         def build() -> dict:
@@ -196,7 +194,7 @@ class Research:
     def grouping(self) -> dict:
         """The same budgets picked (exactly) from ModelOpt's fused groups and from one decision per linear layer."""
         plans = {grouping: self._plan(grouping=grouping) for grouping in ("fused", "per_linear")}
-        keys = {grouping: self.scores.state(plan)[1] for grouping, plan in plans.items()}
+        keys = {grouping: self.scores.scores_key(plan) for grouping, plan in plans.items()}
 
         def build() -> dict:
             rows = []
@@ -222,8 +220,7 @@ class Research:
         measurements, objectives, left_out = {}, {}, {}
         for scheme in catalog.schemes:
             unscored = sorted({presets[f] for f in scheme.formats} - set(plan.presets))
-            kv_cache = scheme.kv_cache or next((catalog.formats[f].kv_cache for f in scheme.formats
-                                                if catalog.formats[f].kv_cache), None)  # fmt: skip
+            kv_cache = catalog.kv_cache(scheme)
             if scheme.mode == "none" or unscored or kv_cache:
                 if scheme.mode != "none":
                     left_out[scheme.name] = (f"KV cache {kv_cache}: the scores do not see it" if kv_cache else
