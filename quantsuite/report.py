@@ -26,7 +26,7 @@ from quantsuite import analysis
 from quantsuite.cache import write_atomic
 
 PLOTS = ("sensitivity.png", "coverage_heatmap.png", "pareto.png", "localization.png", "optimality_gap.png",
-         "clipping.png")
+         "clipping.png", "score_size.png", "proxy.png", "frontier.png")  # speed_frontier.png: paired GPU speed only
 
 
 def _load_dir(path: Path, results_of: str | None = None) -> dict[str, dict]:
@@ -287,6 +287,9 @@ def build_report(reports_dir: Path, model: str, run_id: str | None = None, resul
         *(["| target bits | AutoQuant objective | exact objective | gap | gap over scoring draws (%) |",
            "|---|---|---|---|---|", *gap_rows] if gap_rows else []),
         *_research_sections(research, plots, vllm, drift, manifests),
+        *section("Frontier: storage bits against KL, every format", "frontier.png", "Bars: 95% intervals over the "
+                 "evaluation captions; the line joins the Pareto-optimal schemes."),
+        *section("Frontier: vLLM speed against KL", "speed_frontier.png"),
         *(["", "## Solvers per scheme: ModelOpt's LP pick and the exact pick of the same scores", "",
            "Objective = sum of the picked formats' scores (lower is better); `solver` is the pick applied.", "",
            "| scheme | target bits | solver | ModelOpt objective | exact objective | exact lower by | groups that "
@@ -303,8 +306,8 @@ def _range(pair: list[float] | None, scale: float = 1.0, spec: str = ".3g") -> s
 
 def _kl_cell(measured: dict) -> str:
     """`1.2e-04 [9.8e-05, 2.1e-04]`: a mean KL with its 95% interval over the evaluation captions."""
-    interval = measured.get("kl_interval") or (analysis.kl_interval(measured) if "kl_by_caption" in measured else None)
-    return f"{measured['kl_mean']:.3g}" + (f" [{interval[0]:.2g}, {interval[1]:.2g}]" if interval else "")
+    low, high = measured["kl_interval"]
+    return f"{measured['kl_mean']:.3g} [{low:.2g}, {high:.2g}]"
 
 
 def vllm_error_ratios(vllm: dict[str, dict]) -> dict[str, float]:
@@ -321,7 +324,7 @@ def vllm_error_ratios(vllm: dict[str, dict]) -> dict[str, float]:
 
 
 def _research_sections(research: dict, plots: dict, vllm: dict, drift: dict, manifests: dict) -> list[str]:
-    """The studies of issue 26 (score size, grouping, proxy, frontiers); each only where it ran."""
+    """The studies of issue 26 (score size, grouping, proxy); each only where it ran."""
     lines: list[str] = []
     study = research.get("score_size")
     if study:
@@ -384,11 +387,6 @@ def _research_sections(research: dict, plots: dict, vllm: dict, drift: dict, man
                      f"{engine['interval'][1]:.3f}] (interval over the evaluation captions of the KL)."]
                     if engine["spearman"] is not None else []), "",
                   "![proxy.png](proxy.png)" if plots.get("proxy.png") else "", ""]  # fmt: skip
-    if plots.get("frontier.png"):
-        lines += ["## Frontier: storage bits against KL, every format", "", "![frontier.png](frontier.png)  "
-                  "Bars: 95% intervals over the evaluation captions; the line joins the Pareto-optimal schemes.", ""]
-    if plots.get("speed_frontier.png"):
-        lines += ["## Frontier: vLLM speed against KL", "", "![speed_frontier.png](speed_frontier.png)", ""]
     return lines
 
 
