@@ -206,8 +206,8 @@ def test_image_prompts_judged_against_1d_positions_fail(workbench, catalog, vllm
     """Planted fault: top50's image prompts judged against a PyTorch reference that reads them with 1-D positions
     (their batches without mm_token_type_ids, as the suite's own image measurements did before vLLM disagreed).
     top50's image-prompt bound, derived from its measured spread (reports/bounds/), must call it incompatible.
-    Without a recorded image bound (NOISE_FACTOR) the verdict catches only a fault larger than 16x: on the 3B shape
-    on an H200 this one measured 10.7x, so there it xfails saying so, and fails if the fault came out no larger
+    Without a recorded image bound (NOISE_FACTOR) the verdict catches only a fault larger than 16x, which this one
+    need not be (reports/gpu-verdicts-h200): there it xfails saying so, and fails if the fault came out no larger
     than top50's own ratio."""
     images = workbench.vllm.image_inputs
     if images is None:
