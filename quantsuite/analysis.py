@@ -99,20 +99,35 @@ def kl_difference(first: dict, second: dict) -> dict:
             "differs": not low <= 0.0 <= high}  # fmt: skip
 
 
-def rank_against_kl(scores: dict[str, float], measurements: dict[str, dict]) -> dict:
-    """Does a per-scheme figure (`scores`, fixed: an objective, storage bits...) order the schemes as their mean KL
-    does? Spearman with its interval over resampled evaluation captions (every scheme's KL from the same resample),
-    and the pairs it misorders: a lower score but a higher KL, the KL difference outside its interval."""
+def rank_against_kl(scores: dict[str, float], measurements: dict[str, dict],
+                    score_by_caption: dict[str, tuple[list[float], list[float]]] | None = None) -> dict:
+    """Does a per-scheme figure (`scores`: an objective, storage bits...) order the schemes as their mean KL does?
+    Spearman with its interval over resampled evaluation captions (every scheme's KL from the same resample), and
+    the pairs it misorders: a lower score but a higher KL, the KL difference outside its interval.
+
+    `score_by_caption` (every scheme of `scores`) makes the scores measured too: each is the ratio of two sums over
+    the same evaluation captions (vLLM's error over its BF16 floor's), recomputed from each resample with the KL's
+    captions, so the interval holds the noise of both sides."""
     names = sorted(set(scores) & set(measurements))
     result: dict = {"schemes": names, "spearman": None, "interval": None, "misordered": []}
     if len(names) < 3:
         return result
     sums = np.stack([caption_sums(measurements[name])[0] for name in names])
     tokens = caption_sums(measurements[names[0]])[1]
-    fixed = [scores[name] for name in names]
     kl = dict(zip(names, sums.sum(1) / tokens.sum(), strict=True))
-    result["spearman"] = spearman(fixed, [kl[name] for name in names])
-    result["interval"] = bootstrap_interval(lambda i: spearman(fixed, list(sums[:, i].sum(1) / tokens[i].sum())),
+    result["spearman"] = spearman([scores[name] for name in names], [kl[name] for name in names])
+    if score_by_caption is None:
+        def scores_of(_: np.ndarray) -> list[float]:
+            return [scores[name] for name in names]
+    else:
+        parts = np.array([score_by_caption[name] for name in names], dtype=float)  # scheme, (ours, floor), caption
+        if parts.shape[2] != len(tokens):
+            raise ValueError(f"score_by_caption has {parts.shape[2]} captions, the KL {len(tokens)}: rank_against_kl "
+                             "needs both over the same evaluation captions")  # fmt: skip
+
+        def scores_of(indices: np.ndarray) -> list[float]:
+            return list(parts[:, 0, indices].sum(1) / parts[:, 1, indices].sum(1))
+    result["interval"] = bootstrap_interval(lambda i: spearman(scores_of(i), list(sums[:, i].sum(1) / tokens[i].sum())),
                                             len(tokens))  # fmt: skip
     for index, first in enumerate(names):
         for second in names[index + 1 :]:

@@ -310,17 +310,22 @@ def _kl_cell(measured: dict) -> str:
     return f"{measured['kl_mean']:.3g} [{low:.2g}, {high:.2g}]"
 
 
-def vllm_error_ratios(vllm: dict[str, dict]) -> dict[str, float]:
+def vllm_errors(vllm: dict[str, dict]) -> tuple[dict[str, float], dict[str, tuple[list, list]] | None]:
     """Scheme -> vLLM's teacher-forced error against the BF16 floor, from the check that ran on the real engine
-    (cuda, else the patched CPU engine, else the plain one)."""
-    ratios = {}
+    (cuda, else the patched CPU engine, else the plain one); and, where every such check kept them, the error sums
+    per evaluation caption of the scheme and of its floor (for intervals that resample vLLM's prompts too)."""
+    ratios, by_caption = {}, {}
     for name, checks in vllm.items():
         for check in ("cuda", "cpu_patched", "cpu"):
-            ratio = ((checks.get(check) or {}).get("decision") or {}).get("error_ratio")
-            if ratio is not None:
-                ratios[name] = ratio
+            result = checks.get(check) or {}
+            decision = result.get("decision") or {}
+            if decision.get("error_ratio") is not None:
+                ratios[name] = decision["error_ratio"]
+                by_caption[name] = ((result.get("teacher_forced") or {}).get("sequence_error_sums"),
+                                    (decision.get("floor") or {}).get("sequence_error_sums"))  # fmt: skip
                 break
-    return ratios
+    complete = all(ours and floor and len(ours) == len(floor) for ours, floor in by_caption.values())
+    return ratios, (by_caption if complete else None)
 
 
 def _research_sections(research: dict, plots: dict, vllm: dict, drift: dict, manifests: dict) -> list[str]:
@@ -375,7 +380,12 @@ def _research_sections(research: dict, plots: dict, vllm: dict, drift: dict, man
                                for m in proxy["misordered"]) or "none"  # fmt: skip
         kl = {name: measured["fake_quant"] for name, measured in drift.items() if "kl_by_caption" in measured.get(
             "fake_quant", {})}  # fmt: skip
-        engine = analysis.rank_against_kl(vllm_error_ratios(vllm), kl)
+        ratios, by_caption = vllm_errors(vllm)
+        captions = {len(m["kl_by_caption"]["sums"]) for m in kl.values()}
+        if by_caption and {len(ours) for ours, _ in by_caption.values()} != captions:
+            by_caption = None  # vLLM scored other captions than the KL: only the KL side is resampled
+        engine = analysis.rank_against_kl(ratios, kl, by_caption)
+        resampled = "the evaluation captions of both, paired" if by_caption else "the evaluation captions of the KL"
         lines += ["## Does AutoQuant's objective predict the drift?", "",
                   f"Spearman of the objective (summed scores of each pick under one scoring pass) against PyTorch KL "
                   f"over {len(proxy['schemes'])} picks (catalog schemes the scores describe, and the sweep): "
@@ -384,7 +394,7 @@ def _research_sections(research: dict, plots: dict, vllm: dict, drift: dict, man
                   + "; ".join(f"{n} ({r[:90]})" for n, r in sorted(proxy["left_out"].items())) + ".", "",
                   *([f"vLLM's error against the BF16 floor against PyTorch KL over {len(engine['schemes'])} schemes: "
                      f"Spearman **{engine['spearman']:.3f}** [{engine['interval'][0]:.3f}, "
-                     f"{engine['interval'][1]:.3f}] (interval over the evaluation captions of the KL)."]
+                     f"{engine['interval'][1]:.3f}] (interval over {resampled})."]
                     if engine["spearman"] is not None else []), "",
                   "![proxy.png](proxy.png)" if plots.get("proxy.png") else "", ""]  # fmt: skip
     return lines
