@@ -1,8 +1,10 @@
 """Research report from what a run wrote under reports/: `reports/<run-id>/report.md`, `summary.json`, PNGs.
 
-Reads only JSON (manifests, drift, vLLM results, research, pytest-benchmark output); it never runs a model.
+Reads only JSON (manifests, drift, vLLM results, research, benchmarks); it never runs a model. Shards of one run
+(`--shard K/N`, each on its own runner) are merged into one reports/ first, then reported as one run.
 
-    python -m quantsuite.report --model tiny --benchmark-json reports/benchmarks.json
+    python -m quantsuite.report --model tiny --results-of <run-id>
+    python -m quantsuite.report --model tiny --results-of <run-id> --merge shard-1/reports shard-2/reports
 """
 
 from __future__ import annotations
@@ -27,6 +29,49 @@ from quantsuite.cache import write_atomic
 
 PLOTS = ("sensitivity.png", "coverage_heatmap.png", "pareto.png", "localization.png", "optimality_gap.png",
          "clipping.png", "score_size.png", "proxy.png", "frontier.png")  # speed_frontier.png: paired GPU speed only
+
+
+def merge_reports(shards: list[Path], into: Path) -> list[str]:
+    """Merge the reports/ folders of a run's shards into `into` (which may be one of them); returns the merged
+    files' relative paths. A JSON file several shards wrote (the BF16 reference each built, a vLLM result whose
+    checks ran apart) joins its top-level keys, the earlier shard's value kept where both have one, and
+    pytest-benchmark's "benchmarks" lists join; a step table joins its rows; another file is the first shard's.
+    The shards' own reports (folders with a report.md) and locks are left out: the merged run is reported anew."""
+    into = Path(into)
+    files: dict[Path, list[Path]] = {}
+    for shard in map(Path, shards):
+        if not shard.is_dir():
+            raise FileNotFoundError(f"--merge {shard}: not a folder (give each shard's reports/ folder)")
+        for path in sorted(shard.rglob("*")):
+            relative = path.relative_to(shard)
+            if path.is_file() and path.suffix != ".lock" and not any(
+                    (shard / parent / "report.md").is_file() for parent in relative.parents):  # fmt: skip
+                files.setdefault(relative, []).append(path)
+    for relative, copies in files.items():
+        if relative.suffix == ".json":
+            documents = [json.loads(copy.read_text()) for copy in copies]
+            merged = documents[0]
+            for document in documents[1:]:
+                if isinstance(merged, dict) and isinstance(document, dict):
+                    joined = merged.get("benchmarks", []) + document.get("benchmarks", [])
+                    merged = document | merged
+                    if joined and all(isinstance(entry, dict) for entry in joined):
+                        merged["benchmarks"] = joined
+            text = json.dumps(merged, indent=2)
+        elif relative.suffix == ".tsv":
+            rows = [copy.read_text().splitlines() for copy in copies]
+            text = "\n".join(rows[0] + [row for other in rows[1:] for row in other[1:]]) + "\n"
+        else:
+            text = None
+        target = into / relative
+        if text is not None:
+            write_atomic(target, text)
+        elif copies[0].resolve() != target.resolve():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            temporary = target.with_name(f".{target.name}.merging")
+            temporary.write_bytes(copies[0].read_bytes())
+            os.replace(temporary, target)
+    return sorted(map(str, files))
 
 
 def _load_dir(path: Path, results_of: str | None = None) -> dict[str, dict]:
@@ -729,5 +774,10 @@ if __name__ == "__main__":
     parser.add_argument("--reports-dir", default=str(Path(__file__).resolve().parents[1] / "reports"))
     parser.add_argument("--run-id", default=None)
     parser.add_argument("--results-of", default=None, help="join only the JSON of this run id (default: all)")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="SHARD_REPORTS",
+                        help="first merge these shards' reports/ folders into --reports-dir")  # fmt: skip
     arguments = parser.parse_args()
+    if arguments.merge:
+        merged = merge_reports([Path(folder) for folder in arguments.merge], Path(arguments.reports_dir))
+        print(f"merged {len(merged)} files of {len(arguments.merge)} shards into {arguments.reports_dir}")
     print(build_report(Path(arguments.reports_dir), arguments.model, arguments.run_id, arguments.results_of))

@@ -86,8 +86,10 @@ def nightly() -> int:
             return 2
     run_id = env.get("RUN_ID") or time.strftime("nightly-%Y%m%d")
     gpus = int(env.get("GPUS") or _cuda_devices())
+    shard = env.get("SHARD")
     common = [f"--model={env.get('QUANTSUITE_MODEL') or 'qwen2.5-vl-3b-shape'}", "--drop-exports",
-              f"--run-id={run_id}", *(f"--scheme={name}" for name in env.get("SCHEMES", "").split())]  # fmt: skip
+              f"--run-id={run_id}", *(f"--scheme={name}" for name in env.get("SCHEMES", "").split()),
+              *([f"--shard={shard}"] if shard else [])]  # fmt: skip
     table = ROOT / "reports" / f"{run_id}-nightly-steps.tsv"
     table.parent.mkdir(parents=True, exist_ok=True)
     if not table.exists():  # steps run as separate jobs add their rows to one table
@@ -101,7 +103,7 @@ def nightly() -> int:
         status = _run([*_pytest(), *step.args, *common, *extra], NIGHTLY_ENV)
         seconds = round(time.monotonic() - started)
         with table.open("a") as rows:
-            rows.write(f"{step.name}\t{seconds}\t{status}\n")
+            rows.write(f"{step.name}{f' (shard {shard})' if shard else ''}\t{seconds}\t{status}\n")
         print(f"nightly: step {step.name} took {seconds} s, exit {status}", file=sys.stderr)
         failed += [step.name] if status else []
     print(f"report: reports/{run_id}/report.md; step times: {table.relative_to(ROOT)}")

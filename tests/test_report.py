@@ -1,9 +1,11 @@
-"""The research report: generated from the run's JSON, every plot a valid PNG with data."""
+"""The research report: generated from the run's JSON, every plot a valid PNG with data; shards of a run merged
+into the report of one run."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+from pathlib import Path
 
 import pytest
 
@@ -278,3 +280,63 @@ def test_line_styles_are_distinct_for_every_scheme():
 
     styles = [line_style(index) for index in range(30)]
     assert len({(tuple(style["color"]), style["linestyle"]) for style in styles}) == 30
+
+
+def test_two_shards_merge_into_the_report_of_one_run(tmp_path, workbench):
+    """The same selection run whole and as --shard 1/2 + 2/2 (real pytest runs sharing the session's cache, each
+    with its own reports/): the shards' reports/ merged (`merge_reports`) give the whole run's report, every scheme
+    row and figure the same. Planted: a merge that lost a shard does not."""
+    from quantsuite.report import merge_reports
+    from tests.plugin.test_options import _pytest
+
+    selection = ["tests/test_drift.py", "-k", "test_drift_within_bounds", "--scheme=bf16", "--scheme=top50",
+                 "--scheme=default", f"--cache-dir={workbench.context.cache.root}", "--run-id=sharded", "--no-report"]
+    for name, shard in (("whole", []), ("shard-1", ["--shard=1/2"]), ("shard-2", ["--shard=2/2"])):
+        done = _pytest(*selection, *shard, f"--reports-dir={tmp_path / name}")
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    tag = workbench.context.model_tag
+
+    def report_of(reports: Path) -> tuple[dict, list[str]]:
+        out = build_report(reports, tag, run_id="report", results_of="sharded")
+        rows = [row for row in (out / "report.md").read_text().splitlines() if row.startswith("| ")]
+        return json.loads((out / "summary.json").read_text())["schemes"], rows
+
+    merge_reports([tmp_path / "shard-1", tmp_path / "shard-2"], tmp_path / "merged")
+    whole, merged = report_of(tmp_path / "whole"), report_of(tmp_path / "merged")
+    assert set(whole[0]) == {"bf16", "fp8_autoquant_top50", "fp8_modelopt_default"}
+    assert merged == whole
+    merge_reports([tmp_path / "shard-1"], tmp_path / "lost-a-shard")
+    assert report_of(tmp_path / "lost-a-shard")[0] != whole[0]
+
+
+def test_merge_joins_what_several_shards_wrote(tmp_path):
+    """A file two shards wrote: a vLLM result whose checks ran apart keeps both checks (the first shard's value
+    where both have one), pytest-benchmark lists join, step tables join their rows; the shards' own reports and
+    locks are left out; a missing shard folder is an error naming it."""
+    from quantsuite.report import merge_reports
+
+    def write(shard: str, relative: str, content) -> None:
+        path = tmp_path / shard / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content if isinstance(content, str) else json.dumps(content))
+
+    write("a", "vllm/tiny/bf16.json", {"run_id": "r", "cpu": {"loaded": True}, "model_free": {"failures": []}})
+    write("b", "vllm/tiny/bf16.json", {"run_id": "r", "cpu_patched": {"loaded": True}, "cpu": {"loaded": False}})
+    write("a", "r-benchmarks.json", {"machine_info": {"node": "a"}, "benchmarks": [{"name": "x"}]})
+    write("b", "r-benchmarks.json", {"machine_info": {"node": "b"}, "benchmarks": [{"name": "y"}]})
+    write("a", "r-nightly-steps.tsv", "step\tseconds\texit\nschemes (shard 1/2)\t10\t0\n")
+    write("b", "r-nightly-steps.tsv", "step\tseconds\texit\nschemes (shard 2/2)\t12\t1\n")
+    write("a", "r/report.md", "shard a's own report")
+    write("a", "vllm/tiny/bf16.json.lock", "")
+    merged = merge_reports([tmp_path / "a", tmp_path / "b"], tmp_path / "out")
+    out = tmp_path / "out"
+    assert json.loads((out / "vllm/tiny/bf16.json").read_text()) == {
+        "run_id": "r", "cpu": {"loaded": True}, "model_free": {"failures": []}, "cpu_patched": {"loaded": True}}
+    benchmarks = json.loads((out / "r-benchmarks.json").read_text())
+    assert [b["name"] for b in benchmarks["benchmarks"]] == ["x", "y"] and benchmarks["machine_info"]["node"] == "a"
+    assert (out / "r-nightly-steps.tsv").read_text().splitlines() == [
+        "step\tseconds\texit", "schemes (shard 1/2)\t10\t0", "schemes (shard 2/2)\t12\t1"]
+    assert not (out / "r").exists() and not (out / "vllm/tiny/bf16.json.lock").exists()
+    assert "r/report.md" not in merged
+    with pytest.raises(FileNotFoundError, match=r"--merge .*missing: not a folder"):
+        merge_reports([tmp_path / "missing"], out)

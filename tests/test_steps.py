@@ -67,11 +67,12 @@ def test_gate_fails_on_a_prefill_regression_only(tmp_path, pytestconfig, workben
     assert decode_only.returncode == 0, "a decode slow-down is not gated: " + decode_only.stdout[-2000:]
 
 
-def _nightly(steps: str, pytest_command: str, run_id: str | None = None) -> tuple[subprocess.CompletedProcess, Path]:
+def _nightly(steps: str, pytest_command: str, run_id: str | None = None,
+             **settings: str) -> tuple[subprocess.CompletedProcess, Path]:  # fmt: skip
     """scripts/nightly.sh with PYTEST standing in for pytest (`true`: every step passes, `false`: every step fails)."""
     run_id = run_id or f"test-nightly-{uuid.uuid4().hex[:8]}"
     env = os.environ | {"STEPS": steps, "PYTEST": pytest_command, "PYTHON": sys.executable, "GPUS": "1",
-                        "RUN_ID": run_id}  # fmt: skip
+                        "RUN_ID": run_id} | settings  # fmt: skip
     done = subprocess.run(["bash", str(ROOT / "scripts" / "nightly.sh")], env=env, capture_output=True, text=True,
                           timeout=60)  # fmt: skip
     return done, ROOT / "reports" / f"{run_id}-nightly-steps.tsv"
@@ -91,6 +92,20 @@ def test_steps_run_as_separate_jobs_and_record_their_times():
         assert rows[0] == ["step", "seconds", "exit"]
         assert [(name, status) for name, _, status in rows[1:]] == [("research", "1"), ("benchmark", "1"),
                                                                   ("schemes", "0")]  # fmt: skip
+    finally:
+        steps.unlink(missing_ok=True)
+
+
+def test_a_shard_runs_every_step_on_its_shard(tmp_path):
+    """SHARD=K/N: every step's pytest gets --shard K/N, and the step table says which shard a row is."""
+    log = tmp_path / "calls"
+    done, steps = _nightly("schemes benchmark", f"bash -c 'echo \"$*\" >> {log}' pytest", SHARD="2/3")
+    try:
+        assert done.returncode == 0, done.stderr
+        calls = log.read_text().splitlines()
+        assert len(calls) == 2 and all("--shard=2/3" in call for call in calls), calls
+        assert [row.split("\t")[0] for row in steps.read_text().splitlines()[1:]] == [
+            "schemes (shard 2/3)", "benchmark (shard 2/3)"]  # fmt: skip
     finally:
         steps.unlink(missing_ok=True)
 

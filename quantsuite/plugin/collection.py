@@ -1,7 +1,9 @@
 """Collection: the `scheme` and `vllm_check` parametrization, --scheme selection, CUDA-only skips, the order a
-scheme's tests run in, and the pytest-xdist work units (one per scheme)."""
+scheme's tests run in, the pytest-xdist work units (one per scheme) and the shards of those units (--shard)."""
 
 from __future__ import annotations
+
+import zlib
 
 import pytest
 
@@ -47,6 +49,40 @@ def scheduling_group(nodeid: str, scheme_names: set[str]) -> str:
     if uses_vllm and scheme is None:
         return "vllm"
     return scheme or nodeid
+
+
+def shard_of(unit: str, schemes: list[str], count: int) -> int:
+    """The shard (1..count) of a work unit (`scheduling_group`): a scheme by its place among the run's schemes,
+    round robin in catalog order; any other unit by a stable hash of its name. It depends on the run's schemes and
+    the unit alone, not on which tests a step collected, so every step of a sharded nightly runs a scheme on the
+    same runner, where its cache is.
+
+    >>> [shard_of(name, ["bf16", "top50", "default"], 2) for name in ("bf16", "top50", "default")]
+    [1, 2, 1]
+    """
+    if unit in schemes:
+        return schemes.index(unit) % count + 1
+    return zlib.crc32(unit.encode()) % count + 1
+
+
+def _keep_shard(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """--shard K/N: deselect every work unit that is not the K-th shard's. A test goes with the first of the run's
+    schemes its parameters name (by name or alias: a planted fault on top50, a pair of nested schemes), so it runs
+    where that scheme's artifacts are."""
+    run = settings(config)
+    if run.shard is None:
+        return
+    index, count = run.shard
+    selected = run.catalog.select(config.getoption("--scheme"))
+    schemes = [scheme.name for scheme in selected]
+    named = {key: scheme.name for scheme in selected for key in filter(None, (scheme.name, scheme.alias))}
+    keep, drop = [], []
+    for item in items:
+        unit = scheduling_group(item.nodeid, set(named))
+        (keep if shard_of(named.get(unit, unit), schemes, count) == index else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 @pytest.hookimpl(optionalhook=True)  # runs with -p no:xdist too (the benchmarks)
@@ -98,6 +134,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if drop:
             config.hook.pytest_deselected(items=drop)
             items[:] = keep
+    _keep_shard(config, items)
     items[:] = scheme_major_order(items, lambda item: getattr(scheme_of(item), "name", None))
     config.stash[WANT_REPORT] = any(m.name in STAGE_MARKERS for item in items for m in item.iter_markers())
 

@@ -67,6 +67,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="score_size study: scoring sample sizes, comma-separated (the largest is the reference)")  # fmt: skip
     add("--research-draws", default=",".join(map(str, ResearchSettings.draws)),
         help="score_size study: seeds of the scoring captions drawn from the scoring + training splits")  # fmt: skip
+    add("--shard", default=None,
+        help="K/N: run the K-th of N shards (each scheme's tests together, on the same shard in every step); merge "
+             "the shards' reports/ with python -m quantsuite.report --merge")  # fmt: skip
     add("--run-id", default=None, help="Name of the report directory reports/<run-id> (default: time)")
     add("--no-report", action="store_true", help="Do not write reports/<run-id>/report.md at the end")
     add("--reports-dir", default=str(PROJECT_ROOT / "reports"), help="Where manifests and reports go")

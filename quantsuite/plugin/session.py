@@ -25,6 +25,7 @@ class RunSettings:
     catalog: Catalog
     vllm_python: Path | None
     research: ResearchSettings
+    shard: tuple[int, int] | None = None  # (K, N) of --shard K/N
 
 
 SETTINGS = pytest.StashKey[RunSettings]()
@@ -68,11 +69,22 @@ def pytest_configure(config: pytest.Config) -> None:
                                     _integers(option("--research-draws"), "--research-draws", 0))  # fmt: skip
         require_samples("scoring + training", max(research.score_sizes), len(splits.scoring + splits.training),
                         "--research-score-sizes")  # fmt: skip
+        shard = parse_shard(option("--shard"))
     except (SchemeError, ModelSourceError, CaptionDataError, VllmSetupError, ValueError) as error:
         raise pytest.UsageError(str(error)) from None
     model_spec = replace(requested, device=worker_device(requested.device))
-    config.stash[SETTINGS] = RunSettings(model_spec, data_config, catalog, vllm_python, research)
+    config.stash[SETTINGS] = RunSettings(model_spec, data_config, catalog, vllm_python, research, shard)
     share_cpu_threads()
+
+
+def parse_shard(value: str | None) -> tuple[int, int] | None:
+    """--shard K/N -> (K, N), 1 <= K <= N."""
+    if value is None:
+        return None
+    index, _, count = value.partition("/")
+    if not (index.isdigit() and count.isdigit() and 1 <= int(index) <= int(count)):
+        raise ValueError(f"--shard {value!r}: expected K/N with 1 <= K <= N, e.g. --shard 1/2")
+    return int(index), int(count)
 
 
 def _listed(value: str) -> list[str]:

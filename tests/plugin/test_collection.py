@@ -1,5 +1,5 @@
 """The pytest layer (quantsuite/plugin/): sharing CPU cores between pytest-xdist workers (torch's intra-op
-threads), and the order in which a scheme's tests run."""
+threads), the order in which a scheme's tests run, and the shards of a run (--shard)."""
 
 from __future__ import annotations
 
@@ -37,3 +37,35 @@ def test_a_scheme_runs_its_tests_together():
     ordered = scheme_major_order(pytest_order, scheme_of)
     assert ordered == ["export[bf16]", "vllm[model_free-bf16]", "vllm[cuda-bf16]", "export[top50]",
                        "vllm[model_free-top50]", "vllm[cuda-top50]", "solver_test", "noise_floor"]  # fmt: skip
+
+
+def _collected(*arguments: str) -> list[str]:
+    """Test ids a real pytest collection selects (the project's options, no xdist)."""
+    from tests.plugin.test_options import _pytest
+
+    done = _pytest("--collect-only", "-q", *arguments)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return [line for line in done.stdout.splitlines() if "::" in line]
+
+
+def test_shards_split_the_run_into_whole_schemes_the_same_in_every_step():
+    """--shard K/N: the shards together run every test once; each scheme's tests (by name or alias: the planted
+    faults on top50), and the scheme-free vLLM tests, stay on one shard; and a scheme is on the same shard in
+    another step (the benchmarks), where its cache is."""
+    from quantsuite.plugin.collection import scheduling_group
+
+    schemes = ["--scheme=bf16", "--scheme=top50", "--scheme=default", "--scheme=int8_sq"]
+    named = {"bf16": "bf16", "fp8_autoquant_top50": "fp8_autoquant_top50", "top50": "fp8_autoquant_top50",
+             "fp8_modelopt_default": "fp8_modelopt_default", "default": "fp8_modelopt_default",
+             "int8_smoothquant": "int8_smoothquant", "int8_sq": "int8_smoothquant"}  # fmt: skip
+    names = set(named.values())
+    whole = _collected(*schemes)
+    shards = [_collected(*schemes, f"--shard={k}/2") for k in (1, 2)]
+    assert sorted(shards[0] + shards[1]) == sorted(whole) and not set(shards[0]) & set(shards[1])
+    assert all(shards), "a shard with nothing to run"
+    units = [{named.get(unit, unit) for unit in (scheduling_group(test, set(named)) for test in shard)}
+             for shard in shards]  # fmt: skip
+    assert not units[0] & units[1], "a scheme (or the vLLM group) split over both shards"
+    assert names <= units[0] | units[1] and "vllm" in units[0] | units[1]
+    benchmarks = _collected("-m", "benchmark", *schemes, "--shard=1/2")  # the nightly's later step, alone
+    assert benchmarks and set(benchmarks) <= set(shards[0]), "a scheme moved shard in another step"

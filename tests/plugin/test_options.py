@@ -90,6 +90,7 @@ BAD_INPUT = {
     "negative samples": (["--calib-samples=-4"], r"--calib-samples, --score-samples and --eval-samples must each"),
     "more samples than captions": (["--eval-samples=5000"], r"captions_bundled.json: \d+ captions, but evaluation "
                                                            r"\+ scoring \+ calibration samples ask for 5128"),
+    "shard": (["--shard=3/2"], r"--shard '3/2': expected K/N with 1 <= K <= N, e.g. --shard 1/2"),
 }  # fmt: skip
 
 
