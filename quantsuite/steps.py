@@ -33,8 +33,10 @@ class Step:
 
 CI_RUN_ID = "latest-tiny"  # one run id for both passes: the report joins this run's results only
 CI = (
-    # everything but the benchmarks, vLLM tests grouped on one worker
-    Step("tests", ("-m", "not benchmark", "--durations=25"), parallel=True),
+    # everything but the benchmarks, vLLM tests grouped on one worker; the score-size study on 3 sizes x 2 draws
+    # (6 scoring passes, not the default 18: its checks are the same; reports/research-studies-tiny-cpu ran all)
+    Step("tests", ("-m", "not benchmark", "--durations=25", "--research-score-sizes=16,64,128",
+                   "--research-draws=0,1"), parallel=True),
     # the benchmarks in one process (never under xdist); they write their JSON and the run's report
     Step("benchmarks", ("-m", "benchmark", "--benchmark-disable-gc", "-p", "no:xdist", "--benchmark-json",
                         "reports/benchmarks-tiny.json", "--durations=15"),

@@ -35,19 +35,24 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 VLLM_TEST_MODULES = ("tests/test_vllm_compat.py", "tests/stages/test_vllm.py")  # plus test_vllm_speed (paired)
+RESEARCH_TEST_MODULES = ("tests/stages/test_research.py", "tests/test_report.py")  # read the same studies
 
 
 def scheduling_group(nodeid: str, scheme_names: set[str]) -> str:
     """The xdist work unit of a test id: its scheme (one scheme per worker and GPU, so --drop-exports never deletes
-    an export another worker reads), "vllm" for a vLLM test of no scheme (controls, the noise floor), else the test
-    itself. On the CPU build two vLLM engines then run at once, one per worker, as they did in every CI run so far
-    (xdist_group marks had never taken effect; serializing them made the first CI pass 53 min instead of 21)."""
+    an export another worker reads), "vllm" for a vLLM test of no scheme (controls, the noise floor), "research"
+    for the tests that read the research studies (split over two workers, one built the studies while the other
+    waited on their locks), else the test itself. On the CPU build two vLLM engines then run at once, one per
+    worker, as they did in every CI run so far (xdist_group marks had never taken effect; serializing them made
+    the first CI pass 53 min instead of 21)."""
     path, _, name = nodeid.partition("::")
     params = name[name.index("[") + 1 : -1].split("-") if name.endswith("]") and "[" in name else []
     scheme = next((param for param in params if param in scheme_names), None)
     uses_vllm = path in VLLM_TEST_MODULES or name.startswith("test_vllm_speed")
     if uses_vllm and scheme is None:
         return "vllm"
+    if path in RESEARCH_TEST_MODULES and scheme is None:
+        return "research"
     return scheme or nodeid
 
 

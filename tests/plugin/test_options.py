@@ -106,7 +106,8 @@ def test_bad_input_is_one_usage_error_before_any_work(case):
 
 def test_scheduling_group_keeps_a_scheme_on_one_worker():
     """`--dist loadgroup` work units (quantsuite.plugin.collection.scheduling_group): all of a scheme's tests
-    together (stages, vLLM, benchmarks), vLLM tests of no scheme together, anything else alone."""
+    together (stages, vLLM, benchmarks), vLLM tests of no scheme together, the research studies' readers together,
+    anything else alone."""
     from quantsuite.plugin.collection import scheduling_group
 
     names = {"bf16", "fp8_autoquant_top50", "nvfp4"}
@@ -116,6 +117,9 @@ def test_scheduling_group_keeps_a_scheme_on_one_worker():
     assert scheduling_group(vllm_case, names) == "fp8_autoquant_top50"
     assert scheduling_group("tests/test_bench.py::test_vllm_speed[bf16]", names) == "bf16"
     assert scheduling_group("tests/test_vllm_compat.py::test_decide_against_the_floor", names) == "vllm"
+    assert scheduling_group("tests/stages/test_research.py::test_proxy_matches_the_manifests_and_the_drift",
+                            names) == "research"  # fmt: skip
+    assert scheduling_group("tests/test_report.py::test_plot_is_a_png_with_data[proxy.png]", names) == "research"
     alone = "tests/test_formats.py::test_storage_bits_count_scales[NVFP4-4.5]"
     assert scheduling_group(alone, names) == alone
 
