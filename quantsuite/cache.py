@@ -74,6 +74,30 @@ def stable_hash(payload: object) -> str:
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:20]
 
 
+# What compilers and JIT builds keep between runs (env var -> folder under <cache>/toolchains/): a runner that
+# keeps the suite's cache directory keeps these too, and starts warm.
+TOOLCHAIN_CACHES = {
+    "TORCHINDUCTOR_CACHE_DIR": "torchinductor",  # torch.compile's kernels (compiled decode, the FP8 probe)
+    "TRITON_CACHE_DIR": "triton",  # its GPU kernels
+    "TORCH_EXTENSIONS_DIR": "torch_extensions",  # ModelOpt's CUDA extensions (FP8 / NVFP4 fake quantization)
+    "VLLM_CACHE_ROOT": "vllm",  # vLLM's torch.compile artifacts and kernels, in the server's environment
+    "FLASHINFER_WORKSPACE_BASE": "flashinfer",  # FlashInfer's JIT kernels (vLLM on a GPU)
+    "CUDA_CACHE_PATH": "cuda",  # the driver's PTX-to-binary cache
+}
+
+
+def keep_toolchain_caches(root: Path) -> dict[str, str]:
+    """Point each toolchain cache the user's environment does not place at `root`/toolchains/<name>, in this
+    process's environment (so the vLLM server and subprocesses inherit it); returns what it set. A default a
+    library wrote into the environment since (ModelOpt's import sets torch's /tmp one) is replaced."""
+    from quantsuite import USER_ENVIRONMENT
+
+    chosen = {name: str(Path(root).resolve() / "toolchains" / folder) for name, folder in TOOLCHAIN_CACHES.items()
+              if not USER_ENVIRONMENT.get(name)}  # fmt: skip
+    os.environ.update(chosen)
+    return chosen
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write a text file via a temp file in the same directory and an atomic rename."""
     path.parent.mkdir(parents=True, exist_ok=True)

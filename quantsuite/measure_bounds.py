@@ -41,7 +41,7 @@ from quantsuite.bounds import (
     markdown,
     record_path,
 )
-from quantsuite.cache import write_atomic
+from quantsuite.cache import keep_toolchain_caches, write_atomic
 from quantsuite.data import DataConfig
 
 # name -> the environment that forces it (nothing forced: what the box has)
@@ -219,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="quantsuite-bounds-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    keep_toolchain_caches(workdir)  # shared by the conditions: each has a fresh artifact cache, not fresh compilers
     kernel_sets = args.kernels or (list(KERNEL_SETS) if args.device == "cpu" else ["native"])
     record = generate(args.model, kernel_sets, args.seeds, workdir, args.parallel, args.k_sigma, args.device,
                       args.repeats, args.schemes, vllm_python)  # fmt: skip

@@ -53,10 +53,10 @@ def merge_reports(shards: list[Path], into: Path) -> list[str]:
             merged = documents[0]
             for document in documents[1:]:
                 if isinstance(merged, dict) and isinstance(document, dict):
-                    joined = merged.get("benchmarks", []) + document.get("benchmarks", [])
+                    lists = [d.get("benchmarks") for d in (merged, document)]
                     merged = document | merged
-                    if joined and all(isinstance(entry, dict) for entry in joined):
-                        merged["benchmarks"] = joined
+                    if all(isinstance(entries, list) for entries in lists):  # pytest-benchmark's output
+                        merged["benchmarks"] = lists[0] + lists[1]
             text = json.dumps(merged, indent=2)
         elif relative.suffix == ".tsv":
             rows = [copy.read_text().splitlines() for copy in copies]

@@ -112,3 +112,32 @@ def test_remove_waits_for_the_keys_lock(tmp_path):
     worker.join(10)
     assert removed == [True] and not path.exists()
     assert cache.remove("x", "k") is False
+
+
+def test_toolchain_caches_live_under_the_cache_dir(tmp_path, monkeypatch, workbench):
+    """Compilers' and JIT builds' caches go under <cache>/toolchains/ (a runner that keeps the cache dir starts
+    warm), inherited by subprocesses (the vLLM server, measure_bounds' conditions); a place in the user's
+    environment wins, a library's default does not (importing ModelOpt had set torch's /tmp one, so inductor's
+    cache stayed in /tmp). The pytest layer did it for this session at configure."""
+    import os
+    import subprocess
+    import sys
+
+    import quantsuite
+    from quantsuite.cache import TOOLCHAIN_CACHES, keep_toolchain_caches
+
+    root = str(workbench.context.cache.root.resolve())
+    for name in set(TOOLCHAIN_CACHES) - set(quantsuite.USER_ENVIRONMENT):
+        assert os.environ.get(name, "").startswith(root), f"{name}={os.environ.get(name)}: not under {root}"
+    for name in TOOLCHAIN_CACHES:
+        monkeypatch.setenv(name, "/a/library/default")  # restored after the test
+        monkeypatch.delitem(quantsuite.USER_ENVIRONMENT, name, raising=False)
+    monkeypatch.setitem(quantsuite.USER_ENVIRONMENT, "TORCHINDUCTOR_CACHE_DIR", "/the/users/choice")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/the/users/choice")
+    chosen = keep_toolchain_caches(tmp_path)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/the/users/choice" and "TORCHINDUCTOR_CACHE_DIR" not in chosen
+    assert set(chosen) == set(TOOLCHAIN_CACHES) - {"TORCHINDUCTOR_CACHE_DIR"}
+    assert all(Path(path).parent == tmp_path.resolve() / "toolchains" for path in chosen.values())
+    inherited = subprocess.run([sys.executable, "-c", "import os; print(os.environ['VLLM_CACHE_ROOT'])"],
+                               capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    assert inherited == str(tmp_path.resolve() / "toolchains" / "vllm")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from quantsuite.cache import keep_toolchain_caches
 from quantsuite.catalog import Catalog, load_catalog
 from quantsuite.data import DataConfig
 from quantsuite.models import ModelSpec
@@ -72,6 +73,7 @@ def pytest_configure(config: pytest.Config) -> None:
         shard = parse_shard(option("--shard"))
     except (SchemeError, ModelSourceError, CaptionDataError, VllmSetupError, ValueError) as error:
         raise pytest.UsageError(str(error)) from None
+    keep_toolchain_caches(Path(option("--cache-dir")))
     model_spec = replace(requested, device=worker_device(requested.device))
     config.stash[SETTINGS] = RunSettings(model_spec, data_config, catalog, vllm_python, research, shard)
     share_cpu_threads()
