@@ -98,11 +98,11 @@ def keep_toolchain_caches(root: Path) -> dict[str, str]:
     return chosen
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write a text file via a temp file in the same directory and an atomic rename."""
+def write_atomic(path: Path, text: str | bytes) -> None:
+    """Write a text (or binary) file via a temp file in the same directory and an atomic rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(handle, "w") as stream:
+    with os.fdopen(handle, "wb" if isinstance(text, bytes) else "w") as stream:
         stream.write(text)
     os.chmod(temporary, 0o644)
     os.replace(temporary, path)

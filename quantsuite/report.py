@@ -62,15 +62,8 @@ def merge_reports(shards: list[Path], into: Path) -> list[str]:
             rows = [copy.read_text().splitlines() for copy in copies]
             text = "\n".join(rows[0] + [row for other in rows[1:] for row in other[1:]]) + "\n"
         else:
-            text = None
-        target = into / relative
-        if text is not None:
-            write_atomic(target, text)
-        elif copies[0].resolve() != target.resolve():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            temporary = target.with_name(f".{target.name}.merging")
-            temporary.write_bytes(copies[0].read_bytes())
-            os.replace(temporary, target)
+            text = copies[0].read_bytes()
+        write_atomic(into / relative, text)
     return sorted(map(str, files))
 
 

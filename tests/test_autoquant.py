@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections import defaultdict
 from itertools import combinations
 from pathlib import Path
@@ -23,11 +22,10 @@ from quantsuite.autoquant import (
 )
 from quantsuite.catalog import block_index
 from quantsuite.formats import FORMATS
-from quantsuite.manifest import BF16, decisions, enabled_quantizers
+from quantsuite.manifest import BF16, FUSED_GROUPS, decisions, enabled_quantizers
 
 pytestmark = pytest.mark.autoquant
 SNAPSHOTS = Path(__file__).resolve().parent / "__snapshots__" / "test_autoquant"
-FUSED = {"qkv": re.compile(r"self_attn\.[qkv]_proj$"), "gate_up": re.compile(r"mlp\.(gate|up)_proj$")}
 
 
 def test_vision_tower_never_quantized(workbench, scheme, scheme_result):
@@ -57,8 +55,8 @@ def test_fused_groups_share_a_decision(workbench, scheme, scheme_result):
     decision is one linear layer's, so such a pick may split them."""
     formats: dict[tuple[int, str], set[str]] = defaultdict(set)
     for entry in scheme_result.manifest["modules"]:
-        for group, pattern in FUSED.items():
-            if pattern.search(entry["name"]):
+        for group, pattern in FUSED_GROUPS.items():
+            if pattern.match(entry["name"]):
                 formats[(entry["block"], group)].add(entry["format"])
         quantizes_input = entry["quant_algo"] is not None and FORMATS[entry["quant_algo"]].activation != "none"
         assert entry["input_quantized"] == quantizes_input, entry["name"]  # weight-only formats: input stays BF16

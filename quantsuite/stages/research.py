@@ -1,6 +1,6 @@
-"""Research stage: the studies behind the research report, each cached on its own and switchable
-(`ResearchSettings.studies`, pytest's `--research-studies`), published together as
-reports/research/<model>/research.json.
+"""Research stage: the studies behind the research report, each cached on its own (the proxy study is recomputed
+from the cached sweep, picks and drift it reads) and switchable (`ResearchSettings.studies`, pytest's
+`--research-studies`), published together as reports/research/<model>/research.json.
 
 - `sensitivity`: per-block sensitivity by scoring method and their Spearman, with its range over scoring draws;
 - `sweep`: drift against effective bits, targets re-solved from one scoring pass, each KL with its interval;

@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 from dataclasses import replace
 
 import pytest
 
 from quantsuite import analysis
 from quantsuite.autoquant import group_scores
+from quantsuite.manifest import FUSED_GROUPS
 from quantsuite.stages.research import SWEEP_TARGETS
-
-FUSED = {"qkv": re.compile(r"layers\.(\d+)\.self_attn\.[qkv]_proj$"), "gate_up": re.compile(r"layers\.(\d+)\.mlp\.(gate|up)_proj$")}  # noqa: E501
 
 
 def test_research_is_published_for_the_report_stamped_with_the_run(workbench):
@@ -92,8 +90,8 @@ def split_groups(modules: list[str]) -> list[tuple[str, str]]:
     """(block, group) of every q/k/v or gate/up group that `modules` (a pick's quantized layers) quantizes in part."""
     taken: dict[tuple[str, str], int] = {}
     for module in modules:
-        for group, pattern in FUSED.items():
-            found = pattern.search(module)
+        for group, pattern in FUSED_GROUPS.items():
+            found = pattern.match(module)
             if found:
                 taken[found.group(1), group] = taken.get((found.group(1), group), 0) + 1
     return [key for key, count in taken.items() if count != (3 if key[1] == "qkv" else 2)]
