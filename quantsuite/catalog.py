@@ -426,13 +426,17 @@ class Catalog(Strict):
         """Schemes by name or alias, in catalog order; None or [] means all."""
         if not requested:
             return list(self.schemes)
-        index = {key: scheme for scheme in self.schemes for key in filter(None, (scheme.name, scheme.alias))}
+        index = self.names_by_key()
         unknown = [name for name in requested if name not in index]
         if unknown:
             valid = ", ".join(f"{s.name} ({s.alias})" if s.alias else s.name for s in self.schemes)
             raise SchemeError(f"--scheme {', '.join(unknown)}: unknown; valid schemes (alias): {valid}")
-        wanted = {index[name].name for name in requested}
+        wanted = {index[name] for name in requested}
         return [scheme for scheme in self.schemes if scheme.name in wanted]
+
+    def names_by_key(self) -> dict[str, str]:
+        """Each scheme's name and alias -> its name."""
+        return {key: scheme.name for scheme in self.schemes for key in filter(None, (scheme.name, scheme.alias))}
 
 
 def parse_catalog(document: object, source: str = "schemes.yaml") -> Catalog:

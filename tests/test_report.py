@@ -290,10 +290,12 @@ def test_two_shards_merge_into_the_report_of_one_run(tmp_path, workbench):
     from tests.plugin.test_options import _pytest
 
     selection = ["tests/test_drift.py", "-k", "test_drift_within_bounds", "--scheme=bf16", "--scheme=top50",
-                 "--scheme=default", f"--cache-dir={workbench.context.cache.root}", "--run-id=sharded", "--no-report"]
-    for name, shard in (("whole", []), ("shard-1", ["--shard=1/2"]), ("shard-2", ["--shard=2/2"])):
-        done = _pytest(*selection, *shard, f"--reports-dir={tmp_path / name}")
+                 "--scheme=default", f"--cache-dir={workbench.context.cache.root}", "--run-id=sharded"]
+    for name, shard in (("whole", ["-n", "2"]), ("shard-1", ["--shard=1/2", "--no-report"]),
+                        ("shard-2", ["--shard=2/2", "--no-report"])):  # fmt: skip
+        done = _pytest(*selection, *shard, f"--reports-dir={tmp_path / name}", xdist=name == "whole")
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert (tmp_path / "whole" / "sharded" / "report.md").is_file()  # xdist's controller wrote it (workers told it)
     tag = workbench.context.model_tag
 
     def report_of(reports: Path) -> tuple[dict, list[str]]:

@@ -1,9 +1,11 @@
-"""Collection: the `scheme` and `vllm_check` parametrization, --scheme selection, CUDA-only skips, the order a
-scheme's tests run in, the pytest-xdist work units (one per scheme) and the shards of those units (--shard)."""
+"""Collection: the `scheme` and `vllm_check` parametrization, --scheme selection (of every test that names a
+scheme), CUDA-only skips, the order a scheme's tests run in, the pytest-xdist work units (one per scheme) and the
+shards of those units (--shard)."""
 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Mapping
 
 import pytest
 
@@ -38,16 +40,23 @@ VLLM_TEST_MODULES = ("tests/test_vllm_compat.py", "tests/stages/test_vllm.py")  
 RESEARCH_TEST_MODULES = ("tests/stages/test_research.py", "tests/test_report.py")  # read the same studies
 
 
-def scheduling_group(nodeid: str, scheme_names: set[str]) -> str:
-    """The xdist work unit of a test id: its scheme (one scheme per worker and GPU, so --drop-exports never deletes
-    an export another worker reads), "vllm" for a vLLM test of no scheme (controls, the noise floor), "research"
-    for the tests that read the research studies (split over two workers, one built the studies while the other
-    waited on their locks), else the test itself. On the CPU build two vLLM engines then run at once, one per
-    worker, as they did in every CI run so far (xdist_group marks had never taken effect; serializing them made
-    the first CI pass 53 min instead of 21)."""
-    path, _, name = nodeid.partition("::")
+def schemes_named(nodeid: str, names_by_key: Mapping[str, str]) -> list[str]:
+    """The catalog schemes a test id's parameters name, by name or alias (`Catalog.names_by_key`), in order: the
+    `scheme` parameter, a planted fault on `top50`, a pair of nested schemes."""
+    name = nodeid.partition("::")[2]
     params = name[name.index("[") + 1 : -1].split("-") if name.endswith("]") and "[" in name else []
-    scheme = next((param for param in params if param in scheme_names), None)
+    return [names_by_key[param] for param in params if param in names_by_key]
+
+
+def scheduling_group(nodeid: str, names_by_key: Mapping[str, str]) -> str:
+    """The xdist work unit of a test id: the first scheme it names (one scheme per worker and GPU, so
+    --drop-exports never deletes an export another worker reads), "vllm" for a vLLM test of no scheme (controls,
+    the noise floor), "research" for the tests that read the research studies (split over two workers, one built
+    the studies while the other waited on their locks), else the test itself. On the CPU build two vLLM engines
+    then run at once, one per worker, as they did in every CI run so far (xdist_group marks had never taken
+    effect; serializing them made the first CI pass 53 min instead of 21)."""
+    path, _, name = nodeid.partition("::")
+    scheme = next(iter(schemes_named(nodeid, names_by_key)), None)
     uses_vllm = path in VLLM_TEST_MODULES or name.startswith("test_vllm_speed")
     if uses_vllm and scheme is None:
         return "vllm"
@@ -71,20 +80,18 @@ def shard_of(unit: str, schemes: list[str], count: int) -> int:
 
 
 def _keep_shard(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """--shard K/N: deselect every work unit that is not the K-th shard's. A test goes with the first of the run's
-    schemes its parameters name (by name or alias: a planted fault on top50, a pair of nested schemes), so it runs
-    where that scheme's artifacts are."""
+    """--shard K/N: deselect every work unit that is not the K-th shard's. A test goes with the first scheme its
+    parameters name (a planted fault on top50, a pair of nested schemes), so it runs where that scheme's artifacts
+    are."""
     run = settings(config)
     if run.shard is None:
         return
     index, count = run.shard
-    selected = run.catalog.select(config.getoption("--scheme"))
-    schemes = [scheme.name for scheme in selected]
-    named = {key: scheme.name for scheme in selected for key in filter(None, (scheme.name, scheme.alias))}
+    schemes = [scheme.name for scheme in run.catalog.select(config.getoption("--scheme"))]
+    names_by_key = run.catalog.names_by_key()
     keep, drop = [], []
     for item in items:
-        unit = scheduling_group(item.nodeid, set(named))
-        (keep if shard_of(named.get(unit, unit), schemes, count) == index else drop).append(item)
+        (keep if shard_of(scheduling_group(item.nodeid, names_by_key), schemes, count) == index else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
@@ -99,11 +106,11 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
         return None
     from xdist.scheduler import LoadScopeScheduling
 
-    names = {scheme.name for scheme in settings(config).catalog.schemes}
+    names_by_key = settings(config).catalog.names_by_key()
 
     class SchemeScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return scheduling_group(nodeid, names)
+            return scheduling_group(nodeid, names_by_key)
 
     return SchemeScheduling(config, log)
 
@@ -131,17 +138,28 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     _skip_cuda_only_searches(config, items)
     requested = config.getoption("--scheme")
     if requested:
-        wanted = {scheme.name for scheme in settings(config).catalog.select(requested)}  # unknown: listed, fails
+        catalog = settings(config).catalog
+        wanted = {scheme.name for scheme in catalog.select(requested)}  # unknown: listed, fails
+        names_by_key = catalog.names_by_key()
         keep, drop = [], []
-        for item in items:
-            scheme = scheme_of(item)
-            (drop if scheme is not None and scheme.name not in wanted else keep).append(item)
+        for item in items:  # a test runs when every scheme it names is selected (planted faults, nested pairs too)
+            (drop if set(schemes_named(item.nodeid, names_by_key)) - wanted else keep).append(item)
         if drop:
             config.hook.pytest_deselected(items=drop)
             items[:] = keep
     _keep_shard(config, items)
-    items[:] = scheme_major_order(items, lambda item: getattr(scheme_of(item), "name", None))
+    names_by_key = settings(config).catalog.names_by_key()
+    items[:] = scheme_major_order(items, lambda item: next(iter(schemes_named(item.nodeid, names_by_key)), None))
     config.stash[WANT_REPORT] = any(m.name in STAGE_MARKERS for item in items for m in item.iter_markers())
+    if hasattr(config, "workeroutput"):  # an xdist worker: the controller collects nothing, so it is told
+        config.workeroutput["quantsuite_want_report"] = config.stash[WANT_REPORT]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    """The xdist controller writes the report when any worker ran a stage's tests."""
+    if getattr(node, "workeroutput", {}).get("quantsuite_want_report"):
+        node.config.stash[WANT_REPORT] = True
 
 
 def scheme_of(item: pytest.Item):

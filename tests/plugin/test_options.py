@@ -26,9 +26,10 @@ def test_join_split_paths(tmp_path):
     assert join_split_paths(["tests", "--reports-dir", str(tmp_path)]) == ["tests", f"--reports-dir={tmp_path}"]
 
 
-def _pytest(*arguments: str) -> subprocess.CompletedProcess:
+def _pytest(*arguments: str, xdist: bool = False) -> subprocess.CompletedProcess:
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "QUANTSUITE_"))}
-    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:xdist", *arguments], cwd=ROOT, text=True,
+    plugins = [] if xdist else ["-p", "no:xdist"]
+    return subprocess.run([sys.executable, "-m", "pytest", *plugins, *arguments], cwd=ROOT, text=True,
                           capture_output=True, timeout=300, env=environment)  # fmt: skip
 
 
@@ -110,12 +111,15 @@ def test_scheduling_group_keeps_a_scheme_on_one_worker():
     anything else alone."""
     from quantsuite.plugin.collection import scheduling_group
 
-    names = {"bf16", "fp8_autoquant_top50", "nvfp4"}
+    names = {"bf16": "bf16", "fp8_autoquant_top50": "fp8_autoquant_top50", "top50": "fp8_autoquant_top50",
+             "nvfp4": "nvfp4"}  # fmt: skip
     assert scheduling_group("tests/test_drift.py::test_drift_within_bounds[nvfp4]", names) == "nvfp4"
     assert scheduling_group("tests/test_bench.py::test_fake_quant_throughput[prefill-nvfp4]", names) == "nvfp4"
     vllm_case = "tests/test_vllm_compat.py::test_vllm[cuda-fp8_autoquant_top50]"
     assert scheduling_group(vllm_case, names) == "fp8_autoquant_top50"
     assert scheduling_group("tests/test_bench.py::test_vllm_speed[bf16]", names) == "bf16"
+    planted = "tests/test_drift.py::test_a_planted_30_percent_kl_regression_fails_the_drift_bounds[top50]"
+    assert scheduling_group(planted, names) == "fp8_autoquant_top50"  # by alias, with the scheme
     assert scheduling_group("tests/test_vllm_compat.py::test_decide_against_the_floor", names) == "vllm"
     assert scheduling_group("tests/stages/test_research.py::test_proxy_matches_the_manifests_and_the_drift",
                             names) == "research"  # fmt: skip
