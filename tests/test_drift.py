@@ -10,11 +10,6 @@ from quantsuite.manifest import BF16
 pytestmark = pytest.mark.drift
 
 
-@pytest.fixture(scope="session")
-def measurement(workbench, scheme, fake_quant_model, exported):
-    return workbench.drift.measure(scheme)
-
-
 def _limits(workbench, scheme) -> tuple[dict, str]:
     """The scheme's limits for this model, device and data (quantsuite.bounds.verdict_limits says where from)."""
     return workbench.context.verdict_limits(scheme)

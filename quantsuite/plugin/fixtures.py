@@ -1,5 +1,5 @@
-"""Session fixtures: the catalog, model and data settings, one Workbench per process, a scheme's fake-quant model
-and export, and vLLM's environment and service; each benchmark's timing handed to the benchmarks stage."""
+"""Session fixtures: the catalog, model and data settings, one Workbench per process, a scheme's fake-quant model,
+export and drift, and vLLM's environment and service; each benchmark's timing handed to the benchmarks stage."""
 
 from __future__ import annotations
 
@@ -73,6 +73,19 @@ def export_dropped_after(pytestconfig, workbench, scheme):
 def exported(workbench, scheme, export_dropped_after):
     """The scheme's export directory (built once; see export_dropped_after for --drop-exports)."""
     return workbench.exports.path(scheme)
+
+
+@pytest.fixture(scope="session")
+def measurement(workbench, scheme, export_dropped_after):
+    """The scheme's drift. Served from the cache it needs neither the fake-quant model nor the export (a re-run
+    with --drop-exports on the 3B shape used to rebuild both for every scheme: run gpu-26); skips where ModelOpt
+    runs the scheme on CUDA only."""
+    from quantsuite.stages.context import CudaRequired
+
+    try:
+        return workbench.drift.measure(scheme)
+    except CudaRequired as reason:
+        pytest.skip(str(reason))
 
 
 @pytest.fixture(scope="session")
