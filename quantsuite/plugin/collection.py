@@ -79,7 +79,7 @@ def shard_of(unit: str, schemes: list[str], count: int) -> int:
     return zlib.crc32(unit.encode()) % count + 1
 
 
-def _keep_shard(config: pytest.Config, items: list[pytest.Item]) -> None:
+def _keep_shard(config: pytest.Config, items: list[pytest.Item], names_by_key: Mapping[str, str]) -> None:
     """--shard K/N: deselect every work unit that is not the K-th shard's. A test goes with the first scheme its
     parameters name (a planted fault on top50, a pair of nested schemes), so it runs where that scheme's artifacts
     are."""
@@ -88,7 +88,6 @@ def _keep_shard(config: pytest.Config, items: list[pytest.Item]) -> None:
         return
     index, count = run.shard
     schemes = [scheme.name for scheme in run.catalog.select(config.getoption("--scheme"))]
-    names_by_key = run.catalog.names_by_key()
     keep, drop = [], []
     for item in items:
         (keep if shard_of(scheduling_group(item.nodeid, names_by_key), schemes, count) == index else drop).append(item)
@@ -136,30 +135,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """--scheme deselects other schemes' cases (so their snapshots are not reported unused); the rest run in
     `scheme_major_order`."""
     _skip_cuda_only_searches(config, items)
+    catalog = settings(config).catalog
+    names_by_key = catalog.names_by_key()
     requested = config.getoption("--scheme")
     if requested:
-        catalog = settings(config).catalog
         wanted = {scheme.name for scheme in catalog.select(requested)}  # unknown: listed, fails
-        names_by_key = catalog.names_by_key()
         keep, drop = [], []
         for item in items:  # a test runs when every scheme it names is selected (planted faults, nested pairs too)
             (drop if set(schemes_named(item.nodeid, names_by_key)) - wanted else keep).append(item)
         if drop:
             config.hook.pytest_deselected(items=drop)
             items[:] = keep
-    _keep_shard(config, items)
-    names_by_key = settings(config).catalog.names_by_key()
+    _keep_shard(config, items, names_by_key)
     items[:] = scheme_major_order(items, lambda item: next(iter(schemes_named(item.nodeid, names_by_key)), None))
     config.stash[WANT_REPORT] = any(m.name in STAGE_MARKERS for item in items for m in item.iter_markers())
-    if hasattr(config, "workeroutput"):  # an xdist worker: the controller collects nothing, so it is told
-        config.workeroutput["quantsuite_want_report"] = config.stash[WANT_REPORT]
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_testnodedown(node, error) -> None:
-    """The xdist controller writes the report when any worker ran a stage's tests."""
-    if getattr(node, "workeroutput", {}).get("quantsuite_want_report"):
-        node.config.stash[WANT_REPORT] = True
 
 
 def scheme_of(item: pytest.Item):

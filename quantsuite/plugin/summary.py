@@ -19,19 +19,24 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    """An xdist worker hands its time per stage to the controller (xdist's workeroutput)."""
+    """An xdist worker hands the controller (xdist's workeroutput) its time per stage, and whether it ran a stage's
+    tests (the controller collects nothing, so it learns from its workers that a report is wanted)."""
     from quantsuite.timing import STAGE_TIMES
 
-    if hasattr(session.config, "workeroutput"):
-        seconds = time.perf_counter() - session.config.stash[SESSION_STARTED]
-        session.config.workeroutput["quantsuite_stage_times"] = {"stages": STAGE_TIMES.as_dict(), "seconds": seconds}
+    config = session.config
+    if hasattr(config, "workeroutput"):
+        seconds = time.perf_counter() - config.stash[SESSION_STARTED]
+        config.workeroutput["quantsuite_stage_times"] = {"stages": STAGE_TIMES.as_dict(), "seconds": seconds}
+        config.workeroutput["quantsuite_want_report"] = config.stash.get(WANT_REPORT, False)
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node, error) -> None:
-    table = getattr(node, "workeroutput", {}).get("quantsuite_stage_times")
-    if table:
-        node.config.stash.setdefault(WORKER_STAGE_TIMES, []).append(table)
+    output = getattr(node, "workeroutput", {})
+    if output.get("quantsuite_stage_times"):
+        node.config.stash.setdefault(WORKER_STAGE_TIMES, []).append(output["quantsuite_stage_times"])
+    if output.get("quantsuite_want_report"):
+        node.config.stash[WANT_REPORT] = True
 
 
 def _stage_time_lines(config: pytest.Config) -> list[str]:

@@ -56,17 +56,15 @@ def test_shards_split_the_run_into_whole_schemes_the_same_in_every_step():
     from quantsuite.plugin.collection import scheduling_group, schemes_named
 
     schemes = ["--scheme=bf16", "--scheme=top50", "--scheme=default", "--scheme=int8_sq"]
-    named = {"bf16": "bf16", "fp8_autoquant_top50": "fp8_autoquant_top50", "top50": "fp8_autoquant_top50",
-             "fp8_modelopt_default": "fp8_modelopt_default", "default": "fp8_modelopt_default",
-             "int8_smoothquant": "int8_smoothquant", "int8_sq": "int8_smoothquant"}  # fmt: skip
-    names = set(named.values())
+    names = {"bf16", "fp8_autoquant_top50", "fp8_modelopt_default", "int8_smoothquant"}
+    names_by_key = load_catalog().names_by_key()
     whole = _collected(*schemes)
-    named_anywhere = {name for test in whole for name in schemes_named(test, load_catalog().names_by_key())}
+    named_anywhere = {name for test in whole for name in schemes_named(test, names_by_key)}
     assert named_anywhere == names, "--scheme kept a test of another scheme (a planted fault, a nested pair)"
     shards = [_collected(*schemes, f"--shard={k}/2") for k in (1, 2)]
     assert sorted(shards[0] + shards[1]) == sorted(whole) and not set(shards[0]) & set(shards[1])
     assert all(shards), "a shard with nothing to run"
-    units = [{scheduling_group(test, named) for test in shard} for shard in shards]
+    units = [{scheduling_group(test, names_by_key) for test in shard} for shard in shards]
     assert not units[0] & units[1], "a scheme (or the vLLM group) split over both shards"
     assert names <= units[0] | units[1] and "vllm" in units[0] | units[1]
     benchmarks = _collected("-m", "benchmark", *schemes, "--shard=1/2")  # the nightly's later step, alone
