@@ -143,6 +143,42 @@ def rank_against_kl(scores: dict[str, float], measurements: dict[str, dict],
 
 
 # --- the studies' comparisons (pure functions of search states and manifests) ------------------------------------
+def same_drift(measurements: dict[str, dict]) -> dict[str, str]:
+    """name -> the earlier name (sorted) whose per-caption KL it repeats bit for bit: the same model measured twice
+    (two schemes whose settings give one pick), which a rank over schemes must count once."""
+    seen: dict[tuple, str] = {}
+    repeats = {}
+    for name in sorted(measurements):
+        sums, tokens = caption_sums(measurements[name])
+        key = (tuple(sums.tolist()), tuple(tokens.tolist()))
+        if key in seen:
+            repeats[name] = seen[key]
+        else:
+            seen[key] = name
+    return repeats
+
+
+def ratio_interval(ours: list[float], floor: list[float]) -> list[float]:
+    """Interval of a ratio of two sums over the same evaluation captions (vLLM's error over its floor's)."""
+    first, second = np.asarray(ours, dtype=float), np.asarray(floor, dtype=float)
+    return bootstrap_interval(lambda i: first[i].sum() / second[i].sum(), len(first))
+
+
+def dominated_beyond_noise(points: dict[str, tuple[float, float, dict]]) -> dict[str, list[str]]:
+    """Speed against drift: name -> the schemes that beat it on both beyond their noise. `points`: name -> (speed
+    ratio, the ratio's noise, drift measurement). Another scheme dominates one when its ratio is higher by more
+    than the larger of the two noises and its KL lower with the paired interval excluding 0 (kl_difference)."""
+    beaten: dict[str, list[str]] = {name: [] for name in points}
+    for name, (ratio, noise, measured) in points.items():
+        for other, (other_ratio, other_noise, other_measured) in points.items():
+            if other == name or other_ratio - ratio <= max(noise, other_noise):
+                continue
+            difference = kl_difference(other_measured, measured)
+            if difference["differs"] and difference["difference"] < 0:
+                beaten[name].append(other)
+    return beaten
+
+
 def jaccard(first: list[str], second: list[str]) -> float:
     """Overlap of two picks' quantized layers: |A & B| / |A | B| (1 when both quantize nothing)."""
     a, b = set(first), set(second)

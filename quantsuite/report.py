@@ -23,12 +23,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import ScalarFormatter
 
 from quantsuite import analysis
 from quantsuite.cache import write_atomic
 
 PLOTS = ("sensitivity.png", "coverage_heatmap.png", "pareto.png", "localization.png", "optimality_gap.png",
-         "clipping.png", "score_size.png", "proxy.png", "frontier.png")  # speed_frontier.png: paired GPU speed only
+         "clipping.png", "score_size.png", "proxy.png", "frontier.png")  # speed_frontier, vllm_vs_kl: vLLM runs only
 
 
 def merge_reports(shards: list[Path], into: Path) -> list[str]:
@@ -271,6 +272,11 @@ def build_report(reports_dir: Path, model: str, run_id: str | None = None, resul
                     f"{_fmt(fake.get('perplexity_delta'), '+.3g')} | {_vllm_cell(vllm.get(name))} | "
                     + " ".join(f"{k}:{v:.2f}x" for k, v in sorted(ratios.items())) + " |")  # fmt: skip
 
+    engine = engine_against_kl(vllm, drift, manifests)
+    frontier = speed_frontier(vllm, drift)
+    summary["vllm_against_kl"] = {k: engine[k] for k in ("schemes", "spearman", "interval", "misordered", "repeats",
+                                                         "ratios", "ratio_intervals")}  # fmt: skip
+    summary["speed_frontier"] = frontier
     plots = {
         "sensitivity.png": _plot_sensitivity(research, out / "sensitivity.png"),
         "coverage_heatmap.png": _plot_heatmap(manifests, out / "coverage_heatmap.png"),
@@ -281,7 +287,8 @@ def build_report(reports_dir: Path, model: str, run_id: str | None = None, resul
         "score_size.png": _plot_score_size(research.get("score_size", {}), out / "score_size.png"),
         "proxy.png": _plot_proxy(research.get("proxy", {}), out / "proxy.png"),
         "frontier.png": _plot_frontier(manifests, drift, out / "frontier.png"),
-        "speed_frontier.png": _plot_speed_frontier(vllm, drift, out / "speed_frontier.png"),
+        "speed_frontier.png": _plot_speed_frontier(frontier, out / "speed_frontier.png"),
+        "vllm_vs_kl.png": _plot_engine_against_kl(engine, out / "vllm_vs_kl.png"),
     }
     summary["research"] = research
     summary["plots"] = plots  # data points drawn per plot; a plot without data is not written
@@ -327,7 +334,8 @@ def build_report(reports_dir: Path, model: str, run_id: str | None = None, resul
         *_research_sections(research, plots, vllm, drift, manifests),
         *section("Frontier: storage bits against KL, every format", "frontier.png", "Bars: 95% intervals over the "
                  "evaluation captions; the line joins the Pareto-optimal schemes."),
-        *section("Frontier: vLLM speed against KL", "speed_frontier.png"),
+        *_engine_section(engine, plots["vllm_vs_kl.png"]),
+        *_speed_frontier_section(frontier, plots["speed_frontier.png"]),
         *(["", "## Solvers per scheme: ModelOpt's LP pick and the exact pick of the same scores", "",
            "Objective = sum of the picked formats' scores (lower is better); `solver` is the pick applied.", "",
            "| scheme | target bits | solver | ModelOpt objective | exact objective | exact lower by | groups that "
@@ -416,26 +424,118 @@ def _research_sections(research: dict, plots: dict, vllm: dict, drift: dict, man
         misordered = "; ".join(f"{m['lower_score']} scores lower than {m['higher_score']} but drifts more "
                                f"({m['difference']:+.2g} [{m['interval'][0]:+.2g}, {m['interval'][1]:+.2g}])"
                                for m in proxy["misordered"]) or "none"  # fmt: skip
-        kl = {name: measured["fake_quant"] for name, measured in drift.items() if "kl_by_caption" in measured.get(
-            "fake_quant", {})}  # fmt: skip
-        ratios, by_caption = vllm_errors(vllm)
-        captions = {len(m["kl_by_caption"]["sums"]) for m in kl.values()}
-        if by_caption and {len(ours) for ours, _ in by_caption.values()} != captions:
-            by_caption = None  # vLLM scored other captions than the KL: only the KL side is resampled
-        engine = analysis.rank_against_kl(ratios, kl, by_caption)
-        resampled = "the evaluation captions of both, paired" if by_caption else "the evaluation captions of the KL"
         lines += ["## Does AutoQuant's objective predict the drift?", "",
                   f"Spearman of the objective (summed scores of each pick under one scoring pass) against PyTorch KL "
                   f"over {len(proxy['schemes'])} picks (catalog schemes the scores describe, and the sweep): "
                   f"**{proxy['spearman']:.3f}** [{proxy['interval'][0]:.3f}, {proxy['interval'][1]:.3f}]. "
                   f"Misordered beyond the interval: {misordered}. Left out: "
                   + "; ".join(f"{n} ({r[:90]})" for n, r in sorted(proxy["left_out"].items())) + ".", "",
-                  *([f"vLLM's error against the BF16 floor against PyTorch KL over {len(engine['schemes'])} schemes: "
-                     f"Spearman **{engine['spearman']:.3f}** [{engine['interval'][0]:.3f}, "
-                     f"{engine['interval'][1]:.3f}] (interval over {resampled})."]
-                    if engine["spearman"] is not None else []), "",
                   "![proxy.png](proxy.png)" if plots.get("proxy.png") else "", ""]  # fmt: skip
     return lines
+
+
+def engine_against_kl(vllm: dict[str, dict], drift: dict[str, dict], manifests: dict[str, dict]) -> dict:
+    """Does vLLM's teacher-forced error (against the BF16 floor) order the quantized schemes as PyTorch KL does?
+    The reference is left out (its ratio is 1 by definition) and a scheme whose drift repeats another's bit for
+    bit (the same pick) counts once. Returns rank_against_kl's result plus `repeats`, `ratios`, `kl` and
+    `ratio_intervals` (each scheme's error ratio over resampled captions, where the sums were kept)."""
+    kl = {name: measured["fake_quant"] for name, measured in drift.items()
+          if measured.get("fake_quant", {}).get("kl_mean", 0) > 0 and "kl_by_caption" in measured["fake_quant"]
+          and manifests.get(name, {}).get("scheme", {}).get("mode") != "none"}  # fmt: skip
+    ratios, by_caption = vllm_errors(vllm)
+    repeats = analysis.same_drift({name: kl[name] for name in kl if name in ratios})
+    ratios = {name: ratio for name, ratio in ratios.items() if name in kl and name not in repeats}
+    captions = {len(m["kl_by_caption"]["sums"]) for m in kl.values()}
+    if by_caption is not None:
+        by_caption = {name: sums for name, sums in by_caption.items() if name in ratios}
+        if {len(ours) for ours, _ in by_caption.values()} - captions:
+            by_caption = None  # vLLM scored other captions than the KL: only the KL side is resampled
+    result = analysis.rank_against_kl(ratios, kl, by_caption)
+    intervals = {name: analysis.ratio_interval(*by_caption[name]) for name in result["schemes"]} if by_caption else {}
+    return result | {"repeats": repeats, "ratios": ratios, "kl": {n: kl[n] for n in result["schemes"]},
+                     "ratio_intervals": intervals, "paired": by_caption is not None}  # fmt: skip
+
+
+def _engine_section(engine: dict, plotted: int) -> list[str]:
+    if engine["spearman"] is None:
+        return []
+    misordered = "; ".join(f"{m['lower_score']} has the lower vLLM error but the higher KL than {m['higher_score']} "
+                           f"({m['difference']:+.2g} [{m['interval'][0]:+.2g}, {m['interval'][1]:+.2g}])"
+                           for m in engine["misordered"]) or "none"  # fmt: skip
+    repeats = "; ".join(f"{name} = {first}" for name, first in sorted(engine["repeats"].items()))
+    resampled = "the evaluation captions of both, paired" if engine["paired"] else "the evaluation captions of the KL"
+    rows = [f"| {name} | {_kl_cell(engine['kl'][name] | {'kl_interval': analysis.kl_interval(engine['kl'][name])})}"
+            f" | {engine['ratios'][name]:.2f}"
+            + (f" [{engine['ratio_intervals'][name][0]:.2f}, {engine['ratio_intervals'][name][1]:.2f}]"
+               if name in engine["ratio_intervals"] else "") + " |"
+            for name in sorted(engine["schemes"], key=lambda n: engine["kl"][n]["kl_mean"])]  # fmt: skip
+    return ["## Does vLLM's error follow PyTorch KL?", "",
+            f"vLLM's teacher-forced error against the BF16 floor (the check on the real engine) against PyTorch "
+            f"fake-quant KL over {len(engine['schemes'])} quantized schemes: Spearman **{engine['spearman']:.3f}** "
+            f"[{engine['interval'][0]:.3f}, {engine['interval'][1]:.3f}] (interval over {resampled}). Misordered "
+            f"beyond the KL's interval: {misordered}. The BF16 reference is left out (its ratio is 1 by definition)"
+            + (f"; counted once, their drift bit-identical (one pick): {repeats}" if repeats else "") + ".", "",
+            "| scheme | KL [95%] | vLLM error / floor [95%] |", "|---|---|---|", *rows, "",
+            *(["![vllm_vs_kl.png](vllm_vs_kl.png)", ""] if plotted else [])]  # fmt: skip
+
+
+def _plot_engine_against_kl(engine: dict, path: Path) -> int:
+    names = engine["schemes"]
+    if engine["spearman"] is None:
+        return 0
+    figure, axis = plt.subplots(figsize=(9, 4.5))
+    x = [engine["kl"][n]["kl_mean"] for n in names]
+    y = [engine["ratios"][n] for n in names]
+    axis.errorbar(x, y, xerr=_error_bars(x, [analysis.kl_interval(engine["kl"][n]) for n in names]),
+                  yerr=_error_bars(y, [engine["ratio_intervals"].get(n) for n in names]), fmt="o", ms=4)  # fmt: skip
+    axis.set(xscale="log", yscale="log", xlabel="PyTorch KL(BF16 || fake quant), mean per token",
+             ylabel="vLLM teacher-forced error / BF16 floor",
+             title=f"vLLM against PyTorch (Spearman {engine['spearman']:.3f})")  # fmt: skip
+    axis.yaxis.set_major_formatter(ScalarFormatter())
+    axis.yaxis.set_minor_formatter(ScalarFormatter())
+    numbered_labels(figure, axis, list(zip(names, x, y, strict=True)))
+    _save(figure, path)
+    return len(names)
+
+
+def speed_frontier(vllm: dict[str, dict], drift: dict[str, dict]) -> dict[str, dict]:
+    """Scheme -> its vLLM batch-1 speed ratio (with per-round range and noise, as the speed table reads it), its KL
+    and interval, whether it is on the Pareto front of the medians (faster and less drift), and the schemes that
+    dominate it beyond noise (analysis.dominated_beyond_noise)."""
+    points, rows = {}, {}
+    for name, checks in vllm.items():
+        speed = checks.get("speed") or {}
+        paired = speed.get("workloads", {}).get("batch1")
+        fake = drift.get(name, {}).get("fake_quant", {})
+        if paired is None or fake.get("kl_mean", 0) <= 0 or "kl_by_caption" not in fake:
+            continue
+        noise = speed_reading(paired, speed["weight_bytes_bound"],
+                              between_run_spread(speed["device"], "batch1"))[0]  # fmt: skip
+        points[name] = (paired["ratio"], noise, fake)
+        rows[name] = {"ratio": paired["ratio"], "range": [min(paired["ratios"]), max(paired["ratios"])],
+                      "noise": noise, "kl_mean": fake["kl_mean"], "kl_interval": analysis.kl_interval(fake),
+                      "device": speed["device"]}  # fmt: skip
+    front = set(pareto_front({name: (-ratio, kl["kl_mean"]) for name, (ratio, _, kl) in points.items()}))
+    for name, beaten_by in analysis.dominated_beyond_noise(points).items():
+        rows[name] |= {"on_front": name in front, "dominated_by": sorted(beaten_by)}
+    return rows
+
+
+def _speed_frontier_section(rows: dict[str, dict], plotted: int) -> list[str]:
+    if not plotted:
+        return []
+    table = [f"| {name} | {r['ratio']:.3f}x ({r['range'][0]:.3f}-{r['range'][1]:.3f}) | {100 * r['noise']:.1f}% | "
+             f"{r['kl_mean']:.3g} [{r['kl_interval'][0]:.2g}, {r['kl_interval'][1]:.2g}] | "
+             f"{'yes' if r['on_front'] else 'no'} | {', '.join(r['dominated_by']) or '-'} |"
+             for name, r in sorted(rows.items(), key=lambda item: -item[1]["ratio"])]  # fmt: skip
+    devices = ", ".join(sorted({r["device"] for r in rows.values()}))
+    return ["## Frontier: vLLM batch-1 speed against KL", "",
+            f"Paired batch-1 decode ratio against BF16 ({devices}) and PyTorch KL. On the front: no scheme is both "
+            "faster and lower in KL (medians). Dominated beyond noise: another scheme is faster by more than the "
+            "larger noise of the two (the speed table's) and lower in KL outside the paired 95% interval; a "
+            "scheme off the front that no one dominates beyond noise may be on it.", "",
+            "| scheme | batch-1 ratio (rounds) | noise | KL [95%] | on the front | dominated beyond noise by |",
+            "|---|---|---|---|---|---|", *table, "", "![speed_frontier.png](speed_frontier.png)", ""]  # fmt: skip
 
 
 def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
@@ -513,22 +613,24 @@ def _plot_frontier(manifests: dict, drift: dict, path: Path) -> int:
     return len(points)
 
 
-def _plot_speed_frontier(vllm: dict, drift: dict, path: Path) -> int:
-    points = {}
-    for name, checks in vllm.items():
-        workloads = (checks.get("speed") or {}).get("workloads", {})
-        fake = drift.get(name, {}).get("fake_quant", {})
-        if "batch1" in workloads and fake.get("kl_mean", 0) > 0:
-            points[name] = (workloads["batch1"]["ratio"], fake["kl_mean"])
-    if len(points) < 2:
+def _plot_speed_frontier(rows: dict[str, dict], path: Path) -> int:
+    if len(rows) < 2:
         return 0
     figure, axis = plt.subplots(figsize=(9, 4.5))
-    axis.scatter([p[0] for p in points.values()], [p[1] for p in points.values()])
-    axis.set(yscale="log", xlabel="vLLM batch-1 decode speed / BF16 (paired)", ylabel="KL(BF16 || quant)",
-             title="Speed against drift")  # fmt: skip
-    numbered_labels(figure, axis, [(n, *p) for n, p in points.items()])
+    names = sorted(rows)
+    x = [rows[n]["ratio"] for n in names]
+    y = [rows[n]["kl_mean"] for n in names]
+    axis.errorbar(x, y, xerr=_error_bars(x, [rows[n]["range"] for n in names]),
+                  yerr=_error_bars(y, [rows[n]["kl_interval"] for n in names]), fmt="o", ms=4)  # fmt: skip
+    front = sorted((n for n in names if rows[n]["on_front"]), key=lambda n: rows[n]["ratio"])
+    axis.plot([rows[n]["ratio"] for n in front], [rows[n]["kl_mean"] for n in front], "-", alpha=0.5,
+              label="Pareto front (medians)")  # fmt: skip
+    axis.set(yscale="log", xlabel="vLLM batch-1 decode speed / BF16 (paired; bars: per-round range)",
+             ylabel="KL(BF16 || quant) [95%]", title="Speed against drift")  # fmt: skip
+    axis.legend(fontsize=7)
+    numbered_labels(figure, axis, [(n, rows[n]["ratio"], rows[n]["kl_mean"]) for n in names])
     _save(figure, path)
-    return len(points)
+    return len(names)
 
 
 def _calibration_pairs(manifests: dict[str, dict]) -> list[tuple[str, str]]:

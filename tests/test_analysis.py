@@ -126,3 +126,21 @@ def test_pareto_front_leaves_out_dominated_schemes():
     points = {"a": (8.0, 3.0), "b": (9.0, 1.0), "c": (9.5, 2.0), "d": (12.0, 0.5), "e": (12.0, 0.7)}
     assert pareto_front(points) == ["a", "b", "d"]
     assert "b" not in pareto_front(points | {"planted": (8.5, 0.9)})
+
+
+def test_same_drift_names_a_scheme_measured_twice():
+    """Two schemes whose settings give one pick measure bit-identical drift: the later name repeats the earlier."""
+    base = measurement(NOISY)
+    repeats = analysis.same_drift({"b": base, "a": measurement(NOISY), "c": measurement([1.01 * v for v in NOISY])})
+    assert repeats == {"b": "a"}
+
+
+def test_dominated_beyond_noise_needs_both_gaps_outside_their_noise():
+    """`fast` beats `slow` by 8% at 3% noise with 20% less KL on every caption: dominated. Planted: a 2% edge (inside
+    the noise), and an equal KL (inside its interval) dominate nothing."""
+    kl = measurement(NOISY)
+    less = measurement([0.8 * v for v in NOISY])
+    points = {"slow": (1.02, 0.033, kl), "fast": (1.10, 0.033, less)}
+    assert analysis.dominated_beyond_noise(points) == {"slow": ["fast"], "fast": []}
+    assert analysis.dominated_beyond_noise(points | {"fast": (1.04, 0.033, less)})["slow"] == []
+    assert analysis.dominated_beyond_noise(points | {"fast": (1.10, 0.033, measurement(NOISY))})["slow"] == []
