@@ -118,7 +118,8 @@ def _benchmark_published(request):
     """After a test that timed something with pytest-benchmark: its median round and extra_info go to the benchmarks
     stage (reports/benchmarks/), which the report reads."""
     yield
-    benchmark, bench = request.node.funcargs.get("benchmark"), request.node.funcargs.get("workbench")
+    arguments = request.node.funcargs or {}  # None when the run was interrupted (Ctrl-C, a timeout's SIGINT)
+    benchmark, bench = arguments.get("benchmark"), arguments.get("workbench")
     stats = getattr(benchmark, "stats", None)
     if bench is None or stats is None or not stats.stats.data:  # not timed: disabled, skipped, or failed in its rounds
         return
