@@ -269,6 +269,7 @@ def _lp_drift_or_fail(workbench, scheme, scheme_result, recorded: dict[str, str]
                  "within the budget")  # fmt: skip
 
 
+@pytest.mark.uses_schemes("full", "mixed_fp8_int4_awq_eb10")
 def test_a_recorded_pick_that_is_worse_here_is_not_excused(workbench, catalog):
     """The LP allowance of test_decisions_snapshot fails a recorded pick that breaks the budget under this box's
     scores (one FP8 group planted as BF16) or is worse beyond the kernel sets' spread (one FP8 group of a mixed pick
@@ -323,12 +324,14 @@ def test_both_solvers_recorded_and_the_chosen_one_applied(workbench, scheme, sch
     assert solver["used"] == scheme.solver
 
 
+@pytest.mark.uses_schemes("eb13")
 def test_exact_solver_never_worse_across_targets(workbench, catalog):
     """On one stored scoring pass, every half bit from 8.5 to 15.5: the exact pick's objective never exceeds
     ModelOpt's, and both keep the effective-bits budget. `differing_groups` names where the picks part."""
     from quantsuite.autoquant import pick_objective
 
-    scheme = next(s for s in catalog.schemes if s.mode == "autoquant" and s.coverage_mode == "auto")
+    scheme = catalog.scheme("eb13")  # its scores are the gradient FP8 pass; the test re-solves them per target
+    assert scheme.mode == "autoquant" and scheme.coverage_mode == "auto"
     state, _ = workbench.scores.state(workbench.scores.plan(scheme))
     for bits in [8.5 + 0.5 * step for step in range(15)]:
         solver = resolve_config(state, scheme.model_copy(update={"effective_bits": bits})).solver

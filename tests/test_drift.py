@@ -81,6 +81,7 @@ def test_image_prompts_are_measured_apart_from_text(workbench, scheme, measureme
         assert (row["image_clipped_share"] > 0) == (row["image_max"] > row["amax"]), row
 
 
+@pytest.mark.uses_schemes("top50")
 def test_clipping_at_image_positions_follows_the_calibrated_amax(workbench, catalog):
     """One layer's input amax halved in a copy of top50's fake-quant model: that layer clips more at image
     positions (the clipping figure reads the amax the quantizer uses)."""
@@ -243,6 +244,7 @@ def test_one_exported_layer_scale_off_by_10_percent_fails_the_export_checks(work
     assert not _violations(limits, clean, ("export.", "fake_vs_export.", "export_fidelity."), "clean")
 
 
+@pytest.mark.uses_schemes("top50_kv")
 def test_a_wrong_kv_scale_fails_the_export_checks(workbench, catalog, tmp_path):
     """Every k_scale of top50_kv's export / 8 (calibrated on other data; FP8 shrugs off a scale too large, but one too
     small saturates keys at 448): the export's KL fails."""

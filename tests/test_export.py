@@ -61,10 +61,12 @@ def test_exclusion_wildcards_are_read_as_vllm_reads_them():
     assert _excluded("lm_head", patterns) and _excluded("visual.blocks.0.attn.qkv", patterns)
 
 
+@pytest.mark.uses_schemes("fp8_all_layers")
 def test_fp8_lm_head_export_is_untied(workbench, catalog):
     """A tied model with an FP8 lm_head: ModelOpt keeps tie_word_embeddings=true (vLLM would then tie lm_head to
     the BF16 embeddings and ignore the FP8 one); the suite's export unties it and keeps both tensors."""
-    scheme = next(s for s in catalog.schemes if any(catalog.formats[f].lm_head for f in s.formats))
+    scheme = catalog.scheme("fp8_all_layers")
+    assert any(catalog.formats[f].lm_head for f in scheme.formats), "the premise: its format quantizes lm_head"
     export_dir = workbench.exports.path(scheme)
     config = json.loads((export_dir / "config.json").read_text())
     source = json.loads((workbench.context.source_dir / "config.json").read_text())
@@ -74,6 +76,7 @@ def test_fp8_lm_head_export_is_untied(workbench, catalog):
     assert index["lm_head.weight"]["dtype"] == "F8_E4M3" and index["model.embed_tokens.weight"]["dtype"] == "BF16"
 
 
+@pytest.mark.uses_schemes("top50")
 def test_check_export_catches_a_wrong_exclusion(tmp_path, workbench, catalog):
     scheme = catalog.scheme("top50")
     manifest = workbench.schemes.result(scheme).manifest
@@ -85,6 +88,7 @@ def test_check_export_catches_a_wrong_exclusion(tmp_path, workbench, catalog):
     assert any("not excluded, but the manifest keeps it BF16" in line for line in problems)
 
 
+@pytest.mark.uses_schemes("top50")
 def test_a_tokenizer_saved_with_truncation_is_an_export_problem(tmp_path, workbench, catalog):
     """The bundled tokenizer was once saved with truncation at 64 tokens: every export carried it, and vLLM's
     processor cut each image prompt to 64 tokens (official vLLM 0.26 refused them all: image token count mismatch)."""
@@ -97,6 +101,7 @@ def test_a_tokenizer_saved_with_truncation_is_an_export_problem(tmp_path, workbe
     assert not [line for line in check_export(workbench.exports.path(scheme), manifest) if "tokenizer" in line]
 
 
+@pytest.mark.uses_schemes("top25", "top50")
 def test_export_for_another_manifest_fails_naming_both(workbench, catalog):
     top25, top50 = catalog.scheme("top25"), catalog.scheme("top50")
     with pytest.raises(ExportError, match=r"exported from manifest \w+ \(scheme fp8_autoquant_top50\), but "
@@ -104,6 +109,7 @@ def test_export_for_another_manifest_fails_naming_both(workbench, catalog):
         verify_export(workbench.exports.path(top50), workbench.schemes.result(top25).manifest)
 
 
+@pytest.mark.uses_schemes("top50")
 def test_plain_from_pretrained_misloads_and_our_loader_does_not(workbench, catalog):
     """Negative control: transformers skips the modelopt config and drops the scales; load_export applies them."""
     from transformers import Qwen2_5_VLForConditionalGeneration
@@ -139,6 +145,7 @@ def test_kv_cache_is_checked_in_the_export():
     assert len(_kv_cache_problems(index, manifest, quantization)) == 3, "algo and scales stored for a BF16 KV cache"
 
 
+@pytest.mark.uses_schemes("top50")
 def test_reload_follows_a_device_map(workbench, catalog):
     """A model spread over devices (device_map="auto") reloads its export spread the same way: every module on
     the device its map names, same logits as the reload on one device. With two GPUs the map splits the decoder

@@ -127,6 +127,7 @@ BROKEN = {
 }  # fmt: skip
 
 
+@pytest.mark.uses_schemes("top50")
 @vllm
 @pytest.mark.parametrize("case", BROKEN, ids=list(BROKEN))
 def test_broken_export_caught_by_model_free_verdict(tmp_path, vllm_service, top50_export, case):
@@ -195,6 +196,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.uses_schemes("top50")
 @vllm
 def test_garbage_load_is_not_called_compatible(tmp_path, workbench, catalog, vllm_python, vllm_service, top50_export):
     """Negative control: BF16 layers not excluded load in vLLM (with a warning) but compute garbage; the
@@ -217,6 +219,7 @@ def test_garbage_load_is_not_called_compatible(tmp_path, workbench, catalog, vll
     assert not decision.compatible, decision.text
 
 
+@pytest.mark.uses_schemes("top50")
 @vllm
 def test_image_prompts_judged_against_1d_positions_fail(workbench, catalog, vllm_python, vllm_service, top50_export,
                                                         monkeypatch):  # fmt: skip
@@ -252,6 +255,7 @@ def test_image_prompts_judged_against_1d_positions_fail(workbench, catalog, vllm
     assert not decision.compatible, decision.text
 
 
+@pytest.mark.uses_schemes("top50")
 @vllm
 @pytest.mark.parametrize("reference", ["int4_awq", "fp8_modelopt_default"])
 def test_a_verdict_fed_another_exports_reference(workbench, catalog, vllm_python, vllm_service, top50_export,

@@ -48,6 +48,20 @@ def schemes_named(nodeid: str, names_by_key: Mapping[str, str]) -> list[str]:
     return [names_by_key[param] for param in params if param in names_by_key]
 
 
+def schemes_built(item: pytest.Item, names_by_key: Mapping[str, str]) -> set[str]:
+    """Every catalog scheme a test builds: those its parameters name (`schemes_named`) and those its
+    `uses_schemes` marks name (a test of the machinery that uses top50 as its vehicle, a planted fault on top50's
+    export). With --scheme a test runs only when all of them are selected: on a real model each costs minutes."""
+    named = set(schemes_named(item.nodeid, names_by_key))
+    for mark in item.iter_markers("uses_schemes"):
+        unknown = [name for name in mark.args if name not in names_by_key]
+        if unknown:
+            raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.uses_schemes names {unknown}, not in the catalog "
+                                    "(schemes.yaml names or aliases)")  # fmt: skip
+        named |= {names_by_key[name] for name in mark.args}
+    return named
+
+
 def scheduling_group(nodeid: str, names_by_key: Mapping[str, str]) -> str:
     """The xdist work unit of a test id: the first scheme it names (one scheme per worker and GPU, so
     --drop-exports never deletes an export another worker reads), "vllm" for a vLLM test of no scheme (controls,
@@ -141,8 +155,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if requested:
         wanted = {scheme.name for scheme in catalog.select(requested)}  # unknown: listed, fails
         keep, drop = [], []
-        for item in items:  # a test runs when every scheme it names is selected (planted faults, nested pairs too)
-            (drop if set(schemes_named(item.nodeid, names_by_key)) - wanted else keep).append(item)
+        for item in items:  # a test runs when every scheme it builds is selected (planted faults, nested pairs too)
+            (drop if schemes_built(item, names_by_key) - wanted else keep).append(item)
         if drop:
             config.hook.pytest_deselected(items=drop)
             items[:] = keep

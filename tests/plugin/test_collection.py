@@ -49,9 +49,10 @@ def _collected(*arguments: str) -> list[str]:
 
 
 def test_shards_split_the_run_into_whole_schemes_the_same_in_every_step():
-    """--shard K/N: the shards together run every test once; each scheme's tests (by name or alias: the planted
-    faults on top50), and the scheme-free vLLM tests, stay on one shard; and a scheme is on the same shard in
-    another step (the benchmarks), where its cache is."""
+    """--scheme keeps a test only when every scheme it builds is selected (named in its parameters or its
+    `uses_schemes` marks). --shard K/N: the shards together run every test once; each scheme's tests (by name or
+    alias: the planted faults on top50), and the scheme-free vLLM tests, stay on one shard; and a scheme is on the
+    same shard in another step (the benchmarks), where its cache is."""
     from quantsuite.catalog import load_catalog
     from quantsuite.plugin.collection import scheduling_group, schemes_named
 
@@ -61,6 +62,12 @@ def test_shards_split_the_run_into_whole_schemes_the_same_in_every_step():
     whole = _collected(*schemes)
     named_anywhere = {name for test in whole for name in schemes_named(test, names_by_key)}
     assert named_anywhere == names, "--scheme kept a test of another scheme (a planted fault, a nested pair)"
+    kept = {test.partition("[")[0].rpartition("::")[2] for test in whole}  # a test of the machinery: by its marks
+    assert {"test_garbage_load_is_not_called_compatible", "test_drop_keeps_the_bf16_reference"} <= kept
+    built_elsewhere = {"test_export_for_another_manifest_fails_naming_both",  # top25
+                       "test_a_wrong_kv_scale_fails_the_export_checks",  # top50_kv
+                       "test_the_calibration_choice_is_in_the_manifest_and_the_key"}  # int8_sq_image
+    assert not kept & built_elsewhere, "--scheme kept a test that builds an unselected scheme (uses_schemes)"
     shards = [_collected(*schemes, f"--shard={k}/2") for k in (1, 2)]
     assert sorted(shards[0] + shards[1]) == sorted(whole) and not set(shards[0]) & set(shards[1])
     assert all(shards), "a shard with nothing to run"

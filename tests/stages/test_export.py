@@ -12,6 +12,7 @@ from quantsuite.pipeline import Workbench
 pytestmark = pytest.mark.export
 
 
+@pytest.mark.uses_schemes("default")
 @pytest.mark.parametrize("damage", ["truncate", "unfinished"])
 def test_corrupt_or_half_written_export_is_rebuilt(tmp_path, model_spec, data_config, catalog, damage):
     scheme = catalog.scheme("default")  # a plain scheme: no scoring pass in the fresh cache
@@ -31,6 +32,7 @@ def test_corrupt_or_half_written_export_is_rebuilt(tmp_path, model_spec, data_co
     assert any(e.startswith(("rebuilt exports/", "built exports/")) for e in again.context.cache.events)
 
 
+@pytest.mark.uses_schemes("top50")
 def test_tensor_bytes_come_from_the_export_and_its_pointer_says_the_same(workbench, catalog):
     scheme = catalog.scheme("top50")
     path = workbench.exports.path(scheme)
@@ -40,6 +42,7 @@ def test_tensor_bytes_come_from_the_export_and_its_pointer_says_the_same(workben
     assert json.loads(pointer.read_text())["tensor_bytes"] == size
 
 
+@pytest.mark.uses_schemes("bf16", "default")
 def test_drop_keeps_the_bf16_reference(tmp_path, model_spec, data_config, catalog):
     bench = Workbench(model_spec, data_config, catalog, tmp_path / "cache", tmp_path / "reports")
     reference, plain = catalog.scheme("bf16"), catalog.scheme("default")

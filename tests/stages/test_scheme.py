@@ -11,6 +11,7 @@ from quantsuite.pipeline import Workbench
 pytestmark = pytest.mark.autoquant
 
 
+@pytest.mark.uses_schemes("default", "top50")
 def test_a_released_model_is_rebuilt_from_the_stored_decisions(tmp_path, workbench, model_spec, data_config, catalog):
     """After release (a vLLM engine needed the device) the quantized model comes back from the cached decisions,
     with the same quantizers and weights, and at most `live_models` stay in memory. (The session's cache: its
@@ -29,6 +30,7 @@ def test_a_released_model_is_rebuilt_from_the_stored_decisions(tmp_path, workben
     assert bench.schemes.result(top50) is bench.schemes.result(top50)  # once per process
 
 
+@pytest.mark.uses_schemes("default", "top50")
 def test_small_models_stay_live_across_schemes_and_releases(tmp_path, workbench, model_spec, data_config, catalog):
     """By default models that are small together (the tiny one: a few MB each) are kept: another scheme's model
     or a release for a vLLM engine recalibrates nothing. A model of the 3B shape is alone above the limit."""
@@ -46,6 +48,7 @@ def test_small_models_stay_live_across_schemes_and_releases(tmp_path, workbench,
         assert bench.schemes.model(top50) is not first
 
 
+@pytest.mark.uses_schemes("int8_sq", "int8_sq_image")
 def test_the_calibration_choice_is_in_the_manifest_and_the_key(workbench, catalog):
     """int8_sq_image = int8_sq calibrated on image prompts: its manifest records the choice and the images, its
     decisions' cache key differs, and the text-calibrated scheme's key is what it was before the field existed."""

@@ -14,6 +14,7 @@ from quantsuite.pipeline import Workbench
 pytestmark = pytest.mark.autoquant
 
 
+@pytest.mark.uses_schemes("top25", "top50")
 def test_second_scheme_and_second_run_reuse_scores(tmp_path, monkeypatch, model_spec, data_config, catalog):
     """One scoring pass serves every scheme sharing (model, data, formats, method); a new run reuses the cache."""
     import modelopt.torch.quantization as mtq
@@ -33,6 +34,7 @@ def test_second_scheme_and_second_run_reuse_scores(tmp_path, monkeypatch, model_
     assert any(event.startswith("reused scores/") for event in second.context.cache.events)
 
 
+@pytest.mark.uses_schemes("top50")
 def test_scoring_is_deterministic(tmp_path, model_spec, data_config, catalog):
     """Two independent scoring runs (fresh caches) give the same per-layer decisions. On a quarter of the scoring
     and calibration captions: determinism does not depend on the amount (and it halves the test's 95 s)."""
@@ -51,6 +53,7 @@ class _Trap:
         return (os.system, ("touch /tmp/quantsuite-trap-fired",))
 
 
+@pytest.mark.uses_schemes("top50")
 def test_booby_trapped_search_state_is_refused(workbench, catalog, tmp_path):
     """Before: the state was read back with torch.load(weights_only=False), so a planted pickle ran code."""
     import pickle
