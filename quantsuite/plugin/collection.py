@@ -151,12 +151,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     _skip_cuda_only_searches(config, items)
     catalog = settings(config).catalog
     names_by_key = catalog.names_by_key()
+    built = {item.nodeid: schemes_built(item, names_by_key) for item in items}  # a mark's typo fails every run
     requested = config.getoption("--scheme")
     if requested:
         wanted = {scheme.name for scheme in catalog.select(requested)}  # unknown: listed, fails
         keep, drop = [], []
         for item in items:  # a test runs when every scheme it builds is selected (planted faults, nested pairs too)
-            (drop if schemes_built(item, names_by_key) - wanted else keep).append(item)
+            (drop if built[item.nodeid] - wanted else keep).append(item)
         if drop:
             config.hook.pytest_deselected(items=drop)
             items[:] = keep

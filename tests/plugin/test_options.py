@@ -26,10 +26,12 @@ def test_join_split_paths(tmp_path):
     assert join_split_paths(["tests", "--reports-dir", str(tmp_path)]) == ["tests", f"--reports-dir={tmp_path}"]
 
 
-def _pytest(*arguments: str, xdist: bool = False) -> subprocess.CompletedProcess:
+def _pytest(*arguments: str, xdist: bool = False, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """A real pytest process (from the project root unless `cwd`), without the calling run's PYTEST_ and
+    QUANTSUITE_ settings."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "QUANTSUITE_"))}
     plugins = [] if xdist else ["-p", "no:xdist"]
-    return subprocess.run([sys.executable, "-m", "pytest", *plugins, *arguments], cwd=ROOT, text=True,
+    return subprocess.run([sys.executable, "-m", "pytest", *plugins, *arguments], cwd=cwd, text=True,
                           capture_output=True, timeout=300, env=environment)  # fmt: skip
 
 
