@@ -272,8 +272,9 @@ def build_report(reports_dir: Path, model: str, run_id: str | None = None, resul
                     f"{_fmt(fake.get('perplexity_delta'), '+.3g')} | {_vllm_cell(vllm.get(name))} | "
                     + " ".join(f"{k}:{v:.2f}x" for k, v in sorted(ratios.items())) + " |")  # fmt: skip
 
-    engine = engine_against_kl(vllm, drift, manifests)
-    frontier = speed_frontier(vllm, drift)
+    intervals = kl_intervals(drift)
+    engine = engine_against_kl(vllm, drift, manifests, intervals)
+    frontier = speed_frontier(vllm, drift, intervals)
     summary["vllm_against_kl"] = {k: engine[k] for k in ("schemes", "spearman", "interval", "misordered", "repeats",
                                                          "ratios", "ratio_intervals")}  # fmt: skip
     summary["speed_frontier"] = frontier
@@ -286,7 +287,7 @@ def build_report(reports_dir: Path, model: str, run_id: str | None = None, resul
         "clipping.png": _plot_clipping(drift, out / "clipping.png"),
         "score_size.png": _plot_score_size(research.get("score_size", {}), out / "score_size.png"),
         "proxy.png": _plot_proxy(research.get("proxy", {}), out / "proxy.png"),
-        "frontier.png": _plot_frontier(manifests, drift, out / "frontier.png"),
+        "frontier.png": _plot_frontier(manifests, drift, intervals, out / "frontier.png"),
         "speed_frontier.png": _plot_speed_frontier(frontier, out / "speed_frontier.png"),
         "vllm_vs_kl.png": _plot_engine_against_kl(engine, out / "vllm_vs_kl.png"),
     }
@@ -434,11 +435,20 @@ def _research_sections(research: dict, plots: dict, vllm: dict, drift: dict, man
     return lines
 
 
-def engine_against_kl(vllm: dict[str, dict], drift: dict[str, dict], manifests: dict[str, dict]) -> dict:
+def kl_intervals(drift: dict[str, dict]) -> dict[str, list[float]]:
+    """Each scheme's fake-quant mean KL interval over resampled evaluation captions (analysis.kl_interval),
+    computed once per report for every section and plot that shows it."""
+    return {name: analysis.kl_interval(measured["fake_quant"]) for name, measured in drift.items()
+            if measured.get("fake_quant", {}).get("kl_mean", 0) > 0 and "kl_by_caption" in measured["fake_quant"]}
+
+
+def engine_against_kl(vllm: dict[str, dict], drift: dict[str, dict], manifests: dict[str, dict],
+                      intervals: dict[str, list[float]]) -> dict:  # fmt: skip
     """Does vLLM's teacher-forced error (against the BF16 floor) order the quantized schemes as PyTorch KL does?
     The reference is left out (its ratio is 1 by definition) and a scheme whose drift repeats another's bit for
-    bit (the same pick) counts once. Returns rank_against_kl's result plus `repeats`, `ratios`, `kl` and
-    `ratio_intervals` (each scheme's error ratio over resampled captions, where the sums were kept)."""
+    bit (the same pick) counts once. `intervals`: kl_intervals(drift). Returns rank_against_kl's result plus
+    `repeats`, `ratios`, `kl`, `kl_intervals` and `ratio_intervals` (each scheme's error ratio over resampled
+    captions, where the sums were kept)."""
     kl = {name: measured["fake_quant"] for name, measured in drift.items()
           if measured.get("fake_quant", {}).get("kl_mean", 0) > 0 and "kl_by_caption" in measured["fake_quant"]
           and manifests.get(name, {}).get("scheme", {}).get("mode") != "none"}  # fmt: skip
@@ -451,9 +461,11 @@ def engine_against_kl(vllm: dict[str, dict], drift: dict[str, dict], manifests: 
         if {len(ours) for ours, _ in by_caption.values()} - captions:
             by_caption = None  # vLLM scored other captions than the KL: only the KL side is resampled
     result = analysis.rank_against_kl(ratios, kl, by_caption)
-    intervals = {name: analysis.ratio_interval(*by_caption[name]) for name in result["schemes"]} if by_caption else {}
+    ratio_intervals = ({name: analysis.ratio_interval(*by_caption[name]) for name in result["schemes"]}
+                       if by_caption else {})  # fmt: skip
     return result | {"repeats": repeats, "ratios": ratios, "kl": {n: kl[n] for n in result["schemes"]},
-                     "ratio_intervals": intervals, "paired": by_caption is not None}  # fmt: skip
+                     "kl_intervals": {n: intervals[n] for n in result["schemes"]}, "ratio_intervals": ratio_intervals,
+                     "paired": by_caption is not None}  # fmt: skip
 
 
 def _engine_section(engine: dict, plotted: int) -> list[str]:
@@ -464,7 +476,7 @@ def _engine_section(engine: dict, plotted: int) -> list[str]:
                            for m in engine["misordered"]) or "none"  # fmt: skip
     repeats = "; ".join(f"{name} = {first}" for name, first in sorted(engine["repeats"].items()))
     resampled = "the evaluation captions of both, paired" if engine["paired"] else "the evaluation captions of the KL"
-    rows = [f"| {name} | {_kl_cell(engine['kl'][name] | {'kl_interval': analysis.kl_interval(engine['kl'][name])})}"
+    rows = [f"| {name} | {_kl_cell(engine['kl'][name] | {'kl_interval': engine['kl_intervals'][name]})}"
             f" | {engine['ratios'][name]:.2f}"
             + (f" [{engine['ratio_intervals'][name][0]:.2f}, {engine['ratio_intervals'][name][1]:.2f}]"
                if name in engine["ratio_intervals"] else "") + " |"
@@ -486,7 +498,7 @@ def _plot_engine_against_kl(engine: dict, path: Path) -> int:
     figure, axis = plt.subplots(figsize=(9, 4.5))
     x = [engine["kl"][n]["kl_mean"] for n in names]
     y = [engine["ratios"][n] for n in names]
-    axis.errorbar(x, y, xerr=_error_bars(x, [analysis.kl_interval(engine["kl"][n]) for n in names]),
+    axis.errorbar(x, y, xerr=_error_bars(x, [engine["kl_intervals"][n] for n in names]),
                   yerr=_error_bars(y, [engine["ratio_intervals"].get(n) for n in names]), fmt="o", ms=4)  # fmt: skip
     axis.set(xscale="log", yscale="log", xlabel="PyTorch KL(BF16 || fake quant), mean per token",
              ylabel="vLLM teacher-forced error / BF16 floor",
@@ -498,10 +510,10 @@ def _plot_engine_against_kl(engine: dict, path: Path) -> int:
     return len(names)
 
 
-def speed_frontier(vllm: dict[str, dict], drift: dict[str, dict]) -> dict[str, dict]:
+def speed_frontier(vllm: dict[str, dict], drift: dict[str, dict], intervals: dict[str, list[float]]) -> dict[str, dict]:
     """Scheme -> its vLLM batch-1 speed ratio (with per-round range and noise, as the speed table reads it), its KL
-    and interval, whether it is on the Pareto front of the medians (faster and less drift), and the schemes that
-    dominate it beyond noise (analysis.dominated_beyond_noise)."""
+    and interval (`intervals`: kl_intervals(drift)), whether it is on the Pareto front of the medians (faster and
+    less drift), and the schemes that dominate it beyond noise (analysis.dominated_beyond_noise)."""
     points, rows = {}, {}
     for name, checks in vllm.items():
         speed = checks.get("speed") or {}
@@ -513,7 +525,7 @@ def speed_frontier(vllm: dict[str, dict], drift: dict[str, dict]) -> dict[str, d
                               between_run_spread(speed["device"], "batch1"))[0]  # fmt: skip
         points[name] = (paired["ratio"], noise, fake)
         rows[name] = {"ratio": paired["ratio"], "range": [min(paired["ratios"]), max(paired["ratios"])],
-                      "noise": noise, "kl_mean": fake["kl_mean"], "kl_interval": analysis.kl_interval(fake),
+                      "noise": noise, "kl_mean": fake["kl_mean"], "kl_interval": intervals[name],
                       "device": speed["device"]}  # fmt: skip
     front = set(pareto_front({name: (-ratio, kl["kl_mean"]) for name, (ratio, _, kl) in points.items()}))
     for name, beaten_by in analysis.dominated_beyond_noise(points).items():
@@ -588,20 +600,19 @@ def _plot_proxy(proxy: dict, path: Path) -> int:
     return len(names)
 
 
-def _plot_frontier(manifests: dict, drift: dict, path: Path) -> int:
-    points, intervals = {}, {}
+def _plot_frontier(manifests: dict, drift: dict, intervals: dict[str, list[float]], path: Path) -> int:
+    points = {}
     for name, measured in drift.items():
         fake = measured.get("fake_quant", {})
         if name in manifests and fake.get("kl_mean", 0) > 0:
             totals = manifests[name]["totals"]
             points[name] = (totals.get("lm_storage_bits", totals["lm_effective_bits"]), fake["kl_mean"])
-            intervals[name] = analysis.kl_interval(fake) if "kl_by_caption" in fake else None
     if len(points) < 2:
         return 0
     figure, axis = plt.subplots(figsize=(9, 4.5))
     names = sorted(points)
     y = [points[n][1] for n in names]
-    axis.errorbar([points[n][0] for n in names], y, yerr=_error_bars(y, [intervals[n] for n in names]), fmt="o",
+    axis.errorbar([points[n][0] for n in names], y, yerr=_error_bars(y, [intervals.get(n) for n in names]), fmt="o",
                   ms=4)  # fmt: skip
     front = pareto_front(points)
     axis.plot([points[n][0] for n in front], [points[n][1] for n in front], "-", alpha=0.5, label="Pareto front")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from quantsuite.report import PLOTS, build_report
+from tests.test_analysis import measurement, vllm_results
 
 
 @pytest.fixture(scope="module")
@@ -346,23 +347,20 @@ def test_merge_joins_what_several_shards_wrote(tmp_path):
 
 
 def engine_results(errors: dict[str, float], floor: float = 0.026, captions: int = 64) -> dict[str, dict]:
-    """vLLM results (one cuda check each) whose teacher-forced error is `errors[name]` x the floor on every caption."""
-    return {name: {"cuda": {"teacher_forced": {"sequence_error_sums": [ratio * floor] * captions},
-                            "decision": {"error_ratio": ratio, "floor": {"sequence_error_sums": [floor] * captions}}}}
-            for name, ratio in errors.items()}  # fmt: skip
+    """vLLM results whose teacher-forced error is `errors[name]` x the floor on every caption."""
+    return vllm_results({name: [ratio * floor] * captions for name, ratio in errors.items()}, [floor] * captions)
 
 
 def drift_of(kl: dict[str, float], noise: list[float]) -> dict[str, dict]:
-    return {name: {"fake_quant": {"kl_mean": value, "kl_by_caption": {"sums": [value * (1 + n) * 10 for n in noise],
-                                                                     "tokens": [10] * len(noise)}}}
-            for name, value in kl.items()}  # fmt: skip
+    """Drift results whose per-caption KL is `kl[name]` x (1 + the caption's noise)."""
+    return {name: {"fake_quant": measurement([value * (1 + n) for n in noise])} for name, value in kl.items()}
 
 
 def test_vllm_against_kl_counts_each_pick_once_and_names_what_it_misorders():
     """Measured on the H200 (gpu-27): vLLM's error ordered six FP8 schemes as their KL does. The reference (ratio 1
     by definition) and a second name of the same pick are left out; planted: one scheme's vLLM error swapped with
     another's is named, and the Spearman falls."""
-    from quantsuite.report import engine_against_kl
+    from quantsuite.report import engine_against_kl, kl_intervals
 
     noise = list(0.3 * np.random.default_rng(2).standard_normal(64))
     kl = {"bf16": 0.0, "top25": 0.00055, "eb13": 0.00104, "top50": 0.0015, "full": 0.0072, "default": 0.054}
@@ -370,12 +368,13 @@ def test_vllm_against_kl_counts_each_pick_once_and_names_what_it_misorders():
     drift = drift_of(kl, noise)
     drift["top50_kl_div"] = drift["top50"]
     manifests = {name: {"scheme": {"mode": "none" if name == "bf16" else "autoquant"}} for name in drift}
-    honest = engine_against_kl(engine_results(errors | {"top50_kl_div": 1.78}), drift, manifests)
+    honest = engine_against_kl(engine_results(errors | {"top50_kl_div": 1.78}), drift, manifests, kl_intervals(drift))
     assert honest["schemes"] == sorted(set(kl) - {"bf16"}) and honest["repeats"] == {"top50_kl_div": "top50"}
     assert honest["spearman"] == pytest.approx(1.0) and not honest["misordered"] and honest["paired"]
     low, high = honest["ratio_intervals"]["full"]
     assert low == pytest.approx(3.40) and high == pytest.approx(3.40)  # every caption at 3.4x its floor
-    planted = engine_against_kl(engine_results(errors | {"top25": 7.29, "default": 1.38}), drift, manifests)
+    planted = engine_against_kl(engine_results(errors | {"top25": 7.29, "default": 1.38}), drift, manifests,
+                                kl_intervals(drift))  # fmt: skip
     assert planted["spearman"] < 0.5
     assert {(m["lower_score"], m["higher_score"]) for m in planted["misordered"]} == {
         ("default", name) for name in ("top25", "eb13", "top50", "full")} | {
@@ -386,7 +385,7 @@ def test_speed_frontier_reads_its_gaps_against_their_noise():
     """Measured on the H200 (gpu-27): at batch 1 no FP8 scheme beat another on both speed and KL beyond noise
     (3.3% between identical runs). Planted: a scheme 10% faster than default with half its KL dominates it;
     default leaves the front."""
-    from quantsuite.report import speed_frontier
+    from quantsuite.report import kl_intervals, speed_frontier
 
     noise = list(0.3 * np.random.default_rng(3).standard_normal(64))
     rates = [300.0, 301.0, 299.0, 300.5]
@@ -397,9 +396,10 @@ def test_speed_frontier_reads_its_gaps_against_their_noise():
 
     vllm = {"full": speed(1.105), "mlp_only": speed(1.125), "default": speed(1.113), "top25": speed(1.016)}
     drift = drift_of({"full": 0.0072, "mlp_only": 0.0266, "default": 0.0544, "top25": 0.00055}, noise)
-    rows = speed_frontier(vllm, drift)
+    rows = speed_frontier(vllm, drift, kl_intervals(drift))
     assert {name for name, row in rows.items() if row["on_front"]} == {"full", "mlp_only", "top25"}
     assert all(not row["dominated_by"] for row in rows.values())
-    rows = speed_frontier(vllm | {"planted": speed(1.22)}, drift | drift_of({"planted": 0.027}, noise))
+    planted = drift | drift_of({"planted": 0.027}, noise)
+    rows = speed_frontier(vllm | {"planted": speed(1.22)}, planted, kl_intervals(planted))
     assert rows["default"]["dominated_by"] == ["planted"] and not rows["default"]["on_front"]
     assert rows["top25"]["dominated_by"] == [] and rows["top25"]["on_front"]
