@@ -257,22 +257,34 @@ def verdict_limits(catalog: Catalog, scheme: SchemeSpec, model_tag: str, device_
                    data_config: DataConfig, record: BoundsRecord | None) -> tuple[dict[str, Limit], str]:  # fmt: skip
     """The limits of `scheme`'s drift (and vLLM) figures, and where they came from, first that applies:
     1. the generated record of `model_tag` on this device class (reports/bounds/), for a scheme it measured;
-    2. for a scheme it did not measure, the loosest record of the schemes of its format families (and KV cache),
-       drift figures only;
-    3. the scheme's hand-set expect.drift.<model> in schemes.yaml (3B/7B shapes, runs on a GPU), with the bundled
-       captions (a captions file of the user's goes to 5: every bound of 1-4 was measured on the bundled ones);
-    4. for a scheme without one, the loosest expect.drift.<model> of the catalog schemes of its families (and KV);
+    2. the scheme's hand-set expect.drift.<model> in schemes.yaml (3B/7B shapes, runs on a GPU): its own figures
+       come before its peers' (MXFP8, a peer of the FP8 schemes by family, drifts 1% past the loosest FP8 record on
+       the 3B shape and within its own measured bound: reports/bounds/hand-set.md);
+    3. for a scheme without either, the loosest record of the schemes of its format families (and KV cache), drift
+       figures only;
+    4. else the loosest expect.drift.<model> of the catalog schemes of its families (and KV);
     5. drift_default of schemes.yaml: the loosest of the scheme's format families (fp8, int8, awq, nvfp4).
-    Only a record holds vLLM limits: without one, `VllmChecks.bound` falls back to one bound for every scheme."""
-    families = catalog.families(scheme)
-    if record is not None and record_applies(record, device_class, data_config):
+    1-4 hold on the bundled captions only (a captions file of the user's goes to 5: every bound of 1-4 was measured on
+    the bundled ones). Only a record holds vLLM limits: without one, `VllmChecks.bound` falls back to one bound for
+    every scheme."""
+    applies = record is not None and record_applies(record, device_class, data_config)
+    where = ""
+    if applies:
         seed = data_config.seed
         where = f"reports/bounds/{record_path(model_tag, record.device).name} at data seed {seed}" + (
             "" if seed in record.seeds else " (not measured: the any-seed bounds)")
         if scheme.name in record.schemes:
             return {figure: b.limit(seed) for figure, b in record.schemes[scheme.name].items()}, where
-        measured = {name: {f: b.limit(seed) for f, b in figures.items()} for name, figures in record.schemes.items()
-                    if name in catalog.names()}  # fmt: skip
+    chosen = sorted(catalog.families(scheme)) or sorted(catalog.drift_default)
+    if data_config.path is not None:  # every record and hand-set bound was measured on the bundled captions
+        limits = loosest([hand_set_limits(catalog.drift_default[family]) for family in chosen])
+        return limits, (f"drift_default ({', '.join(chosen)}): the recorded and hand-set bounds were measured on the "
+                        f"bundled captions, not on {data_config.source.name}")  # fmt: skip
+    if model_tag in scheme.expect.drift:
+        return hand_set_limits(scheme.expect.drift[model_tag]), f"expect.drift.{model_tag} of {scheme.name}"
+    if applies:
+        measured = {name: {f: b.limit(data_config.seed) for f, b in figures.items()}
+                    for name, figures in record.schemes.items() if name in catalog.names()}  # fmt: skip
         borrowed = borrow(catalog, scheme, measured)
         if borrowed:
             # vLLM's ratio grows with what a scheme quantizes (H200: top50 1.78x, default 7.29x), so a peer's does not
@@ -280,13 +292,6 @@ def verdict_limits(catalog: Catalog, scheme: SchemeSpec, model_tag: str, device_
             drift_only = {figure: limit for figure, limit in borrowed[0].items() if figure not in VLLM_FIGURES}
             return drift_only, (f"{borrowed[1]} in {where}: {scheme.name} has no record of its own (record it: "
                                 f"{record.command})")  # fmt: skip
-    chosen = sorted(families) or sorted(catalog.drift_default)
-    if data_config.path is not None:  # every record and hand-set bound was measured on the bundled captions
-        limits = loosest([hand_set_limits(catalog.drift_default[family]) for family in chosen])
-        return limits, (f"drift_default ({', '.join(chosen)}): the recorded and hand-set bounds were measured on the "
-                        f"bundled captions, not on {data_config.source.name}")  # fmt: skip
-    if model_tag in scheme.expect.drift:
-        return hand_set_limits(scheme.expect.drift[model_tag]), f"expect.drift.{model_tag} of {scheme.name}"
     hand_set = {s.name: hand_set_limits(s.expect.drift[model_tag]) for s in catalog.schemes
                 if model_tag in s.expect.drift}  # fmt: skip
     borrowed = borrow(catalog, scheme, hand_set)

@@ -125,6 +125,32 @@ def test_limits_come_from_the_record_then_the_catalog_then_the_family_default(ca
     assert limits["export_fidelity.differing_code_share"].bound == catalog.drift_default["fp8"].export_code_mismatch_max
 
 
+# measured on the 3B shape, H200 (reports/bounds/hand-set.md): mxfp8 in gpu-14 and gpu-27; top25 in gpu-12, 26, 27
+MXFP8_3B_KL, TOP25_3B_KL = 0.0567, 0.000551
+
+
+def test_a_schemes_own_hand_set_bounds_come_before_its_peers_record(catalog):
+    """On the 3B shape the H200 record measured five schemes. MXFP8 is an FP8 peer by family, but its block scales
+    are not per-tensor FP8's: the loosest FP8 record (0.0561) failed its measured KL (0.0567, twice) while its own
+    bound holds it; and top25's own bound catches a KL 2.5x its measured one, which the borrowed 0.056 let through."""
+    record = load_record("qwen2.5-vl-3b-shape", "cuda sm_90")
+    assert record is not None and "mxfp8" not in record.schemes and "fp8_autoquant_top25" not in record.schemes
+
+    def kl_limit(name: str):
+        limits, source = verdict_limits(catalog, catalog.scheme(name), "qwen2.5-vl-3b-shape", "cuda sm_90",
+                                        DataConfig(), record)  # fmt: skip
+        assert source == f"expect.drift.qwen2.5-vl-3b-shape of {name}", source
+        return limits["fake_quant.kl_mean"]
+
+    assert kl_limit("mxfp8").holds(MXFP8_3B_KL)
+    assert kl_limit("fp8_autoquant_top25").holds(TOP25_3B_KL) and not kl_limit("fp8_autoquant_top25").holds(
+        2.5 * TOP25_3B_KL)
+    user = catalog.scheme("top25").model_copy(update={"name": "my_top30", "alias": None, "expect": Expectations(),
+                                                     "coverage": 0.3})  # fmt: skip
+    _, source = verdict_limits(catalog, user, "qwen2.5-vl-3b-shape", "cuda sm_90", DataConfig(), record)
+    assert source.startswith("loosest of fp8_autoquant_top50, fp8_modelopt_default in reports/bounds/"), source
+
+
 def test_a_captions_file_of_the_users_takes_the_family_defaults(catalog, tmp_path):
     """Every record and hand-set bound was measured on the bundled captions; on a user's captions (other words, other
     lengths: the tiny model's drift on real-photo captions was 2-3x its bundled-caption figure) only drift_default's
@@ -139,7 +165,7 @@ def test_a_captions_file_of_the_users_takes_the_family_defaults(catalog, tmp_pat
 def test_a_scheme_the_record_lacks_takes_the_loosest_bound_of_its_format_families(catalog):
     record = load_record("tiny")
     awq = catalog.scheme("int4_awq")
-    new = awq.model_copy(update={"name": "my_int4_awq", "alias": None})
+    new = awq.model_copy(update={"name": "my_int4_awq", "alias": None, "expect": Expectations()})
     limits, source = verdict_limits(catalog, new, "tiny", "cpu", DataConfig(), record)
     assert "int4_awq" in source and "w4a8_awq" in source and "fp8_autoquant_top50" not in source, source
     peers = [record.schemes[name]["export_fidelity.differing_code_share"].seed_bounds[0]
