@@ -275,8 +275,8 @@ def build_report(reports_dir: Path, model: str, run_id: str | None = None, resul
     intervals = kl_intervals(drift)
     engine = engine_against_kl(vllm, drift, manifests, intervals)
     frontier = speed_frontier(vllm, drift, intervals)
-    summary["vllm_against_kl"] = {k: engine[k] for k in ("schemes", "spearman", "interval", "misordered", "repeats",
-                                                         "ratios", "ratio_intervals")}  # fmt: skip
+    summary["vllm_against_kl"] = {k: engine[k] for k in ("schemes", "spearman", "interval", "misordered", "unresolved",
+                                                         "repeats", "ratios", "ratio_intervals")}  # fmt: skip
     summary["speed_frontier"] = frontier
     plots = {
         "sensitivity.png": _plot_sensitivity(research, out / "sensitivity.png"),
@@ -471,9 +471,15 @@ def engine_against_kl(vllm: dict[str, dict], drift: dict[str, dict], manifests: 
 def _engine_section(engine: dict, plotted: int) -> list[str]:
     if engine["spearman"] is None:
         return []
-    misordered = "; ".join(f"{m['lower_score']} has the lower vLLM error but the higher KL than {m['higher_score']} "
-                           f"({m['difference']:+.2g} [{m['interval'][0]:+.2g}, {m['interval'][1]:+.2g}])"
-                           for m in engine["misordered"]) or "none"  # fmt: skip
+    def pairs(found: list[dict]) -> str:
+        return "; ".join(f"{m['lower_score']} has the lower vLLM error but the higher KL than {m['higher_score']} (KL "
+                         f"{m['difference']:+.2g} [{m['interval'][0]:+.2g}, {m['interval'][1]:+.2g}]"
+                         + (f", vLLM error / floor {-m['score_interval'][1]:+.2g} .. {-m['score_interval'][0]:+.2g}"
+                            if "score_interval" in m else "") + ")" for m in found)  # fmt: skip
+
+    misordered = pairs(engine["misordered"]) or "none"
+    tied = (f" Ordered otherwise within vLLM's noise (its paired difference's interval holds 0): "
+            f"{pairs(engine['unresolved'])}." if engine["unresolved"] else "")
     repeats = "; ".join(f"{name} = {first}" for name, first in sorted(engine["repeats"].items()))
     resampled = "the evaluation captions of both, paired" if engine["paired"] else "the evaluation captions of the KL"
     rows = [f"| {name} | {_kl_cell(engine['kl'][name] | {'kl_interval': engine['kl_intervals'][name]})}"
@@ -485,7 +491,8 @@ def _engine_section(engine: dict, plotted: int) -> list[str]:
             f"vLLM's teacher-forced error against the BF16 floor (the check on the real engine) against PyTorch "
             f"fake-quant KL over {len(engine['schemes'])} quantized schemes: Spearman **{engine['spearman']:.3f}** "
             f"[{engine['interval'][0]:.3f}, {engine['interval'][1]:.3f}] (interval over {resampled}). Misordered "
-            f"beyond the KL's interval: {misordered}. The BF16 reference is left out (its ratio is 1 by definition)"
+            f"beyond the intervals of both: {misordered}.{tied} The BF16 reference is left out (its ratio is 1 by "
+            "definition)"
             + (f"; counted once, their drift bit-identical (one pick): {repeats}" if repeats else "") + ".", "",
             "| scheme | KL [95%] | vLLM error / floor [95%] |", "|---|---|---|", *rows, "",
             *(["![vllm_vs_kl.png](vllm_vs_kl.png)", ""] if plotted else [])]  # fmt: skip

@@ -87,6 +87,31 @@ def test_rank_against_kl_resamples_vllm_errors_with_the_kl_captions():
     assert vllm_errors(results)[1] is None
 
 
+def test_a_measured_score_misorders_only_beyond_its_own_noise():
+    """H200, gpu-27: eb13's vLLM error / floor 1.54 and eb13_exact's 1.58, paired difference [-0.14, +0.06], against KL
+    resolved the other way (eb13 +10%). That is a tie in vLLM, not a misorder. Planted: the same ratios without
+    per-caption noise are resolved, and the pair is misordered."""
+    noise = np.random.default_rng(4)
+    measurements = {name: measurement([scale * value for value in NOISY])
+                    for name, scale in (("eb13x", 1.0), ("eb13", 1.1), ("full", 7.0))}  # fmt: skip
+    floor = [0.05] * 64
+    ratios = {"eb13x": 1.58, "eb13": 1.54, "full": 3.4}
+
+    def errors(spread: float) -> dict[str, list[float]]:
+        result = {}
+        for name, ratio in ratios.items():
+            factors = noise.lognormal(0, spread, 64)
+            result[name] = list(np.multiply(floor, ratio * factors / factors.mean()))
+        return result
+
+    for spread, misordered in ((0.5, False), (0.0, True)):
+        scores, by_caption = vllm_errors(vllm_results(errors(spread), floor))
+        result = analysis.rank_against_kl(scores, measurements, by_caption)
+        pairs = [(m["lower_score"], m["higher_score"]) for m in result["misordered" if misordered else "unresolved"]]
+        assert pairs == [("eb13", "eb13x")], (spread, result)
+        assert not result["unresolved" if misordered else "misordered"]
+
+
 def test_jaccard_and_rank_agreement():
     assert analysis.jaccard(["a", "b"], ["b", "c"]) == pytest.approx(1 / 3)
     assert analysis.jaccard([], []) == 1.0
