@@ -178,13 +178,15 @@ def ratio_interval(ours: list[float], floor: list[float]) -> list[float]:
 
 
 def dominated_beyond_noise(points: dict[str, tuple[float, float, dict]]) -> dict[str, list[str]]:
-    """Speed against drift: name -> the schemes that beat it on both beyond their noise. `points`: name -> (speed
-    ratio, the ratio's noise, drift measurement). Another scheme dominates one when its ratio is higher by more
-    than the larger of the two noises and its KL lower with the paired interval excluding 0 (kl_difference)."""
+    """A figure against drift: name -> the schemes that beat it on both beyond their noise. `points`: name ->
+    (figure, its noise, drift measurement); the figure is higher-is-better (a speed ratio; minus storage bits, whose
+    noise is 0). Another scheme dominates one when its figure is higher by more than the larger of the two noises
+    (with no noise: at least as high) and its KL lower with the paired interval excluding 0 (kl_difference)."""
     beaten: dict[str, list[str]] = {name: [] for name in points}
     for name, (ratio, noise, measured) in points.items():
         for other, (other_ratio, other_noise, other_measured) in points.items():
-            if other == name or other_ratio - ratio <= max(noise, other_noise):
+            margin = max(noise, other_noise)
+            if other == name or other_ratio - ratio < margin or (margin and other_ratio - ratio == margin):
                 continue
             difference = kl_difference(other_measured, measured)
             if difference["differs"] and difference["difference"] < 0:

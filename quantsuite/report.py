@@ -5,6 +5,7 @@ Reads only JSON (manifests, drift, vLLM results, research, benchmarks); it never
 
     python -m quantsuite.report --model tiny --results-of <run-id>
     python -m quantsuite.report --model tiny --results-of <run-id> --merge shard-1/reports shard-2/reports
+    python -m quantsuite.report --model tiny --results-of <run-a> <run-b>     # schemes of two runs, one report
 """
 
 from __future__ import annotations
@@ -68,12 +69,17 @@ def merge_reports(shards: list[Path], into: Path) -> list[str]:
     return sorted(map(str, files))
 
 
-def _load_dir(path: Path, results_of: str | None = None) -> dict[str, dict]:
-    """name -> JSON of the files in `path`; with `results_of`, only those stamped with that run id."""
+def _of_runs(document: dict, results_of: list[str] | None) -> bool:
+    """Whether `document` is stamped with one of the run ids `results_of` (None: any)."""
+    return results_of is None or document.get("run_id") in results_of
+
+
+def _load_dir(path: Path, results_of: list[str] | None = None) -> dict[str, dict]:
+    """name -> JSON of the files in `path`; with `results_of`, only those stamped with one of those run ids."""
     if not path.is_dir():
         return {}
     documents = {file.stem: json.loads(file.read_text()) for file in sorted(path.glob("*.json"))}
-    return {name: doc for name, doc in documents.items() if results_of is None or doc.get("run_id") == results_of}
+    return {name: doc for name, doc in documents.items() if _of_runs(doc, results_of)}
 
 
 @dataclass(frozen=True)
@@ -90,8 +96,8 @@ class BenchmarkResults:
     context: dict = field(default_factory=dict)
 
 
-def read_benchmarks(reports_dir: Path, model: str, results_of: str | None = None) -> BenchmarkResults:
-    """The benchmarks stage's results (reports/benchmarks/<model>/, one part per kind) of run `results_of`."""
+def read_benchmarks(reports_dir: Path, model: str, results_of: list[str] | None = None) -> BenchmarkResults:
+    """The benchmarks stage's results (reports/benchmarks/<model>/, one part per kind) of the runs `results_of`."""
     results = BenchmarkResults()
     for scheme, parts in _load_dir(Path(reports_dir) / "benchmarks" / model, results_of).items():
         for kind, info in parts.items():
@@ -227,14 +233,19 @@ def _vllm_sections(vllm: dict[str, dict], garbage: dict | None) -> list[str]:
     return lines
 
 
-def build_report(reports_dir: Path, model: str, run_id: str | None = None, results_of: str | None = None) -> Path:
-    """Write reports/<run-id>/{report.md, summary.json, *.png} from the JSON stamped with `results_of` (a run id;
-    None joins everything under reports/); returns the report directory."""
+def build_report(reports_dir: Path, model: str, run_id: str | None = None,
+                 results_of: str | list[str] | None = None) -> Path:  # fmt: skip
+    """Write reports/<run-id>/{report.md, summary.json, *.png} from the JSON stamped with `results_of` (a run id, or
+    several: runs of one code whose schemes join, as gpu-26's INT8 SmoothQuant and gpu-27's other formats on the 3B
+    shape, their shared schemes' drift bit-identical; None joins everything under reports/); returns the report
+    directory."""
     reports_dir = Path(reports_dir)
     run_id = run_id or time.strftime("%Y%m%d-%H%M%S") + f"-{model}"
+    results_of = [results_of] if isinstance(results_of, str) else results_of
     manifests = _load_dir(reports_dir / "manifests" / model, results_of)
     if not manifests:
-        raise FileNotFoundError(f"no scheme manifests{f' of run {results_of}' if results_of else ''} in "
+        runs = f" of {' '.join(results_of)}" if results_of else ""
+        raise FileNotFoundError(f"no scheme manifests{runs} in "
                                 f"{reports_dir / 'manifests' / model}: a report needs a "
                                 f"run first, e.g. pytest -m autoquant --model {model} --reports-dir "
                                 f"{reports_dir}")  # fmt: skip
@@ -244,7 +255,7 @@ def build_report(reports_dir: Path, model: str, run_id: str | None = None, resul
     vllm = _load_dir(reports_dir / "vllm" / model, results_of)
     research_path = reports_dir / "research" / model / "research.json"
     research = json.loads(research_path.read_text()) if research_path.is_file() else {}
-    if results_of is not None and research.get("run_id") != results_of:
+    if results_of is not None and not _of_runs(research, results_of):
         research = {}
     benchmarks = read_benchmarks(reports_dir, model, results_of)
     speed = benchmarks.tokens_per_s
@@ -275,9 +286,11 @@ def build_report(reports_dir: Path, model: str, run_id: str | None = None, resul
     intervals = kl_intervals(drift)
     engine = engine_against_kl(vllm, drift, manifests, intervals)
     frontier = speed_frontier(vllm, drift, intervals)
+    storage = storage_frontier(manifests, drift, intervals)
     summary["vllm_against_kl"] = {k: engine[k] for k in ("schemes", "spearman", "interval", "misordered", "unresolved",
                                                          "repeats", "ratios", "ratio_intervals")}  # fmt: skip
     summary["speed_frontier"] = frontier
+    summary["storage_frontier"] = storage
     plots = {
         "sensitivity.png": _plot_sensitivity(research, out / "sensitivity.png"),
         "coverage_heatmap.png": _plot_heatmap(manifests, out / "coverage_heatmap.png"),
@@ -287,7 +300,7 @@ def build_report(reports_dir: Path, model: str, run_id: str | None = None, resul
         "clipping.png": _plot_clipping(drift, out / "clipping.png"),
         "score_size.png": _plot_score_size(research.get("score_size", {}), out / "score_size.png"),
         "proxy.png": _plot_proxy(research.get("proxy", {}), out / "proxy.png"),
-        "frontier.png": _plot_frontier(manifests, drift, intervals, out / "frontier.png"),
+        "frontier.png": _plot_frontier(storage, out / "frontier.png"),
         "speed_frontier.png": _plot_speed_frontier(frontier, out / "speed_frontier.png"),
         "vllm_vs_kl.png": _plot_engine_against_kl(engine, out / "vllm_vs_kl.png"),
     }
@@ -333,8 +346,7 @@ def build_report(reports_dir: Path, model: str, run_id: str | None = None, resul
         *(["| target bits | AutoQuant objective | exact objective | gap | gap over scoring draws (%) |",
            "|---|---|---|---|---|", *gap_rows] if gap_rows else []),
         *_research_sections(research, plots, vllm, drift, manifests),
-        *section("Frontier: storage bits against KL, every format", "frontier.png", "Bars: 95% intervals over the "
-                 "evaluation captions; the line joins the Pareto-optimal schemes."),
+        *_storage_frontier_section(storage, plots["frontier.png"]),
         *_engine_section(engine, plots["vllm_vs_kl.png"]),
         *_speed_frontier_section(frontier, plots["speed_frontier.png"]),
         *(["", "## Solvers per scheme: ModelOpt's LP pick and the exact pick of the same scores", "",
@@ -540,6 +552,41 @@ def speed_frontier(vllm: dict[str, dict], drift: dict[str, dict], intervals: dic
     return rows
 
 
+def storage_frontier(manifests: dict[str, dict], drift: dict[str, dict],
+                     intervals: dict[str, list[float]]) -> dict[str, dict]:  # fmt: skip
+    """Scheme -> its language model's storage bits per weight (scales included), KL and interval (`intervals`:
+    kl_intervals(drift)), whether it is on the Pareto front (fewer bits and less drift), and the schemes that
+    dominate it beyond the KL's noise: as many bits or fewer, KL lower outside the paired interval."""
+    points, rows = {}, {}
+    for name, measured in drift.items():
+        fake = measured.get("fake_quant", {})
+        if name not in manifests or fake.get("kl_mean", 0) <= 0 or "kl_by_caption" not in fake:
+            continue
+        totals = manifests[name]["totals"]
+        bits = totals.get("lm_storage_bits", totals["lm_effective_bits"])
+        points[name] = (-bits, 0.0, fake)
+        rows[name] = {"bits": bits, "kl_mean": fake["kl_mean"], "kl_interval": intervals[name]}
+    front = set(pareto_front({name: (row["bits"], row["kl_mean"]) for name, row in rows.items()}))
+    for name, beaten_by in analysis.dominated_beyond_noise(points).items():
+        rows[name] |= {"on_front": name in front, "dominated_by": sorted(beaten_by)}
+    return rows
+
+
+def _storage_frontier_section(rows: dict[str, dict], plotted: int) -> list[str]:
+    if not plotted:
+        return []
+    table = [f"| {name} | {r['bits']:.2f} | {r['kl_mean']:.3g} [{r['kl_interval'][0]:.2g}, {r['kl_interval'][1]:.2g}]"
+             f" | {'yes' if r['on_front'] else 'no'} | {', '.join(r['dominated_by']) or '-'} |"
+             for name, r in sorted(rows.items(), key=lambda item: (item[1]["bits"], item[1]["kl_mean"]))]  # fmt: skip
+    return ["## Frontier: storage bits against KL, every format", "",
+            "Storage bits: the language model's bits per weight with the formats' scales. On the front: no scheme "
+            "stores fewer bits with less KL (means). Dominated beyond noise: another scheme stores as many bits or "
+            "fewer with KL lower outside the paired 95% interval over the evaluation captions.", "",
+            "| scheme | LM storage bits | KL [95%] | on the front | dominated beyond noise by |",
+            "|---|---|---|---|---|", *table, "",
+            "![frontier.png](frontier.png)  Bars: 95% intervals; the line joins the front.", ""]  # fmt: skip
+
+
 def _speed_frontier_section(rows: dict[str, dict], plotted: int) -> list[str]:
     if not plotted:
         return []
@@ -607,20 +654,15 @@ def _plot_proxy(proxy: dict, path: Path) -> int:
     return len(names)
 
 
-def _plot_frontier(manifests: dict, drift: dict, intervals: dict[str, list[float]], path: Path) -> int:
-    points = {}
-    for name, measured in drift.items():
-        fake = measured.get("fake_quant", {})
-        if name in manifests and fake.get("kl_mean", 0) > 0:
-            totals = manifests[name]["totals"]
-            points[name] = (totals.get("lm_storage_bits", totals["lm_effective_bits"]), fake["kl_mean"])
-    if len(points) < 2:
+def _plot_frontier(rows: dict[str, dict], path: Path) -> int:
+    if len(rows) < 2:
         return 0
     figure, axis = plt.subplots(figsize=(9, 4.5))
+    points = {name: (row["bits"], row["kl_mean"]) for name, row in rows.items()}
     names = sorted(points)
     y = [points[n][1] for n in names]
-    axis.errorbar([points[n][0] for n in names], y, yerr=_error_bars(y, [intervals.get(n) for n in names]), fmt="o",
-                  ms=4)  # fmt: skip
+    axis.errorbar([points[n][0] for n in names], y, yerr=_error_bars(y, [rows[n]["kl_interval"] for n in names]),
+                  fmt="o", ms=4)  # fmt: skip
     front = pareto_front(points)
     axis.plot([points[n][0] for n in front], [points[n][1] for n in front], "-", alpha=0.5, label="Pareto front")
     axis.set(yscale="log", xlabel="LM storage bits per weight (scales included)",
@@ -886,7 +928,8 @@ if __name__ == "__main__":
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--reports-dir", default=str(Path(__file__).resolve().parents[1] / "reports"))
     parser.add_argument("--run-id", default=None)
-    parser.add_argument("--results-of", default=None, help="join only the JSON of this run id (default: all)")
+    parser.add_argument("--results-of", nargs="+", default=None, metavar="RUN_ID",
+                        help="join only the JSON of this run id, or of these (default: all)")  # fmt: skip
     parser.add_argument("--merge", nargs="+", default=None, metavar="SHARD_REPORTS",
                         help="first merge these shards' reports/ folders into --reports-dir")  # fmt: skip
     arguments = parser.parse_args()

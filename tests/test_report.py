@@ -403,3 +403,24 @@ def test_speed_frontier_reads_its_gaps_against_their_noise():
     rows = speed_frontier(vllm | {"planted": speed(1.22)}, planted, kl_intervals(planted))
     assert rows["default"]["dominated_by"] == ["planted"] and not rows["default"]["on_front"]
     assert rows["top25"]["dominated_by"] == [] and rows["top25"]["on_front"]
+
+
+def test_storage_frontier_names_what_stores_as_much_for_more_drift():
+    """3B shape, H200 (gpu-26/27): at 4.25 bits W4A8 AWQ drifts more than INT4 AWQ (0.344 against 0.327), so INT4
+    AWQ dominates it at equal storage; INT8 SmoothQuant's per-channel scales store 8.01 bits, so its lower KL does
+    not dominate FP8's 8.00. Planted: a scheme with INT4 AWQ's bits and KL, on other captions' noise, is a tie."""
+    from quantsuite.report import kl_intervals, storage_frontier
+
+    noise = list(0.3 * np.random.default_rng(5).standard_normal(64))
+    bits = {"int4_awq": 4.25, "w4a8_awq": 4.25, "default": 8.0, "int8_sq": 8.01, "full": 8.99}
+    drift = drift_of({"int4_awq": 0.327, "w4a8_awq": 0.344, "default": 0.0544, "int8_sq": 0.0293, "full": 0.00717},
+                     noise)  # fmt: skip
+    manifests = {name: {"totals": {"lm_storage_bits": value, "lm_effective_bits": value}} for name, value in
+                 (bits | {"tie": 4.25}).items()}  # fmt: skip
+    rows = storage_frontier(manifests, drift, kl_intervals(drift))
+    assert {name for name, row in rows.items() if row["on_front"]} == {"int4_awq", "default", "int8_sq", "full"}
+    assert rows["w4a8_awq"]["dominated_by"] == ["int4_awq"] and not rows["w4a8_awq"]["on_front"]
+    assert all(not rows[name]["dominated_by"] for name in ("int4_awq", "default", "int8_sq", "full"))
+    tied = drift | drift_of({"tie": 0.327}, list(np.roll(noise, 7)))
+    rows = storage_frontier(manifests, tied, kl_intervals(tied))
+    assert rows["tie"]["dominated_by"] == [] and "tie" not in rows["int4_awq"]["dominated_by"]
