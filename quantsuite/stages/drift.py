@@ -21,6 +21,9 @@ from quantsuite.divergence import Capture, activation_clipping, capture, compare
 from quantsuite.stages.context import RunContext, free_memory
 from quantsuite.stages.export import Exports
 from quantsuite.stages.scheme import Schemes
+from quantsuite.timing import STAGE_TIMES
+
+FORWARD = "drift: forward passes, fake quant + export"
 
 
 class Drift:
@@ -49,7 +52,8 @@ class Drift:
 
     def _bf16_capture(self, batches: list[dict]) -> Capture:
         model = self.context.load().model
-        result = capture(model, batches, self.context.device)
+        with STAGE_TIMES.measure("drift: forward passes, BF16 reference"):
+            result = capture(model, batches, self.context.device)
         del model
         free_memory()
         return result
@@ -64,31 +68,36 @@ class Drift:
         context = self.context
         batches, device = context.batches("evaluation"), context.device
         images = context.batches("evaluation", images=True)
-        fake = capture(quantized, batches, device)  # (a): measured before anything touches the export
-        fake_images = capture(quantized, images, device) if images else None
-        clipping = activation_clipping(quantized, images, device, context.tokenizer.convert_tokens_to_ids(
-            "<|image_pad|>")) if images else []  # fmt: skip
-        fidelity = export_fidelity(quantized, export_dir)
+        with STAGE_TIMES.measure(FORWARD):
+            fake = capture(quantized, batches, device)  # (a): measured before anything touches the export
+            fake_images = capture(quantized, images, device) if images else None
+        with STAGE_TIMES.measure("drift: clipping at image positions"):
+            clipping = activation_clipping(quantized, images, device, context.tokenizer.convert_tokens_to_ids(
+                "<|image_pad|>")) if images else []  # fmt: skip
+        with STAGE_TIMES.measure("drift: export fidelity"):
+            fidelity = export_fidelity(quantized, export_dir)
         # a model spread over several GPUs (device_map="auto") is reloaded spread the same way
         reloaded = load_export(export_dir, device, device_map=spread_device_map(quantized))
-        exported = capture(reloaded, batches, device)  # (b)
-        exported_images = capture(reloaded, images, device) if images else None
+        with STAGE_TIMES.measure(FORWARD):
+            exported = capture(reloaded, batches, device)  # (b)
+            exported_images = capture(reloaded, images, device) if images else None
         del reloaded
         free_memory()
-        image_prompts: dict = {"source": context.image_source}
-        if fake_images is not None:
-            reference = self.image_reference()
-            image_prompts |= {"fake_quant": compare(reference, fake_images, device),
-                              "export": compare(reference, exported_images, device),
-                              "fake_vs_export": compare(fake_images, exported_images, device),
-                              "clipping": clipping}  # fmt: skip
-        return {
-            "scheme": scheme.name, "model": context.model_tag, "export_dir": str(export_dir),
-            "fake_quant": compare(self.reference(), fake, device),
-            "export": compare(self.reference(), exported, device),
-            "fake_vs_export": compare(fake, exported, device), "export_fidelity": fidelity,
-            "image_prompts": image_prompts,
-        }  # fmt: skip
+        with STAGE_TIMES.measure("drift: compare (KL, top-1, per block)"):
+            image_prompts: dict = {"source": context.image_source}
+            if fake_images is not None:
+                reference = self.image_reference()
+                image_prompts |= {"fake_quant": compare(reference, fake_images, device),
+                                  "export": compare(reference, exported_images, device),
+                                  "fake_vs_export": compare(fake_images, exported_images, device),
+                                  "clipping": clipping}  # fmt: skip
+            return {
+                "scheme": scheme.name, "model": context.model_tag, "export_dir": str(export_dir),
+                "fake_quant": compare(self.reference(), fake, device),
+                "export": compare(self.reference(), exported, device),
+                "fake_vs_export": compare(fake, exported, device), "export_fidelity": fidelity,
+                "image_prompts": image_prompts,
+            }  # fmt: skip
 
     def measure(self, scheme: SchemeSpec) -> dict:
         if scheme.name in self._measurements:
