@@ -34,7 +34,10 @@ LOOSER = {"max": max, "min": min}  # the looser of two bounds of a figure of tha
 
 # the environment variables that choose a CPU's kernels (ATen's dispatch, oneDNN's and MKL's ISA limits): records
 # are measured under several (quantsuite.measure_bounds), and cache keys include those in force (stages.context)
-KERNEL_ENV_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+CPU_KERNEL_ENV_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+# the GPU's: cuBLAS's workspace (none: no split-K algorithms), cuBLASLt preferred for GEMMs, TF32 off (convolutions)
+CUDA_KERNEL_ENV_VARS = ("CUBLAS_WORKSPACE_CONFIG", "TORCH_BLAS_PREFER_CUBLASLT", "NVIDIA_TF32_OVERRIDE")
+KERNEL_ENV_VARS = CPU_KERNEL_ENV_VARS + CUDA_KERNEL_ENV_VARS
 VLLM_RATIO = "vllm.error_ratio"  # vLLM's teacher-forced error / the BF16 export's (quantsuite.vllm.verdict.decide)
 VLLM_IMAGE_RATIO = "vllm.image_error_ratio"  # the same on image prompts, against the BF16 export's image floor
 VLLM_FIGURES = (VLLM_RATIO, VLLM_IMAGE_RATIO)

@@ -3,13 +3,15 @@
 Each condition runs in its own process and fresh cache: every runnable scheme's drift and, where a vLLM environment
 is found (--vllm-python, as for pytest), its vLLM error ratio. On CPU the conditions are the kernel sets at data
 seed 0 (forced through ATen/oneDNN/MKL's environment variables, `KERNEL_SETS`) and the native kernels at each seed;
-on a GPU, `--repeats N` runs seed 0 N times in place of the kernel sets. A workdir that holds a condition's
-measurements resumes without measuring it again.
+on a GPU, `--repeats N` runs seed 0 N times, and `--kernels` forces other cuBLAS / TF32 choices at seed 0 (opt-in).
+A workdir that holds a condition's measurements resumes without measuring it again.
 
     python -m quantsuite.measure_bounds --model tiny --workdir /tmp/bw    # 4 kernel sets, seeds 0-3, CPU
     python -m quantsuite.measure_bounds --kernels native avx2 --seeds 0   # a quicker, narrower record
     python -m quantsuite.measure_bounds --model qwen2.5-vl-3b-shape --device cuda --repeats 2 --seeds 0 1 \
         --schemes bf16 top50 top50_kv default                             # GPU
+    python -m quantsuite.measure_bounds --model qwen2.5-vl-3b-shape --device cuda --seeds 0 --kernels native \
+        no-split-k cublaslt no-tf32 --schemes bf16 top50 default --no-vllm   # GPU numerics' spread
     python -m quantsuite.measure_bounds --model tiny --schemes bf16 top50 --update   # re-measure two schemes
 
 `--update` keeps the existing record's other schemes; it must be measured under the same conditions.
@@ -44,17 +46,44 @@ from quantsuite.bounds import (
 from quantsuite.cache import keep_toolchain_caches, write_atomic
 from quantsuite.data import DataConfig
 
-# name -> the environment that forces it (nothing forced: what the box has)
-KERNEL_SETS: dict[str, dict[str, str]] = {
-    "native": {},
-    "avx512": {
-        "ATEN_CPU_CAPABILITY": "avx512",
-        "ONEDNN_MAX_CPU_ISA": "AVX512_CORE",
-        "MKL_ENABLE_INSTRUCTIONS": "AVX512",
+# device -> kernel set name -> the environment that forces it (nothing forced: what the box has)
+KERNEL_SETS: dict[str, dict[str, dict[str, str]]] = {
+    "cpu": {
+        "native": {},
+        "avx512": {
+            "ATEN_CPU_CAPABILITY": "avx512",
+            "ONEDNN_MAX_CPU_ISA": "AVX512_CORE",
+            "MKL_ENABLE_INSTRUCTIONS": "AVX512",
+        },
+        "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+        "default": {
+            "ATEN_CPU_CAPABILITY": "default",
+            "ONEDNN_MAX_CPU_ISA": "SSE41",
+            "MKL_ENABLE_INSTRUCTIONS": "SSE4_2",
+        },
     },
-    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
-    "default": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
+    # GPUs of one compute capability pick GEMM algorithms by their SM count and memory (an H100 PCIe is not an
+    # H200); these force other choices on the one GPU at hand, as the CPU sets stand in for other CPUs
+    "cuda": {
+        "native": {},
+        "no-split-k": {"CUBLAS_WORKSPACE_CONFIG": ":0:0"},  # no cuBLAS workspace: no split-K reductions
+        "cublaslt": {"TORCH_BLAS_PREFER_CUBLASLT": "1"},  # torch's GEMMs through cuBLASLt
+        "no-tf32": {"NVIDIA_TF32_OVERRIDE": "0"},  # convolutions (the vision tower's patch embedding) in FP32
+    },
 }
+
+
+def kernel_sets_of(device: str, names: list[str] | None) -> list[str]:
+    """The kernel sets to measure: `names`, checked against the device's (default: every CPU set on a CPU, the
+    native one on a GPU, where the others are opt-in until their spread is on record)."""
+    known = KERNEL_SETS[device]
+    if names is None:
+        return list(known) if device == "cpu" else ["native"]
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise SystemExit(f"--kernels {' '.join(unknown)}: not a kernel set of --device {device}; accepted: "
+                         f"{', '.join(known)}")  # fmt: skip
+    return names
 
 
 def measure_condition(model: str, seed: int, cache_root: Path, device: str, schemes: list[str] | None,
@@ -86,7 +115,7 @@ def _run_condition(model: str, condition: tuple[str, int, int], workdir: Path, t
                    schemes: list[str] | None, vllm_python: Path | None) -> subprocess.Popen:  # fmt: skip
     kernels, seed, repeat = condition
     env = {key: value for key, value in os.environ.items() if key not in KERNEL_ENV_VARS}
-    env |= KERNEL_SETS[kernels] | {"QUANTSUITE_TORCH_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+    env |= KERNEL_SETS[device][kernels] | {"QUANTSUITE_TORCH_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
     name = _condition_name(kernels, seed, repeat)
     command = [sys.executable, "-m", "quantsuite.measure_bounds", "--model", model, "--device", device, "--condition",
                f"{kernels}:{seed}", "--condition-out", str(workdir / f"{name}.json"),
@@ -183,8 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--kernels", nargs="+", choices=list(KERNEL_SETS),
-                        help="CPU kernel sets measured at seed 0 (default: all on CPU, native on a GPU)")
+    parser.add_argument("--kernels", nargs="+", help="kernel sets measured at seed 0, of the device's: "
+                        + "; ".join(f"{device}: {' '.join(sets)}" for device, sets in KERNEL_SETS.items())
+                        + " (default: every CPU set on a CPU, native on a GPU)")  # fmt: skip
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
     parser.add_argument("--repeats", type=int, default=1, help="identical runs at seed 0, each in a fresh cache")
     parser.add_argument("--schemes", nargs="+", help="catalog schemes to measure (default: every runnable one)")
@@ -220,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="quantsuite-bounds-"))
     workdir.mkdir(parents=True, exist_ok=True)
     keep_toolchain_caches(workdir)  # shared by the conditions: each has a fresh artifact cache, not fresh compilers
-    kernel_sets = args.kernels or (list(KERNEL_SETS) if args.device == "cpu" else ["native"])
+    kernel_sets = kernel_sets_of(args.device, args.kernels)
     record = generate(args.model, kernel_sets, args.seeds, workdir, args.parallel, args.k_sigma, args.device,
                       args.repeats, args.schemes, vllm_python)  # fmt: skip
     out = Path(args.out_dir)

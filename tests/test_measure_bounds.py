@@ -59,3 +59,28 @@ def test_update_replaces_only_the_measured_schemes(tmp_path):
         updated(first, second.model_copy(update={"k_sigma": 2.0}), tmp_path / "tiny.json")
     with pytest.raises(SystemExit, match="no record"):
         updated(None, second, tmp_path / "tiny.json")
+
+
+def test_gpu_kernel_sets_force_other_cublas_choices_in_their_condition_only(tmp_path, monkeypatch):
+    """On a GPU the kernel sets are opt-in (native by default); each condition's process gets its set's variables
+    and none that the caller's environment forced; a CPU set on a GPU is one error naming the accepted ones."""
+    import subprocess
+
+    from quantsuite.measure_bounds import _run_condition, kernel_sets_of
+
+    assert kernel_sets_of("cuda", None) == ["native"] and "avx2" in kernel_sets_of("cpu", None)
+    assert kernel_sets_of("cuda", ["native", "no-split-k"]) == ["native", "no-split-k"]
+    with pytest.raises(SystemExit, match="avx2: not a kernel set of --device cuda; accepted: native, no-split-k"):
+        kernel_sets_of("cuda", ["native", "avx2"])
+    seen = {}
+
+    def popen(command: list[str], env: dict, **_) -> None:
+        seen[command[command.index("--condition") + 1]] = env
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    monkeypatch.setenv("TORCH_BLAS_PREFER_CUBLASLT", "1")
+    for kernels in ("no-split-k", "native"):
+        _run_condition("tiny", (kernels, 0, 0), tmp_path, 1, "cuda", None, None)
+    assert seen["no-split-k:0"]["CUBLAS_WORKSPACE_CONFIG"] == ":0:0"
+    assert "TORCH_BLAS_PREFER_CUBLASLT" not in seen["no-split-k:0"] and "TORCH_BLAS_PREFER_CUBLASLT" not in seen[
+        "native:0"]  # fmt: skip

@@ -17,7 +17,14 @@ import torch
 from filelock import FileLock
 
 from quantsuite import data, models
-from quantsuite.bounds import KERNEL_ENV_VARS, BoundsRecord, Limit, load_record, verdict_limits
+from quantsuite.bounds import (
+    CPU_KERNEL_ENV_VARS,
+    CUDA_KERNEL_ENV_VARS,
+    BoundsRecord,
+    Limit,
+    load_record,
+    verdict_limits,
+)
 from quantsuite.cache import ArtifactCache, code_hash, package_versions, write_atomic
 from quantsuite.catalog import Catalog, SchemeSpec
 from quantsuite.data import CaptionSplits, DataConfig, load_image_splits, load_splits, split_batches
@@ -198,12 +205,14 @@ class RunContext:
 
 def device_identity(device: torch.device) -> str:
     """What of the device changes a result: a GPU's name and compute capability (an H100 and an H200 compute
-    differently), or the CPU kernel set ATen dispatches to and the oneDNN / MKL limits in force (one box's AVX-512
-    BF16 kernels moved a top-1 figure 1.3 points from another's)."""
+    differently) and the cuBLAS / TF32 settings forced (measure_bounds' GPU kernel sets), or the CPU kernel set ATen
+    dispatches to and the oneDNN / MKL limits in force (one box's AVX-512 BF16 kernels moved a top-1 figure 1.3
+    points from another's)."""
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
-        return f"cuda {torch.cuda.get_device_name(device)} sm{major}{minor}"
-    limits = ",".join(f"{name}={os.environ.get(name, '')}" for name in KERNEL_ENV_VARS
+        forced = " ".join(f"{name}={os.environ[name]}" for name in CUDA_KERNEL_ENV_VARS if os.environ.get(name))
+        return f"cuda {torch.cuda.get_device_name(device)} sm{major}{minor}" + (f" {forced}" if forced else "")
+    limits = ",".join(f"{name}={os.environ.get(name, '')}" for name in CPU_KERNEL_ENV_VARS
                       if name != "ATEN_CPU_CAPABILITY")  # ATen's own: the capability it dispatches to, below
     return f"{device.type} {torch.backends.cpu.get_cpu_capability()} {limits}"
 

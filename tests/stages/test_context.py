@@ -106,6 +106,10 @@ def test_another_gpu_or_cpu_kernel_set_means_new_keys(context, monkeypatch):
     h100 = device_identity(torch.device("cuda"))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
     assert device_identity(torch.device("cuda")) != h100 and "H200" in device_identity(torch.device("cuda"))
+    h200 = device_identity(torch.device("cuda"))
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":0:0")  # measure_bounds' no-split-k kernel set
+    assert device_identity(torch.device("cuda")) == h200 + " CUBLAS_WORKSPACE_CONFIG=:0:0"
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
     assert context.base_key()["device"] == device_identity(context.device)
     capability = torch.backends.cpu.get_cpu_capability()
     other = "AVX2" if capability != "AVX2" else "DEFAULT"
