@@ -185,8 +185,8 @@ def dominated_beyond_noise(points: dict[str, tuple[float, float, dict]]) -> dict
     beaten: dict[str, list[str]] = {name: [] for name in points}
     for name, (ratio, noise, measured) in points.items():
         for other, (other_ratio, other_noise, other_measured) in points.items():
-            margin = max(noise, other_noise)
-            if other == name or other_ratio - ratio < margin or (margin and other_ratio - ratio == margin):
+            gain, margin = other_ratio - ratio, max(noise, other_noise)
+            if other == name or (gain <= margin if margin else gain < 0):
                 continue
             difference = kl_difference(other_measured, measured)
             if difference["differs"] and difference["difference"] < 0:
