@@ -10,6 +10,8 @@ candidate)` then gives
 - logit SQNR in dB (10 log10 of signal power over error power; None when the two are identical);
 - per block and for the final norm: SQNR (dB) and relative error ||h_q - h_ref|| / ||h_ref||, so error can
   be followed from the block where it enters to the logits.
+`ClippingProbe` records, during the same forward passes, how much of each quantized layer's input lies beyond its
+calibrated amax at image and at text positions.
 
     >>> reference = capture(bf16_model, batches, device)            # doctest: +SKIP
     >>> compare(reference, capture(fp8_model, batches, device))["kl_mean"]   # doctest: +SKIP
@@ -18,6 +20,7 @@ candidate)` then gives
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,9 +43,11 @@ class Capture:
 
 
 @torch.no_grad()
-def capture(model: torch.nn.Module, batches: list[dict], device: torch.device) -> Capture:
+def capture(model: torch.nn.Module, batches: list[dict], device: torch.device,
+            before_batch: Callable[[dict], None] | None = None) -> Capture:  # fmt: skip
     """Logits and hidden states at each batch's `measure_mask` positions (image prompts: the caption's) or, without
-    one, at every non-padding position."""
+    one, at every non-padding position. `before_batch(batch)` runs before each forward pass (a ClippingProbe's
+    `observe`: its hooks record the same pass)."""
     decoder = language_model(model)
     stores: dict[str, list[torch.Tensor]] = {}
     masks: list[torch.Tensor] = []
@@ -61,6 +66,8 @@ def capture(model: torch.nn.Module, batches: list[dict], device: torch.device) -
         for batch in batches:
             mask = batch.get("measure_mask", batch["attention_mask"]).bool()
             masks.append(mask)
+            if before_batch is not None:
+                before_batch(batch)
             output = model(**model_inputs(batch, device))
             logits.append(output.logits[mask.to(output.logits.device)].float().cpu())
             shifted = torch.full_like(batch["labels"], IGNORE_INDEX)
@@ -162,29 +169,43 @@ def first_degraded_layer(drift: dict, threshold_db: float) -> str | None:
     return None
 
 
-@torch.no_grad()
-def activation_clipping(model: torch.nn.Module, batches: list[dict], device: torch.device,
-                        image_token_id: int) -> list[dict]:  # fmt: skip
+class ClippingProbe:
     """Per LM layer with a static per-tensor input amax (FP8, INT8, W4A8, NVFP4's global one): the largest |input|
     at image positions and at text positions (after any AWQ / SmoothQuant factor), against the calibrated amax, and
-    the share of values beyond it at each (which the quantizer clips). Only batches of image prompts count."""
-    decoder = language_model(model)
-    stats: dict[str, dict] = {}
-    image_positions: list[torch.Tensor] = []
+    the share of values beyond it at each (which the quantizer clips). Only batches of image prompts count.
 
-    def hook(name: str, quantizer):
+    Its hooks record whatever forward passes run while it is entered; `observe(batch)` before each one names the
+    batch's image and text positions, so the pass that captures the image prompts' logits measures the clipping too:
+
+    >>> with ClippingProbe(model, image_token_id) as probe:                      # doctest: +SKIP
+    ...     images = capture(model, batches, device, before_batch=probe.observe)
+    >>> probe.rows()                                                              # doctest: +SKIP
+    """
+
+    def __init__(self, model: torch.nn.Module, image_token_id: int) -> None:
+        self.model, self.image_token_id = model, image_token_id
+        self.stats: dict[str, dict] = {}
+        self._image: torch.Tensor | None = None
+        self._text: torch.Tensor | None = None
+        self._handles: list = []
+
+    def observe(self, batch: dict) -> None:
+        ids = batch["input_ids"]
+        self._image = ids == self.image_token_id
+        self._text = batch["attention_mask"].bool() & (ids != self.image_token_id)
+
+    def _hook(self, name: str, quantizer):
+        @torch.no_grad()
         def record(_module, inputs):
             x = inputs[0].detach().float()
             factor = getattr(quantizer, "_pre_quant_scale", None)
             x = (x * factor.float() if factor is not None else x).abs()
-            mask = image_positions[-1].to(x.device)
-            text = batch_text[-1].to(x.device)
             amax = float(quantizer.amax)
-            entry = stats.setdefault(name, {"layer": name, "amax": amax, "image_max": 0.0, "text_max": 0.0,
-                                            "image_clipped": 0, "image_values": 0, "text_clipped": 0,
-                                            "text_values": 0})  # fmt: skip
-            for where, positions in (("image", mask), ("text", text)):
-                values = x[positions]
+            entry = self.stats.setdefault(name, {"layer": name, "amax": amax, "image_max": 0.0, "text_max": 0.0,
+                                                 "image_clipped": 0, "image_values": 0, "text_clipped": 0,
+                                                 "text_values": 0})  # fmt: skip
+            for where, positions in (("image", self._image), ("text", self._text)):
+                values = x[positions.to(x.device)]
                 if values.numel():
                     entry[f"{where}_max"] = max(entry[f"{where}_max"], float(values.max()))
                     entry[f"{where}_clipped"] += int((values > amax).sum())
@@ -192,26 +213,33 @@ def activation_clipping(model: torch.nn.Module, batches: list[dict], device: tor
 
         return record
 
-    batch_text: list[torch.Tensor] = []
-    handles = []
-    for name, module in decoder.named_modules():
-        quantizer = getattr(module, "input_quantizer", None)
-        amax = getattr(quantizer, "amax", None) if quantizer is not None and quantizer.is_enabled else None
-        if amax is not None and amax.numel() == 1 and isinstance(module, torch.nn.Linear):
-            handles.append(module.register_forward_pre_hook(hook(name, quantizer)))
-    try:
-        for batch in batches:
-            ids = batch["input_ids"]
-            image_positions.append(ids == image_token_id)
-            batch_text.append(batch["attention_mask"].bool() & (ids != image_token_id))
-            model(**model_inputs(batch, device))
-    finally:
-        for handle in handles:
+    def __enter__(self) -> ClippingProbe:
+        for name, module in language_model(self.model).named_modules():
+            quantizer = getattr(module, "input_quantizer", None)
+            amax = getattr(quantizer, "amax", None) if quantizer is not None and quantizer.is_enabled else None
+            if amax is not None and amax.numel() == 1 and isinstance(module, torch.nn.Linear):
+                self._handles.append(module.register_forward_pre_hook(self._hook(name, quantizer)))
+        return self
+
+    def __exit__(self, *_) -> None:
+        for handle in self._handles:
             handle.remove()
-    rows = []
-    for entry in stats.values():
-        rows.append({"layer": entry["layer"], "amax": entry["amax"], "image_max": entry["image_max"],
-                     "text_max": entry["text_max"],
-                     "image_clipped_share": entry["image_clipped"] / max(entry["image_values"], 1),
-                     "text_clipped_share": entry["text_clipped"] / max(entry["text_values"], 1)})  # fmt: skip
-    return rows
+        self._handles.clear()
+
+    def rows(self) -> list[dict]:
+        return [{"layer": entry["layer"], "amax": entry["amax"], "image_max": entry["image_max"],
+                 "text_max": entry["text_max"],
+                 "image_clipped_share": entry["image_clipped"] / max(entry["image_values"], 1),
+                 "text_clipped_share": entry["text_clipped"] / max(entry["text_values"], 1)}
+                for entry in self.stats.values()]  # fmt: skip
+
+
+@torch.no_grad()
+def activation_clipping(model: torch.nn.Module, batches: list[dict], device: torch.device,
+                        image_token_id: int) -> list[dict]:  # fmt: skip
+    """ClippingProbe's rows for a pass of its own over `batches`."""
+    with ClippingProbe(model, image_token_id) as probe:
+        for batch in batches:
+            probe.observe(batch)
+            model(**model_inputs(batch, device))
+    return probe.rows()

@@ -84,10 +84,13 @@ def test_image_prompts_are_measured_apart_from_text(workbench, scheme, measureme
 @pytest.mark.uses_schemes("top50")
 def test_clipping_at_image_positions_follows_the_calibrated_amax(workbench, catalog):
     """One layer's input amax halved in a copy of top50's fake-quant model: that layer clips more at image
-    positions (the clipping figure reads the amax the quantizer uses)."""
+    positions (the clipping figure reads the amax the quantizer uses). Drift measures it during the pass that
+    captures the image prompts' logits: the same rows as a pass of its own, and the same logits as without it."""
     import copy
 
-    from quantsuite.divergence import activation_clipping
+    import torch
+
+    from quantsuite.divergence import ClippingProbe, activation_clipping, capture
 
     model = copy.deepcopy(workbench.schemes.model(catalog.scheme("top50")))
     batches = workbench.context.batches("evaluation", images=True)
@@ -99,6 +102,10 @@ def test_clipping_at_image_positions_follows_the_calibrated_amax(workbench, cata
     halved = {r["layer"]: r for r in activation_clipping(model, batches, workbench.context.device, image_token)}
     assert halved[layer]["image_clipped_share"] > max(clean[layer]["image_clipped_share"], 0.001), halved[layer]
     assert halved[layer]["amax"] == pytest.approx(clean[layer]["amax"] / 2)
+    with ClippingProbe(model, image_token) as probe:
+        images = capture(model, batches, workbench.context.device, before_batch=probe.observe)
+    assert probe.rows() == list(halved.values())
+    assert torch.equal(images.logits, capture(model, batches, workbench.context.device).logits)
 
 
 def test_error_localized_to_quantized_blocks(scheme, scheme_result, measurement):

@@ -17,7 +17,7 @@ from quantsuite import divergence
 from quantsuite.cache import code_hash
 from quantsuite.catalog import SchemeSpec
 from quantsuite.checkpoint import export_fidelity, load_export, spread_device_map
-from quantsuite.divergence import Capture, activation_clipping, capture, compare
+from quantsuite.divergence import Capture, ClippingProbe, capture, compare
 from quantsuite.stages.context import RunContext, free_memory
 from quantsuite.stages.export import Exports
 from quantsuite.stages.scheme import Schemes
@@ -70,10 +70,11 @@ class Drift:
         images = context.batches("evaluation", images=True)
         with STAGE_TIMES.measure(FORWARD):
             fake = capture(quantized, batches, device)  # (a): measured before anything touches the export
-            fake_images = capture(quantized, images, device) if images else None
-        with STAGE_TIMES.measure("drift: clipping at image positions"):
-            clipping = activation_clipping(quantized, images, device, context.tokenizer.convert_tokens_to_ids(
-                "<|image_pad|>")) if images else []  # fmt: skip
+            fake_images, clipping = None, []
+            if images:  # one pass gives the image prompts' logits and the clipping at their image positions
+                with ClippingProbe(quantized, context.tokenizer.convert_tokens_to_ids("<|image_pad|>")) as probe:
+                    fake_images = capture(quantized, images, device, before_batch=probe.observe)
+                clipping = probe.rows()
         with STAGE_TIMES.measure("drift: export fidelity"):
             fidelity = export_fidelity(quantized, export_dir)
         # a model spread over several GPUs (device_map="auto") is reloaded spread the same way
