@@ -255,7 +255,7 @@ def build_report(reports_dir: Path, model: str, run_id: str | None = None,
     vllm = _load_dir(reports_dir / "vllm" / model, results_of)
     research_path = reports_dir / "research" / model / "research.json"
     research = json.loads(research_path.read_text()) if research_path.is_file() else {}
-    if results_of is not None and not _of_runs(research, results_of):
+    if not _of_runs(research, results_of):
         research = {}
     benchmarks = read_benchmarks(reports_dir, model, results_of)
     speed = benchmarks.tokens_per_s
@@ -449,7 +449,8 @@ def _research_sections(research: dict, plots: dict, vllm: dict, drift: dict, man
 
 def kl_intervals(drift: dict[str, dict]) -> dict[str, list[float]]:
     """Each scheme's fake-quant mean KL interval over resampled evaluation captions (analysis.kl_interval),
-    computed once per report for every section and plot that shows it."""
+    computed once per report for every section and plot that shows it; its keys are the schemes those sections
+    take (a KL above 0, with per-caption sums)."""
     return {name: analysis.kl_interval(measured["fake_quant"]) for name, measured in drift.items()
             if measured.get("fake_quant", {}).get("kl_mean", 0) > 0 and "kl_by_caption" in measured["fake_quant"]}
 
@@ -461,9 +462,8 @@ def engine_against_kl(vllm: dict[str, dict], drift: dict[str, dict], manifests: 
     bit (the same pick) counts once. `intervals`: kl_intervals(drift). Returns rank_against_kl's result plus
     `repeats`, `ratios`, `kl`, `kl_intervals` and `ratio_intervals` (each scheme's error ratio over resampled
     captions, where the sums were kept)."""
-    kl = {name: measured["fake_quant"] for name, measured in drift.items()
-          if measured.get("fake_quant", {}).get("kl_mean", 0) > 0 and "kl_by_caption" in measured["fake_quant"]
-          and manifests.get(name, {}).get("scheme", {}).get("mode") != "none"}  # fmt: skip
+    kl = {name: drift[name]["fake_quant"] for name in intervals
+          if manifests.get(name, {}).get("scheme", {}).get("mode") != "none"}  # fmt: skip
     ratios, by_caption = vllm_errors(vllm)
     repeats = analysis.same_drift({name: kl[name] for name in kl if name in ratios})
     ratios = {name: ratio for name, ratio in ratios.items() if name in kl and name not in repeats}
@@ -537,9 +537,9 @@ def speed_frontier(vllm: dict[str, dict], drift: dict[str, dict], intervals: dic
     for name, checks in vllm.items():
         speed = checks.get("speed") or {}
         paired = speed.get("workloads", {}).get("batch1")
-        fake = drift.get(name, {}).get("fake_quant", {})
-        if paired is None or fake.get("kl_mean", 0) <= 0 or "kl_by_caption" not in fake:
+        if paired is None or name not in intervals:
             continue
+        fake = drift[name]["fake_quant"]
         noise = speed_reading(paired, speed["weight_bytes_bound"],
                               between_run_spread(speed["device"], "batch1"))[0]  # fmt: skip
         points[name] = (paired["ratio"], noise, fake)
@@ -558,10 +558,8 @@ def storage_frontier(manifests: dict[str, dict], drift: dict[str, dict],
     kl_intervals(drift)), whether it is on the Pareto front (fewer bits and less drift), and the schemes that
     dominate it beyond the KL's noise: as many bits or fewer, KL lower outside the paired interval."""
     points, rows = {}, {}
-    for name, measured in drift.items():
-        fake = measured.get("fake_quant", {})
-        if name not in manifests or fake.get("kl_mean", 0) <= 0 or "kl_by_caption" not in fake:
-            continue
+    for name in sorted(intervals.keys() & manifests.keys()):
+        fake = drift[name]["fake_quant"]
         totals = manifests[name]["totals"]
         bits = totals.get("lm_storage_bits", totals["lm_effective_bits"])
         points[name] = (-bits, 0.0, fake)
