@@ -6,13 +6,15 @@
 
 CI stops at the first failing pass. The nightly runs every step it is given even after one fails (the report then
 shows where the scheme broke), records each step's wall time and exit status in reports/<RUN_ID>-nightly-steps.tsv,
-and exits non-zero at the end if any failed.
+and exits non-zero at the end if any failed. A SIGINT (Ctrl-C, `timeout -s INT`) is passed on to the running step's
+pytest once, which prints its durations and stage table before it stops; no later step runs.
 """
 
 from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -63,15 +65,41 @@ def _pytest() -> list[str]:
     return shlex.split(os.environ.get("PYTEST") or f"{shlex.quote(sys.executable)} -m pytest")
 
 
+class Interrupted(Exception):
+    """A step was stopped by SIGINT (Ctrl-C, `timeout -s INT`); its pytest finished its summary, no later step runs."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
 def _run(command: list[str], env: dict[str, str]) -> int:
-    return subprocess.run(command, cwd=ROOT, env=env | os.environ).returncode
+    """Run one step's pytest and return its exit status. pytest runs in a process group of its own, and a SIGINT
+    this runner gets is passed on to it once, so the cut step still prints its durations and stage table and writes
+    its report (a terminal's Ctrl-C would otherwise reach pytest twice, and `timeout -s INT` not at all); the step's
+    status then raises Interrupted."""
+    process = subprocess.Popen(command, cwd=ROOT, env=env | os.environ, start_new_session=True)
+    interrupted = False
+    while True:
+        try:
+            status = process.wait()
+            break
+        except KeyboardInterrupt:
+            process.send_signal(signal.SIGINT)  # a second one is pytest's own hard stop, as in a terminal
+            interrupted = True
+    if interrupted:
+        raise Interrupted(status)
+    return status
 
 
 def ci(pytest_args: list[str]) -> int:
     """CI's passes in order with the same extra pytest arguments; the first failing one's exit status."""
     for step in CI:
         workers = ["-n", "2", "--dist", "loadgroup"] if step.parallel else []
-        status = _run([*_pytest(), *workers, *step.args, f"--run-id={CI_RUN_ID}", *pytest_args], step.env)
+        try:
+            status = _run([*_pytest(), *workers, *step.args, f"--run-id={CI_RUN_ID}", *pytest_args], step.env)
+        except Interrupted as stop:
+            return stop.status or 130
         if status:
             return status
     return 0
@@ -102,12 +130,18 @@ def nightly() -> int:
         if step.name == "benchmark":
             extra += [f"--benchmark-json=reports/{run_id}-benchmarks.json", *_gate_args(run_id)]
         started = time.monotonic()
-        status = _run([*_pytest(), *step.args, *common, *extra], NIGHTLY_ENV)
+        try:
+            status, interrupted = _run([*_pytest(), *step.args, *common, *extra], NIGHTLY_ENV), False
+        except Interrupted as stop:
+            status, interrupted = stop.status or 130, True
         seconds = round(time.monotonic() - started)
         with table.open("a") as rows:
             rows.write(f"{step.name}{f' (shard {shard})' if shard else ''}\t{seconds}\t{status}\n")
         print(f"nightly: step {step.name} took {seconds} s, exit {status}", file=sys.stderr)
         failed += [step.name] if status else []
+        if interrupted:
+            print("nightly: interrupted; the later steps do not run", file=sys.stderr)
+            break
     print(f"report: reports/{run_id}/report.md; step times: {table.relative_to(ROOT)}")
     if failed:
         print(f"nightly: failed steps: {' '.join(failed)}", file=sys.stderr)

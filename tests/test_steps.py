@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -129,3 +131,43 @@ def test_ci_stops_at_the_first_failing_pass(tmp_path):
         assert done.returncode == int(fail), done.stderr
         lines = log.read_text().splitlines()
         assert len(lines) == calls and all(line.endswith("--run-id=latest-tiny -k x") for line in lines), lines
+
+
+def test_an_interrupt_reaches_the_running_step_once_and_stops_the_rest(tmp_path):
+    """SIGINT to the nightly (what `timeout -s INT` sends) reaches the running step's pytest, which finishes its
+    summary; its row is recorded and no later step runs. The stand-in counts the SIGINTs it gets."""
+    started, log = tmp_path / "started", tmp_path / "log"
+    stand_in = tmp_path / "pytest.py"
+    stand_in.write_text(f"""import signal, sys, time
+from pathlib import Path
+count = []
+signal.signal(signal.SIGINT, lambda *_: count.append(1))
+Path({str(started)!r}).write_text("")
+for _ in range(200):
+    time.sleep(0.05)
+    if count:
+        time.sleep(0.3)  # a second SIGINT would arrive now
+        break
+with open({str(log)!r}, "a") as log:
+    log.write(f"summary after {{len(count)}} SIGINT\\n")
+sys.exit(2 if count else 0)
+""")
+    run_id = f"test-nightly-{uuid.uuid4().hex[:8]}"
+    env = os.environ | {"STEPS": "schemes benchmark", "PYTEST": f"{sys.executable} {stand_in}", "GPUS": "1",
+                        "PYTHON": sys.executable, "RUN_ID": run_id}  # fmt: skip
+    nightly = subprocess.Popen(["bash", str(ROOT / "scripts" / "nightly.sh")], env=env, stderr=subprocess.PIPE,
+                               text=True)  # fmt: skip
+    steps = ROOT / "reports" / f"{run_id}-nightly-steps.tsv"
+    try:
+        deadline = time.monotonic() + 30
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        nightly.send_signal(signal.SIGINT)
+        _, stderr = nightly.communicate(timeout=30)
+        assert log.read_text() == "summary after 1 SIGINT\n"
+        assert "nightly: interrupted; the later steps do not run" in stderr
+        assert [row.split("\t")[0::2] for row in steps.read_text().splitlines()[1:]] == [["schemes", "2"]]
+        assert nightly.returncode == 1, stderr
+    finally:
+        nightly.kill()
+        steps.unlink(missing_ok=True)
