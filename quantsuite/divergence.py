@@ -32,7 +32,10 @@ from quantsuite.models import language_model
 
 @dataclass
 class Capture:
-    """Per-token logits (float32, CPU) and per-block hidden states of one model on the evaluation batches."""
+    """Per-token logits and per-block hidden states of one model on the evaluation batches, in the model's own
+    dtype (upcasting is exact, so they are kept as computed and upcast where they are compared) and on the device
+    the model ran on (a GPU compares there: moving a 3B capture, GBs of logits, to the CPU cost more than the
+    forward passes)."""
 
     logits: torch.Tensor  # (tokens, vocab) at non-padding positions
     next_tokens: torch.Tensor  # (tokens,) label of the next position, IGNORE_INDEX where there is none
@@ -40,14 +43,12 @@ class Capture:
     hidden: dict[str, torch.Tensor]  # "block.N" / "final_norm" -> (tokens, hidden)
 
 
-
-
 @torch.no_grad()
 def capture(model: torch.nn.Module, batches: list[dict], device: torch.device,
             before_batch: Callable[[dict], None] | None = None) -> Capture:  # fmt: skip
     """Logits and hidden states at each batch's `measure_mask` positions (image prompts: the caption's) or, without
-    one, at every non-padding position. `before_batch(batch)` runs before each forward pass (a ClippingProbe's
-    `observe`: its hooks record the same pass)."""
+    one, at every non-padding position, kept on `device` (the inputs' device). `before_batch(batch)` runs before
+    each forward pass (a ClippingProbe's `observe`: its hooks record the same pass)."""
     decoder = language_model(model)
     stores: dict[str, list[torch.Tensor]] = {}
     masks: list[torch.Tensor] = []
@@ -55,7 +56,7 @@ def capture(model: torch.nn.Module, batches: list[dict], device: torch.device,
     def hook(name: str):
         def record(_module, _inputs, output):
             tensor = output[0] if isinstance(output, tuple) else output
-            stores.setdefault(name, []).append(tensor[masks[-1].to(tensor.device)].float().cpu())
+            stores.setdefault(name, []).append(tensor[masks[-1].to(tensor.device)].to(device))
 
         return record
 
@@ -69,7 +70,7 @@ def capture(model: torch.nn.Module, batches: list[dict], device: torch.device,
             if before_batch is not None:
                 before_batch(batch)
             output = model(**model_inputs(batch, device))
-            logits.append(output.logits[mask.to(output.logits.device)].float().cpu())
+            logits.append(output.logits[mask.to(output.logits.device)].to(device))
             shifted = torch.full_like(batch["labels"], IGNORE_INDEX)
             shifted[:, :-1] = batch["labels"][:, 1:]
             next_tokens.append(shifted[mask])
@@ -83,19 +84,20 @@ def capture(model: torch.nn.Module, batches: list[dict], device: torch.device,
 
 
 def sqnr_db(reference: torch.Tensor, candidate: torch.Tensor) -> float | None:
-    noise = float((reference - candidate).double().pow(2).sum())
+    noise = float((reference.float() - candidate.float()).double().pow(2).sum())
     if noise == 0.0:
         return None
     return 10.0 * math.log10(float(reference.double().pow(2).sum()) / noise)
 
 
 def relative_error(reference: torch.Tensor, candidate: torch.Tensor) -> float:
-    return float((reference - candidate).double().norm() / reference.double().norm().clamp_min(1e-30))
+    return float((reference.float() - candidate.float()).double().norm() / reference.double().norm().clamp_min(1e-30))
 
 
 def perplexity(capture_: Capture) -> float:
-    valid = capture_.next_tokens != IGNORE_INDEX
-    losses = torch.nn.functional.cross_entropy(capture_.logits[valid], capture_.next_tokens[valid])
+    valid = (capture_.next_tokens != IGNORE_INDEX).to(capture_.logits.device)
+    losses = torch.nn.functional.cross_entropy(capture_.logits[valid].float(),
+                                               capture_.next_tokens.to(valid.device)[valid])  # fmt: skip
     return math.exp(float(losses))
 
 
@@ -107,7 +109,7 @@ def _token_kl_and_top1(reference: torch.Tensor, candidate: torch.Tensor, device:
         q = candidate[start : start + chunk].to(device, torch.float64)
         log_p, log_q = torch.log_softmax(p, dim=-1), torch.log_softmax(q, dim=-1)
         kl.append((log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0.0).cpu())
-        top1.append((p.argmax(-1) == q.argmax(-1)).cpu())
+        top1.append((p.argmax(-1) == q.argmax(-1)).cpu())  # per token: small, and what the statistics below read
     return torch.cat(kl), torch.cat(top1)
 
 
@@ -156,7 +158,7 @@ def compare(reference: Capture, candidate: Capture, device: torch.device | str =
         "perplexity": candidate_ppl,
         "perplexity_delta": candidate_ppl - reference_ppl,
         "logit_sqnr_db": sqnr_db(reference.logits, candidate.logits),
-        "max_abs_logit_difference": float((reference.logits - candidate.logits).abs().max()),
+        "max_abs_logit_difference": float((reference.logits.float() - candidate.logits.float()).abs().max()),
         "layers": layers,
     }
 
@@ -200,16 +202,18 @@ class ClippingProbe:
             x = inputs[0].detach().float()
             factor = getattr(quantizer, "_pre_quant_scale", None)
             x = (x * factor.float() if factor is not None else x).abs()
-            amax = float(quantizer.amax)
-            entry = self.stats.setdefault(name, {"layer": name, "amax": amax, "image_max": 0.0, "text_max": 0.0,
-                                                 "image_clipped": 0, "image_values": 0, "text_clipped": 0,
-                                                 "text_values": 0})  # fmt: skip
+            entry = self.stats.get(name)
+            if entry is None:  # running figures kept as tensors on the layer's device: no sync per layer and batch
+                entry = self.stats[name] = {"layer": name, "amax": quantizer.amax.detach().float().reshape(())}
+                for where in ("image", "text"):
+                    entry[f"{where}_max"] = torch.zeros((), device=x.device)
+                    entry[f"{where}_clipped"] = torch.zeros((), dtype=torch.int64, device=x.device)
+                    entry[f"{where}_values"] = torch.zeros((), dtype=torch.int64, device=x.device)
             for where, positions in (("image", self._image), ("text", self._text)):
-                values = x[positions.to(x.device)]
-                if values.numel():
-                    entry[f"{where}_max"] = max(entry[f"{where}_max"], float(values.max()))
-                    entry[f"{where}_clipped"] += int((values > amax).sum())
-                    entry[f"{where}_values"] += values.numel()
+                mask = positions.to(x.device).unsqueeze(-1)  # (batch, sequence, 1) against (batch, sequence, features)
+                entry[f"{where}_max"] = torch.maximum(entry[f"{where}_max"], torch.where(mask, x, 0.0).amax())
+                entry[f"{where}_clipped"] += ((x > entry["amax"]) & mask).sum()
+                entry[f"{where}_values"] += mask.sum() * x.shape[-1]
 
         return record
 
@@ -227,11 +231,14 @@ class ClippingProbe:
         self._handles.clear()
 
     def rows(self) -> list[dict]:
-        return [{"layer": entry["layer"], "amax": entry["amax"], "image_max": entry["image_max"],
-                 "text_max": entry["text_max"],
-                 "image_clipped_share": entry["image_clipped"] / max(entry["image_values"], 1),
-                 "text_clipped_share": entry["text_clipped"] / max(entry["text_values"], 1)}
-                for entry in self.stats.values()]  # fmt: skip
+        rows = []
+        for entry in self.stats.values():
+            figures = {key: value.item() for key, value in entry.items() if key != "layer"}
+            rows.append({"layer": entry["layer"], "amax": figures["amax"], "image_max": figures["image_max"],
+                         "text_max": figures["text_max"],
+                         "image_clipped_share": figures["image_clipped"] / max(figures["image_values"], 1),
+                         "text_clipped_share": figures["text_clipped"] / max(figures["text_values"], 1)})
+        return rows
 
 
 @torch.no_grad()

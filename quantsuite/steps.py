@@ -1,4 +1,4 @@
-"""The steps of a run, declared once: CI's two passes and the GPU nightly's four steps. `scripts/test.sh` (what CI and
+"""The steps of a run, declared once: CI's two passes and the GPU nightly's five steps. `scripts/test.sh` (what CI and
 `make test` run) and `scripts/nightly.sh` (the GPU workflow, `make nightly`) only call this.
 
     python -m quantsuite.steps ci [pytest args]   # CI: every test on 2 xdist workers, then the benchmarks
@@ -45,9 +45,12 @@ CI = (
          env={"QUANTSUITE_BENCH_ROUNDS": "3", "QUANTSUITE_BENCH_WARMUP": "1"}),
 )  # fmt: skip
 
+STAGES = "(autoquant or export or drift or vllm_compat)"
 NIGHTLY = (
-    # 1. schemes, exports, drift, vLLM verdicts: one scheme per GPU when there are several
-    Step("schemes", ("-m", "autoquant or export or drift or vllm_compat", "--no-report"), parallel=True),
+    # 1. each scheme's decisions, export, drift and vLLM verdict: one scheme per GPU when there are several
+    Step("schemes", ("-m", f"{STAGES} and per_scheme", "--no-report"), parallel=True),
+    # 1b. the tests of the machinery on this device, once (planted faults, cache, engine lifecycle): not per scheme
+    Step("machinery", ("-m", f"{STAGES} and not per_scheme", "--no-report")),
     # 2. research (method comparison, Pareto sweep, optimality gap) and the report's own checks
     Step("research", ("tests/test_report.py", "-p", "no:xdist", "--no-report")),
     # 3. vLLM speed, BF16 and each scheme alternating inside one test (CUDA graphs)

@@ -115,7 +115,7 @@ def test_a_shard_runs_every_step_on_its_shard(tmp_path):
 def test_an_unknown_step_is_refused_naming_the_steps():
     done, steps = _nightly("schemes bogus", "true")
     assert done.returncode == 2
-    assert "nightly: STEPS has 'bogus'; accepted steps: schemes research vllm-speed benchmark" in done.stderr
+    assert "nightly: STEPS has 'bogus'; accepted steps: schemes machinery research vllm-speed benchmark" in done.stderr
     assert not steps.exists()
 
 
@@ -171,3 +171,24 @@ sys.exit(2 if count else 0)
     finally:
         nightly.kill()
         steps.unlink(missing_ok=True)
+
+
+def test_the_nightly_runs_each_stage_test_once_per_scheme_step_or_machinery_step():
+    """Step 1 (`schemes`) takes the cases of the `scheme` parameter, step 1b (`machinery`) the other tests of the same
+    marks: together every test of those marks, none twice, and no scheme's case in the machinery step."""
+    from quantsuite.steps import NIGHTLY, STAGES
+
+    def collected(*args: str) -> set[str]:
+        done = subprocess.run([sys.executable, "-m", "pytest", "--co", "-q", "-p", "no:xdist", "--no-report", *args],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        return {line for line in done.stdout.splitlines() if "::" in line}
+
+    steps = {step.name: step.args for step in NIGHTLY}
+    per_scheme = collected(*(arg for arg in steps["schemes"] if arg != "--no-report"))
+    machinery = collected(*(arg for arg in steps["machinery"] if arg != "--no-report"))
+    assert per_scheme and machinery and not per_scheme & machinery
+    assert per_scheme | machinery == collected("-m", STAGES)
+    assert "tests/test_drift.py::test_drift_within_bounds[fp8_autoquant_top50]" in per_scheme
+    assert not any("test_drift_within_bounds" in test for test in machinery)
+    assert "tests/stages/test_export.py::test_drop_keeps_the_bf16_reference" in machinery

@@ -26,14 +26,16 @@ def vllm_checks(config: pytest.Config) -> tuple[str, ...]:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """`scheme` -> one case per catalog scheme (session scope, so tests group by scheme); `vllm_check` -> the
-    vLLM checks available here."""
+    """`scheme` -> one case per catalog scheme (session scope, so tests group by scheme), each marked `per_scheme`
+    (the nightly's per-scheme steps select them; the tests of the machinery run once, in a step of their own);
+    `vllm_check` -> the vLLM checks available here."""
     if "vllm_check" in metafunc.fixturenames:
         metafunc.parametrize("vllm_check", vllm_checks(metafunc.config))
     if "scheme" in metafunc.fixturenames:
         marker = metafunc.definition.get_closest_marker("scheme_modes")
         schemes = [s for s in settings(metafunc.config).catalog.schemes if marker is None or s.mode in marker.args]
-        metafunc.parametrize("scheme", schemes, ids=[s.name for s in schemes], scope="session")
+        cases = [pytest.param(s, id=s.name, marks=pytest.mark.per_scheme) for s in schemes]
+        metafunc.parametrize("scheme", cases, scope="session")
 
 
 VLLM_TEST_MODULES = ("tests/test_vllm_compat.py", "tests/stages/test_vllm.py")  # plus test_vllm_speed (paired)
