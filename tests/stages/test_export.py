@@ -51,3 +51,21 @@ def test_drop_keeps_the_bf16_reference(tmp_path, model_spec, data_config, catalo
     bench.exports.drop(plain)
     assert kept.is_dir() and not dropped.exists()
     assert bench.exports.path(plain) == dropped and dropped.is_dir()  # rebuilt on demand
+
+
+@pytest.mark.uses_schemes("bf16", "default")
+def test_rebuild_builds_a_schemes_export_in_its_place_and_leaves_the_bf16_reference(tmp_path, model_spec, data_config,
+                                                                                    catalog):  # fmt: skip
+    """What the export benchmark times: a scheme's export built afresh where the later tests find it (one build,
+    not one beside it); the BF16 reference's, read by every worker, is built beside it and left as it was."""
+    bench = Workbench(model_spec, data_config, catalog, tmp_path / "cache", tmp_path / "reports")
+    reference, plain = catalog.scheme("bf16"), catalog.scheme("default")
+    kept, built = bench.exports.path(reference), bench.exports.path(plain)
+    for directory in (kept, built):
+        (directory / "old-build").write_text("")  # what a build afresh does not have
+    events = len(bench.context.cache.events)
+    assert bench.exports.rebuild(plain) == built and not (built / "old-build").exists()
+    assert bench.exports.rebuild(reference) == kept and (kept / "old-build").exists()
+    assert [e.split()[2] for e in bench.context.cache.events[events:] if e.startswith("built exports/")] == [
+        "fp8_modelopt_default"]  # fmt: skip
+    verify_export(built, bench.schemes.result(plain).manifest)
