@@ -31,12 +31,13 @@ class Workbench:
 
     def __init__(self, model_spec: ModelSpec, data_config: DataConfig, catalog: Catalog, cache_root: Path,
                  reports_dir: Path = REPORTS_DIR, live_models: int | None = None,
-                 run_id: str = "adhoc", research: ResearchSettings | None = None) -> None:  # fmt: skip
+                 run_id: str = "adhoc", research: ResearchSettings | None = None,
+                 vllm_engine_share: float = 0.3) -> None:  # fmt: skip
         self.context = RunContext(model_spec, data_config, catalog, cache_root, reports_dir, run_id)
         self.scores = Scores(self.context)
         self.schemes = Schemes(self.context, self.scores, live_models)
         self.exports = Exports(self.context, self.schemes)
         self.drift = Drift(self.context, self.schemes, self.exports)
-        self.vllm = VllmChecks(self.context, self.schemes, self.exports)
+        self.vllm = VllmChecks(self.context, self.schemes, self.exports, vllm_engine_share)
         self.research = Research(self.context, self.scores, self.schemes, self.drift, research)
         self.benchmarks = Benchmarks(self.context)

@@ -1,4 +1,4 @@
-"""The steps of a run, declared once: CI's two passes and the GPU nightly's five steps. `scripts/test.sh` (what CI and
+"""The steps of a run, declared once: CI's two passes and the GPU nightly's four steps. `scripts/test.sh` (what CI and
 `make test` run) and `scripts/nightly.sh` (the GPU workflow, `make nightly`) only call this.
 
     python -m quantsuite.steps ci [pytest args]   # CI: every test on 2 xdist workers, then the benchmarks
@@ -47,15 +47,15 @@ CI = (
 
 STAGES = "(autoquant or export or drift or vllm_compat)"
 NIGHTLY = (
-    # 1. each scheme's decisions, export, drift and vLLM verdict: one scheme per GPU when there are several
-    Step("schemes", ("-m", f"{STAGES} and per_scheme", "--no-report"), parallel=True),
+    # 1. each scheme's decisions, export, drift, vLLM verdict and vLLM speed (BF16 and the scheme alternating inside
+    # one test, CUDA graphs) in turn: one export and one vLLM engine per scheme; one scheme per GPU when there are
+    # several (speed measurements one at a time per host)
+    Step("schemes", ("-m", f"({STAGES} or paired) and per_scheme", "--no-report"), parallel=True),
     # 1b. the tests of the machinery on this device, once (planted faults, cache, engine lifecycle): not per scheme
     Step("machinery", ("-m", f"{STAGES} and not per_scheme", "--no-report")),
     # 2. research (method comparison, Pareto sweep, optimality gap) and the report's own checks
     Step("research", ("tests/test_report.py", "-p", "no:xdist", "--no-report")),
-    # 3. vLLM speed, BF16 and each scheme alternating inside one test (CUDA graphs)
-    Step("vllm-speed", ("-m", "paired", "--no-report"), parallel=True),
-    # 4. PyTorch benchmarks in one process; this step writes the report from everything the earlier ones left
+    # 3. PyTorch benchmarks in one process; this step writes the report from everything the earlier ones left
     Step("benchmark", ("-m", "benchmark and not paired", "--benchmark-disable-gc", "-p", "no:xdist")),
 )
 # Prefill benchmarks at a compute-bound shape (docs/benchmarks.md); compiled batch-1 decode for one scheme

@@ -10,7 +10,7 @@
 #   SCHEMES            space-separated scheme names or aliases to run (default: the whole catalog)
 #   SHARD              K/N: this runner's shard of the run (each scheme's tests on one shard, in every step); the
 #                      shards' reports/ folders merge into one report: python -m quantsuite.report --merge ...
-#   STEPS              space-separated steps to run, of: schemes machinery research vllm-speed benchmark (default: all,
+#   STEPS              space-separated steps to run, of: schemes machinery research benchmark (default: all,
 #                      in that order). A later step reuses what an earlier one left in the cache and under reports/,
 #                      so a runner held for less time than the whole nightly runs them as separate jobs (same
 #                      RUN_ID and QUANTSUITE_CACHE); the report is written by the benchmark step.

@@ -372,22 +372,9 @@ def test_autoquant_resolve_time(benchmark, workbench, scheme):
     timed_rounds(benchmark, resolve_config, args=(state, scheme), rounds=10, warmup_rounds=1)
 
 
-@pytest.fixture(scope="session")
-def vllm_speed_baseline(workbench, vllm_service):
-    """The BF16 export's vLLM engine, as users run it (CUDA graphs on a GPU), opened once per test process and
-    kept alive so every scheme alternates with it round by round."""
-    from quantsuite.vllm.service import error_text
-
-    reference = workbench.context.reference_scheme()
-    with workbench.vllm.speed_engine(reference, vllm_service, name="bf16-speed") as engine:
-        if engine.error:
-            pytest.fail(f"the BF16 export does not load in vLLM for the speed runs: {error_text(engine.error)}")
-        yield engine
-
-
 @benchmark_test
 @pytest.mark.paired
-def test_vllm_speed(benchmark, workbench, scheme, vllm_python, vllm_service, vllm_speed_baseline, export_dropped_after):
+def test_vllm_speed(benchmark, workbench, scheme, vllm_python, vllm_service, export_dropped_after):
     """vLLM throughput of each export against BF16, paired (alternating rounds on the same prompts): large-batch
     output tokens/s and batch-1 decode ms/token, with the weight-bytes bound. Runs under xdist too (one scheme
     and one engine pair per GPU); results go to reports/vllm/<model>/<scheme>.json (`speed`) and, without xdist,
@@ -409,7 +396,7 @@ def test_vllm_speed(benchmark, workbench, scheme, vllm_python, vllm_service, vll
         except VllmUnsupportedHere as error:
             pytest.skip(f"this machine cannot run it in vLLM: {error}")
         _info(benchmark, workbench, scheme.name, "vllm_paired", 0)
-        timed_rounds(benchmark, lambda: results.append(measure(vllm_speed_baseline, rounds)), rounds=1)
+        timed_rounds(benchmark, lambda: results.append(measure(rounds)), rounds=1)
     result = results[-1]
     benchmark.extra_info.update({"vllm_check": check, "vllm": vllm_version(vllm_python),
                                  "weight_bytes_bound": result["weight_bytes_bound"],

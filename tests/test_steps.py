@@ -115,7 +115,7 @@ def test_a_shard_runs_every_step_on_its_shard(tmp_path):
 def test_an_unknown_step_is_refused_naming_the_steps():
     done, steps = _nightly("schemes bogus", "true")
     assert done.returncode == 2
-    assert "nightly: STEPS has 'bogus'; accepted steps: schemes machinery research vllm-speed benchmark" in done.stderr
+    assert "nightly: STEPS has 'bogus'; accepted steps: schemes machinery research benchmark" in done.stderr
     assert not steps.exists()
 
 
@@ -174,8 +174,8 @@ sys.exit(2 if count else 0)
 
 
 def test_the_nightly_runs_each_stage_test_once_per_scheme_step_or_machinery_step():
-    """Step 1 (`schemes`) takes the cases of the `scheme` parameter, step 1b (`machinery`) the other tests of the same
-    marks: together every test of those marks, none twice, and no scheme's case in the machinery step."""
+    """Step 1 (`schemes`) takes the cases of the `scheme` parameter (vLLM speed included), step 1b (`machinery`) the
+    other tests of the same marks: together every test of those marks, none twice, no scheme's case in machinery."""
     from quantsuite.steps import NIGHTLY, STAGES
 
     def collected(*args: str) -> set[str]:
@@ -188,7 +188,8 @@ def test_the_nightly_runs_each_stage_test_once_per_scheme_step_or_machinery_step
     per_scheme = collected(*(arg for arg in steps["schemes"] if arg != "--no-report"))
     machinery = collected(*(arg for arg in steps["machinery"] if arg != "--no-report"))
     assert per_scheme and machinery and not per_scheme & machinery
-    assert per_scheme | machinery == collected("-m", STAGES)
+    assert per_scheme | machinery == collected("-m", f"{STAGES} or paired")
     assert "tests/test_drift.py::test_drift_within_bounds[fp8_autoquant_top50]" in per_scheme
+    assert "tests/test_bench.py::test_vllm_speed[fp8_autoquant_top50]" in per_scheme  # beside its verdict: one engine
     assert not any("test_drift_within_bounds" in test for test in machinery)
     assert "tests/stages/test_export.py::test_drop_keeps_the_bf16_reference" in machinery

@@ -172,6 +172,37 @@ def test_separate_engine_core_ends_with_its_engine(workbench, vllm_service):
     assert alive == [], f"left running after the engine closed: {alive}"
 
 
+@pytest.mark.uses_schemes("top50")
+@vllm
+def test_a_schemes_verdict_and_speed_pair_share_one_engine(workbench, catalog, vllm_python, vllm_service, monkeypatch):
+    """A scheme's verdict load stays open for its speed pair (one engine per scheme, as users run vLLM), the BF16
+    reference's beside it; the scheme's closes when its tests are done (`close_engines`), and a restarted server's
+    engines are not reused."""
+    top50 = catalog.scheme("top50")
+    export, reference = workbench.exports.path(top50), workbench.exports.path(workbench.context.reference_scheme())
+    opened = []
+    engine = vllm_service.engine
+    monkeypatch.setattr(vllm_service, "engine", lambda path, *rest: opened.append(Path(path)) or engine(path, *rest))
+    workbench.vllm.close_engines()
+    result = workbench.vllm.run(vllm_service, export, workbench.vllm.backend(vllm_python),
+                                workbench.exports.export_key(top50))  # a verdict's load, not served from the cache
+    assert result.get("loaded") and not result.get("error"), result.get("error")
+    patch = workbench.context.device.type != "cuda"
+    with workbench.vllm.speed_session(top50, vllm_service):
+        assert opened == [export, reference]  # the verdict's engine kept; the baseline opened once
+        greedy = workbench.vllm.engine(vllm_service, export, patch).call(
+            "generate", prompts=[list(range(1, MIN_SEQUENCE_TOKENS + 4))], max_tokens=2)  # fmt: skip
+        assert not greedy.get("error"), greedy
+    assert opened == [export, reference]
+    workbench.vllm.close_engines("scheme")
+    with workbench.vllm.speed_engine(top50, vllm_service):
+        assert opened == [export, reference, export]  # closed: loaded again
+    vllm_service._stop()  # the server (and every engine it forked) gone: nothing kept is reused
+    with workbench.vllm.speed_engine(top50, vllm_service) as fresh:
+        assert opened == [export, reference, export, export] and not fresh.error, fresh.error
+    workbench.vllm.close_engines()
+
+
 @vllm
 def test_the_server_preloads_what_engines_import_on_the_cpu_build(vllm_python):
     """The vLLM server imports `vllm.LLM` once on the CPU build (each forked engine inherited nothing and paid

@@ -10,7 +10,7 @@ from filelock import FileLock
 
 from quantsuite.data import DataConfig
 from quantsuite.models import ModelSpec
-from quantsuite.plugin.session import WORKBENCH, settings
+from quantsuite.plugin.session import WORKBENCH, settings, vllm_engine_share
 
 
 @pytest.fixture(scope="session")
@@ -37,8 +37,8 @@ def workbench(pytestconfig, model_spec, data_config, catalog):
     cache_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(cache_dir / "workbench.lock")):  # tokenizer / split set-up touches shared files once
         bench = Workbench(model_spec, data_config, catalog, cache_dir, Path(pytestconfig.getoption("--reports-dir")),
-                          run_id=pytestconfig.getoption("--run-id"),
-                          research=settings(pytestconfig).research)  # fmt: skip
+                          run_id=pytestconfig.getoption("--run-id"), research=settings(pytestconfig).research,
+                          vllm_engine_share=vllm_engine_share())  # fmt: skip
     pytestconfig.stash[WORKBENCH] = bench
     return bench
 
@@ -62,9 +62,11 @@ def fake_quant_model(workbench, scheme):
 
 @pytest.fixture(scope="session")
 def export_dropped_after(pytestconfig, workbench, scheme):
-    """Builds nothing (a test served from the cache needs no export); with --drop-exports the scheme's export,
-    if one was made, is deleted when the scheme's tests are done."""
+    """Builds nothing (a test served from the cache needs no export); when the scheme's tests are done its vLLM
+    engine (kept for its verdict and speed pair) closes and, with --drop-exports, its export, if one was made, is
+    deleted."""
     yield
+    workbench.vllm.close_engines("scheme")
     if pytestconfig.getoption("--drop-exports"):
         workbench.exports.drop(scheme)
 
@@ -105,7 +107,8 @@ def vllm_service(pytestconfig, vllm_python, workbench):
     from quantsuite.vllm.service import VllmService, pinned_environment
 
     log_dir = Path(pytestconfig.getoption("--cache-dir")) / "logs"
-    with VllmService(vllm_python, log_dir, pinned_environment(workbench.context.device)) as service:
+    with VllmService(vllm_python, log_dir, pinned_environment(workbench.context.device)) as service, \
+            workbench.vllm.engines_closed():
         try:  # the BF16 floor every verdict needs: a machine whose vLLM cannot compute skips them all, saying why
             workbench.vllm.check(workbench.context.reference_scheme(), workbench.vllm.backend(vllm_python), service)
         except VllmUnsupportedHere as error:

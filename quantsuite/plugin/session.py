@@ -133,6 +133,17 @@ def share_cpu_threads() -> None:
         torch.set_num_threads(threads)
 
 
+def vllm_engine_share(share: float = 0.3) -> float:
+    """The GPU share each vLLM engine of this process asks for: `share`, divided among the xdist workers that share
+    one GPU (each keeps two engines: the BF16 reference's and its scheme's; two workers on one H200 at 0.3 each
+    would ask for 1.2 of the card)."""
+    import torch
+
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    gpus = torch.cuda.device_count()
+    return share / max(1, -(-workers // gpus)) if gpus else share
+
+
 def worker_device(device: str) -> str:
     """Several GPUs + pytest-xdist: worker gwN takes cuda:(N mod GPUs), so schemes spread over the GPUs."""
     import torch

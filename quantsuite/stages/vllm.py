@@ -48,12 +48,20 @@ class VllmUnsupportedHere(RuntimeError):
 
 class VllmChecks:
     """Checks under `vllm/<key>` (key: the export's key + check + vLLM version + code + token inputs), verdicts and
-    speed merged per scheme into reports/vllm/<model>/<scheme>.json (one run's results only)."""
+    speed merged per scheme into reports/vllm/<model>/<scheme>.json (one run's results only).
 
-    def __init__(self, context: RunContext, schemes: Schemes, exports: Exports) -> None:
+    Every load of a scheme's export runs as users run vLLM (`load_options`), so one engine serves the scheme's
+    verdict and its speed pair: an engine that loaded is kept, one for the BF16 reference (noise floor, speed
+    baseline) and one for the scheme in hand, until another export or settings need its place, `close_engines`
+    (the scheme's tests are done) or the service ends. `engine_share`: the card share each engine asks for (two
+    per process; the pytest layer divides it among the processes sharing a GPU)."""
+
+    def __init__(self, context: RunContext, schemes: Schemes, exports: Exports, engine_share: float = 0.3) -> None:
         self.context = context
         self.schemes = schemes
         self.exports = exports
+        self.engine_share = engine_share
+        self._kept: dict[str, tuple] = {}  # role -> (server, (export, settings, patch), stack, engine)
 
     @functools.cached_property
     def token_inputs(self) -> tuple[list[list[int]], list[list[int]]]:
@@ -135,14 +143,16 @@ class VllmChecks:
         another checkpoint's reference instead (the planted fault of a verdict fed the wrong export)."""
         sequences, prompts = self.token_inputs
         images = self.image_inputs
-        self.context.release()  # the engine gets the device: nothing of ours stays on it
-        options = vllm_service.engine_options(self.context.device, "check", share=0.35)
-        if images:
-            options["images_per_prompt"] = 1
-        with service.engine(export_dir, options, patch=check == "cpu_patched") as engine:
+        patch = check == "cpu_patched"
+        with contextlib.ExitStack() as stack:  # a scheme's export: its kept engine; anything else: one of its own
+            if export_key is not None and reference_dir is None:
+                engine = self.engine(service, export_dir, patch)
+            else:
+                self.context.release()  # the engine gets the device: nothing of ours stays on it
+                engine = stack.enter_context(service.engine(export_dir, self.load_options(), patch))
             result = {key: engine.opened.get(key) for key in ("loaded", "error", "kernels", "patches",
                                                                "load_seconds", "vllm_version")}  # fmt: skip
-            result["options"] = options
+            result["options"] = engine.options
             if engine.error:
                 return result
             scores = engine.call("score", prompts=sequences)
@@ -275,7 +285,7 @@ class VllmChecks:
         check = self.backend(vllm_python)
         ratios = {}
         environment = vllm_service.pinned_environment(self.context.device)
-        with vllm_service.VllmService(vllm_python, log_dir, environment) as service:
+        with vllm_service.VllmService(vllm_python, log_dir, environment) as service, self.engines_closed():
             for scheme in schemes:
                 if scheme.name == self.context.reference_scheme().name or self.expected_failure(scheme, check):
                     continue  # the floor itself; a recorded failure is judged against its own range
@@ -295,40 +305,82 @@ class VllmChecks:
         return ratios
 
     @contextlib.contextmanager
-    def speed_engine(self, scheme: SchemeSpec, service, name: str | None = None, hold: bool = False) -> Iterator:
-        """The scheme's export in vLLM as users run it (CUDA graphs on a GPU; image prompts enabled where the data
-        has images), loaded under the host-wide SPEED_LOCK (loading beside another worker's rounds would disturb
-        them) and, with `hold`, holding it until the engine closes. The engine's `error` says why it did not load."""
+    def speed_engine(self, scheme: SchemeSpec, service, hold: bool = False) -> Iterator:
+        """The scheme's engine (`engine`: kept from its verdict, or loaded now), taken under the host-wide
+        SPEED_LOCK (loading beside another worker's rounds would disturb them) and, with `hold`, holding the lock
+        until the block ends. The engine's `error` says why it did not load."""
         lock = self.context.cache.exclusive(SPEED_LOCK)
         with contextlib.ExitStack() as stack:
             with lock:
-                export_dir = self.exports.path(scheme)
-                self.context.release()
                 patch = self.context.device.type != "cuda"
-                engine = stack.enter_context(service.engine(export_dir, self.speed_options(), patch, name))
+                engine = self.engine(service, self.exports.path(scheme), patch)
                 if hold:
                     stack.enter_context(lock)  # re-entered (same lock object): held until the stack closes
             yield engine
 
-    def speed_options(self) -> dict:
-        """The speed engines' arguments (vllm.service.engine_options), with one image per prompt where the data has
-        images."""
-        options = vllm_service.engine_options(self.context.device, "speed", share=0.3)
+    def load_options(self) -> dict:
+        """The arguments of every engine that loads an export (vllm.service.engine_options), as users run vLLM (CUDA
+        graphs, the engine core in its own process on a GPU), with one image per prompt where the data has images."""
+        options = vllm_service.engine_options(self.context.device, "speed", share=self.engine_share)
         return options | ({"images_per_prompt": 1} if self.image_inputs else {})
 
+    def engine(self, service, export_dir: Path, patch: bool):
+        """The engine of `export_dir` with `load_options` (and the CPU build's compatibility patch where `patch`):
+        the kept one when it still runs in this service, else loaded now and kept in its role's place (the BF16
+        reference's, or the scheme's, whose engine it closes first). An engine that did not load is not kept."""
+        options = self.load_options()
+        settings = {key: value for key, value in options.items() if key != "gpu_memory_utilization"}  # fitted anew
+        wanted = (str(export_dir), json.dumps(settings, sort_keys=True), patch)
+        reference_key = self.exports.export_key(self.context.reference_scheme())
+        role = "reference" if Path(export_dir).name == reference_key else "scheme"
+        kept = self._kept.get(role)
+        if kept is not None and kept[0] != _server(service):
+            del self._kept[role]  # another service, or its server ended (a restart): that engine is gone with it
+        elif kept is not None and kept[1] == wanted:
+            return kept[3]
+        self.close_engines(role)
+        self.context.release()  # the engine gets the device: nothing of ours stays on it
+        stack = contextlib.ExitStack()
+        engine = stack.enter_context(service.engine(export_dir, options, patch))
+        if engine.error:
+            stack.close()
+        else:
+            self._kept[role] = (_server(service), wanted, stack, engine)
+        return engine
+
     @contextlib.contextmanager
-    def speed_session(self, scheme: SchemeSpec, service) -> Iterator[Callable[[object, int], dict]]:
-        """Everything a speed measurement of the scheme needs, ready before it starts: the export and its engine
-        (`speed_engine`), with the host-wide SPEED_LOCK held throughout (one measurement at a time per host: work
-        beside the rounds moves the ratios, reports/bounds/README.md). Raises VllmUnsupportedHere (this hardware)
-        or RuntimeError (no load) on entry; yields `measure(baseline, rounds)`."""
+    def engines_closed(self) -> Iterator[None]:
+        """Close every kept engine when the block ends (before its service does)."""
+        try:
+            yield
+        finally:
+            self.close_engines()
+
+    def close_engines(self, role: str | None = None) -> None:
+        """Close the kept engine of `role` ("reference", "scheme"), or all."""
+        for name in [role] if role else list(self._kept):
+            kept = self._kept.pop(name, None)
+            if kept is not None:
+                kept[2].close()
+
+    @contextlib.contextmanager
+    def speed_session(self, scheme: SchemeSpec, service) -> Iterator[Callable[[int], dict]]:
+        """Everything a speed measurement of the scheme needs, ready before it starts: its engine and the BF16
+        reference's (`engine`: kept, or loaded now), with the host-wide SPEED_LOCK held throughout (one measurement
+        at a time per host: work beside the rounds moves the ratios, reports/bounds/README.md). Raises
+        VllmUnsupportedHere (this hardware) or RuntimeError (no load) on entry; yields `measure(rounds)`."""
         with self.speed_engine(scheme, service, hold=True) as engine:
             if vllm_service.is_unsupported_here(engine.error):
                 raise VllmUnsupportedHere(f"{scheme.name}: {vllm_service.error_text(engine.error)}")
             if engine.error:
                 raise RuntimeError(f"{scheme.name}: the speed engine did not load: "
                                    f"{vllm_service.error_text(engine.error)}")  # fmt: skip
-            yield lambda baseline, rounds: self._measure(scheme, engine, engine.options, baseline, rounds)
+            reference = self.exports.path(self.context.reference_scheme())
+            baseline = self.engine(service, reference, patch=self.context.device.type != "cuda")
+            if baseline.error:
+                raise RuntimeError("the BF16 export does not load in vLLM for the speed runs: "
+                                   f"{vllm_service.error_text(baseline.error)}")  # fmt: skip
+            yield lambda rounds: self._measure(scheme, engine, engine.options, baseline, rounds)
 
     def _measure(self, scheme: SchemeSpec, engine, options: dict, baseline, rounds: int) -> dict:
         """Paired with the BF16 export's engine `baseline` (already open): per workload the median per-round
@@ -360,6 +412,12 @@ class VllmChecks:
         """A negative control's figures (a garbage load, a verdict fed the wrong reference) under
         reports/vllm/<model>/controls/<name>.json, which the report reads."""
         self.context.publish("vllm", f"controls/{name}", record)
+
+
+def _server(service) -> tuple | None:
+    """Which server of which service runs now (None: none does; the next request starts one, without engines)."""
+    running = service.process is not None and service.process.poll() is None
+    return (id(service), service.starts) if running else None
 
 
 def _decision_record(decision, floor: dict) -> dict:

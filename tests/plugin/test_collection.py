@@ -1,12 +1,13 @@
 """The pytest layer (quantsuite/plugin/): sharing CPU cores between pytest-xdist workers (torch's intra-op
-threads), the order in which a scheme's tests run, and the shards of a run (--shard)."""
+threads) and a GPU between their vLLM engines, the order in which a scheme's tests run, and the shards of a run
+(--shard)."""
 
 from __future__ import annotations
 
 import pytest
 
 from quantsuite.plugin.collection import scheme_major_order
-from quantsuite.plugin.session import worker_threads
+from quantsuite.plugin.session import vllm_engine_share, worker_threads
 
 
 @pytest.mark.parametrize(("count", "override", "expected"), [
@@ -22,6 +23,19 @@ def test_each_worker_gets_its_share_of_the_cores(monkeypatch, count, override, e
         else:
             monkeypatch.setenv(name, value)
     assert worker_threads() == expected
+
+
+@pytest.mark.parametrize(("workers", "gpus", "expected"), [
+    (None, 1, 0.3), ("1", 1, 0.3), ("2", 1, 0.15), ("2", 2, 0.3), ("3", 2, 0.15), ("4", 1, 0.075), ("2", 0, 0.3),
+])  # fmt: skip
+def test_workers_sharing_a_gpu_divide_its_engine_share(monkeypatch, workers, gpus, expected):
+    """Each process keeps two vLLM engines at 0.3 of the card: two workers on one GPU would ask for 1.2 of it."""
+    monkeypatch.setattr("torch.cuda.device_count", lambda: gpus)
+    if workers is None:
+        monkeypatch.delenv("PYTEST_XDIST_WORKER_COUNT", raising=False)
+    else:
+        monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", workers)
+    assert vllm_engine_share() == pytest.approx(expected)
 
 
 def test_a_scheme_runs_its_tests_together():
