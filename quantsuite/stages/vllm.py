@@ -376,7 +376,7 @@ class VllmChecks:
                 raise RuntimeError(f"{scheme.name}: the speed engine did not load: "
                                    f"{vllm_service.error_text(engine.error)}")  # fmt: skip
             reference = self.exports.path(self.context.reference_scheme())
-            baseline = self.engine(service, reference, patch=self.context.device.type != "cuda")
+            baseline = self.engine(service, reference, engine.patch)  # loaded as the scheme's is
             if baseline.error:
                 raise RuntimeError("the BF16 export does not load in vLLM for the speed runs: "
                                    f"{vllm_service.error_text(baseline.error)}")  # fmt: skip
