@@ -126,6 +126,28 @@ def test_format_quant_config_keeps_vision_disabled_last():
     assert any(entry["quantizer_name"] == "*[kv]_bmm_quantizer" for entry in kv)
 
 
+def test_every_handled_preset_is_a_preset_of_the_installed_modelopt():
+    """The catalog accepts the names in HANDLED_PRESETS without importing ModelOpt; this is where a ModelOpt that
+    renamed or dropped one of them is caught."""
+    import modelopt.torch.quantization as mtq
+
+    from quantsuite.catalog import HANDLED_PRESETS
+
+    missing = {name for names in HANDLED_PRESETS.values() for name in names} - set(mtq.config.choices)
+    assert not missing, f"not presets of the installed ModelOpt: {sorted(missing)}"
+
+
+def test_weight_bits_are_modelopts_cost_model():
+    """The catalog's bits per weight (the unit of effective-bits targets, kept so the catalog validates without
+    importing ModelOpt) are what ModelOpt's AutoQuant charges for each preset."""
+    from modelopt.torch.quantization.algorithms import QuantRecipe
+
+    from quantsuite.catalog import PRESET_ALGORITHMS, PRESET_WEIGHT_BITS
+
+    assert set(PRESET_WEIGHT_BITS) == set(PRESET_ALGORITHMS)
+    assert {preset: 16.0 * QuantRecipe(preset).compression for preset in PRESET_WEIGHT_BITS} == PRESET_WEIGHT_BITS
+
+
 def test_every_preset_has_a_family_and_drift_default_covers_every_family():
     from quantsuite.catalog import FAMILIES, PRESET_ALGORITHMS, PRESET_FAMILIES
 
