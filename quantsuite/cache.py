@@ -83,6 +83,7 @@ TOOLCHAIN_CACHES = {
     "VLLM_CACHE_ROOT": "vllm",  # vLLM's torch.compile artifacts and kernels, in the server's environment
     "FLASHINFER_WORKSPACE_BASE": "flashinfer",  # FlashInfer's JIT kernels (vLLM on a GPU)
     "CUDA_CACHE_PATH": "cuda",  # the driver's PTX-to-binary cache
+    "PYTORCH_KERNEL_CACHE_PATH": "torch_kernels",  # torch's NVRTC-compiled CUDA kernels (jiterator reductions)
 }
 
 

@@ -48,6 +48,8 @@ def pytest_configure(config: pytest.Config) -> None:
     from quantsuite.vllm.service import VllmSetupError, resolve_vllm_python
 
     option = config.getoption
+    # first: the CUDA driver reads CUDA_CACHE_PATH once, when something initializes CUDA (--device auto asks)
+    keep_toolchain_caches(Path(option("--cache-dir")))
     requested = ModelSpec(option("--model"), option("--device"), option("--dtype"), option("--model-seed"))
     if option("--run-id") is None:  # one id per run: the controller sets it, xdist workers inherit the options
         config.option.run_id = time.strftime("%Y%m%d-%H%M%S") + f"-{requested.tag}"
@@ -73,7 +75,6 @@ def pytest_configure(config: pytest.Config) -> None:
         shard = parse_shard(option("--shard"))
     except (SchemeError, ModelSourceError, CaptionDataError, VllmSetupError, ValueError) as error:
         raise pytest.UsageError(str(error)) from None
-    keep_toolchain_caches(Path(option("--cache-dir")))
     model_spec = replace(requested, device=worker_device(requested.device))
     config.stash[SETTINGS] = RunSettings(model_spec, data_config, catalog, vllm_python, research, shard)
     share_cpu_threads()
