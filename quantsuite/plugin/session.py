@@ -132,6 +132,8 @@ def share_cpu_threads() -> None:
         import torch
 
         torch.set_num_threads(threads)
+        # and the processes this worker starts (the vLLM server, the machinery tests' pytest runs), unless set
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
 
 def vllm_engine_share(share: float = 0.3) -> float:

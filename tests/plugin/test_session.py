@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 import quantsuite
@@ -27,3 +28,20 @@ def test_toolchain_caches_are_placed_before_anything_initializes_cuda(request, m
     session.pytest_configure(config)
     assert seen and all(path == str(tmp_path.resolve() / "toolchains" / "cuda") for path in seen), seen
     assert config.stash[session.SETTINGS].model_spec.device == "auto"
+
+
+@pytest.mark.parametrize(("users", "expected"), [(None, "4"), ("3", "3")])
+def test_a_workers_share_of_the_cores_passes_to_the_processes_it_starts(monkeypatch, users, expected):
+    """A pytest run of the machinery tests or the vLLM server started by one of two workers takes that worker's
+    share (4 of 8 cores), not every core beside the other worker; OMP_NUM_THREADS set by the user wins."""
+    threads = []
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(8)))
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")
+    monkeypatch.delenv("QUANTSUITE_TORCH_THREADS", raising=False)
+    if users is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", users)
+    session.share_cpu_threads()
+    assert threads == [4] and os.environ["OMP_NUM_THREADS"] == expected
