@@ -206,15 +206,17 @@ def test_a_schemes_verdict_and_speed_pair_share_one_engine(workbench, catalog, v
 @vllm
 def test_the_server_preloads_what_engines_import_on_the_cpu_build(vllm_python):
     """The vLLM server imports `vllm.LLM` once on the CPU build (each forked engine inherited nothing and paid
-    ~4 s for it: 3 engine opens 0.864x the wall time, farm-bench, 2-core box) and freezes that heap out of the
-    garbage collector, and never initializes CUDA before it forks engines; on a CUDA build it preloads nothing
-    (not yet measured there)."""
+    ~4 s for it: 3 engine opens 0.864x the wall time, farm-bench, 2-core box), and the modules an engine imports
+    while it opens (ENGINE_MODULES: a name another vLLM moved fails here, not in the server), freezes that heap
+    out of the garbage collector, and never initializes CUDA before it forks engines; on a CUDA build it preloads
+    nothing (not yet measured there)."""
     import subprocess
 
     from quantsuite.vllm.service import WORKER, is_cpu_build
 
     script = (f"import gc, sys; sys.path.insert(0, {str(WORKER.parent)!r}); import worker, torch; "
-              "print(worker.preload_engine_imports(), 'vllm.entrypoints.llm' in sys.modules, "
+              "print(worker.preload_engine_imports(), 'vllm.entrypoints.llm' in sys.modules "
+              "and all(name in sys.modules for name in worker.ENGINE_MODULES), "
               "torch.cuda.is_initialized(), gc.get_freeze_count() > 0)")  # fmt: skip
     done = subprocess.run([str(vllm_python), "-c", script], capture_output=True, text=True, timeout=300)
     cpu = is_cpu_build(vllm_python)

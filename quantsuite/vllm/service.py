@@ -128,7 +128,7 @@ class VllmService:
 
     def _start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        settings = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1",
+        settings = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1",
                     "PYTHONPATH": os.environ.get("QUANTSUITE_VLLM_PYTHONPATH", "")}  # fmt: skip
         environment = os.environ | settings | self.environment
         if is_cpu_build(self.python):
@@ -253,6 +253,9 @@ def memory_utilization(device: torch.device, share: float = 0.85, reserve_gib: f
     return round(min(share, fitted), 3)
 
 
+CPU_KV_CACHE_BYTES = 256 * 2**20
+
+
 def engine_options(device: torch.device, purpose: str, share: float = 0.85) -> dict:
     """Engine arguments per backend: `check` (eager, small, engine core inside the engine process) or `speed`
     on a GPU as users run vLLM: CUDA graphs, and the engine core in a process of its own (vLLM's default; the
@@ -260,6 +263,8 @@ def engine_options(device: torch.device, purpose: str, share: float = 0.85) -> d
     BF16 output tokens/s moved 12.6k-24.1k between rounds: host-bound, scheduling serialized with the GPU work.
     The CPU build keeps it inside (its spawned processes would lack quantsuite's opt-in compatibility patch)."""
     options: dict = {"max_model_len": 512, "enforce_eager": True}
+    if device.type == "cpu":  # KV cache for 64 prompts of 64 tokens of a 7B model; each engine allocates (zeroes) it
+        options["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
     if device.type == "cuda":
         options["gpu_memory_utilization"] = memory_utilization(device, share)
         if purpose == "speed":
