@@ -45,3 +45,13 @@ def test_a_workers_share_of_the_cores_passes_to_the_processes_it_starts(monkeypa
         monkeypatch.setenv("OMP_NUM_THREADS", users)
     session.share_cpu_threads()
     assert threads == [4] and os.environ["OMP_NUM_THREADS"] == expected
+
+
+def test_the_loaded_heap_is_kept_out_of_the_garbage_collector():
+    """This test's process collected tests, so what was loaded then, the stages' lazy imports included, is frozen:
+    a full collection no longer walks it."""
+    import gc
+    import sys
+
+    assert gc.get_freeze_count() > 100_000
+    assert {"modelopt.torch.quantization", "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl"} <= set(sys.modules)
