@@ -89,7 +89,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     lazily; they are imported first, so that they are kept out too. Objects made later are collected as before."""
     if not session.items or session.config.option.collectonly:
         return
-    import modelopt.torch.export
+    import modelopt.torch.export  # imported for what they load, like the stages do later
     import modelopt.torch.quantization  # noqa: F401
     import transformers.models.qwen2_5_vl.modeling_qwen2_5_vl  # noqa: F401
 

