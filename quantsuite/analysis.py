@@ -78,14 +78,9 @@ def bootstrap_interval(statistic, captions: int, resamples: int = RESAMPLES, vec
     if captions < 2:
         value = float(statistic(np.arange(captions)))
         return [value, value]
-    if vectorized:
-        def call(indices, axis=-1):
-            return statistic(indices.astype(int))
-    else:
-        def call(indices):
-            return statistic(indices.astype(int))
-    result = bootstrap((np.arange(captions),), call, vectorized=vectorized, n_resamples=resamples,
-                       method="percentile", confidence_level=CONFIDENCE, rng=0)  # fmt: skip
+    result = bootstrap((np.arange(captions),), lambda indices, axis=-1: statistic(indices.astype(int)),
+                       vectorized=vectorized, n_resamples=resamples, method="percentile",
+                       confidence_level=CONFIDENCE, rng=0)  # fmt: skip
     return [float(result.confidence_interval.low), float(result.confidence_interval.high)]
 
 
