@@ -10,7 +10,7 @@ from filelock import FileLock
 
 from quantsuite.data import DataConfig
 from quantsuite.models import ModelSpec
-from quantsuite.plugin.session import WORKBENCH, settings, vllm_engine_share
+from quantsuite.plugin.session import WORKBENCH, freeze_loaded_heap, settings, vllm_engine_share
 
 
 @pytest.fixture(scope="session")
@@ -40,6 +40,7 @@ def workbench(pytestconfig, model_spec, data_config, catalog):
                           run_id=pytestconfig.getoption("--run-id"), research=settings(pytestconfig).research,
                           vllm_engine_share=vllm_engine_share())  # fmt: skip
     pytestconfig.stash[WORKBENCH] = bench
+    freeze_loaded_heap()
     return bench
 
 

@@ -1,5 +1,5 @@
 """The run's settings, checked and built once per process at pytest_configure, the CPU threads of each xdist
-worker, and the loaded heap kept out of the garbage collector once tests are collected. Everything else of the
+worker, and the loaded heap kept out of the garbage collector once the stages start. Everything else of the
 pytest layer reads `settings(config)`."""
 
 from __future__ import annotations
@@ -82,17 +82,18 @@ def pytest_configure(config: pytest.Config) -> None:
     share_cpu_threads()
 
 
-def pytest_collection_finish(session: pytest.Session) -> None:
-    """Keep what is loaded once tests are collected (torch, transformers, ModelOpt: ~580k objects) out of the cyclic
+def freeze_loaded_heap() -> None:
+    """Keep what is loaded when the stages start (torch, transformers, ModelOpt: ~580k objects) out of the cyclic
     garbage collector (gc.freeze): every full collection walked it, 0.3-0.4 s each, and `free_memory` collects after
     each export measured (reports/profile-cpu-2core/README.md). The stages import ModelOpt and Qwen2.5-VL's modeling
-    lazily; they are imported first, so that they are kept out too. Objects made later are collected as before."""
-    if not session.items or session.config.option.collectonly:
-        return
+    lazily; they are imported first, so that they are kept out too, and what is garbage by then is collected once
+    before. Objects made later are collected as before. Called by the workbench fixture: a run without stages (unit
+    tests alone) pays nothing."""
     import modelopt.torch.export  # imported for what they load, like the stages do later
     import modelopt.torch.quantization  # noqa: F401
     import transformers.models.qwen2_5_vl.modeling_qwen2_5_vl  # noqa: F401
 
+    gc.collect()
     gc.freeze()
 
 

@@ -47,9 +47,9 @@ def test_a_workers_share_of_the_cores_passes_to_the_processes_it_starts(monkeypa
     assert threads == [4] and os.environ["OMP_NUM_THREADS"] == expected
 
 
-def test_the_loaded_heap_is_kept_out_of_the_garbage_collector():
-    """This test's process collected tests, so what was loaded then, the stages' lazy imports included, is frozen:
-    a full collection no longer walks it."""
+def test_the_loaded_heap_is_kept_out_of_the_garbage_collector(workbench):
+    """Once the workbench is built, what was loaded then, the stages' lazy imports included, is frozen: a full
+    collection no longer walks it."""
     import gc
     import sys
 
