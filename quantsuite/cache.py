@@ -90,11 +90,14 @@ TOOLCHAIN_CACHES = {
 def keep_toolchain_caches(root: Path) -> dict[str, str]:
     """Point each toolchain cache the user's environment does not place at `root`/toolchains/<name>, in this
     process's environment (so the vLLM server and subprocesses inherit it); returns what it set. A default a
-    library wrote into the environment since (ModelOpt's import sets torch's /tmp one) is replaced."""
+    library wrote into the environment since (ModelOpt's import sets torch's /tmp one) is replaced. The folders are
+    made here: torch does not make a missing PYTORCH_KERNEL_CACHE_PATH (it warns and caches nothing)."""
     from quantsuite import USER_ENVIRONMENT
 
     chosen = {name: str(Path(root).resolve() / "toolchains" / folder) for name, folder in TOOLCHAIN_CACHES.items()
               if not USER_ENVIRONMENT.get(name)}  # fmt: skip
+    for folder in chosen.values():
+        Path(folder).mkdir(parents=True, exist_ok=True)
     os.environ.update(chosen)
     return chosen
 

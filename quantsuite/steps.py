@@ -35,13 +35,15 @@ class Step:
 
 CI_RUN_ID = "latest-tiny"  # one run id for both passes: the report joins this run's results only
 CI = (
-    # everything but the benchmarks, vLLM tests grouped on one worker; the score-size study on 3 sizes x 2 draws
-    # (6 scoring passes, not the default 18: its checks are the same; reports/research-studies-tiny-cpu ran all)
-    Step("tests", ("-m", "not benchmark", "--durations=25", "--research-score-sizes=16,64,128",
+    # everything but the PyTorch benchmarks, each scheme's tests on one worker; the vLLM speed pairs (`paired`) run
+    # here, as in the nightly's per-scheme step, in the engines the scheme's verdicts opened (on CPU they are no speed
+    # claim); the score-size study on 3 sizes x 2 draws (6 scoring passes, not the default 18: its checks are the
+    # same; reports/research-studies-tiny-cpu ran all)
+    Step("tests", ("-m", "not benchmark or paired", "--durations=25", "--research-score-sizes=16,64,128",
                    "--research-draws=0,1"), parallel=True),
-    # the benchmarks in one process (never under xdist); they write their JSON and the run's report
-    Step("benchmarks", ("-m", "benchmark", "--benchmark-disable-gc", "-p", "no:xdist", "--benchmark-json",
-                        "reports/benchmarks-tiny.json", "--durations=15"),
+    # the PyTorch benchmarks in one process (never under xdist); they write their JSON and the run's report
+    Step("benchmarks", ("-m", "benchmark and not paired", "--benchmark-disable-gc", "-p", "no:xdist",
+                        "--benchmark-json", "reports/benchmarks-tiny.json", "--durations=15"),
          env={"QUANTSUITE_BENCH_ROUNDS": "3", "QUANTSUITE_BENCH_WARMUP": "1"}),
 )  # fmt: skip
 

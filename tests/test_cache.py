@@ -138,6 +138,7 @@ def test_toolchain_caches_live_under_the_cache_dir(tmp_path, monkeypatch, workbe
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/the/users/choice" and "TORCHINDUCTOR_CACHE_DIR" not in chosen
     assert set(chosen) == set(TOOLCHAIN_CACHES) - {"TORCHINDUCTOR_CACHE_DIR"}
     assert all(Path(path).parent == tmp_path.resolve() / "toolchains" for path in chosen.values())
+    assert all(Path(path).is_dir() for path in chosen.values()), "torch caches nothing in a missing kernel folder"
     inherited = subprocess.run([sys.executable, "-c", "import os; print(os.environ['VLLM_CACHE_ROOT'])"],
                                capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
     assert inherited == str(tmp_path.resolve() / "toolchains" / "vllm")

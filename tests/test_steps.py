@@ -133,6 +133,21 @@ def test_ci_stops_at_the_first_failing_pass(tmp_path):
         assert len(lines) == calls and all(line.endswith("--run-id=latest-tiny -k x") for line in lines), lines
 
 
+def test_ci_runs_every_test_in_exactly_one_pass():
+    """Each combination of the marks that choose a CI pass (a unit test, a PyTorch benchmark, a vLLM speed pair:
+    `benchmark` + `paired`) is selected by one pass's -m expression, the speed pairs by the first (in the engines of
+    their scheme's verdicts), none by both (run twice) or neither (never run)."""
+    from _pytest.mark.expression import Expression
+
+    from quantsuite.steps import CI
+
+    expressions = [Expression.compile(step.args[step.args.index("-m") + 1]) for step in CI]
+    for marks, expected in (((), "tests"), (("benchmark",), "benchmarks"), (("benchmark", "paired"), "tests")):
+        chosen = [step.name for step, expression in zip(CI, expressions, strict=True)
+                  if expression.evaluate(lambda name, marks=marks, **kwargs: name in marks)]  # fmt: skip
+        assert chosen == [expected], f"marks {marks}: passes {chosen}"
+
+
 def test_an_interrupt_reaches_the_running_step_once_and_stops_the_rest(tmp_path):
     """SIGINT to the nightly (what `timeout -s INT` sends) reaches the running step's pytest, which finishes its
     summary; its row is recorded and no later step runs. The stand-in counts the SIGINTs it gets."""

@@ -213,6 +213,7 @@ class Engine:
     def __init__(self, service: VllmService, export_dir: Path, options: dict, patch: bool, name: str) -> None:
         self.service, self.export_dir, self.options, self.patch, self.name = service, export_dir, options, patch, name
         self.opened: dict = {}
+        self.warmed: set[str] = set()  # workloads this engine already ran untimed (vllm.speed.paired_speed)
 
     def __enter__(self) -> Engine:
         offset = self.service.log_offset()

@@ -44,3 +44,32 @@ def test_timed_image_requests_are_new_to_every_vllm_cache(tmp_path):
     scored = worker.requests(inputs["sequences"], inputs["images"], PAD)  # scoring: vLLM's own hashes
     assert all("multi_modal_uuids" not in r and "cache_salt" not in r for r in scored)
     assert worker.requests([[1, 2, 3]], None, None, fresh="x") == [{"prompt_token_ids": [1, 2, 3]}]
+
+
+class _Engine:
+    """Stands in for vllm.service.Engine: `timed` answers `rate` tokens/s and logs the call."""
+
+    def __init__(self, name: str, rate: float, log: list) -> None:
+        self.name, self.rate, self.log, self.warmed = name, rate, log, set()
+
+    def call(self, method: str, **args) -> dict:
+        self.log.append(self.name)
+        return {"output_tokens": self.rate, "seconds": 1.0}
+
+
+def test_a_kept_baseline_engine_is_warmed_once_per_workload():
+    """Each engine runs a workload once untimed before its first timed round, the BF16 engine kept for every scheme
+    only once per run; the rounds alternate ABBA and the ratio is the median per-round ratio."""
+    from quantsuite.vllm.speed import Workload, paired_speed
+
+    log: list[str] = []
+    bf16, first, second = _Engine("bf16", 100.0, log), _Engine("a", 150.0, log), _Engine("b", 50.0, log)
+    batch, single = Workload("batch8", ((1, 2, 3),) * 8, 4), Workload("batch1", ((1, 2, 3),), 4)
+    assert paired_speed(bf16, first, batch, rounds=2)["ratio"] == 1.5
+    assert log == ["bf16", "a", "bf16", "a", "a", "bf16"]  # warm-ups, then ABBA
+    log.clear()
+    assert paired_speed(bf16, second, batch, rounds=2)["ratio"] == 0.5
+    assert log == ["b", "bf16", "b", "b", "bf16"]  # the kept BF16 engine ran this workload already
+    log.clear()
+    paired_speed(bf16, second, single, rounds=1)
+    assert log == ["bf16", "b", "bf16", "b"]  # a workload new to both engines warms both
