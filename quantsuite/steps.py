@@ -78,12 +78,25 @@ class Interrupted(Exception):
         self.status = status
 
 
+def step_environment(defaults: dict[str, str]) -> dict[str, str]:
+    """A step's environment: its defaults, then the caller's, with Python's bytecode kept under the suite's cache
+    (`<cache>/toolchains/python`, PYTHONPYCACHEPREFIX, unless the caller places it) even where
+    PYTHONDONTWRITEBYTECODE is set (as on the CI box): a step starts dozens of Python processes (xdist workers, the
+    vLLM server, the pytest runs of the machinery tests), and without it each compiled the project's modules and
+    pytest rewrote ~140 test and plugin modules again (a test collection 4.9 s against 3.9 s, 2-core box)."""
+    environment = defaults | os.environ
+    environment.pop("PYTHONDONTWRITEBYTECODE", None)
+    cache = Path(environment.get("QUANTSUITE_CACHE") or ROOT / ".quantsuite-cache")
+    environment.setdefault("PYTHONPYCACHEPREFIX", str(cache.resolve() / "toolchains" / "python"))
+    return environment
+
+
 def _run(command: list[str], env: dict[str, str]) -> int:
-    """Run one step's pytest and return its exit status. pytest runs in a process group of its own, and a SIGINT
-    this runner gets is passed on to it once, so the cut step still prints its durations and stage table and writes
-    its report (a terminal's Ctrl-C would otherwise reach pytest twice, and `timeout -s INT` not at all); the step's
-    status then raises Interrupted."""
-    process = subprocess.Popen(command, cwd=ROOT, env=env | os.environ, start_new_session=True)
+    """Run one step's pytest (in `step_environment(env)`) and return its exit status. pytest runs in a process
+    group of its own, and a SIGINT this runner gets is passed on to it once, so the cut step still prints its
+    durations and stage table and writes its report (a terminal's Ctrl-C would otherwise reach pytest twice, and
+    `timeout -s INT` not at all); the step's status then raises Interrupted."""
+    process = subprocess.Popen(command, cwd=ROOT, env=step_environment(env), start_new_session=True)
     interrupted = False
     while True:
         try:
