@@ -81,8 +81,8 @@ class Interrupted(Exception):
 def step_environment(defaults: dict[str, str]) -> dict[str, str]:
     """A step's environment: its defaults, then the caller's, without PYTHONDONTWRITEBYTECODE (set on the CI box): a
     step starts dozens of Python processes (xdist workers, the vLLM server, the pytest runs of the machinery tests),
-    and without bytecode kept each compiled the project's modules and pytest rewrote ~140 test and plugin modules
-    again (a test collection 4.9 s against 3.9 s, 2-core box). The bytecode goes where Python puts it by default
+    and without bytecode kept each compiled the project's modules and pytest rewrote every test and plugin module
+    again (reports/profile-cpu-2core/README.md, session 23). The bytecode goes where Python puts it by default
     (`__pycache__/`, ignored by git); the installed packages' own bytecode is used as it is (a PYTHONPYCACHEPREFIX
     would have Python compile all of torch's modules once more, into it)."""
     environment = defaults | os.environ
