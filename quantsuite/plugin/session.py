@@ -83,12 +83,12 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def freeze_loaded_heap() -> None:
-    """Keep what is loaded when the stages start (torch, transformers, ModelOpt: ~580k objects) out of the cyclic
-    garbage collector (gc.freeze): every full collection walked it, 0.3-0.4 s each, and `free_memory` collects after
-    each export measured (reports/profile-cpu-2core/README.md). The stages import ModelOpt and Qwen2.5-VL's modeling
-    lazily; they are imported first, so that they are kept out too, and what is garbage by then is collected once
-    before. Objects made later are collected as before. Called by the workbench fixture: a run without stages (unit
-    tests alone) pays nothing."""
+    """Keep what is loaded when the stages start (torch, transformers, ModelOpt: hundreds of thousands of objects)
+    out of the cyclic garbage collector (gc.freeze): every full collection walked it, and `free_memory` collects
+    after each export measured (what that cost: reports/profile-cpu-2core/README.md, session 22). The stages import
+    ModelOpt and Qwen2.5-VL's modeling lazily; they are imported first, so that they are kept out too, and what is
+    garbage by then is collected once before. Objects made later are collected as before. Called by the workbench
+    fixture: a run without stages (unit tests alone) pays nothing."""
     import modelopt.torch.export  # imported for what they load, like the stages do later
     import modelopt.torch.quantization  # noqa: F401
     import transformers.models.qwen2_5_vl.modeling_qwen2_5_vl  # noqa: F401

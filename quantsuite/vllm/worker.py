@@ -256,8 +256,8 @@ def end_children(llm=None, separate_core: bool = False) -> None:
             child.kill()
 
 
-# What an engine of the CPU build imports while it opens (880 modules, 0.5 s of each ~1.5 s open on the 2-core
-# box), by the modules that pull most of it in
+# What an engine of the CPU build imports while it opens, by the modules that pull most of it in (its share of an
+# open: reports/profile-cpu-2core/README.md, session 22)
 ENGINE_MODULES = ("vllm.v1.worker.cpu_worker", "vllm.v1.executor.uniproc_executor",
                   "vllm.model_executor.models.qwen2_5_vl", "vllm.model_executor.model_loader",
                   "vllm.v1.core.sched.scheduler", "vllm.v1.attention.backends.cpu_attn",
