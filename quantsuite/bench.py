@@ -55,9 +55,9 @@ def fp8_matmul_support(device: torch.device) -> str | None:
 def compiled_fp8_support(device: torch.device) -> str | None:
     """None if ScaledMmLinear under torch.compile computes what it computes eager (24 rows, then one row: its fused
     FP8 reduction), for layers of 128, 256 and 512 inputs, at this process's thread count; else why not. With torch
-    2.13 and the AVX2 CPU kernel set inductor's fused FP8 reduction returns inf or nan for some of these shapes and
-    thread counts; under the scalar kernel set (ATEN_CPU_CAPABILITY=default) inductor's C++ build fails
-    (reports/bounds/README.md). Checked once per process."""
+    2.13 and the AVX2 CPU kernel set inductor's fused FP8 reduction returned inf or nan for some of these shapes and
+    thread counts on one box (not on another); under the scalar kernel set (ATEN_CPU_CAPABILITY=default) inductor's
+    C++ build failed on one box (reports/bounds/README.md). Checked once per process."""
     from types import SimpleNamespace
 
     generator = torch.Generator().manual_seed(0)

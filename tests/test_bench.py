@@ -407,11 +407,14 @@ def test_vllm_speed(benchmark, workbench, scheme, vllm_python, vllm_service, exp
 
 
 def test_compiled_fp8_support_is_measured_on_this_kernel_set():
-    """torch 2.13's inductor computes the fused FP8 reduction wrongly under the AVX2 kernel set at one thread (a
-    forced-AVX2 clone failed every FP8 scheme's compiled one-row path with an infinite error): in a fresh process at
-    one thread (this process may hold compiled code of another thread count) the probe says so there; under the
+    """torch 2.13's inductor computed the fused FP8 reduction wrongly under the AVX2 kernel set at one thread on one
+    box (a forced-AVX2 clone failed every FP8 scheme's compiled one-row path with an infinite error) and right on
+    another (an AMD EPYC box, forced AVX2: the probe said None and the compiled one-row paths matched); under the
     scalar kernel set inductor's C++ build failed in one clone and built and agreed with eager in another
-    (reports/bounds/README.md): either is a measured fact the probe must report; nothing on the native kernels."""
+    (reports/bounds/README.md). Each is a measured fact the probe must report, in a fresh process at one thread
+    (this process may hold compiled code of another thread count); nothing on the native kernels. A None is checked
+    where it is used: `test_scaled_mm_layers_match_the_dequantized_export` then runs the compiled paths. That the
+    probe catches a wrong or failing compile wherever it happens: the planted faults below."""
     import subprocess
     import sys
 
@@ -423,9 +426,29 @@ def test_compiled_fp8_support_is_measured_on_this_kernel_set():
     assert completed.returncode == 0, completed.stderr[-2000:]
     reason = completed.stdout.rpartition("REASON ")[2].strip()
     capability = torch.backends.cpu.get_cpu_capability()
-    if capability == "AVX2":
-        assert "away from eager" in reason, reason
+    if capability == "AVX2":  # wrong on one box, right on another
+        assert reason == "None" or "away from eager" in reason, reason
     elif capability == "DEFAULT":  # the scalar kernel set: inductor's C++ build failed on one box, built on another
         assert reason == "None" or "cannot build" in reason, reason
     else:
         assert reason == "None", reason
+
+
+@pytest.mark.parametrize(("compiled", "expected"), [
+    (lambda layer: layer, None),  # what eager computes
+    (lambda layer: lambda x: layer(x) * 1.05, "away from eager"),  # 5% off
+    (lambda layer: lambda x: layer(x) if x.shape[0] > 1 else layer(x) * float("inf"), "away from eager"),  # one row
+    (lambda layer: lambda x: layer(x) * float("nan"), "away from eager"),
+    (lambda layer: lambda x: (_ for _ in ()).throw(RuntimeError("CppCompileError: at::vec")), "cannot build"),
+])  # fmt: skip
+def test_the_compiled_fp8_probe_catches_a_wrong_or_failing_compile(monkeypatch, compiled, expected):
+    """Planted faults in torch.compile's place (any box, no inductor): the probe reports a compiled FP8 layer that
+    computes something else (the AVX2 box's inf on one row, a nan, 5% off) or does not build, and passes one that
+    computes what eager does."""
+    import torch
+
+    from quantsuite.bench import compiled_fp8_support
+
+    monkeypatch.setattr(torch, "compile", lambda layer, **_options: compiled(layer))
+    reason = compiled_fp8_support.__wrapped__(torch.device("cpu"))  # not the process's cached answer
+    assert reason is None if expected is None else expected in reason, reason
