@@ -31,6 +31,7 @@ class Step:
     args: tuple[str, ...]  # pytest arguments
     parallel: bool = False  # spread over the run's workers (CI: 2 CPU workers; nightly: one per GPU)
     env: dict[str, str] = field(default_factory=dict)  # defaults; the caller's environment wins
+    times_schemes: bool = False  # the nightly step that times the schemes' PyTorch benchmarks (JSON, the gate)
 
 
 CI_RUN_ID = "latest-tiny"  # one run id for both passes: the report joins this run's results only
@@ -48,18 +49,34 @@ CI = (
 )  # fmt: skip
 
 STAGES = "(autoquant or export or drift or vllm_compat)"
-NIGHTLY = (
-    # 1. each scheme's decisions, export, drift, vLLM verdict and vLLM speed (BF16 and the scheme alternating inside
-    # one test, CUDA graphs) in turn: one export and one vLLM engine per scheme; one scheme per GPU when there are
-    # several (speed measurements one at a time per host)
-    Step("schemes", ("-m", f"({STAGES} or paired) and per_scheme", "--no-report"), parallel=True),
-    # 1b. the tests of the machinery on this device, once (planted faults, cache, engine lifecycle): not per scheme
-    Step("machinery", ("-m", f"{STAGES} and not per_scheme", "--no-report")),
-    # 2. research (method comparison, Pareto sweep, optimality gap) and the report's own checks
-    Step("research", ("tests/test_report.py", "-p", "no:xdist", "--no-report")),
-    # 3. PyTorch benchmarks in one process; this step writes the report from everything the earlier ones left
-    Step("benchmark", ("-m", "benchmark and not paired", "--benchmark-disable-gc", "-p", "no:xdist")),
-)
+TIMED = ("--benchmark-disable-gc",)  # pytest-benchmark's options for a step that times PyTorch benchmarks
+
+
+def nightly_steps(gpus: int) -> tuple[Step, ...]:
+    """The nightly's steps on `gpus` GPUs, in order. On one GPU each scheme's PyTorch benchmarks run in its
+    per-scheme step, while its export and fake-quant model are built: in a later process of their own they were
+    built again for the export's timing, ~24 s of an FP8 scheme's ~160 s (run gpu-32,
+    reports/profile-gpu-h200-nightly). On several GPUs that step runs one scheme per GPU under pytest-xdist, where
+    pytest-benchmark does not time, so they wait for the benchmark step, as before."""
+    alone = gpus <= 1
+    return (
+        # 1. each scheme's decisions, export, drift, vLLM verdict and vLLM speed (BF16 and the scheme alternating
+        # inside one test, CUDA graphs) in turn: one export and one vLLM engine per scheme; alone on its GPU, its
+        # PyTorch benchmarks too; with several GPUs one scheme per GPU (speed measurements one at a time per host)
+        Step("schemes", ("-m", f"per_scheme and ({STAGES} or benchmark)" if alone else
+                         f"per_scheme and (paired or {STAGES} and not benchmark)", "--no-report",
+                         *(TIMED if alone else ())), parallel=True, times_schemes=alone),
+        # 1b. the tests of the machinery on this device, once (planted faults, cache, engine lifecycle): not per scheme
+        Step("machinery", ("-m", f"{STAGES} and not per_scheme", "--no-report")),
+        # 2. research (method comparison, Pareto sweep, optimality gap) and the report's own checks
+        Step("research", ("tests/test_report.py", "-p", "no:xdist", "--no-report")),
+        # 3. the PyTorch benchmarks in one process (the scheme-free ones only, where step 1 timed the schemes'); this
+        # step writes the report from everything the earlier ones left
+        Step("benchmark", ("-m", "benchmark and not paired" + (" and not per_scheme" if alone else ""), *TIMED,
+                           "-p", "no:xdist"), times_schemes=not alone),
+    )  # fmt: skip
+
+
 # Prefill benchmarks at a compute-bound shape (docs/benchmarks.md); compiled batch-1 decode for one scheme
 NIGHTLY_ENV = {"QUANTSUITE_BENCH_BATCH": "8", "QUANTSUITE_BENCH_PREFILL_TOKENS": "1024",
                "QUANTSUITE_COMPILED_DECODE_SCHEMES": "fp8_modelopt_default"}  # fmt: skip
@@ -125,14 +142,15 @@ def ci(pytest_args: list[str]) -> int:
 def nightly() -> int:
     """The nightly steps named in $STEPS (default: all, in order); see scripts/nightly.sh for the settings."""
     env = os.environ
-    names = env.get("STEPS", "").split() or [step.name for step in NIGHTLY]
-    accepted = " ".join(step.name for step in NIGHTLY)
+    gpus = int(env.get("GPUS") or _cuda_devices())
+    steps = nightly_steps(gpus)
+    accepted = [step.name for step in steps]
+    names = env.get("STEPS", "").split() or accepted
     for name in names:
-        if name not in accepted.split():
-            print(f"nightly: STEPS has '{name}'; accepted steps: {accepted}", file=sys.stderr)
+        if name not in accepted:
+            print(f"nightly: STEPS has '{name}'; accepted steps: {' '.join(accepted)}", file=sys.stderr)
             return 2
     run_id = env.get("RUN_ID") or time.strftime("nightly-%Y%m%d")
-    gpus = int(env.get("GPUS") or _cuda_devices())
     shard = env.get("SHARD")
     common = [f"--model={env.get('QUANTSUITE_MODEL') or 'qwen2.5-vl-3b-shape'}", "--drop-exports",
               f"--run-id={run_id}", *(f"--scheme={name}" for name in env.get("SCHEMES", "").split()),
@@ -142,10 +160,12 @@ def nightly() -> int:
     if not table.exists():  # steps run as separate jobs add their rows to one table
         table.write_text("step\tseconds\texit\n")
     failed = []
-    for step in (step for step in NIGHTLY if step.name in names):
+    for step in (step for step in steps if step.name in names):
         extra = ["-n", str(gpus), "--dist", "loadgroup"] if step.parallel and gpus > 1 else []
-        if step.name == "benchmark":
+        if step.times_schemes:  # the gated kinds are the schemes' (GATED_KINDS): their JSON is the one compared
             extra += [f"--benchmark-json=reports/{run_id}-benchmarks.json", *_gate_args(run_id)]
+        elif step.name == "benchmark":
+            extra += [f"--benchmark-json=reports/{run_id}-benchmarks-scheme-free.json"]
         started = time.monotonic()
         try:
             status, interrupted = _run([*_pytest(), *step.args, *common, *extra], NIGHTLY_ENV), False

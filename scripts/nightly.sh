@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The GPU nightly sequence, runnable on your own GPU box (the workflow in .github/workflows/gpu-nightly.yml
-# calls this script); its steps are declared in quantsuite/steps.py (NIGHTLY). Environment:
+# calls this script); its steps are declared in quantsuite/steps.py (nightly_steps). Environment:
 #   QUANTSUITE_MODEL   --model value: a local Qwen2.5-VL-3B-Instruct directory or qwen2.5-vl-3b-shape (default)
 #   QUANTSUITE_VLLM_PYTHON  python of your vLLM environment (vllm_compat tests skip without one)
 #   PYTHON             interpreter with quantsuite's dependencies and CUDA torch (default python3)
 #   PYTEST             the pytest command (default: $PYTHON -m pytest)
-#   GPUS               number of GPUs: >1 runs one scheme per GPU (pytest-xdist, --dist loadgroup)
+#   GPUS               number of GPUs: >1 runs one scheme per GPU (pytest-xdist, --dist loadgroup); the schemes'
+#                      PyTorch benchmarks then run in the benchmark step (on one GPU, in the schemes step)
 #   RUN_ID             report directory name under reports/ (default nightly-<date>)
 #   SCHEMES            space-separated scheme names or aliases to run (default: the whole catalog)
 #   SHARD              K/N: this runner's shard of the run (each scheme's tests on one shard, in every step); the

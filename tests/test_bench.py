@@ -94,8 +94,8 @@ def _real_fp8_model(workbench, export_dir):
 @benchmark_test
 def test_export_time_and_size(benchmark, workbench, scheme, scheme_result):
     """The export stage's own build of the scheme's checkpoint (verified), one round: the export the scheme's later
-    benchmarks load, not an extra one (the nightly's benchmark step starts without it: --drop-exports); placed
-    before them so that they find it built."""
+    tests load, not an extra one (on one GPU the nightly's per-scheme step times its first build; with several, its
+    benchmark step starts without it: --drop-exports); placed before them so that they find it built."""
     workbench.schemes.model(scheme)  # the fake-quant model is not part of the export's time
     paths = []
     _info(benchmark, workbench, scheme.name, "export", 0)

@@ -14,6 +14,8 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
+
 from quantsuite.bench import gate_baseline
 from quantsuite.steps import GATE
 
@@ -112,6 +114,29 @@ def test_a_shard_runs_every_step_on_its_shard(tmp_path):
         steps.unlink(missing_ok=True)
 
 
+@pytest.mark.parametrize(("gpus", "timing"), [("1", "schemes"), ("2", "benchmark")])
+def test_the_step_that_times_the_schemes_writes_the_json_the_gate_compares(tmp_path, gpus, timing):
+    """The benchmark JSON the next night's gate reads (`<run>-benchmarks.json`) and the gate (COMPARE) go with the
+    step that times the schemes' PyTorch benchmarks (the gated kinds are theirs): the per-scheme step on one GPU,
+    the benchmark step on several; on one GPU the benchmark step's scheme-free timings get a JSON of their own."""
+    log, previous = tmp_path / "calls", tmp_path / "previous.json"
+    previous.write_text(json.dumps({"benchmarks": []}))
+    done, steps = _nightly("schemes benchmark", f"bash -c 'echo \"$*\" >> {log}' pytest", GPUS=gpus,
+                           COMPARE=str(previous))  # fmt: skip
+    run_id = steps.name.removesuffix("-nightly-steps.tsv")
+    try:
+        assert done.returncode == 0, done.stderr
+        calls = dict(zip(["schemes", "benchmark"], log.read_text().splitlines(), strict=True))
+        other = "benchmark" if timing == "schemes" else "schemes"
+        assert f"--benchmark-json=reports/{run_id}-benchmarks.json" in calls[timing].split()
+        assert "--benchmark-compare-fail=median:10%" in calls[timing].split()
+        assert "--benchmark-compare-fail=median:10%" not in calls[other]
+        assert ("--benchmark-json=reports/" in calls[other]) == (gpus == "1")
+    finally:
+        steps.unlink(missing_ok=True)
+        (ROOT / "reports" / f"{run_id}-gate-baseline.json").unlink(missing_ok=True)
+
+
 def test_an_unknown_step_is_refused_naming_the_steps():
     done, steps = _nightly("schemes bogus", "true")
     assert done.returncode == 2
@@ -205,9 +230,10 @@ sys.exit(2 if count else 0)
 
 
 def test_the_nightly_runs_each_stage_test_once_per_scheme_step_or_machinery_step():
-    """Step 1 (`schemes`) takes the cases of the `scheme` parameter (vLLM speed included), step 1b (`machinery`) the
-    other tests of the same marks: together every test of those marks, none twice, no scheme's case in machinery."""
-    from quantsuite.steps import NIGHTLY, STAGES
+    """On one GPU, step 1 (`schemes`) takes the cases of the `scheme` parameter (vLLM speed and PyTorch benchmarks
+    included), step 1b (`machinery`) the other tests of the stage marks, step 3 (`benchmark`) the other benchmarks:
+    together every test of those marks, none twice, no scheme's case in machinery or benchmark."""
+    from quantsuite.steps import STAGES, nightly_steps
 
     def collected(*args: str) -> set[str]:
         done = subprocess.run([sys.executable, "-m", "pytest", "--co", "-q", "-p", "no:xdist", "--no-report", *args],
@@ -215,12 +241,39 @@ def test_the_nightly_runs_each_stage_test_once_per_scheme_step_or_machinery_step
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
         return {line for line in done.stdout.splitlines() if "::" in line}
 
-    steps = {step.name: step.args for step in NIGHTLY}
-    per_scheme = collected(*(arg for arg in steps["schemes"] if arg != "--no-report"))
-    machinery = collected(*(arg for arg in steps["machinery"] if arg != "--no-report"))
-    assert per_scheme and machinery and not per_scheme & machinery
-    assert per_scheme | machinery == collected("-m", f"{STAGES} or paired")
+    steps = {step.name: step.args[:2] for step in nightly_steps(1)}  # -m and its expression
+    per_scheme, machinery, once = (collected(*steps[name]) for name in ("schemes", "machinery", "benchmark"))
+    assert per_scheme and machinery and once
+    assert not per_scheme & machinery and not per_scheme & once and not machinery & once
+    assert per_scheme | machinery | once == collected("-m", f"{STAGES} or benchmark")
     assert "tests/test_drift.py::test_drift_within_bounds[fp8_autoquant_top50]" in per_scheme
     assert "tests/test_bench.py::test_vllm_speed[fp8_autoquant_top50]" in per_scheme  # beside its verdict: one engine
+    assert "tests/test_bench.py::test_export_time_and_size[fp8_autoquant_top50]" in per_scheme  # its one build
+    assert "tests/test_bench.py::test_autoquant_time[scoring]" in once
     assert not any("test_drift_within_bounds" in test for test in machinery)
     assert "tests/stages/test_export.py::test_drop_keeps_the_bf16_reference" in machinery
+
+
+@pytest.mark.parametrize("gpus", [1, 2])
+def test_each_nightly_test_runs_in_one_step_on_any_number_of_gpus(gpus):
+    """Each combination of the marks that choose a nightly step is selected by exactly one step's -m expression:
+    a scheme's PyTorch benchmarks in its per-scheme step on one GPU (its export and fake-quant model built there),
+    in the benchmark step on several (the per-scheme step then runs under pytest-xdist, which pytest-benchmark does
+    not time); the vLLM speed pairs always beside their scheme's verdicts."""
+    from _pytest.mark.expression import Expression
+
+    from quantsuite.steps import nightly_steps
+
+    steps = [step for step in nightly_steps(gpus) if "-m" in step.args]
+    expressions = [Expression.compile(step.args[step.args.index("-m") + 1]) for step in steps]
+    schemes_benchmarks = "schemes" if gpus == 1 else "benchmark"
+    for marks, expected in ((("drift", "per_scheme"), "schemes"), (("export",), "machinery"),
+                            (("benchmark", "paired", "per_scheme"), "schemes"),
+                            (("benchmark", "per_scheme"), schemes_benchmarks),
+                            (("autoquant", "benchmark", "per_scheme"), schemes_benchmarks),
+                            (("benchmark",), "benchmark")):  # fmt: skip
+        chosen = [step.name for step, expression in zip(steps, expressions, strict=True)
+                  if expression.evaluate(lambda name, marks=marks, **kwargs: name in marks)]  # fmt: skip
+        assert chosen == [expected], f"{gpus} GPUs, marks {marks}: steps {chosen}"
+    timing = [step.name for step in nightly_steps(gpus) if step.times_schemes]
+    assert timing == [schemes_benchmarks], "the schemes' benchmarks are timed, JSON'd and gated in one step"
