@@ -207,6 +207,11 @@ def _gate_args(run_id: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # A shell starts a background job (`nightly.sh &`, nohup) with SIGINT ignored, and Python then never raises
+    # KeyboardInterrupt, nor would a step's pytest, which inherits the ignore: `kill -INT` or `timeout -s INT` to cut
+    # the run would be lost (CI's test of it failed so). Python's own handler here; a step's pytest starts with the
+    # default (a handler is reset at exec, an ignore is not).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if not argv or argv[0] not in ("ci", "nightly"):
         print("usage: python -m quantsuite.steps ci [pytest args] | nightly", file=sys.stderr)
         return 2

@@ -92,10 +92,12 @@ def _real_fp8_model(workbench, export_dir):
 
 
 @benchmark_test
+@pytest.mark.scheme_first
 def test_export_time_and_size(benchmark, workbench, scheme, scheme_result):
     """The export stage's own build of the scheme's checkpoint (verified), one round: the export the scheme's later
     tests load, not an extra one (on one GPU the nightly's per-scheme step times its first build; with several, its
-    benchmark step starts without it: --drop-exports); placed before them so that they find it built."""
+    benchmark step starts without it: --drop-exports); first among its scheme's tests (`scheme_first`), so that
+    they find it built."""
     workbench.schemes.model(scheme)  # the fake-quant model is not part of the export's time
     paths = []
     _info(benchmark, workbench, scheme.name, "export", 0)
@@ -104,6 +106,7 @@ def test_export_time_and_size(benchmark, workbench, scheme, scheme_result):
 
 
 @benchmark_test
+@pytest.mark.scheme_first  # while the export benchmark's fake-quant model is held (vLLM's checks free it)
 @pytest.mark.parametrize("kind", ["prefill", "decode"])
 def test_fake_quant_throughput(benchmark, workbench, scheme, fake_quant_model, kind):
     model = fake_quant_model

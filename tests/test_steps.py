@@ -189,9 +189,11 @@ def test_ci_runs_every_test_in_exactly_one_pass():
         assert chosen == [expected], f"marks {marks}: passes {chosen}"
 
 
-def test_an_interrupt_reaches_the_running_step_once_and_stops_the_rest(tmp_path):
+@pytest.mark.parametrize("started_as", ["foreground", "background job"])
+def test_an_interrupt_reaches_the_running_step_once_and_stops_the_rest(tmp_path, started_as):
     """SIGINT to the nightly (what `timeout -s INT` sends) reaches the running step's pytest, which finishes its
-    summary; its row is recorded and no later step runs. The stand-in counts the SIGINTs it gets."""
+    summary; its row is recorded and no later step runs. The stand-in counts the SIGINTs it gets. Also when the
+    nightly was started as a shell's background job (`nightly.sh &`, nohup), which starts with SIGINT ignored."""
     started, log = tmp_path / "started", tmp_path / "log"
     stand_in = tmp_path / "pytest.py"
     stand_in.write_text(f"""import signal, sys, time
@@ -211,8 +213,10 @@ sys.exit(2 if count else 0)
     run_id = f"test-nightly-{uuid.uuid4().hex[:8]}"
     env = os.environ | {"STEPS": "schemes benchmark", "PYTEST": f"{sys.executable} {stand_in}", "GPUS": "1",
                         "PYTHON": sys.executable, "RUN_ID": run_id}  # fmt: skip
+    ignored = started_as == "background job"
     nightly = subprocess.Popen(["bash", str(ROOT / "scripts" / "nightly.sh")], env=env, stderr=subprocess.PIPE,
-                               text=True)  # fmt: skip
+                               text=True, preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignored
+                               else None)  # fmt: skip
     steps = ROOT / "reports" / f"{run_id}-nightly-steps.tsv"
     try:
         deadline = time.monotonic() + 30

@@ -62,6 +62,19 @@ def _collected(*arguments: str) -> list[str]:
     return [line for line in done.stdout.splitlines() if "::" in line]
 
 
+def test_the_export_benchmark_leads_its_scheme_then_the_fake_quant_ones():
+    """In a step that runs a scheme's tests and benchmarks together (the nightly's per-scheme step on one GPU), the
+    export benchmark comes first, so that the build it times is the scheme's only one (the drift tests of
+    tests/stages/ came first and built it: run gpu-33 built every export twice), then the fake-quant benchmarks,
+    while that model is held."""
+    tests = _collected("-m", "per_scheme and (drift or export or vllm_compat or benchmark)", "--scheme=top50")
+    names = [test.rpartition("::")[2] for test in tests]
+    assert names[:3] == ["test_export_time_and_size[fp8_autoquant_top50]",
+                         "test_fake_quant_throughput[fp8_autoquant_top50-prefill]",
+                         "test_fake_quant_throughput[fp8_autoquant_top50-decode]"], names[:5]  # fmt: skip
+    assert "test_cached_drift_touches_no_export[fp8_autoquant_top50]" in names[3:]
+
+
 def test_shards_split_the_run_into_whole_schemes_the_same_in_every_step():
     """--scheme keeps a test only when every scheme it builds is selected (named in its parameters or its
     `uses_schemes` marks). --shard K/N: the shards together run every test once; each scheme's tests (by name or
