@@ -400,10 +400,13 @@ def layer_algorithms(export_dir: Path, tensors: dict) -> dict[str, str]:
     return layers
 
 
+FP8_LINEAR_ALGORITHMS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN")  # reloaded as Fp8Linear; the others as QuantLinear
+
+
 def _quantized_module(spec: ExportFormat, tensors: dict[str, torch.Tensor], bias, dtype) -> torch.nn.Module:
     """FP8 layers as Fp8Linear (the FP8 codes kept: the real-FP8 benchmark and vLLM's fused-shard emulation use
     them), every other format as QuantLinear (weight dequantized once)."""
-    if spec.quant_algo in ("FP8", "FP8_PER_CHANNEL_PER_TOKEN"):
+    if spec.quant_algo in FP8_LINEAR_ALGORITHMS:
         return Fp8Linear(tensors["weight"], tensors["weight_scale"], tensors.get("input_scale"), bias)
     return QuantLinear(spec, tensors, bias, dtype)
 

@@ -20,8 +20,7 @@ from quantsuite.bench import (
     slow_fp8_matmul,
     to_scaled_mm,
 )
-from quantsuite.checkpoint import load_export
-from quantsuite.formats import QuantLinear
+from quantsuite.checkpoint import FP8_LINEAR_ALGORITHMS, load_export
 from quantsuite.timing import STAGE_TIMES
 
 benchmark_test = pytest.mark.benchmark  # every timing test; the kernel check below runs in the default suite
@@ -73,21 +72,24 @@ def _skip_without_fp8_matmul(workbench) -> None:
         pytest.skip(reason)
 
 
-def _skip_unless_fp8_layers_only(model) -> None:
+def _skip_unless_fp8_layers_only(manifest: dict) -> None:
     """The real-FP8 path runs FP8 layers on torch._scaled_mm; other formats (INT4, NVFP4, MXFP8, ...) reload as
-    QuantLinear, a dequantized reference with no fast kernel here: timing or matching it as FP8 would mislead."""
-    others = sorted({module.spec.quant_algo for module in model.modules() if isinstance(module, QuantLinear)})
+    QuantLinear, a dequantized reference with no fast kernel here: timing or matching it as FP8 would mislead.
+    Decided from the scheme's manifest, which the export is verified against, before the export is loaded (each
+    such test of a non-FP8 scheme loaded it to find out: 3.5-4 s a test on the 3B shape, run gpu-33d)."""
+    others = sorted({module["quant_algo"] for module in manifest["modules"]
+                     if module.get("quant_algo") and module["quant_algo"] not in FP8_LINEAR_ALGORITHMS})  # fmt: skip
     if others:
         pytest.skip(f"real-FP8 path: {others} layers have no FP8 GEMM (the reload is a dequantized reference)")
 
 
-def _real_fp8_model(workbench, export_dir):
-    """The reloaded export with every FP8 layer on torch._scaled_mm, alone on the device (skips without the op, or
-    where the op is a slow reference kernel and the export has FP8 layers)."""
+def _real_fp8_model(workbench, scheme, export_dir):
+    """The reloaded export with every FP8 layer on torch._scaled_mm, alone on the device (skips without the op, for
+    a scheme with other formats, or where the op is a slow reference kernel and the export has FP8 layers)."""
     _skip_without_fp8_matmul(workbench)
+    _skip_unless_fp8_layers_only(workbench.schemes.result(scheme).manifest)
     workbench.context.release()  # nothing else of ours on the device while this one is timed
     model = load_export(export_dir, workbench.context.device)
-    _skip_unless_fp8_layers_only(model)
     if to_scaled_mm(model, workbench.context.device):
         reason = slow_fp8_matmul(workbench.context.device)
         if reason:
@@ -126,7 +128,7 @@ def test_fake_quant_throughput(benchmark, workbench, scheme, fake_quant_model, k
 @pytest.mark.parametrize("kind", ["prefill", "decode"])
 def test_real_fp8_throughput(benchmark, workbench, scheme, exported, kind):
     """The exported checkpoint with real FP8 GEMMs (torch._scaled_mm); BF16 export as its baseline."""
-    model = _real_fp8_model(workbench, exported)
+    model = _real_fp8_model(workbench, scheme, exported)
     maker = prefill_step if kind == "prefill" else decode_step
     arguments = (BATCH, PREFILL_TOKENS) if kind == "prefill" else (BATCH, PROMPT, NEW_TOKENS)
     step, tokens = maker(model, *arguments, workbench.context.device, _vocab(workbench))
@@ -151,8 +153,8 @@ def test_scaled_mm_layers_match_the_dequantized_export(workbench, scheme, scheme
     from quantsuite.checkpoint import Fp8Linear
 
     _skip_without_fp8_matmul(workbench)
+    _skip_unless_fp8_layers_only(scheme_result.manifest)
     model = load_export(exported, workbench.context.device)
-    _skip_unless_fp8_layers_only(model)
     layers = [(name, module) for name, module in model.named_modules() if isinstance(module, Fp8Linear)]
     assert len(layers) == scheme_result.manifest["totals"]["quantized_layers"]
     compiled_unsupported = compiled_fp8_support(workbench.context.device)
@@ -272,6 +274,23 @@ def test_cut_in_its_first_round(benchmark):
     assert [entry["name"] for entry in json.loads(out.read_text())["benchmarks"]] == ["test_timed_once"]
 
 
+@pytest.mark.parametrize("name", ["default", "int4_awq", "mixed_fp8_int4_awq_eb10"])
+def test_the_real_fp8_skip_is_decided_from_the_manifest_as_the_reload_would(workbench, catalog, name):
+    """The real-FP8 tests skip a scheme with other formats before loading its export, from its manifest: the
+    reload holds a QuantLinear (no FP8 GEMM) exactly where the manifest names another format."""
+    from quantsuite.formats import QuantLinear
+
+    scheme = catalog.select([name])[0]
+    model = load_export(workbench.exports.path(scheme), "cpu")
+    reloaded_others = any(isinstance(module, QuantLinear) for module in model.modules())
+    try:
+        _skip_unless_fp8_layers_only(workbench.schemes.result(scheme).manifest)
+        skipped = False
+    except pytest.skip.Exception:
+        skipped = True
+    assert skipped == reloaded_others, f"{name}: skipped {skipped}, the reload has QuantLinear: {reloaded_others}"
+
+
 def test_slow_fp8_matmul_is_measured_not_assumed():
     """The real-FP8 benchmarks skip on a CPU whose _scaled_mm is a reference kernel (1900x a BF16 matmul on the
     2-core box of 2026-12-01); the verdict comes from timing both products against the tolerated ratio."""
@@ -344,7 +363,7 @@ def test_real_fp8_paired(benchmark, workbench, catalog, scheme, exported, kind, 
         pytest.skip(f"QUANTSUITE_COMPILED_DECODE_SCHEMES={wanted}: each compiled decode pair compiles two whole "
                     "forwards (3B shape, H200: 108 s for BF16's); set it to `all` or add this scheme")  # fmt: skip
     bf16 = next(s for s in catalog.schemes if s.mode == "none")
-    model = _real_fp8_model(workbench, exported)
+    model = _real_fp8_model(workbench, scheme, exported)
     baseline = load_export(workbench.exports.path(bf16), device)
     if path == "compiled" and kind == "prefill":
         compile_decoder_layers(model)
