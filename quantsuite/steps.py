@@ -55,9 +55,9 @@ TIMED = ("--benchmark-disable-gc",)  # pytest-benchmark's options for a step tha
 def nightly_steps(gpus: int) -> tuple[Step, ...]:
     """The nightly's steps on `gpus` GPUs, in order. On one GPU each scheme's PyTorch benchmarks run in its
     per-scheme step, while its export and fake-quant model are built: in a later process of their own they were
-    built again for the export's timing, ~24 s of an FP8 scheme's ~160 s (run gpu-32,
-    reports/profile-gpu-h200-nightly). On several GPUs that step runs one scheme per GPU under pytest-xdist, where
-    pytest-benchmark does not time, so they wait for the benchmark step, as before."""
+    built again for the export's timing (runs gpu-32 and gpu-33, reports/profile-gpu-h200-nightly). On several
+    GPUs that step runs one scheme per GPU under pytest-xdist, where pytest-benchmark does not time, so they wait
+    for the benchmark step, as before."""
     alone = gpus <= 1
     return (
         # 1. each scheme's decisions, export, drift, vLLM verdict and vLLM speed (BF16 and the scheme alternating

@@ -76,7 +76,7 @@ def _skip_unless_fp8_layers_only(manifest: dict) -> None:
     """The real-FP8 path runs FP8 layers on torch._scaled_mm; other formats (INT4, NVFP4, MXFP8, ...) reload as
     QuantLinear, a dequantized reference with no fast kernel here: timing or matching it as FP8 would mislead.
     Decided from the scheme's manifest, which the export is verified against, before the export is loaded (each
-    such test of a non-FP8 scheme loaded it to find out: 3.5-4 s a test on the 3B shape, run gpu-33d)."""
+    such test of a non-FP8 scheme loaded it to find out: run gpu-33 d)."""
     others = sorted({module["quant_algo"] for module in manifest["modules"]
                      if module.get("quant_algo") and module["quant_algo"] not in FP8_LINEAR_ALGORITHMS})  # fmt: skip
     if others:
