@@ -203,7 +203,9 @@ def filled(existing: BoundsRecord | None, measured: dict[tuple[str, int, int], d
     scalar kernel set on the box that measured tiny.json; on another box it does) measured now, on this box, under
     those conditions, and their bounds derived again from the recorded values and the new ones. The recorded runs'
     standard errors enter as the record's RMS of them (`sigma_within`), so the RMS over all runs is exact. Figures
-    the record has under a condition are kept. Returns the record and a line per figure filled."""
+    the record has under a condition are kept. Only vLLM's figures are ever missing (drift is measured under every
+    condition), and theirs have no resolution step, which the recorded values alone could not give. Returns the
+    record and a line per figure filled."""
     if existing is None:
         raise SystemExit(f"--fill: there is no record at {path} to fill; run without --fill first")
     alien = [f"kernels={c[0]} seed={c[1]}" for c in measured if f"kernels={c[0]} seed={c[1]}" not in
