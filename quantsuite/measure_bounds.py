@@ -208,8 +208,8 @@ def filled(existing: BoundsRecord | None, measured: dict[tuple[str, int, int], d
     record and a line per figure filled."""
     if existing is None:
         raise SystemExit(f"--fill: there is no record at {path} to fill; run without --fill first")
-    alien = [f"kernels={c[0]} seed={c[1]}" for c in measured if f"kernels={c[0]} seed={c[1]}" not in
-             existing.conditions or c[2]]  # fmt: skip
+    labels = {c: f"kernels={c[0]} seed={c[1]}" for c in measured}  # as the record names its conditions (derive)
+    alien = [labels[c] for c in measured if labels[c] not in existing.conditions or c[2]]
     if alien:
         raise SystemExit(f"--fill: {', '.join(alien)} not among the conditions of {path} "
                          f"({', '.join(existing.conditions)}); --fill measures only a record's own conditions")
@@ -217,9 +217,8 @@ def filled(existing: BoundsRecord | None, measured: dict[tuple[str, int, int], d
     for scheme, figures in existing.schemes.items():
         schemes[scheme] = dict(figures)
         for figure, bound in figures.items():
-            new = {f"kernels={c[0]} seed={c[1]}": (c, m[scheme]) for c, m in measured.items()
-                   if scheme in m and has_figure(m[scheme], figure) and f"kernels={c[0]} seed={c[1]}" not in
-                   bound.values}  # fmt: skip
+            new = {labels[c]: (c, m[scheme]) for c, m in measured.items()
+                   if scheme in m and has_figure(m[scheme], figure) and labels[c] not in bound.values}
             if not new:
                 continue
             _, se_figure = FIGURES[figure]
