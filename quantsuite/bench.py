@@ -12,6 +12,8 @@
   kernels, which made the real-FP8 path slower than BF16.
 - `StaticCacheDecoder` decodes greedily on a static KV cache with the whole forward compiled in reduce-overhead mode
   (CUDA graphs), the path where batch-1 decode can show FP8 speed; `greedy_decode` is the eager dynamic-cache loop.
+- `decode_timed_schemes` reads which schemes' PyTorch decode is timed (QUANTSUITE_DECODE_SCHEMES); prefill is
+  timed for every scheme.
 - `gate_baseline` keeps, from a previous run's benchmark JSON, the entries stable enough to fail a nightly on
   (the nightly's benchmark step, quantsuite/steps.py, compares against it).
 
@@ -22,11 +24,12 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 
+from quantsuite.catalog import Catalog, SchemeSpec
 from quantsuite.checkpoint import FP8, Fp8Linear, per_token_scale, to_fp8
 from quantsuite.formats import FP8_MAX
 from quantsuite.models import clear_image_positions, language_model
@@ -291,6 +294,40 @@ def decode_step(model: torch.nn.Module, batch_size: int, prompt_length: int, new
         synchronize(device)
 
     return step, batch_size * new_tokens
+
+
+DECODE_SCHEMES = "QUANTSUITE_DECODE_SCHEMES"
+RENAMED = {"QUANTSUITE_COMPILED_DECODE_SCHEMES": DECODE_SCHEMES}
+
+
+def decode_timed_schemes(environ: Mapping[str, str], catalog: Catalog, selected: list[SchemeSpec]) -> frozenset[str]:
+    """The schemes whose PyTorch decode benchmarks run (fake-quant and real-FP8 decode, the eager and compiled
+    batch-1 decode pairs), from $QUANTSUITE_DECODE_SCHEMES: `all` (unset), `none`, or comma-separated scheme names
+    or aliases. Eager decode is bound by the host, so its rounds spread more than FP8 changes it, and each compiled
+    pair compiles two whole forwards: the GPU nightly times one scheme's decode (quantsuite/steps.py), every
+    scheme's decode speed comes from vLLM's paired batch-1 runs. The BF16 reference joins when a `selected` scheme
+    is named: the unpaired decode ratios divide by its figures. A bad value raises ValueError naming the fix."""
+    for old, new in RENAMED.items():
+        if old in environ:
+            raise ValueError(f"{old} is now {new} (it picks the eager decode benchmarks too); set {new} instead")
+    value = environ.get(DECODE_SCHEMES, "").strip() or "all"
+    if value == "all":
+        return frozenset(scheme.name for scheme in catalog.schemes)
+    if value == "none":
+        return frozenset()
+    accepted = f"{DECODE_SCHEMES}={value}: accepted values are all, none or comma-separated scheme names"
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    if not names:  # catalog.select([]) means every scheme
+        raise ValueError(accepted)
+    index = catalog.names_by_key()
+    unknown = [name for name in names if name not in index]
+    if unknown:
+        raise ValueError(f"{accepted} or aliases of schemes.yaml; unknown: {', '.join(unknown)}; schemes (alias): "
+                         f"{catalog.listing()}")
+    named = {index[name] for name in names}
+    if named & {scheme.name for scheme in selected}:
+        named |= {scheme.name for scheme in catalog.schemes if scheme.mode == "none"}
+    return frozenset(named)
 
 
 # What a nightly may fail on: the benchmarks that repeat between identical runs (compute-bound real-FP8 prefill);

@@ -436,10 +436,13 @@ class Catalog(Strict):
         index = self.names_by_key()
         unknown = [name for name in requested if name not in index]
         if unknown:
-            valid = ", ".join(f"{s.name} ({s.alias})" if s.alias else s.name for s in self.schemes)
-            raise SchemeError(f"--scheme {', '.join(unknown)}: unknown; valid schemes (alias): {valid}")
+            raise SchemeError(f"--scheme {', '.join(unknown)}: unknown; valid schemes (alias): {self.listing()}")
         wanted = {index[name] for name in requested}
         return [scheme for scheme in self.schemes if scheme.name in wanted]
+
+    def listing(self) -> str:
+        """Every scheme's name, with its alias in brackets, for an error that lists what is accepted."""
+        return ", ".join(f"{s.name} ({s.alias})" if s.alias else s.name for s in self.schemes)
 
     def names_by_key(self) -> dict[str, str]:
         """Each scheme's name and alias -> its name."""

@@ -77,9 +77,10 @@ def nightly_steps(gpus: int) -> tuple[Step, ...]:
     )  # fmt: skip
 
 
-# Prefill benchmarks at a compute-bound shape (docs/benchmarks.md); compiled batch-1 decode for one scheme
+# Prefill benchmarks at a compute-bound shape (docs/benchmarks.md); PyTorch decode (host-bound, eager and compiled)
+# timed for one scheme: vLLM's paired batch-1 runs time every scheme's decode (reports/profile-gpu-h200-nightly)
 NIGHTLY_ENV = {"QUANTSUITE_BENCH_BATCH": "8", "QUANTSUITE_BENCH_PREFILL_TOKENS": "1024",
-               "QUANTSUITE_COMPILED_DECODE_SCHEMES": "fp8_modelopt_default"}  # fmt: skip
+               "QUANTSUITE_DECODE_SCHEMES": "fp8_modelopt_default"}  # fmt: skip
 
 
 def _pytest() -> list[str]:

@@ -19,9 +19,10 @@
 #                      (real-FP8 prefill at >= 8192 tokens; see GATED_KINDS in quantsuite/bench.py)
 #   QUANTSUITE_BENCH_BATCH / QUANTSUITE_BENCH_PREFILL_TOKENS  prefill shape (default 8 x 1024 here)
 #   QUANTSUITE_BENCH_ROUNDS / QUANTSUITE_BENCH_WARMUP         rounds per benchmark (default 5 / 2)
-#   QUANTSUITE_COMPILED_DECODE_SCHEMES  schemes (comma-separated names) whose batch-1 decode is also timed with CUDA
-#                      graphs (default here fp8_modelopt_default: each such pair compiles two whole forwards);
-#                      `all` for every scheme
+#   QUANTSUITE_DECODE_SCHEMES  schemes (comma-separated names or aliases) whose PyTorch decode is timed: fake-quant,
+#                      real-FP8, and batch-1 pairs with BF16, eager and with CUDA graphs (default here
+#                      fp8_modelopt_default: eager decode is host-bound and each compiled pair compiles two whole
+#                      forwards; vLLM's paired runs time every scheme's decode); `all` or `none`
 set -euo pipefail
 cd "$(dirname "$0")/.."
 exec "${PYTHON:-python3}" -m quantsuite.steps nightly

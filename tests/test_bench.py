@@ -12,9 +12,11 @@ import os
 import pytest
 
 from quantsuite.bench import (
+    DECODE_SCHEMES,
     StaticCacheDecoder,
     compiled_fp8_support,
     decode_step,
+    decode_timed_schemes,
     fp8_matmul_support,
     prefill_step,
     slow_fp8_matmul,
@@ -41,6 +43,23 @@ def _not_under_xdist(request):
     paired = request.node.get_closest_marker("paired")  # BF16 and the scheme alternate on this worker's GPU
     if os.environ.get("PYTEST_XDIST_WORKER") and request.node.get_closest_marker("benchmark") and not paired:
         pytest.skip("benchmarks never run under pytest-xdist (workers share the CPU/GPU); run them with -p no:xdist")
+
+
+@pytest.fixture(scope="session")
+def decode_schemes(pytestconfig, catalog) -> frozenset[str]:
+    """The schemes whose PyTorch decode is timed ($QUANTSUITE_DECODE_SCHEMES; a bad value stops the run, saying
+    what is accepted)."""
+    try:
+        return decode_timed_schemes(os.environ, catalog, catalog.select(pytestconfig.getoption("--scheme")))
+    except ValueError as error:
+        pytest.exit(str(error), returncode=pytest.ExitCode.USAGE_ERROR)
+
+
+def _skip_unless_decode_timed(decode_schemes: frozenset[str], scheme) -> None:
+    if scheme.name not in decode_schemes:
+        pytest.skip(f"{DECODE_SCHEMES}={os.environ.get(DECODE_SCHEMES)}: PyTorch decode is timed for "
+                    f"{', '.join(sorted(decode_schemes)) or 'no scheme'} (host-bound; vLLM's batch-1 pair times "
+                    "every scheme's decode)")  # fmt: skip
 
 
 def timed_rounds(benchmark, target, **options) -> None:
@@ -114,8 +133,10 @@ def test_export_time_and_size(benchmark, workbench, scheme, scheme_result):
 @benchmark_test
 @pytest.mark.scheme_first  # while the export benchmark's fake-quant model is held (vLLM's checks free it)
 @pytest.mark.parametrize("kind", ["prefill", "decode"])
-def test_fake_quant_throughput(benchmark, workbench, scheme, fake_quant_model, kind):
+def test_fake_quant_throughput(benchmark, workbench, scheme, fake_quant_model, decode_schemes, kind):
     model = fake_quant_model
+    if kind == "decode":
+        _skip_unless_decode_timed(decode_schemes, scheme)
     if kind == "prefill":
         step, tokens = prefill_step(model, BATCH, PREFILL_TOKENS, workbench.context.device, _vocab(workbench))
     else:
@@ -126,8 +147,10 @@ def test_fake_quant_throughput(benchmark, workbench, scheme, fake_quant_model, k
 
 @benchmark_test
 @pytest.mark.parametrize("kind", ["prefill", "decode"])
-def test_real_fp8_throughput(benchmark, workbench, scheme, exported, kind):
+def test_real_fp8_throughput(benchmark, workbench, scheme, exported, decode_schemes, kind):
     """The exported checkpoint with real FP8 GEMMs (torch._scaled_mm); BF16 export as its baseline."""
+    if kind == "decode":
+        _skip_unless_decode_timed(decode_schemes, scheme)
     model = _real_fp8_model(workbench, scheme, exported)
     maker = prefill_step if kind == "prefill" else decode_step
     arguments = (BATCH, PREFILL_TOKENS) if kind == "prefill" else (BATCH, PROMPT, NEW_TOKENS)
@@ -274,6 +297,33 @@ def test_cut_in_its_first_round(benchmark):
     assert [entry["name"] for entry in json.loads(out.read_text())["benchmarks"]] == ["test_timed_once"]
 
 
+@pytest.mark.parametrize(("value", "selected", "expected"), [
+    (None, ["top50"], "every scheme"),
+    ("all", [], "every scheme"),
+    ("none", [], set()),
+    ("default", [], {"fp8_modelopt_default", "bf16"}),  # nothing selected: every scheme runs
+    ("default", ["default", "top50"], {"fp8_modelopt_default", "bf16"}),  # BF16: the unpaired ratios' baseline
+    ("default", ["top50"], {"fp8_modelopt_default"}),  # its BF16 decode would have nothing to be the baseline of
+    (" fp8_modelopt_default , top50 ", ["top50"], {"fp8_modelopt_default", "fp8_autoquant_top50", "bf16"}),
+])  # fmt: skip
+def test_decode_is_timed_for_the_schemes_named(catalog, value, selected, expected):
+    environ = {} if value is None else {DECODE_SCHEMES: value}
+    everything = {scheme.name for scheme in catalog.schemes}
+    chosen = decode_timed_schemes(environ, catalog, catalog.select(selected))
+    assert chosen == (everything if expected == "every scheme" else expected)
+
+
+@pytest.mark.parametrize(("environ", "names"), [
+    ({DECODE_SCHEMES: "defualt"}, ["defualt", "accepted values are all, none", "fp8_modelopt_default (default)"]),
+    ({DECODE_SCHEMES: " , "}, ["accepted values are all, none or comma-separated scheme names"]),
+    ({"QUANTSUITE_COMPILED_DECODE_SCHEMES": "default"}, [f"set {DECODE_SCHEMES} instead"]),
+])  # fmt: skip
+def test_a_bad_decode_scheme_list_names_the_fix(catalog, environ, names):
+    with pytest.raises(ValueError) as error:
+        decode_timed_schemes(environ, catalog, [])
+    assert all(name in str(error.value) for name in names), str(error.value)
+
+
 @pytest.mark.parametrize("name", ["default", "int4_awq", "mixed_fp8_int4_awq_eb10"])
 def test_the_real_fp8_skip_is_decided_from_the_manifest_as_the_reload_would(workbench, catalog, name):
     """The real-FP8 tests skip a scheme with other formats before loading its export, from its manifest: the
@@ -339,7 +389,7 @@ def test_static_cache_decoder_computes_what_the_model_means(workbench, catalog):
 @pytest.mark.scheme_modes("plain", "autoquant")
 @pytest.mark.parametrize("path", ["eager", "compiled"])
 @pytest.mark.parametrize("kind", ["prefill", "decode"])
-def test_real_fp8_paired(benchmark, workbench, catalog, scheme, exported, kind, path):
+def test_real_fp8_paired(benchmark, workbench, catalog, scheme, exported, decode_schemes, kind, path):
     """Real-FP8 prefill (BATCH x PREFILL_TOKENS) or batch-1 decode (PROMPT + NEW_TOKENS) of this export and of the
     BF16 export, alternating round by round on one device (B, A, B, A, ...): host noise that drifts over minutes
     hits both alike, so the ratio is the per-round pair ratio. `compiled` (CUDA only; the same treatment for BF16,
@@ -358,10 +408,8 @@ def test_real_fp8_paired(benchmark, workbench, catalog, scheme, exported, kind, 
                     "times Python overhead (and took 7 s per scheme) and inductor's CPU FP8 code is not the speed "
                     "this measures; the compiled path's numerics are checked on CPU by "
                     "test_scaled_mm_layers_match_the_dequantized_export")  # fmt: skip
-    wanted = os.environ.get("QUANTSUITE_COMPILED_DECODE_SCHEMES", "all")
-    if path == "compiled" and kind == "decode" and wanted != "all" and scheme.name not in wanted.split(","):
-        pytest.skip(f"QUANTSUITE_COMPILED_DECODE_SCHEMES={wanted}: each compiled decode pair compiles two whole "
-                    "forwards (3B shape, H200: 108 s for BF16's); set it to `all` or add this scheme")  # fmt: skip
+    if kind == "decode":
+        _skip_unless_decode_timed(decode_schemes, scheme)
     bf16 = next(s for s in catalog.schemes if s.mode == "none")
     model = _real_fp8_model(workbench, scheme, exported)
     baseline = load_export(workbench.exports.path(bf16), device)
