@@ -12,6 +12,7 @@
   kernels, which made the real-FP8 path slower than BF16.
 - `StaticCacheDecoder` decodes greedily on a static KV cache with the whole forward compiled in reduce-overhead mode
   (CUDA graphs), the path where batch-1 decode can show FP8 speed; `greedy_decode` is the eager dynamic-cache loop.
+  Where inductor's CUDA-graph pool check fails in it, `describe_pool_leak` adds what holds the memory to the error.
 - `decode_timed_schemes` reads which schemes' PyTorch decode is timed (QUANTSUITE_DECODE_SCHEMES); prefill is
   timed for every scheme.
 - `gate_baseline` keeps, from a previous run's benchmark JSON, the entries stable enough to fail a nightly on
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -254,7 +256,13 @@ class StaticCacheDecoder:
         for step in range(new_tokens):
             start = 0 if step == 0 else prompt_length + step - 1
             torch.compiler.cudagraph_mark_step_begin()  # the previous replay's output is consumed: reuse its memory
-            step_logits = self.forward(token, positions[:, start : prompt_length + step])
+            try:
+                step_logits = self.forward(token, positions[:, start : prompt_length + step])
+            except RuntimeError as error:  # inductor's CUDA-graph pool check: say what holds the memory it found
+                holders = describe_pool_leak(str(error))
+                if holders is None:
+                    raise
+                raise RuntimeError(f"{error}\n{holders}") from error
             token = step_logits.argmax(-1, keepdim=True)
             tokens.append(token)
             logits.append(step_logits.float())
@@ -262,6 +270,64 @@ class StaticCacheDecoder:
 
     def __call__(self, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
         return self.decode(ids, new_tokens)[0]
+
+
+POOL_LEAK = re.compile(r"in the cudagraph pool not tracked as outputs.*?data_ptr\(\) in OrderedSet\(\[([0-9, ]+)\]\)",
+                       re.DOTALL)  # fmt: skip
+
+
+def describe_pool_leak(message: str) -> str | None:
+    """For inductor's "Detected N tensor(s) in the cudagraph pool not tracked as outputs" (a compiled function kept
+    memory of its CUDA-graph pool alive beyond its outputs), the Python tensors whose storage is at the addresses
+    the message lists, each with its shape, dtype and where it is held (`Owner['attribute']...` paths), or that no
+    Python object holds an address (then a C++ cache or a kernel launcher does); None for any other message."""
+    import gc
+    import warnings
+
+    match = POOL_LEAK.search(message)
+    if match is None:
+        return None
+    addresses = {int(part) for part in match.group(1).split(",") if part.strip()}
+    with warnings.catch_warnings():  # isinstance on some of torch's deprecated objects warns
+        warnings.simplefilter("ignore")
+        tensors = [obj for obj in gc.get_objects()
+                   if isinstance(obj, torch.Tensor) and _storage_address(obj) in addresses]  # fmt: skip
+    lines = []
+    for address in sorted(addresses):
+        found = [f"{type(t).__name__} {tuple(t.shape)} {t.dtype} held by "
+                 f"{', '.join(_holders(t, {id(tensors)})) or 'no Python object'}"
+                 for t in tensors if _storage_address(t) == address]  # fmt: skip
+        lines.append(f"- {address}: " + ("; ".join(found) or "no Python tensor has it (a C++ cache or a kernel "
+                                                               "launcher holds it)"))  # fmt: skip
+    return "What holds those addresses (quantsuite.bench.describe_pool_leak):\n" + "\n".join(lines)
+
+
+def _storage_address(tensor: torch.Tensor) -> int | None:
+    try:
+        return tensor.untyped_storage().data_ptr()
+    except Exception:  # a tensor without storage (fake, functional, sparse): not a pool block
+        return None
+
+
+def _holders(obj: object, ignore: set[int], depth: int = 3) -> list[str]:
+    """Where `obj` is referred to from: the referrer's type, through dicts up to `depth` levels as
+    `Owner['key']['key']` (an nn.Module's buffer: `Module['_buffers']['name']`); frames and `ignore` left out."""
+    import gc
+    import inspect
+
+    referrers = gc.get_referrers(obj)
+    ignore = ignore | {id(referrers)}
+    paths = []
+    for referrer in referrers:
+        if id(referrer) in ignore or inspect.isframe(referrer):
+            continue
+        if isinstance(referrer, dict):
+            key = next((key for key, value in referrer.items() if value is obj), "?")
+            owners = _holders(referrer, ignore, depth - 1) if depth > 1 else []
+            paths += [f"{owner}[{key!r}]" for owner in owners] or [f"dict[{key!r}]"]
+        else:
+            paths.append(type(referrer).__name__)
+    return paths
 
 
 def greedy_decode(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
