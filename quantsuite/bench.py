@@ -309,11 +309,14 @@ def _storage_address(tensor: torch.Tensor) -> int | None:
         return None
 
 
-def _holders(obj: object, ignore: set[int], depth: int = 3) -> list[str]:
-    """Where `obj` is referred to from: the referrer's type, through dicts up to `depth` levels as
-    `Owner['key']['key']` (an nn.Module's buffer: `Module['_buffers']['name']`); frames and `ignore` left out."""
+def _holders(obj: object, ignore: set[int], depth: int = 4) -> list[str]:
+    """Where `obj` is referred to from, as paths up through containers (at most `depth` levels): a dict by its key
+    (an nn.Module's buffer: `Module['_buffers']['name']`), a list or tuple by its index, a closure cell by the
+    function that closes over it (`function f[closure 0]`); an object by its type, a function by its name. Frames
+    and `ignore` are left out."""
     import gc
     import inspect
+    import types
 
     referrers = gc.get_referrers(obj)
     ignore = ignore | {id(referrers)}
@@ -321,12 +324,24 @@ def _holders(obj: object, ignore: set[int], depth: int = 3) -> list[str]:
     for referrer in referrers:
         if id(referrer) in ignore or inspect.isframe(referrer):
             continue
-        if isinstance(referrer, dict):
-            key = next((key for key, value in referrer.items() if value is obj), "?")
-            owners = _holders(referrer, ignore, depth - 1) if depth > 1 else []
-            paths += [f"{owner}[{key!r}]" for owner in owners] or [f"dict[{key!r}]"]
+        if isinstance(referrer, (dict, list, tuple)):  # loops, not generators: a closure over obj would refer to it
+            keys = list(referrer) if isinstance(referrer, dict) else range(len(referrer))
+            key = "?"
+            for candidate in keys:
+                if referrer[candidate] is obj:
+                    key = candidate
+                    break
+            step = f"[closure {key}]" if isinstance(obj, types.CellType) else f"[{key!r}]"
+        elif isinstance(referrer, types.CellType):
+            step = ""
+        elif isinstance(referrer, types.FunctionType):
+            paths.append(f"function {referrer.__qualname__}")
+            continue
         else:
             paths.append(type(referrer).__name__)
+            continue
+        owners = _holders(referrer, ignore, depth - 1) if depth > 1 else []
+        paths += [owner + step for owner in owners] or [type(referrer).__name__ + step]
     return paths
 
 

@@ -399,8 +399,9 @@ def test_a_cudagraph_pool_leak_names_what_holds_the_memory(workbench, catalog):
     """The compiled decode pair of `fp8_modelopt_default` failed on an H200 with inductor's "Detected 3 tensor(s) in
     the cudagraph pool not tracked as outputs" (gpu-34, reports/profile-gpu-h200-nightly): the message gives only
     addresses. StaticCacheDecoder now adds, per address, the Python tensor there (shape, dtype) and where it is
-    held, or that no Python object holds it. Here on any device: a module buffer and a plain attribute are named by
-    their paths, an address no tensor has is said to be held outside Python, and another error passes unchanged."""
+    held, or that no Python object holds it. Here on any device: a module buffer, a plain attribute and a closure's
+    variable are named by their paths (and nothing else: the search's own references are left out), an address no
+    tensor has is said to be held outside Python, and another error passes unchanged."""
     import torch
 
     from quantsuite.bench import describe_pool_leak
@@ -411,13 +412,21 @@ def test_a_cudagraph_pool_leak_names_what_holds_the_memory(workbench, catalog):
             self.register_buffer("kept_scale", torch.ones(3, 5, dtype=torch.bfloat16))
             self.cached = torch.zeros(7)
 
-    holder = Holder()
+    def launcher_of(tensor):  # a kernel launcher that keeps its last argument
+        def launch():
+            return tensor
+
+        return launch
+
+    holder, launch = Holder(), launcher_of(torch.full((2,), 3.0))
     free = torch.empty(1).untyped_storage().data_ptr() + 1  # no tensor's storage starts there
     buffer, attribute = holder.kept_scale.untyped_storage().data_ptr(), holder.cached.untyped_storage().data_ptr()
-    text = describe_pool_leak(_pool_leak_message(buffer, attribute, free))
-    lines = {line.split(":")[0].lstrip("- "): line for line in text.splitlines()[1:]}
-    assert "(3, 5) torch.bfloat16" in lines[str(buffer)] and "Holder['_buffers']['kept_scale']" in lines[str(buffer)]
-    assert "(7,) torch.float32" in lines[str(attribute)] and "Holder['cached']" in lines[str(attribute)], text
+    closed_over = launch().untyped_storage().data_ptr()
+    text = describe_pool_leak(_pool_leak_message(buffer, attribute, closed_over, free))
+    lines = {line.split(":")[0].lstrip("- "): line.partition(": ")[2] for line in text.splitlines()[1:]}
+    assert lines[str(buffer)] == "Tensor (3, 5) torch.bfloat16 held by Holder['_buffers']['kept_scale']", text
+    assert lines[str(attribute)] == "Tensor (7,) torch.float32 held by Holder['cached']", text
+    assert lines[str(closed_over)].endswith("held by function " + launch.__qualname__ + "[closure 0]"), text
     assert "no Python tensor has it" in lines[str(free)]
     assert describe_pool_leak("CUDA error: an illegal memory access was encountered") is None
 
