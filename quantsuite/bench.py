@@ -287,16 +287,17 @@ def describe_pool_leak(message: str) -> str | None:
     match = POOL_LEAK.search(message)
     if match is None:
         return None
-    addresses = {int(part) for part in match.group(1).split(",") if part.strip()}
+    at: dict[int, list[torch.Tensor]] = {int(part): [] for part in match.group(1).split(",") if part.strip()}
     with warnings.catch_warnings():  # isinstance on some of torch's deprecated objects warns
         warnings.simplefilter("ignore")
-        tensors = [obj for obj in gc.get_objects()
-                   if isinstance(obj, torch.Tensor) and _storage_address(obj) in addresses]  # fmt: skip
+        for obj in gc.get_objects():
+            if isinstance(obj, torch.Tensor) and (address := _storage_address(obj)) in at:
+                at[address].append(obj)
+    own = {id(tensors) for tensors in at.values()}  # this search's lists, not holders
     lines = []
-    for address in sorted(addresses):
+    for address, tensors in sorted(at.items()):
         found = [f"{type(t).__name__} {tuple(t.shape)} {t.dtype} held by "
-                 f"{', '.join(_holders(t, {id(tensors)})) or 'no Python object'}"
-                 for t in tensors if _storage_address(t) == address]  # fmt: skip
+                 f"{', '.join(_holders(t, own)) or 'no Python object'}" for t in tensors]  # fmt: skip
         lines.append(f"- {address}: " + ("; ".join(found) or "no Python tensor has it (a C++ cache or a kernel "
                                                                "launcher holds it)"))  # fmt: skip
     return "What holds those addresses (quantsuite.bench.describe_pool_leak):\n" + "\n".join(lines)
