@@ -566,7 +566,7 @@ def test_vllm_speed(benchmark, workbench, scheme, vllm_python, vllm_service, exp
     if expected is not None:
         pytest.skip(f"expected to fail in vLLM ({check}): {expected.reason}")
     results = []
-    rounds = int(os.environ.get("QUANTSUITE_VLLM_ROUNDS", 4 if workbench.context.device.type == "cuda" else 2))
+    rounds = int(os.environ.get("QUANTSUITE_VLLM_ROUNDS", 3 if workbench.context.device.type == "cuda" else 2))
     with contextlib.ExitStack() as stack:
         try:  # decided before the benchmark starts: a skip inside it leaves pytest-benchmark an empty entry to save
             measure = stack.enter_context(workbench.vllm.speed_session(scheme, vllm_service))
