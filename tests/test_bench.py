@@ -36,6 +36,7 @@ ROUNDS, WARMUP = int(os.environ.get("QUANTSUITE_BENCH_ROUNDS", 5)), int(os.envir
 # stages: the rounds were 158 s of it, warm-ups and torch.compile the rest)
 ROUNDS_STAGE = "benchmark rounds (with warm-ups, BF16 pairs)"
 PAIR_WARMUP_STAGE = "benchmark pair warm-up (torch.compile here)"
+PAIRED_MODES = ("plain", "autoquant")  # schemes whose real-FP8 runs are timed beside BF16's (test_real_fp8_paired)
 
 
 @pytest.fixture(autouse=True)
@@ -91,6 +92,11 @@ def _skip_without_fp8_matmul(workbench) -> None:
         pytest.skip(reason)
 
 
+def _pair_runs(kind: str, path: str, device) -> bool:
+    """Whether test_real_fp8_paired times `kind` on `path` on `device`: everything on CUDA, eager prefill elsewhere."""
+    return device.type == "cuda" or (path == "eager" and kind == "prefill")
+
+
 def _skip_unless_fp8_layers_only(manifest: dict) -> None:
     """The real-FP8 path runs FP8 layers on torch._scaled_mm; other formats (INT4, NVFP4, MXFP8, ...) reload as
     QuantLinear, a dequantized reference with no fast kernel here: timing or matching it as FP8 would mislead.
@@ -102,11 +108,16 @@ def _skip_unless_fp8_layers_only(manifest: dict) -> None:
         pytest.skip(f"real-FP8 path: {others} layers have no FP8 GEMM (the reload is a dequantized reference)")
 
 
+def _skip_unless_real_fp8(workbench, scheme) -> None:
+    """The checks of the real-FP8 path that need no load: the op is there, and the scheme has only FP8 layers."""
+    _skip_without_fp8_matmul(workbench)
+    _skip_unless_fp8_layers_only(workbench.schemes.result(scheme).manifest)
+
+
 def _real_fp8_model(workbench, scheme, export_dir):
     """The reloaded export with every FP8 layer on torch._scaled_mm, alone on the device (skips without the op, for
     a scheme with other formats, or where the op is a slow reference kernel and the export has FP8 layers)."""
-    _skip_without_fp8_matmul(workbench)
-    _skip_unless_fp8_layers_only(workbench.schemes.result(scheme).manifest)
+    _skip_unless_real_fp8(workbench, scheme)
     workbench.context.release()  # nothing else of ours on the device while this one is timed
     model = load_export(export_dir, workbench.context.device)
     if to_scaled_mm(model, workbench.context.device):
@@ -148,9 +159,15 @@ def test_fake_quant_throughput(benchmark, workbench, scheme, fake_quant_model, d
 @benchmark_test
 @pytest.mark.parametrize("kind", ["prefill", "decode"])
 def test_real_fp8_throughput(benchmark, workbench, scheme, exported, decode_schemes, kind):
-    """The exported checkpoint with real FP8 GEMMs (torch._scaled_mm); BF16 export as its baseline."""
+    """The exported checkpoint with real FP8 GEMMs (torch._scaled_mm); BF16 export as its baseline. Where the eager
+    pair times the same step, this one is left to it: the same model, step and rounds again cost a reload and the
+    rounds, and one figure has one home."""
     if kind == "decode":
         _skip_unless_decode_timed(decode_schemes, scheme)
+    _skip_unless_real_fp8(workbench, scheme)
+    if scheme.mode in PAIRED_MODES and _pair_runs(kind, "eager", workbench.context.device):
+        pytest.skip(f"timed by test_real_fp8_paired[{scheme.name}-{kind}-eager] (its rounds are this export's "
+                    f"real-FP8 {kind}, each beside a BF16 round)")
     model = _real_fp8_model(workbench, scheme, exported)
     maker = prefill_step if kind == "prefill" else decode_step
     arguments = (BATCH, PREFILL_TOKENS) if kind == "prefill" else (BATCH, PROMPT, NEW_TOKENS)
@@ -175,8 +192,7 @@ def test_scaled_mm_layers_match_the_dequantized_export(workbench, scheme, scheme
 
     from quantsuite.checkpoint import Fp8Linear
 
-    _skip_without_fp8_matmul(workbench)
-    _skip_unless_fp8_layers_only(scheme_result.manifest)
+    _skip_unless_real_fp8(workbench, scheme)
     model = load_export(exported, workbench.context.device)
     layers = [(name, module) for name, module in model.named_modules() if isinstance(module, Fp8Linear)]
     assert len(layers) == scheme_result.manifest["totals"]["quantized_layers"]
@@ -449,7 +465,7 @@ def test_a_cudagraph_pool_leak_names_what_holds_the_memory(workbench, catalog):
 
 
 @benchmark_test
-@pytest.mark.scheme_modes("plain", "autoquant")
+@pytest.mark.scheme_modes(*PAIRED_MODES)
 @pytest.mark.parametrize("path", ["eager", "compiled"])
 @pytest.mark.parametrize("kind", ["prefill", "decode"])
 def test_real_fp8_paired(benchmark, workbench, catalog, scheme, exported, decode_schemes, kind, path):
@@ -466,7 +482,7 @@ def test_real_fp8_paired(benchmark, workbench, catalog, scheme, exported, decode
     from quantsuite.bench import compile_decoder_layers, synchronize
 
     device = workbench.context.device
-    if device.type != "cuda" and (path == "compiled" or kind == "decode"):
+    if not _pair_runs(kind, path, device):
         pytest.skip(f"real-FP8 {path} {kind} pairs are timed on CUDA only: on CPU, batch-1 decode of the tiny model "
                     "times Python overhead (and took 7 s per scheme) and inductor's CPU FP8 code is not the speed "
                     "this measures; the compiled path's numerics are checked on CPU by "
