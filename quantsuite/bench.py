@@ -276,6 +276,20 @@ POOL_LEAK = re.compile(r"in the cudagraph pool not tracked as outputs.*?data_ptr
                        re.DOTALL)  # fmt: skip
 
 
+def pool_allocation_origins(device: torch.device):
+    """A context in which torch.compile's CUDA-graph warm-ups record where each allocation of their pool came from
+    (inductor's `cudagraph_trees_history_recording`), so that a "not tracked as outputs" error lists each block's
+    allocation stack; nothing on other devices. For warm-ups only: it records on every allocation (a whole nightly
+    step with it on: reports/profile-gpu-h200-nightly/README.md, gpu-35)."""
+    import contextlib
+
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    import torch._inductor.config
+
+    return torch._inductor.config.patch({"triton.cudagraph_trees_history_recording": True})
+
+
 def describe_pool_leak(message: str) -> str | None:
     """For inductor's "Detected N tensor(s) in the cudagraph pool not tracked as outputs" (a compiled function kept
     memory of its CUDA-graph pool alive beyond its outputs), the Python tensors whose storage is at the addresses

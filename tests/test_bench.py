@@ -18,6 +18,7 @@ from quantsuite.bench import (
     decode_step,
     decode_timed_schemes,
     fp8_matmul_support,
+    pool_allocation_origins,
     prefill_step,
     slow_fp8_matmul,
     to_scaled_mm,
@@ -411,6 +412,22 @@ def _pool_leak_message(*addresses: int) -> str:
             "Allocations:\nData Pointer: 1, history: \n")  # fmt: skip
 
 
+def test_compiled_warm_ups_record_allocation_origins_on_cuda_only():
+    """The compiled pairs' warm-ups run inside pool_allocation_origins: on CUDA inductor records each pool
+    allocation's stack there (and only there), so a pool leak's error says where the blocks came from."""
+    import torch
+    import torch._inductor.config as inductor
+
+    from quantsuite.bench import pool_allocation_origins
+
+    assert not inductor.triton.cudagraph_trees_history_recording
+    with pool_allocation_origins(torch.device("cuda", 0)):
+        assert inductor.triton.cudagraph_trees_history_recording
+    assert not inductor.triton.cudagraph_trees_history_recording
+    with pool_allocation_origins(torch.device("cpu")):
+        assert not inductor.triton.cudagraph_trees_history_recording
+
+
 def test_a_cudagraph_pool_leak_names_what_holds_the_memory(workbench, catalog):
     """The compiled decode pair of `fp8_modelopt_default` failed on an H200 with inductor's "Detected 3 tensor(s) in
     the cudagraph pool not tracked as outputs" (gpu-34, reports/profile-gpu-h200-nightly): the message gives only
@@ -503,8 +520,9 @@ def test_real_fp8_paired(benchmark, workbench, catalog, scheme, exported, decode
         static_cache = path == "compiled"
         baseline_step, tokens = decode_step(baseline, 1, PROMPT, NEW_TOKENS, device, vocab, static_cache=static_cache)
         step, _ = decode_step(model, 1, PROMPT, NEW_TOKENS, device, vocab, static_cache=static_cache)
-    with STAGE_TIMES.measure(PAIR_WARMUP_STAGE):
-        for _ in range(WARMUP + (path == "compiled")):  # compiled: the first call of each shape compiles
+    # compiled: the first call of each shape compiles; a CUDA-graph pool leak then names its allocations' origins
+    with STAGE_TIMES.measure(PAIR_WARMUP_STAGE), pool_allocation_origins(device):
+        for _ in range(WARMUP + (path == "compiled")):
             baseline_step()
             step()
     baseline_rounds = []
