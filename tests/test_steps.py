@@ -238,18 +238,14 @@ def test_the_nightly_runs_each_stage_test_once_per_scheme_step_or_machinery_step
     included), step 1b (`machinery`) the other tests of the stage marks, step 3 (`benchmark`) the other benchmarks:
     together every test of those marks, none twice, no scheme's case in machinery or benchmark."""
     from quantsuite.steps import STAGES, nightly_steps
-
-    def collected(*args: str) -> set[str]:
-        done = subprocess.run([sys.executable, "-m", "pytest", "--co", "-q", "-p", "no:xdist", "--no-report", *args],
-                              cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-        return {line for line in done.stdout.splitlines() if "::" in line}
+    from tests.plugin.test_options import collections
 
     steps = {step.name: step.args[:2] for step in nightly_steps(1)}  # -m and its expression
-    per_scheme, machinery, once = (collected(*steps[name]) for name in ("schemes", "machinery", "benchmark"))
+    runs = [steps[name] for name in ("schemes", "machinery", "benchmark")] + [("-m", f"{STAGES} or benchmark")]
+    per_scheme, machinery, once, every = map(set, collections(*runs))
     assert per_scheme and machinery and once
     assert not per_scheme & machinery and not per_scheme & once and not machinery & once
-    assert per_scheme | machinery | once == collected("-m", f"{STAGES} or benchmark")
+    assert per_scheme | machinery | once == every
     assert "tests/test_drift.py::test_drift_within_bounds[fp8_autoquant_top50]" in per_scheme
     assert "tests/test_bench.py::test_vllm_speed[fp8_autoquant_top50]" in per_scheme  # beside its verdict: one engine
     assert "tests/test_bench.py::test_export_time_and_size[fp8_autoquant_top50]" in per_scheme  # its one build

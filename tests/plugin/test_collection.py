@@ -53,21 +53,14 @@ def test_a_scheme_runs_its_tests_together():
                        "vllm[model_free-top50]", "vllm[cuda-top50]", "solver_test", "noise_floor"]  # fmt: skip
 
 
-def _collected(*arguments: str) -> list[str]:
-    """Test ids a real pytest collection selects (the project's options, no xdist)."""
-    from tests.plugin.test_options import _pytest
-
-    done = _pytest("--collect-only", "-q", *arguments)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    return [line for line in done.stdout.splitlines() if "::" in line]
-
-
 def test_the_export_benchmark_leads_its_scheme_then_the_fake_quant_ones():
     """In a step that runs a scheme's tests and benchmarks together (the nightly's per-scheme step on one GPU), the
     export benchmark comes first, so that the build it times is the scheme's only one (the drift tests of
     tests/stages/ came first and built it: run gpu-33 built every export twice), then the fake-quant benchmarks,
     while that model is held."""
-    tests = _collected("-m", "per_scheme and (drift or export or vllm_compat or benchmark)", "--scheme=top50")
+    from tests.plugin.test_options import collections
+
+    (tests,) = collections(("-m", "per_scheme and (drift or export or vllm_compat or benchmark)", "--scheme=top50"))
     names = [test.rpartition("::")[2] for test in tests]
     assert names[:3] == ["test_export_time_and_size[fp8_autoquant_top50]",
                          "test_fake_quant_throughput[fp8_autoquant_top50-prefill]",
@@ -82,11 +75,13 @@ def test_shards_split_the_run_into_whole_schemes_the_same_in_every_step():
     same shard in another step (the benchmarks), where its cache is."""
     from quantsuite.catalog import load_catalog
     from quantsuite.plugin.collection import scheduling_group, schemes_named
+    from tests.plugin.test_options import collections
 
-    schemes = ["--scheme=bf16", "--scheme=top50", "--scheme=default", "--scheme=int8_sq"]
+    schemes = ("--scheme=bf16", "--scheme=top50", "--scheme=default", "--scheme=int8_sq")
     names = {"bf16", "fp8_autoquant_top50", "fp8_modelopt_default", "int8_smoothquant"}
     names_by_key = load_catalog().names_by_key()
-    whole = _collected(*schemes)
+    whole, *shards, benchmarks = collections(schemes, (*schemes, "--shard=1/2"), (*schemes, "--shard=2/2"),
+                                             ("-m", "benchmark", *schemes, "--shard=1/2"))  # the nightly's later step
     named_anywhere = {name for test in whole for name in schemes_named(test, names_by_key)}
     assert named_anywhere == names, "--scheme kept a test of another scheme (a planted fault, a nested pair)"
     kept = {test.partition("[")[0].rpartition("::")[2] for test in whole}  # a test of the machinery: by its marks
@@ -95,13 +90,12 @@ def test_shards_split_the_run_into_whole_schemes_the_same_in_every_step():
                        "test_a_wrong_kv_scale_fails_the_export_checks",  # top50_kv
                        "test_the_calibration_choice_is_in_the_manifest_and_the_key"}  # int8_sq_image
     assert not kept & built_elsewhere, "--scheme kept a test that builds an unselected scheme (uses_schemes)"
-    shards = [_collected(*schemes, f"--shard={k}/2") for k in (1, 2)]
     assert sorted(shards[0] + shards[1]) == sorted(whole) and not set(shards[0]) & set(shards[1])
     assert all(shards), "a shard with nothing to run"
     units = [{scheduling_group(test, names_by_key) for test in shard} for shard in shards]
     assert not units[0] & units[1], "a scheme (or the vLLM group) split over both shards"
     assert names <= units[0] | units[1] and "vllm" in units[0] | units[1]
-    benchmarks = _collected("-m", "benchmark", *schemes, "--shard=1/2")  # the nightly's later step, alone
+    assert all(unit & names for unit in units), "a shard with no scheme: the catalog is not spread"
     assert benchmarks and set(benchmarks) <= set(shards[0]), "a scheme moved shard in another step"
 
 
