@@ -35,10 +35,10 @@ def _pytest(*arguments: str, xdist: bool = False, cwd: Path = ROOT) -> subproces
                           capture_output=True, timeout=300, env=environment)  # fmt: skip
 
 
-# One process, several collections: each pytest.main after the first reuses its imports (torch, transformers, the
+# One process, several pytest runs: each pytest.main after the first reuses its imports (torch, transformers, the
 # test modules), 0.5 s a collection instead of 6 s for a process of its own on the 2-core box.
-_COLLECT = """
-import json, sys
+_RUNS = """
+import contextlib, io, json, sys
 import pytest
 
 class Collected:
@@ -49,23 +49,30 @@ class Collected:
 
 results = []
 for arguments in json.loads(sys.argv[1]):
-    collected = Collected()
-    status = pytest.main(["--collect-only", "-q", "-p", "no:xdist", *arguments], plugins=[collected])
-    results.append({"status": int(status), "ids": collected.ids})
-print("COLLECTED " + json.dumps(results))
+    collected, stdout, stderr = Collected(), io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        status = pytest.main(["-p", "no:xdist", *arguments], plugins=[collected])
+    results.append({"status": int(status), "ids": collected.ids, "stdout": stdout.getvalue(),
+                    "stderr": stderr.getvalue()})
+print("RUNS " + json.dumps(results))
 """
 
 
-def collections(*runs: tuple[str, ...]) -> list[list[str]]:
-    """The test ids each run's arguments select in a real pytest collection (the project root, no xdist, without
-    the calling run's PYTEST_ and QUANTSUITE_ settings), all runs in one process."""
+def pytest_runs(*runs: tuple[str, ...]) -> list[dict]:
+    """Real pytest runs of each run's arguments (the project root, no xdist, without the calling run's PYTEST_ and
+    QUANTSUITE_ settings), all in one process: per run its exit `status`, the `ids` it selected, `stdout`, `stderr`."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "QUANTSUITE_"))}
-    done = subprocess.run([sys.executable, "-c", _COLLECT, json.dumps([list(run) for run in runs])], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-c", _RUNS, json.dumps([list(run) for run in runs])], cwd=ROOT,
                           text=True, capture_output=True, timeout=600, env=environment)  # fmt: skip
-    assert done.returncode == 0 and "COLLECTED " in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
-    results = json.loads(done.stdout.rpartition("COLLECTED ")[2])
+    assert done.returncode == 0 and "RUNS " in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+    return json.loads(done.stdout.rpartition("RUNS ")[2])
+
+
+def collections(*runs: tuple[str, ...]) -> list[list[str]]:
+    """The test ids each run's arguments select in a real pytest collection (pytest_runs)."""
+    results = pytest_runs(*(("--collect-only", "-q", *run) for run in runs))
     for run, result in zip(runs, results, strict=True):
-        assert result["status"] == 0, f"collecting {run}: exit {result['status']}\n{done.stdout[-3000:]}"
+        assert result["status"] == 0, f"collecting {run}: exit {result['status']}\n{result['stdout'][-3000:]}"
     return [result["ids"] for result in results]
 
 
@@ -131,14 +138,21 @@ BAD_INPUT = {
 }  # fmt: skip
 
 
+@pytest.fixture(scope="module")
+def bad_input_runs() -> dict[str, dict]:
+    """Each BAD_INPUT case collected by a real pytest, all in one process (pytest_runs)."""
+    return dict(zip(BAD_INPUT, pytest_runs(*(("--collect-only", "-q", *arguments)
+                                             for arguments, _ in BAD_INPUT.values())), strict=True))  # fmt: skip
+
+
 @pytest.mark.parametrize("case", BAD_INPUT, ids=list(BAD_INPUT))
-def test_bad_input_is_one_usage_error_before_any_work(case):
+def test_bad_input_is_one_usage_error_before_any_work(bad_input_runs, case):
     """Before: an unknown --scheme was an INTERNALERROR from a collection hook; a missing --model or bad
     --calib-data errored once per test at setup; --dtype float16 was accepted and ignored by export."""
-    arguments, message = BAD_INPUT[case]
-    completed = _pytest("--collect-only", "-q", *arguments)
-    assert completed.returncode == pytest.ExitCode.USAGE_ERROR, completed.stdout[-2000:] + completed.stderr[-2000:]
-    assert re.search(message, completed.stderr) and "INTERNALERROR" not in completed.stdout + completed.stderr
+    message, completed = BAD_INPUT[case][1], bad_input_runs[case]
+    output = completed["stdout"][-2000:] + completed["stderr"][-2000:]
+    assert completed["status"] == pytest.ExitCode.USAGE_ERROR, output
+    assert re.search(message, completed["stderr"]) and "INTERNALERROR" not in output, output
 
 
 def test_scheduling_group_keeps_a_scheme_on_one_worker():
@@ -213,11 +227,18 @@ FILE_INPUT = {
 }  # fmt: skip
 
 
+@pytest.fixture(scope="module")
+def bad_file_runs(tmp_path_factory) -> dict[str, dict]:
+    """Each FILE_INPUT case (its files in a folder of its own) collected by a real pytest, all in one process, path
+    options joined (`--opt=value`: pytest.main takes no command line to join; both forms: the test above)."""
+    arguments = [join_split_paths(make(tmp_path_factory.mktemp("files"))) for make, _ in FILE_INPUT.values()]
+    return dict(zip(FILE_INPUT, pytest_runs(*(("--collect-only", "-q", *case) for case in arguments)), strict=True))
+
+
 @pytest.mark.parametrize("case", FILE_INPUT, ids=list(FILE_INPUT))
-def test_bad_files_are_one_usage_error_naming_the_file(tmp_path, case):
+def test_bad_files_are_one_usage_error_naming_the_file(bad_file_runs, case):
     """Before: a captions file too small for the splits, one of empty captions, or truncated weights failed every test
     after collection (19 errors and 2 failures; the weights as a raw SafetensorError naming no file)."""
-    make, message = FILE_INPUT[case]
-    completed = _pytest("--collect-only", "-q", *make(tmp_path))
-    assert completed.returncode == pytest.ExitCode.USAGE_ERROR, completed.stdout[-2000:] + completed.stderr[-2000:]
-    assert re.search(message, completed.stderr), completed.stderr[-2000:]
+    message, completed = FILE_INPUT[case][1], bad_file_runs[case]
+    assert completed["status"] == pytest.ExitCode.USAGE_ERROR, completed["stdout"][-2000:] + completed["stderr"][-2000:]
+    assert re.search(message, completed["stderr"]), completed["stderr"][-2000:]
