@@ -36,7 +36,7 @@ def _pytest(*arguments: str, xdist: bool = False, cwd: Path = ROOT) -> subproces
 
 
 # One process, several pytest runs: each pytest.main after the first reuses its imports (torch, transformers, the
-# test modules), 0.5 s a collection instead of 6 s for a process of its own on the 2-core box.
+# test modules) instead of paying a process start of its own (reports/profile-cpu-2core/README.md, session 27).
 _RUNS = """
 import contextlib, io, json, sys
 import pytest
