@@ -116,13 +116,24 @@ def test_vllm_python_outside_the_project(tmp_path, form):
     assert "test_vllm[cpu_patched-bf16]" in completed.stdout
 
 
-@pytest.mark.parametrize("case", ["missing", "no vllm"])
-def test_bad_vllm_python_is_a_usage_error(tmp_path, case):
-    python = tmp_path / "nothing" if case == "missing" else Path(sys.executable)
-    completed = _pytest("--collect-only", "-q", f"--vllm-python={python}")
-    assert completed.returncode == pytest.ExitCode.USAGE_ERROR, completed.stdout[-2000:] + completed.stderr[-2000:]
-    expected = "no executable file there" if case == "missing" else "has no vllm"
-    assert f"--vllm-python {python}: " in completed.stderr and expected in completed.stderr, completed.stderr
+BAD_VLLM_PYTHON = {"missing": ("nothing", "no executable file there"), "no vllm": (sys.executable, "has no vllm")}
+
+
+@pytest.fixture(scope="module")
+def bad_vllm_python_runs(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
+    """Each BAD_VLLM_PYTHON case (its interpreter path, its run) collected by a real pytest, all in one process."""
+    folder = tmp_path_factory.mktemp("vllm-python")
+    pythons = [folder / path for path, _ in BAD_VLLM_PYTHON.values()]  # an absolute path stays as it is
+    runs = pytest_runs(*(("--collect-only", "-q", f"--vllm-python={python}") for python in pythons))
+    return dict(zip(BAD_VLLM_PYTHON, zip(pythons, runs, strict=True), strict=True))
+
+
+@pytest.mark.parametrize("case", BAD_VLLM_PYTHON, ids=list(BAD_VLLM_PYTHON))
+def test_bad_vllm_python_is_a_usage_error(bad_vllm_python_runs, case):
+    python, completed = bad_vllm_python_runs[case]
+    assert completed["status"] == pytest.ExitCode.USAGE_ERROR, completed["stdout"][-2000:] + completed["stderr"][-2000:]
+    expected = BAD_VLLM_PYTHON[case][1]
+    assert f"--vllm-python {python}: " in completed["stderr"] and expected in completed["stderr"], completed["stderr"]
 
 
 BAD_INPUT = {
