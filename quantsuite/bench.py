@@ -272,10 +272,6 @@ class StaticCacheDecoder:
         return self.decode(ids, new_tokens)[0]
 
 
-POOL_LEAK = re.compile(r"in the cudagraph pool not tracked as outputs.*?data_ptr\(\) in OrderedSet\(\[([0-9, ]+)\]\)",
-                       re.DOTALL)  # fmt: skip
-
-
 def pool_allocation_origins(device: torch.device):
     """A context in which torch.compile's CUDA-graph warm-ups record where each allocation of their pool came from
     (inductor's `cudagraph_trees_history_recording`), so that a "not tracked as outputs" error lists each block's
@@ -288,6 +284,10 @@ def pool_allocation_origins(device: torch.device):
     import torch._inductor.config
 
     return torch._inductor.config.patch({"triton.cudagraph_trees_history_recording": True})
+
+
+POOL_LEAK = re.compile(r"in the cudagraph pool not tracked as outputs.*?data_ptr\(\) in OrderedSet\(\[([0-9, ]+)\]\)",
+                       re.DOTALL)  # fmt: skip
 
 
 def describe_pool_leak(message: str) -> str | None:

@@ -68,9 +68,14 @@ def pytest_runs(*runs: tuple[str, ...]) -> list[dict]:
     return json.loads(done.stdout.rpartition("RUNS ")[2])
 
 
+def collection_runs(*runs: tuple[str, ...]) -> list[dict]:
+    """pytest_runs of `--collect-only -q` with each run's arguments."""
+    return pytest_runs(*(("--collect-only", "-q", *run) for run in runs))
+
+
 def collections(*runs: tuple[str, ...]) -> list[list[str]]:
     """The test ids each run's arguments select in a real pytest collection (pytest_runs)."""
-    results = pytest_runs(*(("--collect-only", "-q", *run) for run in runs))
+    results = collection_runs(*runs)
     for run, result in zip(runs, results, strict=True):
         assert result["status"] == 0, f"collecting {run}: exit {result['status']}\n{result['stdout'][-3000:]}"
     return [result["ids"] for result in results]
@@ -124,7 +129,7 @@ def bad_vllm_python_runs(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
     """Each BAD_VLLM_PYTHON case (its interpreter path, its run) collected by a real pytest, all in one process."""
     folder = tmp_path_factory.mktemp("vllm-python")
     pythons = [folder / path for path, _ in BAD_VLLM_PYTHON.values()]  # an absolute path stays as it is
-    runs = pytest_runs(*(("--collect-only", "-q", f"--vllm-python={python}") for python in pythons))
+    runs = collection_runs(*((f"--vllm-python={python}",) for python in pythons))
     return dict(zip(BAD_VLLM_PYTHON, zip(pythons, runs, strict=True), strict=True))
 
 
@@ -152,8 +157,7 @@ BAD_INPUT = {
 @pytest.fixture(scope="module")
 def bad_input_runs() -> dict[str, dict]:
     """Each BAD_INPUT case collected by a real pytest, all in one process (pytest_runs)."""
-    return dict(zip(BAD_INPUT, pytest_runs(*(("--collect-only", "-q", *arguments)
-                                             for arguments, _ in BAD_INPUT.values())), strict=True))  # fmt: skip
+    return dict(zip(BAD_INPUT, collection_runs(*(arguments for arguments, _ in BAD_INPUT.values())), strict=True))
 
 
 @pytest.mark.parametrize("case", BAD_INPUT, ids=list(BAD_INPUT))
@@ -243,7 +247,7 @@ def bad_file_runs(tmp_path_factory) -> dict[str, dict]:
     """Each FILE_INPUT case (its files in a folder of its own) collected by a real pytest, all in one process, path
     options joined (`--opt=value`: pytest.main takes no command line to join; both forms: the test above)."""
     arguments = [join_split_paths(make(tmp_path_factory.mktemp("files"))) for make, _ in FILE_INPUT.values()]
-    return dict(zip(FILE_INPUT, pytest_runs(*(("--collect-only", "-q", *case) for case in arguments)), strict=True))
+    return dict(zip(FILE_INPUT, collection_runs(*arguments), strict=True))
 
 
 @pytest.mark.parametrize("case", FILE_INPUT, ids=list(FILE_INPUT))
