@@ -28,6 +28,11 @@ VALUE_OPTIONS = ("--scheme", "--model", "--device", "--dtype", "--calib-data", "
                  "--cache-dir", "--vllm-python", "--run-id", "--reports-dir", "--research-studies",
                  "--research-score-sizes", "--research-draws")  # fmt: skip
 RESTARTED = "QUANTSUITE_PYTEST_ARGS_JOINED"
+# The options that say what a run computes on: the model (and device, dtype) and the data. A pytest run a test starts
+# on the run's cache gets them all (`run_input_arguments`), or it keys, finds and builds other artifacts.
+RUN_INPUT_OPTIONS = ("--model", "--device", "--dtype", "--model-seed", "--calib-data", "--images-dir", "--image-size",
+                     "--batch-size", "--seq-len", "--calib-samples", "--score-samples", "--eval-samples",
+                     "--data-seed")  # fmt: skip
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -73,6 +78,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     add("--run-id", default=None, help="Name of the report directory reports/<run-id> (default: time)")
     add("--no-report", action="store_true", help="Do not write reports/<run-id>/report.md at the end")
     add("--reports-dir", default=str(PROJECT_ROOT / "reports"), help="Where manifests and reports go")
+
+
+def run_input_arguments(config: pytest.Config) -> list[str]:
+    """This run's model and data options (RUN_INPUT_OPTIONS) as `--option=value` arguments, for a pytest run a test
+    starts on the same cache: without them it ran the defaults (the tiny model) beside a 3B-shape cache (run gpu-36,
+    reports/profile-gpu-h200-nightly)."""
+    values = {name: config.getoption(name) for name in RUN_INPUT_OPTIONS}
+    return [f"{name}={value}" for name, value in values.items() if value is not None]
 
 
 def join_split_paths(args: list[str]) -> list[str]:

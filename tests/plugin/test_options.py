@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from quantsuite.models import TINY_DIR
-from quantsuite.plugin.options import join_split_paths
+from quantsuite.plugin.options import RUN_INPUT_OPTIONS, join_split_paths, pytest_addoption, run_input_arguments
 from quantsuite.vllm.service import DEFAULT_VLLM_PYTHON
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,6 +33,33 @@ def _pytest(*arguments: str, xdist: bool = False, cwd: Path = ROOT) -> subproces
     plugins = [] if xdist else ["-p", "no:xdist"]
     return subprocess.run([sys.executable, "-m", "pytest", *plugins, *arguments], cwd=cwd, text=True,
                           capture_output=True, timeout=300, env=environment)  # fmt: skip
+
+
+# The options that do not change what a run computes on (run_input_arguments leaves them to the caller): which
+# schemes, where artifacts and reports go, the vLLM interpreter, the research studies' own settings, the shard.
+NOT_RUN_INPUTS = {"--scheme", "--cache-dir", "--drop-exports", "--vllm-python", "--research-studies",
+                  "--research-score-sizes", "--research-draws", "--shard", "--run-id", "--no-report", "--reports-dir"}
+
+
+def test_every_model_and_data_option_is_passed_on(pytestconfig):
+    """A pytest run a test starts on this run's cache gets every option of the model and data (on the 3B shape the
+    machinery's drift test ran the tiny model beside it, run gpu-36): each option the plugin adds is one of
+    RUN_INPUT_OPTIONS or named here as not changing what a run computes on, so a new option must be placed."""
+
+    added: list[str] = []
+
+    class Parser:
+        def getgroup(self, name):
+            return self
+
+        def addoption(self, *names, **settings):
+            added.extend(names)
+
+    pytest_addoption(Parser())
+    assert set(added) == set(RUN_INPUT_OPTIONS) | NOT_RUN_INPUTS and not set(RUN_INPUT_OPTIONS) & NOT_RUN_INPUTS
+    arguments = dict(argument.split("=", 1) for argument in run_input_arguments(pytestconfig))
+    expected = {name: str(pytestconfig.getoption(name)) for name in RUN_INPUT_OPTIONS}
+    assert arguments == {name: value for name, value in expected.items() if value != "None"}
 
 
 # One process, several pytest runs: each pytest.main after the first reuses its imports (torch, transformers, the

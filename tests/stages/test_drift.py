@@ -24,15 +24,18 @@ def test_cached_drift_touches_no_export(workbench, scheme, measurement, tmp_path
 
 
 @pytest.mark.parametrize("name", ["top50"])  # one real pytest run is enough; --scheme deselects it with top50
-def test_a_drift_test_served_from_the_cache_builds_no_export(workbench, catalog, name, tmp_path):
+def test_a_drift_test_served_from_the_cache_builds_no_export(pytestconfig, workbench, catalog, name, tmp_path):
     """The drift tests' fixture, in a real pytest run that finds the drift cached, looks up neither the export nor
     the fake-quant model (it used to ask for both: a re-run with --drop-exports on the 3B shape rebuilt every
-    scheme's export, run gpu-26). Before: 'reused exports/...' and 'reused schemes/...' in its artifacts."""
+    scheme's export, run gpu-26). Before: 'reused exports/...' and 'reused schemes/...' in its artifacts. The run
+    gets this run's model and data options: on the 3B shape it had run the tiny model and built its export (gpu-36)."""
+    from quantsuite.plugin.options import run_input_arguments
     from tests.plugin.test_options import _pytest
 
     workbench.drift.measure(catalog.select([name])[0])
     done = _pytest("tests/test_drift.py", "-k", "test_drift_within_bounds", f"--scheme={name}",
-                   f"--cache-dir={workbench.context.cache.root}", f"--reports-dir={tmp_path}", "--no-report")
+                   *run_input_arguments(pytestconfig), f"--cache-dir={workbench.context.cache.root}",
+                   f"--reports-dir={tmp_path}", "--no-report")  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     artifacts = done.stdout.split("quantsuite artifacts", 1)[1]
     assert "reused drift/" in artifacts and "exports/" not in artifacts, artifacts
