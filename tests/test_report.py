@@ -284,15 +284,17 @@ def test_line_styles_are_distinct_for_every_scheme():
     assert len({(tuple(style["color"]), style["linestyle"]) for style in styles}) == 30
 
 
-def test_two_shards_merge_into_the_report_of_one_run(tmp_path, workbench):
-    """The same selection run whole and as --shard 1/2 + 2/2 (real pytest runs sharing the session's cache, each
-    with its own reports/): the shards' reports/ merged (`merge_reports`) give the whole run's report, every scheme
-    row and figure the same. Planted: a merge that lost a shard does not."""
+def test_two_shards_merge_into_the_report_of_one_run(tmp_path, workbench, pytestconfig):
+    """The same selection run whole and as --shard 1/2 + 2/2 (real pytest runs sharing the session's cache and this
+    run's model and data options, each with its own reports/): the shards' reports/ merged (`merge_reports`) give the
+    whole run's report, every scheme row and figure the same. Planted: a merge that lost a shard does not."""
+    from quantsuite.plugin.options import run_input_arguments
     from quantsuite.report import merge_reports
     from tests.plugin.test_options import _pytest
 
     selection = ["tests/test_drift.py", "-k", "test_drift_within_bounds", "--scheme=bf16", "--scheme=top50",
-                 "--scheme=default", f"--cache-dir={workbench.context.cache.root}", "--run-id=sharded"]
+                 "--scheme=default", *run_input_arguments(pytestconfig), f"--cache-dir={workbench.context.cache.root}",
+                 "--run-id=sharded"]  # fmt: skip
     for name, shard in (("whole", ["-n", "2"]), ("shard-1", ["--shard=1/2", "--no-report"]),
                         ("shard-2", ["--shard=2/2", "--no-report"])):  # fmt: skip
         done = _pytest(*selection, *shard, f"--reports-dir={tmp_path / name}", xdist=name == "whole")
