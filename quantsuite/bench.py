@@ -23,6 +23,7 @@ pytest-benchmark times these closures (`tests/test_bench.py`); ratios to BF16 co
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import re
@@ -277,8 +278,6 @@ def pool_allocation_origins(device: torch.device):
     (inductor's `cudagraph_trees_history_recording`), so that a "not tracked as outputs" error lists each block's
     allocation stack; nothing on other devices. For warm-ups only: it records on every allocation (a whole nightly
     step with it on: reports/profile-gpu-h200-nightly/README.md, gpu-35)."""
-    import contextlib
-
     if device.type != "cuda":
         return contextlib.nullcontext()
     import torch._inductor.config
