@@ -27,17 +27,19 @@ from quantsuite.stages.vllm import VllmChecks
 
 class Workbench:
     """One run's stages, left to right: scores -> schemes -> exports -> drift / vllm; research on scores + drift;
-    benchmarks (what pytest-benchmark timed, as the report reads it)."""
+    benchmarks (what pytest-benchmark timed, as the report reads it). `drop_exports`: the research studies delete
+    an export they built only to measure a scheme's drift (pytest's --drop-exports)."""
 
     def __init__(self, model_spec: ModelSpec, data_config: DataConfig, catalog: Catalog, cache_root: Path,
                  reports_dir: Path = REPORTS_DIR, live_models: int | None = None,
                  run_id: str = "adhoc", research: ResearchSettings | None = None,
-                 vllm_engine_share: float = 0.3) -> None:  # fmt: skip
+                 vllm_engine_share: float = 0.3, drop_exports: bool = False) -> None:  # fmt: skip
         self.context = RunContext(model_spec, data_config, catalog, cache_root, reports_dir, run_id)
         self.scores = Scores(self.context)
         self.schemes = Schemes(self.context, self.scores, live_models)
         self.exports = Exports(self.context, self.schemes)
         self.drift = Drift(self.context, self.schemes, self.exports)
         self.vllm = VllmChecks(self.context, self.schemes, self.exports, vllm_engine_share)
-        self.research = Research(self.context, self.scores, self.schemes, self.drift, research)
+        self.research = Research(self.context, self.scores, self.schemes, self.drift, research,
+                                 keep_exports=not drop_exports)  # fmt: skip
         self.benchmarks = Benchmarks(self.context)

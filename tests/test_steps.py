@@ -277,3 +277,35 @@ def test_each_nightly_test_runs_in_one_step_on_any_number_of_gpus(gpus):
         assert chosen == [expected], f"{gpus} GPUs, marks {marks}: steps {chosen}"
     timing = [step.name for step in nightly_steps(gpus) if step.times_schemes]
     assert timing == [schemes_benchmarks], "the schemes' benchmarks are timed, JSON'd and gated in one step"
+
+
+def test_a_passing_test_leaves_no_tmp_path_behind(tmp_path):
+    """On the 3B shape the machinery step's export tests copy 4-12 GiB each into their tmp_path, and pytest kept every
+    one (and three sessions of them): the step filled a 64 GiB disk (gpu-37). Under the suite's pytest.ini a passing
+    test's tmp_path is gone after it, a failing test's stays for diagnosis, and a later session keeps none from earlier
+    ones. Planted: the ini without its retention settings keeps the passing test's files."""
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    (probe / "pytest.ini").write_text((ROOT / "pytest.ini").read_text())
+    (probe / "test_probe.py").write_text(
+        "import pytest\n"
+        "@pytest.mark.parametrize('outcome', ['passes', 'fails'])\n"
+        "def test_writes(tmp_path, outcome):\n"
+        "    (tmp_path / 'export.safetensors').write_bytes(bytes(1 << 20))\n"
+        "    assert outcome == 'passes'\n"
+    )  # fmt: skip
+    temproot = tmp_path / "temproot"
+    temproot.mkdir()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PYTEST_")}
+    env["PYTEST_DEBUG_TEMPROOT"] = str(temproot)  # pytest's own variable for where its sessions' folders go
+
+    def session() -> list[str]:
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "test_probe.py"], cwd=probe,
+                              env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert done.returncode == 1 and "1 failed, 1 passed" in done.stdout, done.stdout + done.stderr
+        kept = temproot.glob("pytest-of-*/pytest-*/*/export.safetensors")  # session folder / test folder / file
+        return sorted(f"{file.parts[-3]}/{file.parts[-2]}" for file in kept  # not through pytest's `*current` links
+                      if not (file.parent.is_symlink() or file.parent.parent.is_symlink()))  # fmt: skip
+
+    assert session() == ["pytest-0/test_writes_fails_0"]
+    assert session() == ["pytest-1/test_writes_fails_0"]

@@ -38,7 +38,8 @@ def workbench(pytestconfig, model_spec, data_config, catalog):
     with FileLock(str(cache_dir / "workbench.lock")):  # tokenizer / split set-up touches shared files once
         bench = Workbench(model_spec, data_config, catalog, cache_dir, Path(pytestconfig.getoption("--reports-dir")),
                           run_id=pytestconfig.getoption("--run-id"), research=settings(pytestconfig).research,
-                          vllm_engine_share=vllm_engine_share())  # fmt: skip
+                          vllm_engine_share=vllm_engine_share(),
+                          drop_exports=pytestconfig.getoption("--drop-exports"))  # fmt: skip
     pytestconfig.stash[WORKBENCH] = bench
     freeze_loaded_heap()
     return bench

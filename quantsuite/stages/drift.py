@@ -100,7 +100,11 @@ class Drift:
                 "image_prompts": image_prompts,
             }  # fmt: skip
 
-    def measure(self, scheme: SchemeSpec) -> dict:
+    def measure(self, scheme: SchemeSpec, keep_export: bool = True) -> dict:
+        """The scheme's drift (cached). Where it is built, so is the export if it was not there; `keep_export=False`
+        deletes an export built for this measurement alone once it is measured: what a reader of the whole catalog
+        (the research studies, nested-scheme checks) asks for under --drop-exports, since on a cache that lacks a
+        scheme's drift (another shard's scheme, a fresh runner) it builds one 4-6 GiB export per scheme at 3B."""
         if scheme.name in self._measurements:
             return self._measurements[scheme.name]
         context = self.context
@@ -108,14 +112,19 @@ class Drift:
         key = context.cache.key({"export": self.exports.export_key(scheme), "evaluation": context.splits.fingerprint,
                                  "images": images, "stage": "drift",
                                  "code": code_hash(divergence, sys.modules[__name__])})  # fmt: skip
+        built_export = []
 
         def build(directory: Path) -> None:
             self.require_runnable(scheme)
+            if not self.exports.is_built(scheme):
+                built_export.append(scheme.name)
             export_dir = self.exports.path(scheme)  # only when the drift is not cached (an export is GBs at 3B)
             measurement = self.measure_export(scheme, self.schemes.model(scheme), export_dir)
             (directory / "drift.json").write_text(json.dumps(measurement, indent=1))
 
         path, _ = context.cache.get_or_build("drift", key, build, scheme.name)
+        if built_export and not keep_export:
+            self.exports.drop(scheme)
         measurement = json.loads((path / "drift.json").read_text())
         context.publish("drift", scheme.name, measurement)
         self._measurements[scheme.name] = measurement

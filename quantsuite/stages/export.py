@@ -62,6 +62,10 @@ class Exports:
         self._paths[scheme.name], self._tensor_bytes[key] = path, size
         return path
 
+    def is_built(self, scheme: SchemeSpec) -> bool:
+        """Whether the scheme's checkpoint is in the cache, complete (looked up, not built)."""
+        return self.context.cache.is_complete("exports", self.export_key(scheme))
+
     def tensor_bytes(self, scheme: SchemeSpec) -> int:
         """Tensor bytes of the scheme's checkpoint (kept from its export, so a dropped export is not rebuilt)."""
         key = self.export_key(scheme)
@@ -80,7 +84,7 @@ class Exports:
         lock), verified, and return it: what the export benchmark times, so that the export it builds is the one
         the scheme's later tests load, not one more. The BF16 reference's cached export, which every worker reads
         (noise floor, speed baseline), is never deleted: it is built beside it and discarded."""
-        if scheme.mode == "none" and self.context.cache.is_complete("exports", self.export_key(scheme)):
+        if scheme.mode == "none" and self.is_built(scheme):
             with tempfile.TemporaryDirectory(prefix="quantsuite-export-") as directory:
                 self._build(scheme, Path(directory))
                 verify_export(Path(directory), self.schemes.result(scheme).manifest)

@@ -64,12 +64,13 @@ class Research:
     """Each study under `research/<key>` (key: the scores' keys + evaluation data + the study's settings + code)."""
 
     def __init__(self, context: RunContext, scores: Scores, schemes: Schemes, drift: Drift,
-                 settings: ResearchSettings | None = None) -> None:  # fmt: skip
+                 settings: ResearchSettings | None = None, keep_exports: bool = True) -> None:  # fmt: skip
         self.context = context
         self.scores = scores
         self.schemes = schemes
         self.drift = drift
         self.settings = settings or ResearchSettings()
+        self.keep_exports = keep_exports  # False: an export built only to measure a scheme's drift is deleted after
 
     # --- plumbing ---------------------------------------------------------------------------------------------
     def _base(self) -> SchemeSpec:
@@ -231,7 +232,7 @@ class Research:
                 if objective is None:
                     left_out[scheme.name] = reason
                     continue
-                measurements[scheme.name] = self.drift.measure(scheme)["fake_quant"]
+                measurements[scheme.name] = self.drift.measure(scheme, self.keep_exports)["fake_quant"]
                 objectives[scheme.name] = objective
             except CudaRequired as error:
                 left_out[scheme.name] = str(error)
