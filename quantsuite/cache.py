@@ -14,6 +14,7 @@ pytest-xdist workers build each artifact once.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -116,6 +117,24 @@ def keep_toolchain_caches(root: Path) -> dict[str, str]:
     return chosen
 
 
+class CacheDiskFull(OSError):
+    """An artifact's build ran out of disk; the message names the artifact, the folder, the space and the fix."""
+
+
+def _no_space_left(error: BaseException | None) -> bool:
+    """Whether `error` or what it was raised from is a full disk (ENOSPC: safetensors reports it as its own
+    error type, with the OS message inside)."""
+    while error is not None:
+        if getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB"
+
+
 def write_atomic(path: Path, text: str | bytes) -> None:
     """Write a text (or binary) file via a temp file in the same directory and an atomic rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -181,6 +200,17 @@ class ArtifactCache:
                 (staging / COMPLETE_MARKER).write_text(json.dumps({"key": key, "versions": package_versions()}))
                 staging.chmod(0o755)
                 os.rename(staging, target)
+            except Exception as error:
+                if not _no_space_left(error):
+                    raise
+                written = sum(f.stat().st_size for f in staging.rglob("*") if f.is_file())
+                shutil.rmtree(staging, ignore_errors=True)
+                raise CacheDiskFull(errno.ENOSPC, (
+                    f"no space left on the disk of {target.parent} while building {kind} {label or key}: "
+                    f"{_gib(written)} written when it ran out, {_gib(shutil.disk_usage(target.parent).free)} free "
+                    f"now. Free space there (the cache's other exports, pytest's temporary folders of earlier "
+                    f"runs), or put the cache on a larger disk: --cache-dir or QUANTSUITE_CACHE (a 3B export is "
+                    f"4.5-7.5 GiB)")) from error  # fmt: skip
             finally:
                 if staging.exists():
                     shutil.rmtree(staging, ignore_errors=True)

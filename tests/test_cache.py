@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from quantsuite.cache import COMPLETE_MARKER, ArtifactCache
+from quantsuite.cache import COMPLETE_MARKER, ArtifactCache, CacheDiskFull
 
 
 def test_build_then_reuse(tmp_path):
@@ -42,6 +42,36 @@ def test_failed_build_leaves_nothing(tmp_path):
         cache.get_or_build("x", "k", explode)
     assert not cache.path("x", "k").exists()
     assert [p.name for p in (tmp_path / "x").iterdir() if not p.name.endswith(".lock")] == []
+
+
+def _write_to_a_full_disk(directory: Path) -> None:
+    """An export whose write finds the disk full: a real ENOSPC from the OS (/dev/full)."""
+    (directory / "model-00001-of-00002.safetensors").write_bytes(bytes(1 << 20))
+    with open("/dev/full", "wb") as full:
+        full.write(bytes(1 << 16))
+        full.flush()
+
+
+def _safetensors_on_a_full_disk(directory: Path) -> None:
+    """What safetensors raised on the H200 runner (gpu-37): an error type of its own with the OS message inside."""
+    raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+@pytest.mark.skipif(not Path("/dev/full").is_char_device(), reason="needs the /dev/full device for a real ENOSPC")
+@pytest.mark.parametrize("build", [_write_to_a_full_disk, _safetensors_on_a_full_disk])
+def test_a_build_that_fills_the_disk_says_where_and_what_to_do(tmp_path, build):
+    """On the 3B shape the machinery step filled a 64 GiB disk and each test failed deep in safetensors (gpu-37).
+    A build that runs out of disk is one error naming the artifact, the folder, the space and the fix, and leaves
+    nothing behind; any other error passes unchanged (test_failed_build_leaves_nothing). Planted: without the
+    translation the safetensors error reaches the test as it was."""
+    cache = ArtifactCache(tmp_path)
+    with pytest.raises(CacheDiskFull) as raised:
+        cache.get_or_build("exports", "k", build, "fp8_autoquant_top50")
+    message = str(raised.value)
+    for part in ("exports fp8_autoquant_top50", str(tmp_path / "exports"), "free now", "--cache-dir",
+                 "QUANTSUITE_CACHE"):
+        assert part in message, message
+    assert [p.name for p in (tmp_path / "exports").iterdir() if not p.name.endswith(".lock")] == []
 
 
 def _slow_build(root: str, counter: str) -> None:
