@@ -439,7 +439,7 @@ def _research_sections(research: dict, plots: dict, vllm: dict, drift: dict, man
                                for m in proxy["misordered"]) or "none"  # fmt: skip
         lines += ["## Does AutoQuant's objective predict the drift?", "",
                   f"Spearman of the objective (summed scores of each pick under one scoring pass) against PyTorch KL "
-                  f"over {len(proxy['schemes'])} picks (catalog schemes the scores describe, and the sweep): "
+                  f"over {len(proxy['schemes'])} picks (the run's catalog schemes the scores describe, and the sweep): "
                   f"**{proxy['spearman']:.3f}** [{proxy['interval'][0]:.3f}, {proxy['interval'][1]:.3f}]. "
                   f"Misordered beyond the interval: {misordered}. Left out: "
                   + "; ".join(f"{n} ({r[:90]})" for n, r in sorted(proxy["left_out"].items())) + ".", "",

@@ -69,9 +69,11 @@ def pytest_configure(config: pytest.Config) -> None:
         catalog = load_catalog()
         for scheme in catalog.select(option("--scheme")):
             check_sample_overrides(scheme, splits)
+        selected = tuple(s.name for s in catalog.select(option("--scheme"))) if option("--scheme") else ()
         research = ResearchSettings(tuple(_listed(option("--research-studies"))),
                                     _integers(option("--research-score-sizes"), "--research-score-sizes", 1),
-                                    _integers(option("--research-draws"), "--research-draws", 0))  # fmt: skip
+                                    _integers(option("--research-draws"), "--research-draws", 0),
+                                    schemes=selected)  # fmt: skip
         require_samples("scoring + training", max(research.score_sizes), len(splits.scoring + splits.training),
                         "--research-score-sizes")  # fmt: skip
         shard = parse_shard(option("--shard"))
