@@ -123,9 +123,9 @@ class CacheDiskFull(OSError):
 
 def _no_space_left(error: BaseException | None) -> bool:
     """Whether `error` or what it was raised from is a full disk (ENOSPC: safetensors reports it as its own
-    error type, with the OS message inside)."""
+    error type, with Rust's `(os error 28)` inside)."""
     while error is not None:
-        if getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error):
+        if getattr(error, "errno", None) == errno.ENOSPC or f"(os error {errno.ENOSPC})" in str(error):
             return True
         error = error.__cause__ or error.__context__
     return False

@@ -28,7 +28,7 @@ from quantsuite.stages.vllm import VllmChecks
 class Workbench:
     """One run's stages, left to right: scores -> schemes -> exports -> drift / vllm; research on scores + drift;
     benchmarks (what pytest-benchmark timed, as the report reads it). `drop_exports`: the research studies delete
-    an export they built only to measure a scheme's drift (pytest's --drop-exports)."""
+    an export they built only to measure a scheme's drift (`plugin.session.catalog_readers_drop_exports`)."""
 
     def __init__(self, model_spec: ModelSpec, data_config: DataConfig, catalog: Catalog, cache_root: Path,
                  reports_dir: Path = REPORTS_DIR, live_models: int | None = None,

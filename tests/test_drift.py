@@ -6,6 +6,7 @@ import pytest
 
 from quantsuite.formats import FORMATS
 from quantsuite.manifest import BF16
+from quantsuite.plugin.session import catalog_readers_drop_exports
 
 pytestmark = pytest.mark.drift
 
@@ -134,7 +135,7 @@ def test_more_fp8_never_means_less_drift(workbench, catalog, request):
     schemes = [s for s in catalog.select(wanted) if runs_here or not catalog.cuda_only(s)]
     fp8 = {s.name: {(m["name"], m["format"]) for m in workbench.schemes.result(s).manifest["modules"]
                     if m["format"] != BF16} for s in schemes}  # fmt: skip
-    keep = not request.config.getoption("--drop-exports")  # on a cache without their drift: one export per scheme
+    keep = not catalog_readers_drop_exports(request.config)  # a cache without their drift: one export per scheme
     kl = {s.name: workbench.drift.measure(s, keep)["fake_quant"]["kl_mean"] for s in schemes}
     kv = {s.name: workbench.schemes.result(s).manifest["totals"]["kv_cache_format"] for s in schemes}
     pairs = [(a, b) for a in fp8 for b in fp8 if a != b and fp8[a] < fp8[b] and kv[a] == kv[b] == BF16]

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from quantsuite.plugin.session import catalog_readers_drop_exports
 from quantsuite.report import PLOTS, build_report
 from tests.test_analysis import measurement, vllm_results
 
@@ -24,7 +25,7 @@ def report_dir(tmp_path_factory, workbench, catalog, request):
         except CudaRequired:
             with contextlib.suppress(CudaRequired):  # AutoQuant over a CUDA-only format: not scored here, no row
                 workbench.schemes.result(scheme)  # its row in the report, without drift on this device
-        if request.config.getoption("--drop-exports"):
+        if catalog_readers_drop_exports(request.config):  # not beside xdist workers that may read it
             workbench.exports.drop(scheme)
     research = workbench.research.run()
     assert research["sweep"] and research["optimality_gap"]

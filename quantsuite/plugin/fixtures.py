@@ -10,7 +10,13 @@ from filelock import FileLock
 
 from quantsuite.data import DataConfig
 from quantsuite.models import ModelSpec
-from quantsuite.plugin.session import WORKBENCH, freeze_loaded_heap, settings, vllm_engine_share
+from quantsuite.plugin.session import (
+    WORKBENCH,
+    catalog_readers_drop_exports,
+    freeze_loaded_heap,
+    settings,
+    vllm_engine_share,
+)
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +45,7 @@ def workbench(pytestconfig, model_spec, data_config, catalog):
         bench = Workbench(model_spec, data_config, catalog, cache_dir, Path(pytestconfig.getoption("--reports-dir")),
                           run_id=pytestconfig.getoption("--run-id"), research=settings(pytestconfig).research,
                           vllm_engine_share=vllm_engine_share(),
-                          drop_exports=pytestconfig.getoption("--drop-exports"))  # fmt: skip
+                          drop_exports=catalog_readers_drop_exports(pytestconfig))  # fmt: skip
     pytestconfig.stash[WORKBENCH] = bench
     freeze_loaded_heap()
     return bench

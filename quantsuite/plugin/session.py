@@ -166,6 +166,14 @@ def vllm_engine_share(share: float = 0.3) -> float:
     return share / max(1, -(-workers // gpus)) if gpus else share
 
 
+def catalog_readers_drop_exports(config: pytest.Config) -> bool:
+    """Whether a reader of the whole catalog's drift (the research studies, the nested-scheme check) deletes an
+    export it built for a drift alone: under --drop-exports, unless xdist workers run beside it. Each worker runs
+    whole schemes (`scheduling_group`), which is what keeps --drop-exports from deleting an export another worker
+    reads; a catalog reader builds other schemes' exports, which their own worker may be reading."""
+    return bool(config.getoption("--drop-exports")) and "PYTEST_XDIST_WORKER" not in os.environ
+
+
 def worker_device(device: str) -> str:
     """Several GPUs + pytest-xdist: worker gwN takes cuda:(N mod GPUs), so schemes spread over the GPUs."""
     import torch

@@ -56,3 +56,17 @@ def test_the_loaded_heap_is_kept_out_of_the_garbage_collector(workbench):
 
     assert gc.get_freeze_count() > 100_000
     assert {"modelopt.torch.quantization", "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl"} <= set(sys.modules)
+
+
+@pytest.mark.parametrize(("drop_exports", "worker", "expected"),
+                         [(True, None, True), (True, "gw1", False), (False, None, False)])  # fmt: skip
+def test_catalog_readers_drop_exports_only_alone_in_their_run(monkeypatch, drop_exports, worker, expected):
+    """A reader of the whole catalog (research, nested-scheme check) builds other schemes' exports for their drift;
+    under --drop-exports it deletes them only where no xdist worker beside it may be reading one (each worker runs
+    whole schemes; the nightly's machinery and research steps run in one process). Planted: deleting under xdist."""
+    if worker is None:
+        monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
+    else:
+        monkeypatch.setenv("PYTEST_XDIST_WORKER", worker)
+    config = SimpleNamespace(getoption=lambda name: {"--drop-exports": drop_exports}[name])
+    assert session.catalog_readers_drop_exports(config) is expected
