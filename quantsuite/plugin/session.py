@@ -67,9 +67,10 @@ def pytest_configure(config: pytest.Config) -> None:
         load_image_splits(data_config)  # and every image the splits use
         vllm_python = resolve_vllm_python(option("--vllm-python"))
         catalog = load_catalog()
-        for scheme in catalog.select(option("--scheme")):
+        chosen = catalog.select(option("--scheme"))
+        for scheme in chosen:
             check_sample_overrides(scheme, splits)
-        selected = tuple(s.name for s in catalog.select(option("--scheme"))) if option("--scheme") else ()
+        selected = tuple(s.name for s in chosen) if option("--scheme") else ()
         research = ResearchSettings(tuple(_listed(option("--research-studies"))),
                                     _integers(option("--research-score-sizes"), "--research-score-sizes", 1),
                                     _integers(option("--research-draws"), "--research-draws", 0),

@@ -112,19 +112,17 @@ class Drift:
         key = context.cache.key({"export": self.exports.export_key(scheme), "evaluation": context.splits.fingerprint,
                                  "images": images, "stage": "drift",
                                  "code": code_hash(divergence, sys.modules[__name__])})  # fmt: skip
-        built_export = []
 
         def build(directory: Path) -> None:
             self.require_runnable(scheme)
-            if not self.exports.is_built(scheme):
-                built_export.append(scheme.name)
+            built_here = not self.exports.is_built(scheme)
             export_dir = self.exports.path(scheme)  # only when the drift is not cached (an export is GBs at 3B)
             measurement = self.measure_export(scheme, self.schemes.model(scheme), export_dir)
             (directory / "drift.json").write_text(json.dumps(measurement, indent=1))
+            if built_here and not keep_export:
+                self.exports.drop(scheme)
 
         path, _ = context.cache.get_or_build("drift", key, build, scheme.name)
-        if built_export and not keep_export:
-            self.exports.drop(scheme)
         measurement = json.loads((path / "drift.json").read_text())
         context.publish("drift", scheme.name, measurement)
         self._measurements[scheme.name] = measurement
