@@ -10,10 +10,16 @@ pytest-xdist workers build each artifact once.
     >>> path, reused = cache.get_or_build("demo", cache.key({"x": 1}), lambda d: (d / "a.txt").write_text("1"))
     >>> reused
     False
+
+The results of several runners' caches (a sharded nightly's shards) merge into one, so that a run reading every
+scheme's results (the research step) builds none of them again:
+
+    python -m quantsuite.cache --merge shard-1/cache shard-2/cache [--into $QUANTSUITE_CACHE]
 """
 
 from __future__ import annotations
 
+import argparse
 import errno
 import hashlib
 import json
@@ -31,6 +37,16 @@ from filelock import FileLock
 from quantsuite.timing import STAGE_TIMES
 
 COMPLETE_MARKER = ".complete"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# The artifacts a run that reads every scheme's results needs from the runs that built them (a search state, a
+# scheme's manifest, its drift: KBs to MBs each); not the exports (GBs at 3B), the research studies (built where they
+# are read) or the vLLM results (published under reports/, merged with them)
+MERGED_KINDS = ("scores", "schemes", "drift")
+
+
+def default_cache_root() -> Path:
+    """$QUANTSUITE_CACHE, else .quantsuite-cache/ in the project."""
+    return Path(os.environ.get("QUANTSUITE_CACHE", str(PROJECT_ROOT / ".quantsuite-cache")))
 
 
 # every package that changes an artifact: the model and its kernels, ModelOpt, the exact and LP solvers of a pick
@@ -218,3 +234,44 @@ class ArtifactCache:
         finally:
             lock.release()
         return target, False
+
+    def merge_from(self, source: Path, kinds: tuple[str, ...] = MERGED_KINDS) -> list[str]:
+        """Copy `source`'s complete artifacts of `kinds` that this cache lacks (each as a build: staged, marked,
+        renamed under its key's lock); an incomplete one (a crash mid-build, a runner cut) is left out, one already
+        here is kept. Returns "kind/key" of each copied."""
+        source = Path(source)
+        if not source.is_dir():
+            raise FileNotFoundError(f"--merge {source}: not a folder (give each runner's cache folder, the one its "
+                                    f"--cache-dir / QUANTSUITE_CACHE named)")  # fmt: skip
+        if not any((source / kind).is_dir() for kind in kinds):
+            raise FileNotFoundError(f"--merge {source}: no {', '.join(kinds)} folder in it: not a quantsuite cache")
+        copied = []
+        for kind in kinds:
+            for entry in sorted((source / kind).glob("*")) if (source / kind).is_dir() else ():
+                if not (entry / COMPLETE_MARKER).is_file() or self.is_complete(kind, entry.name):
+                    continue
+
+                def copy(staging: Path, entry: Path = entry) -> None:
+                    shutil.copytree(entry, staging, dirs_exist_ok=True, ignore=shutil.ignore_patterns(COMPLETE_MARKER))
+
+                _, reused = self.get_or_build(kind, entry.name, copy, f"merged from {source}")
+                if not reused:
+                    copied.append(f"{kind}/{entry.name}")
+        return copied
+
+
+def main(arguments: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Merge the results (search states, scheme manifests, drift) of "
+                                                 "runners' quantsuite caches into one cache.")
+    parser.add_argument("--merge", nargs="+", required=True, metavar="CACHE", help="the runners' cache folders")
+    parser.add_argument("--into", default=str(default_cache_root()),
+                        help="the cache to merge into (default $QUANTSUITE_CACHE or .quantsuite-cache/)")
+    options = parser.parse_args(arguments)
+    cache = ArtifactCache(Path(options.into))
+    for source in options.merge:
+        copied = cache.merge_from(Path(source))
+        print(f"{source}: {len(copied)} artifacts merged into {options.into} ({', '.join(MERGED_KINDS)})")
+
+
+if __name__ == "__main__":
+    main()

@@ -67,9 +67,10 @@ def nightly_steps(gpus: int) -> tuple[Step, ...]:
                          f"per_scheme and (paired or {STAGES} and not benchmark)", "--no-report",
                          *(TIMED if alone else ())), parallel=True, times_schemes=alone),
         # 1b. the tests of the machinery on this device, once (planted faults, cache, engine lifecycle): not per scheme
-        Step("machinery", ("-m", f"{STAGES} and not per_scheme", "--no-report")),
-        # 2. research (method comparison, Pareto sweep, optimality gap) and the report's own checks
-        Step("research", ("tests/test_report.py", "-p", "no:xdist", "--no-report")),
+        Step("machinery", ("-m", f"{STAGES} and not per_scheme and not catalog", "--no-report")),
+        # 2. research (method comparison, Pareto sweep, optimality gap), the report's own checks and the checks that
+        # read every scheme's results (`catalog`): after sharded runs, once, on their merged caches
+        Step("research", ("-m", "catalog", "-p", "no:xdist", "--no-report")),
         # 3. the PyTorch benchmarks in one process (the scheme-free ones only, where step 1 timed the schemes'); this
         # step writes the report from everything the earlier ones left
         Step("benchmark", ("-m", "benchmark and not paired" + (" and not per_scheme" if alone else ""), *TIMED,

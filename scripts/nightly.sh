@@ -11,6 +11,9 @@
 #   SCHEMES            space-separated scheme names or aliases to run (default: the whole catalog)
 #   SHARD              K/N: this runner's shard of the run (each scheme's tests on one shard, in every step); the
 #                      shards' reports/ folders merge into one report: python -m quantsuite.report --merge ...
+#                      The research step reads every scheme's results: run it once, after the shards (STEPS=research,
+#                      no SHARD), on their merged caches (python -m quantsuite.cache --merge ...), as the workflow does;
+#                      on a shard it builds the other shards' schemes again
 #   STEPS              space-separated steps to run, of: schemes machinery research benchmark (default: all,
 #                      in that order). A later step reuses what an earlier one left in the cache and under reports/,
 #                      so a runner held for less time than the whole nightly runs them as separate jobs (same

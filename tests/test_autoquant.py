@@ -173,6 +173,7 @@ print(json.dumps({name: resolve_config(load_search_state(Path(state)), catalog.s
 """
 
 
+@pytest.mark.catalog
 def test_decisions_repeat_in_a_fresh_process(workbench, catalog, request):
     """Every AutoQuant scheme's pick, re-solved from its scores as stored in the cache by another process with
     another hash seed (set and dict order, solver state), equals the pick the manifests were made from. (Before:

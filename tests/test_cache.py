@@ -191,3 +191,40 @@ def test_each_forced_kernel_set_compiles_into_toolchains_of_its_own(tmp_path):
     assert len({native, scalar, avx2, no_split_k}) == 4
     assert all(folder.parent == native for folder in (scalar, avx2, no_split_k))
     assert scalar.name == "kernels-ATEN_CPU_CAPABILITY=default-ONEDNN_MAX_CPU_ISA=SSE41-MKL_ENABLE_INSTRUCTIONS=SSE4_2"
+
+
+def test_merge_copies_the_complete_results_this_cache_lacks(tmp_path):
+    """`merge_from` (python -m quantsuite.cache --merge): each runner's complete scores, schemes and drift come over
+    as built here (staged, marked, renamed); an incomplete one (a runner cut mid-build) and an export (GBs) do not; one
+    already here is kept as it is. Planted faults: copying without the marker check brings the half-written entry;
+    copying over what is here replaces the kept drift."""
+    from quantsuite.cache import main
+
+    runners = [ArtifactCache(tmp_path / name) for name in ("shard-1", "shard-2")]
+    runners[0].get_or_build("scores", "s1", lambda d: (d / "search_state.pt").write_bytes(b"state"))
+    runners[0].get_or_build("exports", "e1", lambda d: (d / "model.safetensors").write_bytes(b"weights"))
+    runners[1].get_or_build("drift", "d2", lambda d: (d / "drift.json").write_text('{"kl_mean": 2}'))
+    runners[1].get_or_build("drift", "kept", lambda d: (d / "drift.json").write_text('{"kl_mean": "theirs"}'))
+    half = runners[1].path("schemes", "cut")
+    half.mkdir(parents=True)
+    (half / "manifest.json").write_text("{")
+    into = ArtifactCache(tmp_path / "research")
+    into.get_or_build("drift", "kept", lambda d: (d / "drift.json").write_text('{"kl_mean": "ours"}'))
+
+    main(["--merge", str(runners[0].root), str(runners[1].root), "--into", str(into.root)])
+    assert into.is_complete("scores", "s1") and into.is_complete("drift", "d2")
+    assert (into.path("scores", "s1") / "search_state.pt").read_bytes() == b"state"
+    assert not into.path("exports", "e1").exists() and not into.path("schemes", "cut").exists()
+    assert (into.path("drift", "kept") / "drift.json").read_text() == '{"kl_mean": "ours"}'
+    assert into.merge_from(runners[1].root) == []  # all there now
+    assert [path.name for path in (tmp_path / "research" / "drift").iterdir() if path.name.startswith(".")] == []
+
+
+def test_merge_names_what_is_not_a_runners_cache(tmp_path):
+    """A shard folder that is missing, or is not a cache (its reports/ given instead), is one error naming it."""
+    into = ArtifactCache(tmp_path / "into")
+    with pytest.raises(FileNotFoundError, match=r"--merge .*missing: not a folder .*--cache-dir / QUANTSUITE_CACHE"):
+        into.merge_from(tmp_path / "missing")
+    (tmp_path / "reports" / "drift-not-here").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"--merge .*reports: no scores, schemes, drift folder in it"):
+        into.merge_from(tmp_path / "reports")

@@ -127,6 +127,7 @@ def test_error_localized_to_quantized_blocks(scheme, scheme_result, measurement)
             assert error > 0.0 or kv
 
 
+@pytest.mark.catalog
 def test_more_fp8_never_means_less_drift(workbench, catalog, request):
     """Where scheme B quantizes a superset of scheme A's layers in the same format, KL(B) >= KL(A) within a noise
     margin of 10% + 2e-5 nats (measured tiny gaps between nested schemes: >= 40% apart)."""

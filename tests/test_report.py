@@ -14,19 +14,20 @@ from quantsuite.plugin.session import catalog_readers_drop_exports
 from quantsuite.report import PLOTS, build_report
 from tests.test_analysis import measurement, vllm_results
 
+pytestmark = pytest.mark.catalog  # the nightly's research step
+
 
 @pytest.fixture(scope="module")
 def report_dir(tmp_path_factory, workbench, catalog, request):
     from quantsuite.stages.context import CudaRequired
 
+    keep = not catalog_readers_drop_exports(request.config)  # a cache without their drift: one export per scheme
     for scheme in catalog.select(request.config.getoption("--scheme")):
         try:
-            workbench.drift.measure(scheme)
+            workbench.drift.measure(scheme, keep)
         except CudaRequired:
             with contextlib.suppress(CudaRequired):  # AutoQuant over a CUDA-only format: not scored here, no row
                 workbench.schemes.result(scheme)  # its row in the report, without drift on this device
-        if catalog_readers_drop_exports(request.config):  # not beside xdist workers that may read it
-            workbench.exports.drop(scheme)
     research = workbench.research.run()
     assert research["sweep"] and research["optimality_gap"]
     context = workbench.context
@@ -286,20 +287,37 @@ def test_line_styles_are_distinct_for_every_scheme():
 
 
 def test_two_shards_merge_into_the_report_of_one_run(tmp_path, workbench, pytestconfig):
-    """The same selection run whole and as --shard 1/2 + 2/2 (real pytest runs sharing the session's cache and this
-    run's model and data options, each with its own reports/): the shards' reports/ merged (`merge_reports`) give the
-    whole run's report, every scheme row and figure the same. Planted: a merge that lost a shard does not."""
+    """The same selection run as --shard 1/2 + 2/2 (real pytest runs with this run's model and data options, each
+    on a cache and reports/ of its own, as two runners) and whole: the shards' reports/ merged (`merge_reports`) give
+    the whole run's report, every scheme row and figure the same. The whole run reads the shards' merged caches
+    (`python -m quantsuite.cache --merge`) and, with it, the checks that read every scheme's results (`catalog`, the
+    research step of a sharded nightly): it builds none of the schemes' artifacts again. Planted: a merge that lost a
+    shard gives another report; by hand (session 30), a whole run on shard 1's cache alone built top50's scores,
+    scheme and drift."""
+    from quantsuite.cache import main as merge_caches
     from quantsuite.plugin.options import run_input_arguments
     from quantsuite.report import merge_reports
     from tests.plugin.test_options import _pytest
 
-    selection = ["tests/test_drift.py", "-k", "test_drift_within_bounds", "--scheme=bf16", "--scheme=top50",
-                 "--scheme=default", *run_input_arguments(pytestconfig), f"--cache-dir={workbench.context.cache.root}",
-                 "--run-id=sharded"]  # fmt: skip
-    for name, shard in (("whole", ["-n", "2"]), ("shard-1", ["--shard=1/2", "--no-report"]),
-                        ("shard-2", ["--shard=2/2", "--no-report"])):  # fmt: skip
-        done = _pytest(*selection, *shard, f"--reports-dir={tmp_path / name}", xdist=name == "whole")
+    schemes = ["--scheme=bf16", "--scheme=top50", "--scheme=default", *run_input_arguments(pytestconfig),
+               "--run-id=sharded"]  # fmt: skip
+    drift = ["tests/test_drift.py", "-k", "test_drift_within_bounds"]
+    for shard in ("1/2", "2/2"):
+        name = f"shard-{shard[0]}"
+        done = _pytest(*drift, *schemes, f"--shard={shard}", "--no-report", f"--cache-dir={tmp_path / name / 'cache'}",
+                       f"--reports-dir={tmp_path / name / 'reports'}")  # fmt: skip
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    merged_cache = tmp_path / "merged-cache"
+    merge_caches(["--merge", str(tmp_path / "shard-1" / "cache"), str(tmp_path / "shard-2" / "cache"),
+                  "--into", str(merged_cache)])  # fmt: skip
+    before = sorted(path.relative_to(merged_cache) for path in merged_cache.glob("*/*") if path.suffix != ".lock")
+    readers = ["tests/test_drift.py", "tests/test_autoquant.py", "-k",
+               "test_drift_within_bounds or test_more_fp8_never_means_less_drift or test_decisions_repeat"]
+    done = _pytest(*readers, *schemes, "-n", "2", f"--cache-dir={merged_cache}", f"--reports-dir={tmp_path / 'whole'}",
+                   xdist=True)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    after = sorted(path.relative_to(merged_cache) for path in merged_cache.glob("*/*") if path.suffix != ".lock")
+    assert after == before, sorted(set(after) - set(before))  # nothing of the schemes built again
     assert (tmp_path / "whole" / "sharded" / "report.md").is_file()  # xdist's controller wrote it (workers told it)
     tag = workbench.context.model_tag
 
@@ -308,11 +326,11 @@ def test_two_shards_merge_into_the_report_of_one_run(tmp_path, workbench, pytest
         rows = [row for row in (out / "report.md").read_text().splitlines() if row.startswith("| ")]
         return json.loads((out / "summary.json").read_text())["schemes"], rows
 
-    merge_reports([tmp_path / "shard-1", tmp_path / "shard-2"], tmp_path / "merged")
+    merge_reports([tmp_path / "shard-1" / "reports", tmp_path / "shard-2" / "reports"], tmp_path / "merged")
     whole, merged = report_of(tmp_path / "whole"), report_of(tmp_path / "merged")
     assert set(whole[0]) == {"bf16", "fp8_autoquant_top50", "fp8_modelopt_default"}
     assert merged == whole
-    merge_reports([tmp_path / "shard-1"], tmp_path / "lost-a-shard")
+    merge_reports([tmp_path / "shard-1" / "reports"], tmp_path / "lost-a-shard")
     assert report_of(tmp_path / "lost-a-shard")[0] != whole[0]
 
 

@@ -235,17 +235,24 @@ sys.exit(2 if count else 0)
 
 def test_the_nightly_runs_each_stage_test_once_per_scheme_step_or_machinery_step():
     """On one GPU, step 1 (`schemes`) takes the cases of the `scheme` parameter (vLLM speed and PyTorch benchmarks
-    included), step 1b (`machinery`) the other tests of the stage marks, step 3 (`benchmark`) the other benchmarks:
-    together every test of those marks, none twice, no scheme's case in machinery or benchmark."""
+    included), step 1b (`machinery`) the other tests of the stage marks but those that read every selected scheme's
+    results (`catalog`: on a shard they built the other shards' schemes again, ~30 s a scheme at 3B, gpu-37), step 2
+    (`research`) those and the report's, step 3 (`benchmark`) the other benchmarks: together every test of those
+    marks, none twice, no scheme's case in machinery, research or benchmark."""
     from quantsuite.steps import STAGES, nightly_steps
     from tests.plugin.test_options import collections
 
     steps = {step.name: step.args[:2] for step in nightly_steps(1)}  # -m and its expression
-    runs = [steps[name] for name in ("schemes", "machinery", "benchmark")] + [("-m", f"{STAGES} or benchmark")]
-    per_scheme, machinery, once, every = map(set, collections(*runs))
-    assert per_scheme and machinery and once
-    assert not per_scheme & machinery and not per_scheme & once and not machinery & once
-    assert per_scheme | machinery | once == every
+    names = ("schemes", "machinery", "research", "benchmark")
+    runs = [steps[name] for name in names] + [("-m", f"{STAGES} or benchmark")]
+    *chosen, every = map(set, collections(*runs))
+    assert all(chosen)
+    assert all(not chosen[a] & chosen[b] for a in range(4) for b in range(a + 1, 4))
+    per_scheme, machinery, research, once = chosen
+    assert every <= per_scheme | machinery | research | once
+    readers = {"tests/test_drift.py::test_more_fp8_never_means_less_drift",
+               "tests/test_autoquant.py::test_decisions_repeat_in_a_fresh_process"}
+    assert readers <= research and any(test.startswith("tests/test_report.py::") for test in research)
     assert "tests/test_drift.py::test_drift_within_bounds[fp8_autoquant_top50]" in per_scheme
     assert "tests/test_bench.py::test_vllm_speed[fp8_autoquant_top50]" in per_scheme  # beside its verdict: one engine
     assert "tests/test_bench.py::test_export_time_and_size[fp8_autoquant_top50]" in per_scheme  # its one build
@@ -271,7 +278,8 @@ def test_each_nightly_test_runs_in_one_step_on_any_number_of_gpus(gpus):
                             (("benchmark", "paired", "per_scheme"), "schemes"),
                             (("benchmark", "per_scheme"), schemes_benchmarks),
                             (("autoquant", "benchmark", "per_scheme"), schemes_benchmarks),
-                            (("benchmark",), "benchmark")):  # fmt: skip
+                            (("benchmark",), "benchmark"), (("drift", "catalog"), "research"),
+                            (("autoquant", "catalog"), "research")):  # fmt: skip
         chosen = [step.name for step, expression in zip(steps, expressions, strict=True)
                   if expression.evaluate(lambda name, marks=marks, **kwargs: name in marks)]  # fmt: skip
         assert chosen == [expected], f"{gpus} GPUs, marks {marks}: steps {chosen}"
@@ -309,3 +317,32 @@ def test_a_passing_test_leaves_no_tmp_path_behind(tmp_path):
 
     assert session() == ["pytest-0/test_writes_fails_0"]
     assert session() == ["pytest-1/test_writes_fails_0"]
+
+
+def test_the_workflow_runs_the_research_step_once_on_the_shards_merged_results():
+    """.github/workflows/gpu-nightly.yml: the shards run every step but research and upload the results the research
+    step reads (quantsuite.cache.MERGED_KINDS); one research job after them merges those into its cache and runs the
+    research step alone; the merge job joins the shards' and the research job's reports/."""
+    import yaml
+
+    from quantsuite.cache import MERGED_KINDS
+    from quantsuite.steps import nightly_steps
+
+    jobs = yaml.safe_load((ROOT / ".github" / "workflows" / "gpu-nightly.yml").read_text())["jobs"]
+    names = [step.name for step in nightly_steps(1)]
+    assert jobs["nightly"]["env"]["STEPS"].split() == [name for name in names if name != "research"]
+    uploads = [step for step in jobs["nightly"]["steps"] if step.get("with", {}).get("name", "").startswith(
+        "quantsuite-cache-shard-")]  # fmt: skip
+    folders = [line.rsplit("/", 1)[-1] for line in uploads[0]["with"]["path"].splitlines() if not line.startswith("!")]
+    assert folders == list(MERGED_KINDS)
+    research = jobs["research"]
+    assert research["needs"] == "nightly" and research["env"]["STEPS"] == "research" and "SHARD" not in research["env"]
+    runs = " ".join(step.get("run", "") for step in research["steps"])
+    assert "-m quantsuite.cache --merge shard-caches/*/" in runs and "scripts/nightly.sh" in runs
+    downloads = [step["with"]["pattern"] for step in research["steps"] if "download-artifact" in step.get("uses", "")]
+    assert downloads == ["quantsuite-cache-shard-*"]
+    assert set(jobs["merge"]["needs"]) == {"nightly", "research"}
+    reports = next(s["with"]["pattern"] for s in jobs["merge"]["steps"] if "download-artifact" in s.get("uses", ""))
+    uploaded = [s["with"]["name"] for job in ("nightly", "research") for s in jobs[job]["steps"]
+                if s.get("with", {}).get("name", "").startswith("quantsuite-reports-")]  # fmt: skip
+    assert len(uploaded) == 2 and all(name.startswith(reports.rstrip("*")) for name in uploaded), (reports, uploaded)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from quantsuite.cache import default_cache_root
 from quantsuite.stages.research import STUDIES, ResearchSettings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -60,7 +61,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     add("--eval-samples", type=int, default=64, help="Held-out captions for evaluation")
     add("--data-seed", type=int, default=0, help="Seed of the caption splits")
     add("--model-seed", type=int, default=0, help="Seed of random-weight models (3B shape)")
-    add("--cache-dir", default=os.environ.get("QUANTSUITE_CACHE", str(PROJECT_ROOT / ".quantsuite-cache")),
+    add("--cache-dir", default=str(default_cache_root()),
         help="Artifact cache (default .quantsuite-cache/ or $QUANTSUITE_CACHE)")  # fmt: skip
     add("--drop-exports", action="store_true",
         help="Delete each scheme's export once its tests are done (disk-bound machines; 3B: ~6 GB each)")  # fmt: skip
