@@ -238,7 +238,7 @@ class ArtifactCache:
     def merge_from(self, source: Path, kinds: tuple[str, ...] = MERGED_KINDS) -> list[str]:
         """Copy `source`'s complete artifacts of `kinds` that this cache lacks (each as a build: staged, marked,
         renamed under its key's lock); an incomplete one (a crash mid-build, a runner cut) is left out, one already
-        here is kept. Returns "kind/key" of each copied."""
+        here is kept, a build's staging folder (`.<key>.*`) is not an entry. Returns "kind/key" of each copied."""
         source = Path(source)
         if not source.is_dir():
             raise FileNotFoundError(f"--merge {source}: not a folder (give each runner's cache folder, the one its "
@@ -248,7 +248,8 @@ class ArtifactCache:
         copied = []
         for kind in kinds:
             for entry in sorted((source / kind).glob("*")) if (source / kind).is_dir() else ():
-                if not (entry / COMPLETE_MARKER).is_file() or self.is_complete(kind, entry.name):
+                if entry.name.startswith(".") or not (entry / COMPLETE_MARKER).is_file() or \
+                        self.is_complete(kind, entry.name):  # a staging folder, a half-written entry, one here
                     continue
 
                 def copy(staging: Path, entry: Path = entry) -> None:

@@ -208,13 +208,16 @@ def test_merge_copies_the_complete_results_this_cache_lacks(tmp_path):
     half = runners[1].path("schemes", "cut")
     half.mkdir(parents=True)
     (half / "manifest.json").write_text("{")
+    staging = runners[1].path("schemes", ".cut.x1y2")  # marked, cut before its rename
+    staging.mkdir()
+    (staging / COMPLETE_MARKER).write_text("{}")
     into = ArtifactCache(tmp_path / "research")
     into.get_or_build("drift", "kept", lambda d: (d / "drift.json").write_text('{"kl_mean": "ours"}'))
 
     main(["--merge", str(runners[0].root), str(runners[1].root), "--into", str(into.root)])
     assert into.is_complete("scores", "s1") and into.is_complete("drift", "d2")
     assert (into.path("scores", "s1") / "search_state.pt").read_bytes() == b"state"
-    assert not into.path("exports", "e1").exists() and not into.path("schemes", "cut").exists()
+    assert not into.path("exports", "e1").exists() and not (tmp_path / "research" / "schemes").exists()
     assert (into.path("drift", "kept") / "drift.json").read_text() == '{"kl_mean": "ours"}'
     assert into.merge_from(runners[1].root) == []  # all there now
     assert [path.name for path in (tmp_path / "research" / "drift").iterdir() if path.name.startswith(".")] == []

@@ -335,6 +335,7 @@ def test_the_workflow_runs_the_research_step_once_on_the_shards_merged_results()
         "quantsuite-cache-shard-")]  # fmt: skip
     folders = [line.rsplit("/", 1)[-1] for line in uploads[0]["with"]["path"].splitlines() if not line.startswith("!")]
     assert folders == list(MERGED_KINDS)
+    assert uploads[0]["with"]["include-hidden-files"] is True  # the entries' .complete markers: without, none merges
     research = jobs["research"]
     assert research["needs"] == "nightly" and research["env"]["STEPS"] == "research" and "SHARD" not in research["env"]
     runs = " ".join(step.get("run", "") for step in research["steps"])
