@@ -270,7 +270,10 @@ def main(arguments: list[str] | None = None) -> None:
     options = parser.parse_args(arguments)
     cache = ArtifactCache(Path(options.into))
     for source in options.merge:
-        copied = cache.merge_from(Path(source))
+        try:
+            copied = cache.merge_from(Path(source))
+        except FileNotFoundError as error:
+            parser.error(str(error))  # one line naming the folder and what to give instead; exit status 2
         print(f"{source}: {len(copied)} artifacts merged into {options.into} ({', '.join(MERGED_KINDS)})")
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import multiprocessing
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -231,3 +233,7 @@ def test_merge_names_what_is_not_a_runners_cache(tmp_path):
     (tmp_path / "reports" / "drift-not-here").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match=r"--merge .*reports: no scores, schemes, drift folder in it"):
         into.merge_from(tmp_path / "reports")
+    done = subprocess.run([sys.executable, "-m", "quantsuite.cache", "--merge", str(tmp_path / "reports"), "--into",
+                           str(into.root)], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "reports: no scores, schemes, drift folder in it: not a quantsuite cache" in done.stderr.splitlines()[-1]
