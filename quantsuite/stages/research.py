@@ -22,7 +22,7 @@ import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from quantsuite import analysis
+from quantsuite import analysis, divergence
 from quantsuite.autoquant import (
     ScoringPlan,
     apply_config,
@@ -109,15 +109,20 @@ class Research:
                 "kl_by_caption": measured["kl_by_caption"],
                 "quantized_modules": analysis.quantized_modules(resolution.groups, picks)}  # fmt: skip
 
-    def _cached(self, study: str, inputs: dict, build) -> dict:
-        context = self.context
-        key = context.cache.key(inputs | {"evaluation": context.splits.fingerprint, "stage": f"research.{study}",
-                                          "code": code_hash(analysis, sys.modules[__name__])})  # fmt: skip
+    def study_key(self, study: str, inputs: dict) -> str:
+        """A study's cache key: its inputs (the scores' keys, which hold the model, data and AutoQuant code), the
+        evaluation split, and the code of what computes it: the studies and their analysis, and the drift stage's
+        capture and comparison (their KL, top-1 and perplexity rows), so a changed KL computation is never served
+        from a study measured with the old one."""
+        code = code_hash(analysis, divergence, sys.modules[Drift.__module__], sys.modules[__name__])
+        return self.context.cache.key(inputs | {"evaluation": self.context.splits.fingerprint,
+                                                "stage": f"research.{study}", "code": code})  # fmt: skip
 
+    def _cached(self, study: str, inputs: dict, build) -> dict:
         def write(directory: Path) -> None:
             (directory / f"{study}.json").write_text(json.dumps(build(), indent=1))
 
-        path, _ = context.cache.get_or_build("research", key, write, study)
+        path, _ = self.context.cache.get_or_build("research", self.study_key(study, inputs), write, study)
         return json.loads((path / f"{study}.json").read_text())
 
     # --- the studies ------------------------------------------------------------------------------------------
