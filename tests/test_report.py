@@ -286,21 +286,23 @@ def test_line_styles_are_distinct_for_every_scheme():
     assert len({(tuple(style["color"]), style["linestyle"]) for style in styles}) == 30
 
 
-def test_two_shards_merge_into_the_report_of_one_run(tmp_path, workbench, pytestconfig):
-    """The same selection run as --shard 1/2 + 2/2 (real pytest runs with this run's model and data options, each
-    on a cache and reports/ of its own, as two runners) and whole: the shards' reports/ merged (`merge_reports`) give
-    the whole run's report, every scheme row and figure the same. The whole run reads the shards' merged caches
+def test_two_shards_merge_into_the_report_of_one_run(tmp_path):
+    """The same selection run as --shard 1/2 + 2/2 (real pytest runs, each on a cache and reports/ of its own, as two
+    runners) and whole: the shards' reports/ merged (`merge_reports`) give the whole run's report, every scheme row
+    and figure the same. The runs compute the tiny model on the CPU whatever this run's model: sharding and merging
+    do not depend on it, and on the 3B shape three fresh caches would build ~15 GB of exports and minutes of drift
+    in the nightly's research step. The whole run reads the shards' merged caches
     (`python -m quantsuite.cache --merge`) and, with it, a check that reads every scheme's results (`catalog`, the
     research step of a sharded nightly: the nested-scheme drift check reads each scheme's drift, and its manifest
     and search state): it builds none of the schemes' artifacts again. Planted: a merge that lost a shard gives
     another report; by hand (session 30), a whole run on shard 1's cache alone built top50's scores, scheme, export
     and drift."""
     from quantsuite.cache import main as merge_caches
-    from quantsuite.plugin.options import run_input_arguments
+    from quantsuite.models import ModelSpec
     from quantsuite.report import merge_reports
     from tests.plugin.test_options import _pytest
 
-    schemes = ["--scheme=bf16", "--scheme=top50", "--scheme=default", *run_input_arguments(pytestconfig),
+    schemes = ["--scheme=bf16", "--scheme=top50", "--scheme=default", "--model=tiny", "--device=cpu",
                "--run-id=sharded"]  # fmt: skip
     drift = ["tests/test_drift.py", "-k", "test_drift_within_bounds"]
     for shard in ("1/2", "2/2"):
@@ -324,7 +326,7 @@ def test_two_shards_merge_into_the_report_of_one_run(tmp_path, workbench, pytest
     after = artifacts()
     assert after == before, sorted(set(after) - set(before))  # nothing of the schemes built again
     assert (tmp_path / "whole" / "sharded" / "report.md").is_file()  # xdist's controller wrote it (workers told it)
-    tag = workbench.context.model_tag
+    tag = ModelSpec("tiny").tag
 
     def report_of(reports: Path) -> tuple[dict, list[str]]:
         out = build_report(reports, tag, run_id="report", results_of="sharded")
