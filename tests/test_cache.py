@@ -237,3 +237,85 @@ def test_merge_names_what_is_not_a_runners_cache(tmp_path):
                            str(into.root)], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert "reports: no scores, schemes, drift folder in it: not a quantsuite cache" in done.stderr.splitlines()[-1]
+
+
+# Modules a stage's build may run without their code in its key, and why
+UNKEYED = {"timing.py": "times stages; computes nothing kept",
+           "cache.py": "stores and finds artifacts (a build's nested lookups)",
+           "catalog.py": "what it yields (scheme and format specs, quant configs) is hashed as the keys' inputs",
+           "stages/context.py": "hands out the model and batches of models.py and data.py, hashed in every base key"}
+
+
+def test_each_stage_key_hashes_the_code_its_build_runs(tmp_path, monkeypatch):
+    """Every quantsuite module a stage's build runs (traced) is hashed into that artifact's key, directly or through
+    the keys it is made from (scores -> scheme -> export -> drift / vLLM reference; research on scores), else listed
+    in UNKEYED with its reason: a kept cache (a developer's, a runner's) must never serve a result computed by code
+    that has changed since. The research studies' key hashed only their own code while they measured KL with
+    divergence.py and the drift stage's reference (fixed in session 30). Planted: that key again fails here. Not
+    covered: the vLLM checks (they need a vLLM server; their key names the vLLM modules they run)."""
+    import sys
+
+    import quantsuite
+    from quantsuite import cache as cache_module
+    from quantsuite.catalog import load_catalog
+    from quantsuite.data import DataConfig
+    from quantsuite.models import ModelSpec
+    from quantsuite.pipeline import Workbench
+
+    package = f"{Path(quantsuite.__file__).resolve().parent}/"
+
+    def relative(filename: str) -> str | None:  # called for every Python call: a string test, no file system
+        return filename[len(package):] if filename.startswith(package) else None
+
+    hashed: set[str] = set()
+    original_hash = cache_module.code_hash
+
+    def recording_hash(*modules) -> str:
+        hashed.update(relative(module.__file__) for module in modules)
+        return original_hash(*modules)
+
+    for module in [m for name, m in sys.modules.items() if name.startswith("quantsuite")]:
+        if getattr(module, "code_hash", None) is original_hash:
+            monkeypatch.setattr(module, "code_hash", recording_hash)
+    unkeyed_runs: dict[str, set[str]] = {}
+    original_get_or_build = ArtifactCache.get_or_build
+
+    def traced_get_or_build(self, kind, key, build, label=""):
+        keyed, ran = set(hashed), set()
+
+        def trace(frame, event, argument) -> None:  # Python calls only (setprofile also sees every C call: slow)
+            if name := relative(frame.f_code.co_filename):
+                ran.add(name)
+
+        def traced(directory):
+            previous = sys.gettrace()
+            sys.settrace(trace)
+            try:
+                return build(directory)
+            finally:
+                sys.settrace(previous)
+
+        path, reused = original_get_or_build(self, kind, key, traced, label)
+        unkeyed_runs.setdefault(kind, set()).update(ran - keyed - set(UNKEYED))
+        return path, reused
+
+    monkeypatch.setattr(ArtifactCache, "get_or_build", traced_get_or_build)
+    catalog = load_catalog()
+    top50 = catalog.scheme("fp8_autoquant_top50")
+
+    def fresh() -> Workbench:  # a new process's view: nothing hashed yet, the cache shared
+        hashed.clear()
+        data = DataConfig(calibration_samples=16, scoring_samples=16, evaluation_samples=16)  # fewer rows
+        return Workbench(ModelSpec("tiny"), data, catalog, tmp_path / "cache", tmp_path / "reports")
+
+    fresh().scores.state(fresh().scores.plan(top50))
+    fresh().schemes.result(top50)
+    fresh().exports.path(top50)
+    fresh().drift.measure(top50)
+    bench = fresh()
+    bench.vllm.reference(bench.exports.path(top50), bench.exports.export_key(top50))
+    research = fresh().research  # what the sweep, score-size and grouping studies build: a pick applied and measured
+    state = research.scores.state(research._plan())[0]
+    research._cached("sweep", {"one pick": 11.0}, lambda: research._measure(state, research._scheme(11.0)))
+    assert set(unkeyed_runs) >= {"scores", "schemes", "exports", "drift", "vllm-reference", "research"}
+    assert not any(unkeyed_runs.values()), {kind: sorted(files) for kind, files in unkeyed_runs.items() if files}
