@@ -37,7 +37,6 @@ from filelock import FileLock
 from quantsuite.timing import STAGE_TIMES
 
 COMPLETE_MARKER = ".complete"
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # The artifacts a run that reads every scheme's results needs from the runs that built them (a search state, a
 # scheme's manifest, its drift: KBs to MBs each); not the exports (GBs at 3B), the research studies (built where they
 # are read) or the vLLM results (published under reports/, merged with them)
@@ -46,7 +45,7 @@ MERGED_KINDS = ("scores", "schemes", "drift")
 
 def default_cache_root() -> Path:
     """$QUANTSUITE_CACHE, else .quantsuite-cache/ in the project."""
-    return Path(os.environ.get("QUANTSUITE_CACHE", str(PROJECT_ROOT / ".quantsuite-cache")))
+    return Path(os.environ.get("QUANTSUITE_CACHE", str(Path(__file__).resolve().parents[1] / ".quantsuite-cache")))
 
 
 # every package that changes an artifact: the model and its kernels, ModelOpt, the exact and LP solvers of a pick
@@ -248,9 +247,8 @@ class ArtifactCache:
         copied = []
         for kind in kinds:
             for entry in sorted((source / kind).glob("*")) if (source / kind).is_dir() else ():
-                if entry.name.startswith(".") or not (entry / COMPLETE_MARKER).is_file() or \
-                        self.is_complete(kind, entry.name):  # a staging folder, a half-written entry, one here
-                    continue
+                if entry.name.startswith(".") or not (entry / COMPLETE_MARKER).is_file():
+                    continue  # a build's staging folder, a half-written entry (one already here: get_or_build keeps it)
 
                 def copy(staging: Path, entry: Path = entry) -> None:
                     shutil.copytree(entry, staging, dirs_exist_ok=True, ignore=shutil.ignore_patterns(COMPLETE_MARKER))

@@ -253,8 +253,6 @@ def test_each_stage_key_hashes_the_code_its_build_runs(tmp_path, monkeypatch):
     that has changed since. The research studies' key hashed only their own code while they measured KL with
     divergence.py and the drift stage's reference (fixed in session 30). Planted: that key again fails here. Not
     covered: the vLLM checks (they need a vLLM server; their key names the vLLM modules they run)."""
-    import sys
-
     import quantsuite
     from quantsuite import cache as cache_module
     from quantsuite.catalog import load_catalog
@@ -308,7 +306,8 @@ def test_each_stage_key_hashes_the_code_its_build_runs(tmp_path, monkeypatch):
         data = DataConfig(calibration_samples=16, scoring_samples=16, evaluation_samples=16)  # fewer rows
         return Workbench(ModelSpec("tiny"), data, catalog, tmp_path / "cache", tmp_path / "reports")
 
-    fresh().scores.state(fresh().scores.plan(top50))
+    bench = fresh()
+    bench.scores.state(bench.scores.plan(top50))
     fresh().schemes.result(top50)
     fresh().exports.path(top50)
     fresh().drift.measure(top50)

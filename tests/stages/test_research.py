@@ -134,4 +134,3 @@ def test_grouping_study_compares_fused_with_per_linear_picks(workbench):
         pytest.skip("no budget's per-linear pick splits a fused group here: the planted swap would not show")
     planted = [row["per_linear"]["quantized_modules"] for row in study["rows"]]  # the picks exchanged
     assert any(split_groups(modules) for modules in planted)
-
