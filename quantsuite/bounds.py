@@ -25,10 +25,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from quantsuite import REPORTS_DIR
 from quantsuite.catalog import Catalog, DriftBounds, SchemeSpec
 from quantsuite.data import DataConfig
 
-BOUNDS_DIR = Path(__file__).resolve().parents[1] / "reports" / "bounds"
+BOUNDS_DIR = REPORTS_DIR / "bounds"
 K_SIGMA = 3.0
 LOOSER = {"max": max, "min": min}  # the looser of two bounds of a figure of that kind
 

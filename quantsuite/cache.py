@@ -34,6 +34,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from quantsuite import PROJECT_ROOT
 from quantsuite.timing import STAGE_TIMES
 
 COMPLETE_MARKER = ".complete"
@@ -45,7 +46,7 @@ MERGED_KINDS = ("scores", "schemes", "drift")
 
 def default_cache_root() -> Path:
     """$QUANTSUITE_CACHE, else .quantsuite-cache/ in the project."""
-    return Path(os.environ.get("QUANTSUITE_CACHE", str(Path(__file__).resolve().parents[1] / ".quantsuite-cache")))
+    return Path(os.environ.get("QUANTSUITE_CACHE", str(PROJECT_ROOT / ".quantsuite-cache")))
 
 
 # every package that changes an artifact: the model and its kernels, ModelOpt, the exact and LP solvers of a pick

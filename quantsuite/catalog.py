@@ -23,9 +23,10 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from quantsuite import PROJECT_ROOT
 from quantsuite.formats import FORMATS, ExportFormat
 
-CATALOG_PATH = Path(__file__).resolve().parents[1] / "schemes.yaml"
+CATALOG_PATH = PROJECT_ROOT / "schemes.yaml"
 VISION_PATTERN = "*visual*"
 LM_HEAD_PATTERN = "*lm_head*"
 BLOCK_PATTERN = re.compile(r"(?:^|\.)language_model\.layers\.(\d+)\.")  # an LM decoder block's modules

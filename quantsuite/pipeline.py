@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from quantsuite import REPORTS_DIR
 from quantsuite.catalog import Catalog
 from quantsuite.data import DataConfig
 from quantsuite.models import ModelSpec
 from quantsuite.stages.benchmarks import Benchmarks
-from quantsuite.stages.context import REPORTS_DIR, RunContext
+from quantsuite.stages.context import RunContext
 from quantsuite.stages.drift import Drift
 from quantsuite.stages.export import Exports
 from quantsuite.stages.research import Research, ResearchSettings

@@ -26,7 +26,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import ScalarFormatter
 
-from quantsuite import analysis
+from quantsuite import REPORTS_DIR, analysis
 from quantsuite.cache import write_atomic
 
 PLOTS = ("sensitivity.png", "coverage_heatmap.png", "pareto.png", "localization.png", "optimality_gap.png",
@@ -924,7 +924,7 @@ def _plot_gap(research: dict, path: Path) -> int:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="tiny")
-    parser.add_argument("--reports-dir", default=str(Path(__file__).resolve().parents[1] / "reports"))
+    parser.add_argument("--reports-dir", default=str(REPORTS_DIR))
     parser.add_argument("--run-id", default=None)
     parser.add_argument("--results-of", nargs="+", default=None, metavar="RUN_ID",
                         help="join only the JSON of this run id, or of these (default: all)")  # fmt: skip

@@ -21,7 +21,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from quantsuite import PROJECT_ROOT, REPORTS_DIR
+
 GATE = "median:10%"  # the nightly fails on a gated benchmark's median more than this slower than COMPARE's
 
 
@@ -114,7 +115,7 @@ def _run(command: list[str], env: dict[str, str]) -> int:
     group of its own, and a SIGINT this runner gets is passed on to it once, so the cut step still prints its
     durations and stage table and writes its report (a terminal's Ctrl-C would otherwise reach pytest twice, and
     `timeout -s INT` not at all); the step's status then raises Interrupted."""
-    process = subprocess.Popen(command, cwd=ROOT, env=step_environment(env), start_new_session=True)
+    process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=step_environment(env), start_new_session=True)
     interrupted = False
     while True:
         try:
@@ -157,7 +158,7 @@ def nightly() -> int:
     common = [f"--model={env.get('QUANTSUITE_MODEL') or 'qwen2.5-vl-3b-shape'}", "--drop-exports",
               f"--run-id={run_id}", *(f"--scheme={name}" for name in env.get("SCHEMES", "").split()),
               *([f"--shard={shard}"] if shard else [])]  # fmt: skip
-    table = ROOT / "reports" / f"{run_id}-nightly-steps.tsv"
+    table = REPORTS_DIR / f"{run_id}-nightly-steps.tsv"
     table.parent.mkdir(parents=True, exist_ok=True)
     if not table.exists():  # steps run as separate jobs add their rows to one table
         table.write_text("step\tseconds\texit\n")
@@ -181,7 +182,7 @@ def nightly() -> int:
         if interrupted:
             print("nightly: interrupted; the later steps do not run", file=sys.stderr)
             break
-    print(f"report: reports/{run_id}/report.md; step times: {table.relative_to(ROOT)}")
+    print(f"report: reports/{run_id}/report.md; step times: {table.relative_to(PROJECT_ROOT)}")
     if failed:
         print(f"nightly: failed steps: {' '.join(failed)}", file=sys.stderr)
         return 1
@@ -202,7 +203,7 @@ def _gate_args(run_id: str) -> list[str]:
         return []
     from quantsuite.bench import gate_baseline
 
-    baseline = ROOT / "reports" / f"{run_id}-gate-baseline.json"
+    baseline = REPORTS_DIR / f"{run_id}-gate-baseline.json"
     gate_baseline(Path(previous), baseline)
     return [f"--benchmark-compare={baseline}", f"--benchmark-compare-fail={GATE}"]
 

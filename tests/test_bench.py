@@ -11,6 +11,7 @@ import os
 
 import pytest
 
+from quantsuite import PROJECT_ROOT
 from quantsuite.bench import (
     DECODE_SCHEMES,
     StaticCacheDecoder,
@@ -281,7 +282,6 @@ def test_a_run_interrupted_in_a_benchmark_still_writes_its_json_and_summary(tmp_
     pytest-benchmark leaves out. A real pytest run over this project's plugins and timed_rounds."""
     import subprocess
     import sys
-    from pathlib import Path
 
     from conftest import pytest_plugins
 
@@ -299,7 +299,7 @@ def test_cut_in_its_first_round(benchmark):
 
     timed_rounds(benchmark, target, rounds=3)
 """)
-    root = Path(__file__).resolve().parents[1]
+    root = PROJECT_ROOT
     plugins = [arg for name in pytest_plugins for arg in ("-p", name)]
     out = tmp_path / "benchmarks.json"
     done = subprocess.run([sys.executable, "-m", "pytest", str(test), "-p", "no:xdist", *plugins, "--no-report",

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from quantsuite import PROJECT_ROOT
 from quantsuite.pipeline import Workbench
 
 STAGES = ["context", "scores", "scheme", "export", "drift", "vllm", "research", "benchmarks"]  # left to right
-STAGES_DIR = Path(__file__).resolve().parents[1] / "quantsuite" / "stages"
+STAGES_DIR = PROJECT_ROOT / "quantsuite" / "stages"
 
 
 def stage_imports(stage: str) -> set[str]:

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from quantsuite import PROJECT_ROOT
 from quantsuite.bench import gate_baseline
 from quantsuite.steps import GATE
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = PROJECT_ROOT
 
 
 def _benchmark_run(tmp_path: Path, cache_dir: str, *extra: str) -> subprocess.CompletedProcess:

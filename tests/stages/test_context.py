@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
+from quantsuite import PROJECT_ROOT
 from quantsuite.data import CaptionDataError
 from quantsuite.stages.context import RunContext
 
@@ -126,7 +126,7 @@ def test_every_reports_folder_has_one_writer():
     second module (a test, conftest, another stage) that publishes a kind, or a kind that is not a literal, fails."""
     import ast
 
-    root = Path(__file__).resolve().parents[2]
+    root = PROJECT_ROOT
     writers: dict[str, set[str]] = {}
     sources = sorted([*root.glob("quantsuite/**/*.py"), *root.glob("tests/**/*.py"), root / "conftest.py"])
     for path in [p for p in sources if p.stem not in ("context", "test_context")]:  # publish itself and its tests
