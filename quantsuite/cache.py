@@ -39,9 +39,9 @@ from quantsuite.timing import STAGE_TIMES
 
 COMPLETE_MARKER = ".complete"
 # The artifacts a run that reads every scheme's results needs from the runs that built them (a search state, a
-# scheme's manifest, its drift: KBs to MBs each); not the exports (GBs at 3B), the research studies (built where they
-# are read) or the vLLM results (published under reports/, merged with them)
-MERGED_KINDS = ("scores", "schemes", "drift")
+# scheme's manifest, its drift, a research study's figures: KBs to MBs each); not the exports (GBs at 3B) or the vLLM
+# results (published under reports/, merged with them)
+MERGED_KINDS = ("scores", "schemes", "drift", "research")
 
 
 def default_cache_root() -> Path:

@@ -1,4 +1,4 @@
-"""The steps of a run, declared once: CI's two passes and the GPU nightly's four steps. `scripts/test.sh` (what CI and
+"""The steps of a run, declared once: CI's two passes and the GPU nightly's five steps. `scripts/test.sh` (what CI and
 `make test` run) and `scripts/nightly.sh` (the GPU workflow, `make nightly`) only call this.
 
     python -m quantsuite.steps ci [pytest args]   # CI: every test on 2 xdist workers, then the benchmarks
@@ -69,8 +69,12 @@ def nightly_steps(gpus: int) -> tuple[Step, ...]:
                          *(TIMED if alone else ())), parallel=True, times_schemes=alone),
         # 1b. the tests of the machinery on this device, once (planted faults, cache, engine lifecycle): not per scheme
         Step("machinery", ("-m", f"{STAGES} and not per_scheme and not catalog", "--no-report")),
-        # 2. research (method comparison, Pareto sweep, optimality gap), the report's own checks and the checks that
-        # read every scheme's results (`catalog`): after sharded runs, once, on their merged caches
+        # 2a. the research studies that need no scheme's results (sensitivity by method, Pareto sweep, optimality gap,
+        # score size, grouping: scoring passes and the BF16 model alone): beside sharded runs, on a runner of its own
+        Step("studies", ("-m", "studies", "-p", "no:xdist", "--no-report")),
+        # 2b. the research report (the proxy study, reading every scheme's drift, and the cached studies), its own
+        # checks and the checks that read every scheme's results (`catalog`): after sharded runs, once, on their and
+        # the studies' merged caches
         Step("research", ("-m", "catalog", "-p", "no:xdist", "--no-report")),
         # 3. the PyTorch benchmarks in one process (the scheme-free ones only, where step 1 timed the schemes'); this
         # step writes the report from everything the earlier ones left

@@ -13,8 +13,9 @@
 #                      shards' reports/ folders merge into one report: python -m quantsuite.report --merge ...
 #                      The research step reads every scheme's results: run it once, after the shards (STEPS=research,
 #                      no SHARD), on their merged caches (python -m quantsuite.cache --merge ...), as the workflow does;
-#                      on a shard it builds the other shards' schemes again
-#   STEPS              space-separated steps to run, of: schemes machinery research benchmark (default: all,
+#                      on a shard it builds the other shards' schemes again. The studies step reads none: run it beside
+#                      the shards (STEPS=studies, no SHARD) and merge its cache too
+#   STEPS              space-separated steps to run, of: schemes machinery studies research benchmark (default: all,
 #                      in that order). A later step reuses what an earlier one left in the cache and under reports/,
 #                      so a runner held for less time than the whole nightly runs them as separate jobs (same
 #                      RUN_ID and QUANTSUITE_CACHE); the report is written by the benchmark step.

@@ -196,17 +196,19 @@ def test_each_forced_kernel_set_compiles_into_toolchains_of_its_own(tmp_path):
 
 
 def test_merge_copies_the_complete_results_this_cache_lacks(tmp_path):
-    """`merge_from` (python -m quantsuite.cache --merge): each runner's complete scores, schemes and drift come over
-    as built here (staged, marked, renamed); an incomplete one (a runner cut mid-build) and an export (GBs) do not; one
-    already here is kept as it is. Planted faults: copying without the marker check brings the half-written entry;
-    copying over what is here replaces the kept drift."""
+    """`merge_from` (python -m quantsuite.cache --merge): each runner's complete scores, schemes, drift and research
+    studies (MERGED_KINDS: the shards', and the studies runner's) come over as built here (staged, marked, renamed);
+    an incomplete one (a runner cut mid-build) and an export (GBs) do not; one already here is kept as it is. Planted
+    faults: copying without the marker check brings the half-written entry; copying over what is here replaces the kept
+    drift."""
     from quantsuite.cache import main
 
-    runners = [ArtifactCache(tmp_path / name) for name in ("shard-1", "shard-2")]
+    runners = [ArtifactCache(tmp_path / name) for name in ("shard-1", "shard-2", "studies")]
     runners[0].get_or_build("scores", "s1", lambda d: (d / "search_state.pt").write_bytes(b"state"))
     runners[0].get_or_build("exports", "e1", lambda d: (d / "model.safetensors").write_bytes(b"weights"))
     runners[1].get_or_build("drift", "d2", lambda d: (d / "drift.json").write_text('{"kl_mean": 2}'))
     runners[1].get_or_build("drift", "kept", lambda d: (d / "drift.json").write_text('{"kl_mean": "theirs"}'))
+    runners[2].get_or_build("research", "r3", lambda d: (d / "sweep.json").write_text('{"rows": []}'))
     half = runners[1].path("schemes", "cut")
     half.mkdir(parents=True)
     (half / "manifest.json").write_text("{")
@@ -216,8 +218,8 @@ def test_merge_copies_the_complete_results_this_cache_lacks(tmp_path):
     into = ArtifactCache(tmp_path / "research")
     into.get_or_build("drift", "kept", lambda d: (d / "drift.json").write_text('{"kl_mean": "ours"}'))
 
-    main(["--merge", str(runners[0].root), str(runners[1].root), "--into", str(into.root)])
-    assert into.is_complete("scores", "s1") and into.is_complete("drift", "d2")
+    main(["--merge", *(str(runner.root) for runner in runners), "--into", str(into.root)])
+    assert into.is_complete("scores", "s1") and into.is_complete("drift", "d2") and into.is_complete("research", "r3")
     assert (into.path("scores", "s1") / "search_state.pt").read_bytes() == b"state"
     assert not into.path("exports", "e1").exists() and not (tmp_path / "research" / "schemes").exists()
     assert (into.path("drift", "kept") / "drift.json").read_text() == '{"kl_mean": "ours"}'
@@ -231,12 +233,13 @@ def test_merge_names_what_is_not_a_runners_cache(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"--merge .*missing: not a folder .*--cache-dir / QUANTSUITE_CACHE"):
         into.merge_from(tmp_path / "missing")
     (tmp_path / "reports" / "drift-not-here").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match=r"--merge .*reports: no scores, schemes, drift folder in it"):
+    with pytest.raises(FileNotFoundError, match=r"--merge .*reports: no scores, schemes, drift, research folder in it"):
         into.merge_from(tmp_path / "reports")
     done = subprocess.run([sys.executable, "-m", "quantsuite.cache", "--merge", str(tmp_path / "reports"), "--into",
                            str(into.root)], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
-    assert "reports: no scores, schemes, drift folder in it: not a quantsuite cache" in done.stderr.splitlines()[-1]
+    usage = done.stderr.splitlines()[-1]
+    assert "reports: no scores, schemes, drift, research folder in it: not a quantsuite cache" in usage
 
 
 # Modules a stage's build may run without their code in its key, and why

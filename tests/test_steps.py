@@ -237,23 +237,29 @@ sys.exit(2 if count else 0)
 def test_the_nightly_runs_each_stage_test_once_per_scheme_step_or_machinery_step():
     """On one GPU, step 1 (`schemes`) takes the cases of the `scheme` parameter (vLLM speed and PyTorch benchmarks
     included), step 1b (`machinery`) the other tests of the stage marks but those that read every selected scheme's
-    results (`catalog`: on a shard they built the other shards' schemes again, ~30 s a scheme at 3B, gpu-37), step 2
-    (`research`) those and the report's, step 3 (`benchmark`) the other benchmarks: together every test of those
-    marks, none twice, no scheme's case in machinery, research or benchmark."""
+    results (`catalog`: on a shard they built the other shards' schemes again, ~30 s a scheme at 3B, gpu-37), step 2a
+    (`studies`) the research studies that read no scheme's results, step 2b (`research`) the catalog readers and the
+    report's, step 3 (`benchmark`) the other benchmarks: together every test of those marks, none twice, no scheme's
+    case in machinery, studies, research or benchmark."""
     from quantsuite.steps import STAGES, nightly_steps
     from tests.plugin.test_options import collections
 
     steps = {step.name: step.args[:2] for step in nightly_steps(1)}  # -m and its expression
-    names = ("schemes", "machinery", "research", "benchmark")
+    names = ("schemes", "machinery", "studies", "research", "benchmark")
+    assert [step.name for step in nightly_steps(1)] == list(names)
     runs = [steps[name] for name in names] + [("-m", f"{STAGES} or benchmark")]
     *chosen, every = map(set, collections(*runs))
     assert all(chosen)
-    assert all(not chosen[a] & chosen[b] for a in range(4) for b in range(a + 1, 4))
-    per_scheme, machinery, research, once = chosen
+    assert all(not chosen[a] & chosen[b] for a in range(5) for b in range(a + 1, 5))
+    per_scheme, machinery, studies, research, once = chosen
     assert every <= per_scheme | machinery | research | once
     readers = {"tests/test_drift.py::test_more_fp8_never_means_less_drift",
-               "tests/test_autoquant.py::test_decisions_repeat_in_a_fresh_process"}
+               "tests/test_autoquant.py::test_decisions_repeat_in_a_fresh_process",
+               "tests/stages/test_research.py::test_proxy_matches_the_manifests_and_the_drift"}
     assert readers <= research and any(test.startswith("tests/test_report.py::") for test in research)
+    assert studies == {f"tests/stages/test_research.py::{name}" for name in (
+        "test_the_studies_but_the_proxy_need_no_schemes_results", "test_score_size_study_matches_its_search_states",
+        "test_grouping_study_compares_fused_with_per_linear_picks")}  # fmt: skip
     assert "tests/test_drift.py::test_drift_within_bounds[fp8_autoquant_top50]" in per_scheme
     assert "tests/test_bench.py::test_vllm_speed[fp8_autoquant_top50]" in per_scheme  # beside its verdict: one engine
     assert "tests/test_bench.py::test_export_time_and_size[fp8_autoquant_top50]" in per_scheme  # its one build
@@ -280,7 +286,8 @@ def test_each_nightly_test_runs_in_one_step_on_any_number_of_gpus(gpus):
                             (("benchmark", "per_scheme"), schemes_benchmarks),
                             (("autoquant", "benchmark", "per_scheme"), schemes_benchmarks),
                             (("benchmark",), "benchmark"), (("drift", "catalog"), "research"),
-                            (("autoquant", "catalog"), "research")):  # fmt: skip
+                            (("autoquant", "catalog"), "research"), (("catalog",), "research"),
+                            (("studies",), "studies")):  # fmt: skip
         chosen = [step.name for step, expression in zip(steps, expressions, strict=True)
                   if expression.evaluate(lambda name, marks=marks, **kwargs: name in marks)]  # fmt: skip
         assert chosen == [expected], f"{gpus} GPUs, marks {marks}: steps {chosen}"
@@ -321,9 +328,10 @@ def test_a_passing_test_leaves_no_tmp_path_behind(tmp_path):
 
 
 def test_the_workflow_runs_the_research_step_once_on_the_shards_merged_results():
-    """.github/workflows/gpu-nightly.yml: the shards run every step but research and upload the results the research
-    step reads (quantsuite.cache.MERGED_KINDS); one research job after them merges those into its cache and runs the
-    research step alone; the merge job joins the shards' and the research job's reports/."""
+    """.github/workflows/gpu-nightly.yml: the shards run every step but studies and research, a studies job beside
+    them the studies step alone, and each uploads the results the research step reads (quantsuite.cache.MERGED_KINDS);
+    one research job after them merges those into its cache and runs the research step alone; the merge job joins the
+    shards', the studies' and the research job's reports/."""
     import yaml
 
     from quantsuite.cache import MERGED_KINDS
@@ -331,20 +339,24 @@ def test_the_workflow_runs_the_research_step_once_on_the_shards_merged_results()
 
     jobs = yaml.safe_load((ROOT / ".github" / "workflows" / "gpu-nightly.yml").read_text())["jobs"]
     names = [step.name for step in nightly_steps(1)]
-    assert jobs["nightly"]["env"]["STEPS"].split() == [name for name in names if name != "research"]
-    uploads = [step for step in jobs["nightly"]["steps"] if step.get("with", {}).get("name", "").startswith(
-        "quantsuite-cache-shard-")]  # fmt: skip
-    folders = [line.rsplit("/", 1)[-1] for line in uploads[0]["with"]["path"].splitlines() if not line.startswith("!")]
-    assert folders == list(MERGED_KINDS)
-    assert uploads[0]["with"]["include-hidden-files"] is True  # the entries' .complete markers: without, none merges
-    research = jobs["research"]
-    assert research["needs"] == "nightly" and research["env"]["STEPS"] == "research" and "SHARD" not in research["env"]
-    runs = " ".join(step.get("run", "") for step in research["steps"])
-    assert "-m quantsuite.cache --merge shard-caches/*/" in runs and "scripts/nightly.sh" in runs
+    assert jobs["nightly"]["env"]["STEPS"].split() == [name for name in names if name not in ("studies", "research")]
+    studies, research = jobs["studies"], jobs["research"]
+    assert studies["env"]["STEPS"] == "studies" and "SHARD" not in studies["env"] and "needs" not in studies
     downloads = [step["with"]["pattern"] for step in research["steps"] if "download-artifact" in step.get("uses", "")]
-    assert downloads == ["quantsuite-cache-shard-*"]
-    assert set(jobs["merge"]["needs"]) == {"nightly", "research"}
+    assert len(downloads) == 1
+    for job in ("nightly", "studies"):  # each runner's results, as the research job downloads them
+        uploads = [step["with"] for step in jobs[job]["steps"] if step.get("with", {}).get("name", "").startswith(
+            "quantsuite-cache-")]  # fmt: skip
+        assert len(uploads) == 1 and uploads[0]["name"].startswith(downloads[0].rstrip("*")), (job, uploads)
+        folders = [line.rsplit("/", 1)[-1] for line in uploads[0]["path"].splitlines() if not line.startswith("!")]
+        assert folders == list(MERGED_KINDS), job
+        assert uploads[0]["include-hidden-files"] is True  # the entries' .complete markers: without, none merges
+    assert set(research["needs"]) == {"nightly", "studies"}
+    assert research["env"]["STEPS"] == "research" and "SHARD" not in research["env"]
+    runs = " ".join(step.get("run", "") for step in research["steps"])
+    assert "-m quantsuite.cache --merge runner-caches/*/" in runs and "scripts/nightly.sh" in runs
+    assert set(jobs["merge"]["needs"]) == {"nightly", "studies", "research"}
     reports = next(s["with"]["pattern"] for s in jobs["merge"]["steps"] if "download-artifact" in s.get("uses", ""))
-    uploaded = [s["with"]["name"] for job in ("nightly", "research") for s in jobs[job]["steps"]
+    uploaded = [s["with"]["name"] for job in ("nightly", "studies", "research") for s in jobs[job]["steps"]
                 if s.get("with", {}).get("name", "").startswith("quantsuite-reports-")]  # fmt: skip
-    assert len(uploaded) == 2 and all(name.startswith(reports.rstrip("*")) for name in uploaded), (reports, uploaded)
+    assert len(uploaded) == 3 and all(name.startswith(reports.rstrip("*")) for name in uploaded), (reports, uploaded)

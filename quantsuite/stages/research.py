@@ -40,6 +40,9 @@ from quantsuite.stages.scores import Scores
 
 SWEEP_TARGETS = (15.0, 14.0, 13.0, 12.0, 11.0, 10.0, 9.0, 8.5)
 STUDIES = ("sensitivity", "sweep", "optimality_gap", "score_size", "grouping", "proxy")
+# the studies that read catalog schemes' results (their manifests and drift); the others need only scoring passes and
+# the BF16 model, so the nightly builds them on a runner of its own beside the shards (the `studies` step)
+READS_THE_CATALOG = ("proxy",)
 
 
 @dataclass(frozen=True)

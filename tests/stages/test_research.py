@@ -14,9 +14,43 @@ import pytest
 from quantsuite import analysis
 from quantsuite.autoquant import group_scores
 from quantsuite.manifest import FUSED_GROUPS
-from quantsuite.stages.research import SWEEP_TARGETS
+from quantsuite.stages.research import READS_THE_CATALOG, SWEEP_TARGETS
 
 
+@pytest.mark.studies
+def test_the_studies_but_the_proxy_need_no_schemes_results(workbench, monkeypatch):
+    """The nightly's studies step runs beside the shards, on a runner that has none of their results: every enabled
+    study but those that read the catalog (`READS_THE_CATALOG`) is built from scoring passes and the BF16 model alone,
+    so reading a scheme's manifest or drift there fails instead of building the other runners' work. Each study is
+    computed here even where the cache holds it (stored where it does not). Planted: the proxy study fails it."""
+    research = workbench.research
+    studies = [study for study in research.settings.studies if study not in READS_THE_CATALOG]
+    if not studies:
+        pytest.skip("--research-studies enables none of the studies that need no scheme's results")
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a study of the studies step read a catalog scheme's results")
+
+    cached = research._cached
+
+    def computed_here(study: str, inputs: dict, build) -> dict:
+        figures = build()
+        return cached(study, inputs, lambda: figures)
+
+    monkeypatch.setattr(research.schemes, "result", forbidden)
+    monkeypatch.setattr(research.drift, "measure", forbidden)
+    monkeypatch.setattr(research, "_cached", computed_here)
+    for study in studies:
+        assert getattr(research, study)(), study
+    from quantsuite.stages.research import Research
+
+    proxy = Research(research.context, research.scores, research.schemes, research.drift,
+                     replace(research.settings, schemes=(research._base().name,)))  # a scheme whose pick it reads
+    with pytest.raises(AssertionError, match="catalog scheme"):
+        proxy.proxy()
+
+
+@pytest.mark.catalog
 def test_research_is_published_for_the_report_stamped_with_the_run(workbench):
     result = workbench.research.run()
     path = workbench.context.reports_dir / "research" / workbench.context.model_tag / "research.json"
@@ -44,6 +78,7 @@ def score_size_problems(study: dict, research) -> list[str]:
     return problems
 
 
+@pytest.mark.studies
 def test_score_size_study_matches_its_search_states(workbench):
     study = workbench.research.score_size()
     assert study["sizes"] == sorted(workbench.research.settings.score_sizes)
@@ -74,6 +109,7 @@ def proxy_problems(proxy: dict, workbench) -> list[str]:
     return problems
 
 
+@pytest.mark.catalog
 def test_proxy_matches_the_manifests_and_the_drift(workbench):
     proxy = workbench.research.proxy()
     searched = [n for n in proxy["schemes"] if not n.startswith("sweep_")]
@@ -91,6 +127,8 @@ def test_proxy_matches_the_manifests_and_the_drift(workbench):
     assert proxy_problems(planted, workbench)
 
 
+@pytest.mark.catalog
+@pytest.mark.uses_schemes("top50")
 def test_the_proxy_reads_the_drift_of_the_runs_schemes_only(workbench):
     """A run of a few schemes (--scheme) had the proxy study measure every catalog scheme's drift (~30 s each on the
     3B shape, and an export each: gpu-37); it reads the run's schemes now. Planted: the whole catalog again."""
@@ -115,6 +153,7 @@ def split_groups(modules: list[str]) -> list[tuple[str, str]]:
     return [key for key, count in taken.items() if count != (3 if key[1] == "qkv" else 2)]
 
 
+@pytest.mark.studies
 def test_grouping_study_compares_fused_with_per_linear_picks(workbench):
     study = workbench.research.grouping()
     fused_state = workbench.scores.state(workbench.research._plan())[0]
