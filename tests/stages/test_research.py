@@ -14,15 +14,16 @@ import pytest
 from quantsuite import analysis
 from quantsuite.autoquant import group_scores
 from quantsuite.manifest import FUSED_GROUPS
-from quantsuite.stages.research import READS_THE_CATALOG, SWEEP_TARGETS
+from quantsuite.stages.research import READS_THE_CATALOG, SWEEP_TARGETS, Research
 
 
 @pytest.mark.studies
 def test_the_studies_but_the_proxy_need_no_schemes_results(workbench, monkeypatch):
     """The nightly's studies step runs beside the shards, on a runner that has none of their results: every enabled
     study but those that read the catalog (`READS_THE_CATALOG`) is built from scoring passes and the BF16 model alone,
-    so reading a scheme's manifest or drift there fails instead of building the other runners' work. Each study is
-    computed here even where the cache holds it (stored where it does not). Planted: the proxy study fails it."""
+    so reading a scheme's manifest or drift there fails instead of building the other runners' work. A study the cache
+    holds is not built again (a kept cache costs the step nothing); on a fresh cache (CI's, a runner's) this test is
+    the first of the research tests and builds each. Planted: the proxy study fails it."""
     research = workbench.research
     studies = [study for study in research.settings.studies if study not in READS_THE_CATALOG]
     if not studies:
@@ -31,19 +32,10 @@ def test_the_studies_but_the_proxy_need_no_schemes_results(workbench, monkeypatc
     def forbidden(*args, **kwargs):
         raise AssertionError("a study of the studies step read a catalog scheme's results")
 
-    cached = research._cached
-
-    def computed_here(study: str, inputs: dict, build) -> dict:
-        figures = build()
-        return cached(study, inputs, lambda: figures)
-
     monkeypatch.setattr(research.schemes, "result", forbidden)
     monkeypatch.setattr(research.drift, "measure", forbidden)
-    monkeypatch.setattr(research, "_cached", computed_here)
     for study in studies:
         assert getattr(research, study)(), study
-    from quantsuite.stages.research import Research
-
     proxy = Research(research.context, research.scores, research.schemes, research.drift,
                      replace(research.settings, schemes=(research._base().name,)))  # a scheme whose pick it reads
     with pytest.raises(AssertionError, match="catalog scheme"):
@@ -132,8 +124,6 @@ def test_proxy_matches_the_manifests_and_the_drift(workbench):
 def test_the_proxy_reads_the_drift_of_the_runs_schemes_only(workbench):
     """A run of a few schemes (--scheme) had the proxy study measure every catalog scheme's drift (~30 s each on the
     3B shape, and an export each: gpu-37); it reads the run's schemes now. Planted: the whole catalog again."""
-    from quantsuite.stages.research import Research
-
     research = workbench.research
     narrowed = Research(research.context, research.scores, research.schemes, research.drift,
                         replace(research.settings, schemes=("fp8_autoquant_top50",)))  # fmt: skip
