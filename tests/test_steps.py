@@ -20,18 +20,16 @@ from quantsuite import PROJECT_ROOT
 from quantsuite.bench import gate_baseline
 from quantsuite.steps import GATE
 
-ROOT = PROJECT_ROOT
-
 
 def _benchmark_run(tmp_path: Path, cache_dir: str, *extra: str) -> subprocess.CompletedProcess:
     """Real-FP8 prefill (gated at 8 x 1024) and decode (never gated) of the BF16 export, one round each."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("PYTEST_XDIST")}
     env |= {"QUANTSUITE_BENCH_BATCH": "8", "QUANTSUITE_BENCH_PREFILL_TOKENS": "1024", "QUANTSUITE_BENCH_ROUNDS": "1",
             "QUANTSUITE_BENCH_WARMUP": "0"}  # fmt: skip
-    command = [sys.executable, "-m", "pytest", str(ROOT / "tests" / "test_bench.py"), "-m", "benchmark",
+    command = [sys.executable, "-m", "pytest", str(PROJECT_ROOT / "tests" / "test_bench.py"), "-m", "benchmark",
                "-k", "real_fp8_throughput", "--scheme", "bf16", "-p", "no:xdist", "--no-report", "-q",
                "--cache-dir", cache_dir, "--reports-dir", str(tmp_path / "reports"), *extra]  # fmt: skip
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
 def _baseline(data: dict, speed: dict[str, float], path: Path) -> Path:
@@ -78,9 +76,9 @@ def _nightly(steps: str, pytest_command: str, run_id: str | None = None,
     run_id = run_id or f"test-nightly-{uuid.uuid4().hex[:8]}"
     env = os.environ | {"STEPS": steps, "PYTEST": pytest_command, "PYTHON": sys.executable, "GPUS": "1",
                         "RUN_ID": run_id} | settings  # fmt: skip
-    done = subprocess.run(["bash", str(ROOT / "scripts" / "nightly.sh")], env=env, capture_output=True, text=True,
-                          timeout=60)  # fmt: skip
-    return done, ROOT / "reports" / f"{run_id}-nightly-steps.tsv"
+    done = subprocess.run(["bash", str(PROJECT_ROOT / "scripts" / "nightly.sh")], env=env, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    return done, PROJECT_ROOT / "reports" / f"{run_id}-nightly-steps.tsv"
 
 
 def test_steps_run_as_separate_jobs_and_record_their_times():
@@ -135,13 +133,13 @@ def test_the_step_that_times_the_schemes_writes_the_json_the_gate_compares(tmp_p
         assert ("--benchmark-json=reports/" in calls[other]) == (gpus == "1")
     finally:
         steps.unlink(missing_ok=True)
-        (ROOT / "reports" / f"{run_id}-gate-baseline.json").unlink(missing_ok=True)
+        (PROJECT_ROOT / "reports" / f"{run_id}-gate-baseline.json").unlink(missing_ok=True)
 
 
 def test_an_unknown_step_is_refused_naming_the_steps():
     done, steps = _nightly("schemes bogus", "true")
     assert done.returncode == 2
-    assert "nightly: STEPS has 'bogus'; accepted steps: schemes machinery research benchmark" in done.stderr
+    assert "nightly: STEPS has 'bogus'; accepted steps: schemes machinery studies research benchmark" in done.stderr
     assert not steps.exists()
 
 
@@ -152,7 +150,7 @@ def test_ci_stops_at_the_first_failing_pass(tmp_path):
     for fail, calls in (("0", 2), ("3", 1)):
         log.unlink(missing_ok=True)
         env = os.environ | {"PYTEST": stand_in, "FAIL": fail}
-        done = subprocess.run([sys.executable, "-m", "quantsuite.steps", "ci", "-k", "x"], cwd=ROOT, env=env,
+        done = subprocess.run([sys.executable, "-m", "quantsuite.steps", "ci", "-k", "x"], cwd=PROJECT_ROOT, env=env,
                               capture_output=True, text=True, timeout=60)  # fmt: skip
         assert done.returncode == int(fail), done.stderr
         lines = log.read_text().splitlines()
@@ -169,8 +167,8 @@ def test_steps_keep_python_bytecode(tmp_path):
     caller |= {"PYTEST": stand_in, "PYTHONDONTWRITEBYTECODE": "1"}
     for env, expected in ((caller, "none"), (caller | {"PYTHONPYCACHEPREFIX": str(tmp_path)}, str(tmp_path))):
         log.unlink(missing_ok=True)
-        done = subprocess.run([sys.executable, "-m", "quantsuite.steps", "ci"], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=60)  # fmt: skip
+        done = subprocess.run([sys.executable, "-m", "quantsuite.steps", "ci"], cwd=PROJECT_ROOT, env=env,
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
         assert done.returncode == 0, done.stderr
         assert log.read_text().splitlines() == [f"{expected} unset"] * 2
 
@@ -215,10 +213,10 @@ sys.exit(2 if count else 0)
     env = os.environ | {"STEPS": "schemes benchmark", "PYTEST": f"{sys.executable} {stand_in}", "GPUS": "1",
                         "PYTHON": sys.executable, "RUN_ID": run_id}  # fmt: skip
     ignored = started_as == "background job"
-    nightly = subprocess.Popen(["bash", str(ROOT / "scripts" / "nightly.sh")], env=env, stderr=subprocess.PIPE,
+    nightly = subprocess.Popen(["bash", str(PROJECT_ROOT / "scripts" / "nightly.sh")], env=env, stderr=subprocess.PIPE,
                                text=True, preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignored
                                else None)  # fmt: skip
-    steps = ROOT / "reports" / f"{run_id}-nightly-steps.tsv"
+    steps = PROJECT_ROOT / "reports" / f"{run_id}-nightly-steps.tsv"
     try:
         deadline = time.monotonic() + 30
         while not started.exists() and time.monotonic() < deadline:
@@ -302,7 +300,7 @@ def test_a_passing_test_leaves_no_tmp_path_behind(tmp_path):
     ones. Planted: the ini without its retention settings keeps the passing test's files."""
     probe = tmp_path / "probe"
     probe.mkdir()
-    (probe / "pytest.ini").write_text((ROOT / "pytest.ini").read_text())
+    (probe / "pytest.ini").write_text((PROJECT_ROOT / "pytest.ini").read_text())
     (probe / "test_probe.py").write_text(
         "import pytest\n"
         "@pytest.mark.parametrize('outcome', ['passes', 'fails'])\n"
@@ -337,7 +335,7 @@ def test_the_workflow_runs_the_research_step_once_on_the_shards_merged_results()
     from quantsuite.cache import MERGED_KINDS
     from quantsuite.steps import nightly_steps
 
-    jobs = yaml.safe_load((ROOT / ".github" / "workflows" / "gpu-nightly.yml").read_text())["jobs"]
+    jobs = yaml.safe_load((PROJECT_ROOT / ".github" / "workflows" / "gpu-nightly.yml").read_text())["jobs"]
     names = [step.name for step in nightly_steps(1)]
     assert jobs["nightly"]["env"]["STEPS"].split() == [name for name in names if name not in ("studies", "research")]
     studies, research = jobs["studies"], jobs["research"]

@@ -17,8 +17,6 @@ from quantsuite.models import TINY_DIR
 from quantsuite.plugin.options import RUN_INPUT_OPTIONS, join_split_paths, pytest_addoption, run_input_arguments
 from quantsuite.vllm.service import DEFAULT_VLLM_PYTHON
 
-ROOT = PROJECT_ROOT
-
 
 def test_join_split_paths(tmp_path):
     assert join_split_paths(["--model", str(tmp_path), "-m", "autoquant"]) == [f"--model={tmp_path}", "-m",
@@ -27,7 +25,7 @@ def test_join_split_paths(tmp_path):
     assert join_split_paths(["tests", "--reports-dir", str(tmp_path)]) == ["tests", f"--reports-dir={tmp_path}"]
 
 
-def _pytest(*arguments: str, xdist: bool = False, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+def _pytest(*arguments: str, xdist: bool = False, cwd: Path = PROJECT_ROOT) -> subprocess.CompletedProcess:
     """A real pytest process (from the project root unless `cwd`), without the calling run's PYTEST_ and
     QUANTSUITE_ settings."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "QUANTSUITE_"))}
@@ -90,7 +88,7 @@ def pytest_runs(*runs: tuple[str, ...]) -> list[dict]:
     """Real pytest runs of each run's arguments (the project root, no xdist, without the calling run's PYTEST_ and
     QUANTSUITE_ settings), all in one process: per run its exit `status`, the `ids` it selected, `stdout`, `stderr`."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "QUANTSUITE_"))}
-    done = subprocess.run([sys.executable, "-c", _RUNS, json.dumps([list(run) for run in runs])], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-c", _RUNS, json.dumps([list(run) for run in runs])], cwd=PROJECT_ROOT,
                           text=True, capture_output=True, timeout=600, env=environment)  # fmt: skip
     assert done.returncode == 0 and "RUNS " in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
     return json.loads(done.stdout.rpartition("RUNS ")[2])
@@ -124,7 +122,7 @@ def test_path_options_work_in_both_forms(tmp_path, model_dir, form):
     """Before the plugin, the separate form answered `unrecognized arguments: --scheme` (rootdir: the path's
     parent, conftest not loaded)."""
     captions = tmp_path / "captions.json"
-    captions.write_text((ROOT / "quantsuite" / "assets" / "captions_bundled.json").read_text())
+    captions.write_text((PROJECT_ROOT / "quantsuite" / "assets" / "captions_bundled.json").read_text())
     paths = {"--model": model_dir, "--calib-data": captions, "--cache-dir": tmp_path / "cache",
              "--reports-dir": tmp_path / "reports"}  # fmt: skip
     (tmp_path / "cache").mkdir()
