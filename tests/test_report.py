@@ -29,7 +29,7 @@ def report_dir(tmp_path_factory, workbench, catalog, request):
             with contextlib.suppress(CudaRequired):  # AutoQuant over a CUDA-only format: not scored here, no row
                 workbench.schemes.result(scheme)  # its row in the report, without drift on this device
     research = workbench.research.run()
-    assert research["sweep"] and research["optimality_gap"]
+    assert all(research[study] for study in workbench.research.settings.studies)
     context = workbench.context
     return build_report(context.reports_dir, context.model_tag, run_id=f"test-{context.model_tag}",
                         results_of=context.run_id)  # fmt: skip
@@ -104,18 +104,26 @@ def test_sections_without_data_are_left_out(tmp_path, workbench, catalog):
 
 
 def test_research_numbers_are_consistent(workbench):
+    """Each enabled study's figures against what they must satisfy; a study switched off (--research-studies) is not
+    read (the GPU run gpu-39 ran without the sensitivity study, and this test failed on its missing key)."""
+    studies = workbench.research.settings.studies
+    if not {"optimality_gap", "sweep", "sensitivity"} & set(studies):
+        pytest.skip("--research-studies switches off the optimality gap, the sweep and the sensitivity study")
     research = workbench.research.run()
-    gap = research["optimality_gap"]
-    assert all(row["relative_gap"] >= -1e-9 for row in gap), "an exact solve cannot be worse than a heuristic"
-    bits = [row["lm_effective_bits"] for row in research["sweep"]]
-    targets = [row["target_effective_bits"] for row in research["sweep"]]
-    assert all(b <= t + 1e-9 for b, t in zip(bits, targets, strict=True))
-    blocks = research["sensitivity"]["blocks"]
-    first, second = (blocks[method] for method in research["sensitivity"]["methods"])
-    common = sorted(set(first) & set(second), key=int)
-    assert research["sensitivity"]["spearman"] == pytest.approx(
-        rank_correlation([first[b] for b in common], [second[b] for b in common]), abs=1e-9
-    )
+    if "optimality_gap" in studies:
+        gap = research["optimality_gap"]
+        assert all(row["relative_gap"] >= -1e-9 for row in gap), "an exact solve cannot be worse than a heuristic"
+    if "sweep" in studies:
+        bits = [row["lm_effective_bits"] for row in research["sweep"]]
+        targets = [row["target_effective_bits"] for row in research["sweep"]]
+        assert all(b <= t + 1e-9 for b, t in zip(bits, targets, strict=True))
+    if "sensitivity" in studies:
+        blocks = research["sensitivity"]["blocks"]
+        first, second = (blocks[method] for method in research["sensitivity"]["methods"])
+        common = sorted(set(first) & set(second), key=int)
+        assert research["sensitivity"]["spearman"] == pytest.approx(
+            rank_correlation([first[b] for b in common], [second[b] for b in common]), abs=1e-9
+        )
 
 
 def rank_correlation(first: list[float], second: list[float]) -> float:
