@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from quantsuite import PROJECT_ROOT
+from quantsuite import PROJECT_ROOT, REPORTS_DIR
 from quantsuite.bench import gate_baseline
 from quantsuite.steps import GATE
 
@@ -78,7 +78,7 @@ def _nightly(steps: str, pytest_command: str, run_id: str | None = None,
                         "RUN_ID": run_id} | settings  # fmt: skip
     done = subprocess.run(["bash", str(PROJECT_ROOT / "scripts" / "nightly.sh")], env=env, capture_output=True,
                           text=True, timeout=60)  # fmt: skip
-    return done, PROJECT_ROOT / "reports" / f"{run_id}-nightly-steps.tsv"
+    return done, REPORTS_DIR / f"{run_id}-nightly-steps.tsv"
 
 
 def test_steps_run_as_separate_jobs_and_record_their_times():
@@ -133,7 +133,7 @@ def test_the_step_that_times_the_schemes_writes_the_json_the_gate_compares(tmp_p
         assert ("--benchmark-json=reports/" in calls[other]) == (gpus == "1")
     finally:
         steps.unlink(missing_ok=True)
-        (PROJECT_ROOT / "reports" / f"{run_id}-gate-baseline.json").unlink(missing_ok=True)
+        (REPORTS_DIR / f"{run_id}-gate-baseline.json").unlink(missing_ok=True)
 
 
 def test_an_unknown_step_is_refused_naming_the_steps():
@@ -216,7 +216,7 @@ sys.exit(2 if count else 0)
     nightly = subprocess.Popen(["bash", str(PROJECT_ROOT / "scripts" / "nightly.sh")], env=env, stderr=subprocess.PIPE,
                                text=True, preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignored
                                else None)  # fmt: skip
-    steps = PROJECT_ROOT / "reports" / f"{run_id}-nightly-steps.tsv"
+    steps = REPORTS_DIR / f"{run_id}-nightly-steps.tsv"
     try:
         deadline = time.monotonic() + 30
         while not started.exists() and time.monotonic() < deadline:

@@ -17,6 +17,12 @@ from quantsuite.manifest import FUSED_GROUPS
 from quantsuite.stages.research import READS_THE_CATALOG, SWEEP_TARGETS, Research
 
 
+def reading(research: Research, *schemes: str) -> Research:
+    """`research` as a run of `schemes` alone (--scheme) sees it: the proxy study reads those schemes' results."""
+    return Research(research.context, research.scores, research.schemes, research.drift,
+                    replace(research.settings, schemes=schemes))
+
+
 @pytest.mark.studies
 def test_the_studies_but_the_proxy_need_no_schemes_results(workbench, monkeypatch):
     """The nightly's studies step runs beside the shards, on a runner that has none of their results: every enabled
@@ -36,10 +42,8 @@ def test_the_studies_but_the_proxy_need_no_schemes_results(workbench, monkeypatc
     monkeypatch.setattr(research.drift, "measure", forbidden)
     for study in studies:
         assert getattr(research, study)(), study
-    proxy = Research(research.context, research.scores, research.schemes, research.drift,
-                     replace(research.settings, schemes=(research._base().name,)))  # a scheme whose pick it reads
     with pytest.raises(AssertionError, match="catalog scheme"):
-        proxy.proxy()
+        reading(research, research._base().name).proxy()  # a scheme whose pick it reads
 
 
 @pytest.mark.catalog
@@ -124,10 +128,7 @@ def test_proxy_matches_the_manifests_and_the_drift(workbench):
 def test_the_proxy_reads_the_drift_of_the_runs_schemes_only(workbench):
     """A run of a few schemes (--scheme) had the proxy study measure every catalog scheme's drift (~30 s each on the
     3B shape, and an export each: gpu-37); it reads the run's schemes now. Planted: the whole catalog again."""
-    research = workbench.research
-    narrowed = Research(research.context, research.scores, research.schemes, research.drift,
-                        replace(research.settings, schemes=("fp8_autoquant_top50",)))  # fmt: skip
-    proxy = narrowed.proxy()
+    proxy = reading(workbench.research, "fp8_autoquant_top50").proxy()
     assert [n for n in proxy["schemes"] if not n.startswith("sweep_")] == ["fp8_autoquant_top50"], proxy["schemes"]
     assert set(proxy["left_out"]) <= {"fp8_autoquant_top50"}, proxy["left_out"]
 
