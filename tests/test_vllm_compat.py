@@ -25,6 +25,7 @@ from quantsuite.vllm.verdict import (
     model_free_verdict,
     teacher_forced,
 )
+from tests.vllm import alive
 
 vllm = pytest.mark.vllm_compat  # xdist work units: quantsuite.plugin.collection.scheduling_group
 
@@ -167,9 +168,9 @@ def test_separate_engine_core_ends_with_its_engine(workbench, vllm_service):
         timed = engine.call("timed", prompts=[list(range(1, MIN_SEQUENCE_TOKENS + 4))], max_tokens=4)
         assert timed.get("output_tokens") == 4, timed
     deadline = time.monotonic() + 10  # an orphan leaves the server's tree, so the pids seen above are followed
-    while (alive := [pid for pid in running if _alive(pid)]) and time.monotonic() < deadline:
+    while (left := [pid for pid in running if alive(pid)]) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert alive == [], f"left running after the engine closed: {alive}"
+    assert left == [], f"left running after the engine closed: {left}"
 
 
 @pytest.mark.uses_schemes("top50")
@@ -225,13 +226,6 @@ def test_the_server_preloads_what_engines_import_on_the_cpu_build(vllm_python):
     cpu = is_cpu_build(vllm_python)
     expected = [str(cpu), str(cpu), "False", str(cpu)]  # the preloaded heap frozen out of every engine's collections
     assert done.stdout.split()[-4:] == expected, done.stdout[-1000:] + done.stderr[-2000:]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
 
 
 @pytest.mark.uses_schemes("top50")

@@ -143,9 +143,11 @@ class VllmService:
         self.starts += 1
 
     def _stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)  # the server and every engine it forked
+        """Kill the server's process group: the server and every engine it forked, with their engine cores, also
+        when the server itself has ended already (killed, or it left an engine behind)."""
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
         self.process = None
 
@@ -188,7 +190,7 @@ class VllmService:
             if self.process.poll() is not None:
                 code = self.process.returncode
                 how = f"signal {-code}" if code < 0 else f"exit code {code}"
-                self.process = None
+                self._stop()  # the engines it forked outlive it in its process group
                 return {"error": {"type": "Crashed", "stage": payload.get("method", op),
                                   "key_line": f"vLLM server ended ({how}); log: {self.log_path}"}}  # fmt: skip
             if time.monotonic() > deadline:

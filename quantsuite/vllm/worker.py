@@ -24,7 +24,6 @@ import json
 import os
 import re
 import select
-import signal
 import sys
 import time
 import traceback
@@ -241,10 +240,12 @@ def engine_main(request: dict, commands: int) -> None:
 
 
 def end_children(llm=None, separate_core: bool = False) -> None:
-    """Stop a separate engine core process (and anything else this engine started) before the engine exits; on
-    a crash instead, the suite's restart kills the server's whole process group, these included. An engine core
-    inside this process is not shut down: the process exits next and frees what it holds, where vLLM's shutdown
-    spent ~1.1 s per engine on the CPU build (garbage collections, freeing the profiling KV cache)."""
+    """Stop a separate engine core process (and anything else this process started, at any depth) before it
+    exits: an engine at its close, the server at `exit` or when its stdin ends (every engine, one still loading
+    included, with its engine core); on a crash instead, the suite's restart kills the server's whole process
+    group, these included. An engine core inside the engine process is not shut down: the process exits next and
+    frees what it holds, where vLLM's shutdown spent ~1.1 s per engine on the CPU build (garbage collections,
+    freeing the profiling KV cache)."""
     import psutil
 
     client = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
@@ -331,16 +332,16 @@ def serve() -> None:
         if not ready:
             continue
         chunk = os.read(0, 1 << 20)
-        if not chunk:
-            break
+        if not chunk:  # the suite's process is gone (killed): no one will close the engines
+            end_children()
+            return
         buffer += chunk
         while b"\n" in buffer:
             line, buffer = buffer.split(b"\n", 1)
             request = json.loads(line)
             op = request["op"]
             if op == "exit":
-                for engine in engines.values():
-                    os.kill(engine["pid"], signal.SIGKILL)
+                end_children()  # engines and what they started (an engine core still loading: run gpu-40)
                 return
             if op == "verdict":
                 try:

@@ -1,13 +1,22 @@
-"""The vLLM server's process: what environment it starts with (no vLLM needed: the start is intercepted)."""
+"""The vLLM server's process: what environment it starts with (no vLLM needed: the start is intercepted), and
+that no engine process outlives it (a stand-in vLLM whose engine starts its engine core and never finishes
+loading)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 import quantsuite
 from quantsuite.vllm import service
+from tests.vllm import alive
 
 
 @pytest.mark.parametrize(("cpu_build", "ours", "users", "expected"), [
@@ -35,3 +44,83 @@ def test_the_server_starts_with_its_openmp_threads(monkeypatch, tmp_path, cpu_bu
     server._start()
     server.process = None  # nothing was started
     assert started[0].get("OMP_NUM_THREADS") == expected
+
+
+LOADING_FOREVER = """
+import os, subprocess, sys, time
+
+__version__ = "0-stand-in"
+
+
+class LLM:  # vLLM's engine starting its separate engine core, then loading for longer than any test waits
+    def __init__(self, model, **options):
+        core = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        with open(os.environ["CORE_PID_FILE"] + ".tmp", "w") as stream:
+            stream.write(str(core.pid))
+        os.replace(os.environ["CORE_PID_FILE"] + ".tmp", os.environ["CORE_PID_FILE"])
+        time.sleep(600)
+"""
+
+
+def still_alive_after(pid: int, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return alive(pid)
+
+
+@pytest.fixture
+def loading_server(tmp_path, monkeypatch):
+    """A real server (worker.py serve) on the stand-in vLLM, with an engine whose open the suite gave up while its
+    engine core was running (a timeout's SIGINT came during the open): (server, the engine core's pid)."""
+    (tmp_path / "vllm").mkdir()
+    (tmp_path / "vllm" / "__init__.py").write_text(LOADING_FOREVER)
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "config.json").write_text("{}")
+    core_pid_file = tmp_path / "core.pid"
+    server = service.VllmService(Path(sys.executable), tmp_path / "logs",
+                                 {"PYTHONPATH": str(tmp_path), "CORE_PID_FILE": str(core_pid_file)})  # fmt: skip
+    sleep = time.sleep
+    deadline = time.monotonic() + 60
+
+    def interrupted_once_the_core_runs(seconds: float) -> None:
+        if core_pid_file.is_file() or time.monotonic() > deadline:
+            raise KeyboardInterrupt
+        sleep(seconds)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(service.time, "sleep", interrupted_once_the_core_runs)
+        with pytest.raises(KeyboardInterrupt), server.engine(tmp_path / "export", {}):
+            pass
+    core, group = int(core_pid_file.read_text()), server.process.pid
+    assert alive(core)
+    yield server, core
+    server.close()
+    with contextlib.suppress(ProcessLookupError):  # a failed check leaves nothing running
+        os.killpg(group, signal.SIGKILL)
+
+
+def test_a_server_closed_during_an_open_ends_the_engine_core(loading_server):
+    """What pytest's teardown does after a timeout's SIGINT: the engine that was opening and the engine core it
+    started end with the server (run gpu-40 found such a core still holding 43.5 GiB of the H200, 9 minutes on)."""
+    server, core = loading_server
+    server.close()
+    assert not still_alive_after(core)
+
+
+def test_a_server_whose_suite_process_is_gone_ends_the_engine_core(loading_server):
+    """The suite's process killed (no teardown): the server's stdin ends, and it ends what it started."""
+    server, core = loading_server
+    server.process.stdin.close()
+    server.process.wait(timeout=30)
+    assert not still_alive_after(core)
+
+
+def test_a_server_that_died_leaves_no_engine_core_after_close(loading_server):
+    """The server killed (out of memory, SIGKILL) leaves its engines in its process group: close ends them."""
+    server, core = loading_server
+    os.kill(server.process.pid, signal.SIGKILL)
+    server.process.wait(timeout=30)
+    assert alive(core)
+    server.close()
+    assert not still_alive_after(core)
