@@ -13,8 +13,8 @@ a JSON file written atomically to the path the request names (`reply`).
   `prompt_logprobs`; image prompts too, on engines opened with `images_per_prompt`), `generate` (greedy tokens
   with logprobs), `timed` (one timed `generate` of a workload, image prompts included).
   `close` ends it; the process exit frees all its memory. An engine that dies is reported as `Crashed`.
-- `exit`, or the end of stdin (the suite's process gone), ends the server and everything it started.
   With `patch: true` the engine applies quantsuite's opt-in CPU FP8 compatibility layer first.
+- `exit`, or the end of stdin (the suite's process gone), ends the server and everything it started.
 """
 
 from __future__ import annotations
