@@ -173,6 +173,9 @@ def nightly() -> int:
             extra += [f"--benchmark-json=reports/{run_id}-benchmarks.json", *_gate_args(run_id)]
         elif step.name == "benchmark":
             extra += [f"--benchmark-json=reports/{run_id}-benchmarks-scheme-free.json"]
+        if busy := gpu_processes():
+            print(f"nightly: before step {step.name} the GPU already runs {'; '.join(busy)} (pid, process, MiB): "
+                  "this step's times and speed figures are not a quiet machine's", file=sys.stderr)  # fmt: skip
         started = time.monotonic()
         try:
             status, interrupted = _run([*_pytest(), *step.args, *common, *extra], NIGHTLY_ENV), False
@@ -191,6 +194,20 @@ def nightly() -> int:
         print(f"nightly: failed steps: {' '.join(failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+def gpu_processes() -> list[str]:
+    """The compute processes on this host's GPUs now, as `pid process MiB` (nvidia-smi); none without nvidia-smi. A
+    step that starts beside one runs with less GPU memory and a busier GPU and host than its figures say (run gpu-40,
+    reports/profile-gpu-h200-nightly: a vLLM engine core that a cut command left, holding 43.5 GiB of the H200)."""
+    query = ["nvidia-smi", "--query-compute-apps=pid,process_name,used_memory", "--format=csv,noheader,nounits"]
+    try:
+        done = subprocess.run(query, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    if done.returncode:
+        return []
+    return [" ".join(field.strip() for field in line.split(",")) for line in done.stdout.splitlines() if line.strip()]
 
 
 def _cuda_devices() -> int:

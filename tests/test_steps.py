@@ -113,6 +113,24 @@ def test_a_shard_runs_every_step_on_its_shard(tmp_path):
         steps.unlink(missing_ok=True)
 
 
+@pytest.mark.parametrize(("listed", "expected"), [
+    ("1930, VLLM::EngineCore, 43526\n", ["nightly: before step schemes the GPU already runs 1930 VLLM::EngineCore "
+                                         "43526 (pid, process, MiB): this step's times and speed figures are not a "
+                                         "quiet machine's"]),
+    ("", []),  # a quiet GPU: nothing said
+])  # fmt: skip
+def test_a_step_that_starts_beside_another_gpu_process_says_so(tmp_path, listed, expected):
+    """Each step first asks nvidia-smi which processes compute on the GPU: a step that starts beside one (a vLLM
+    engine core a cut command left held 43.5 GiB of the H200 in run gpu-40) says which, since its times are not a
+    quiet machine's."""
+    (tmp_path / "nvidia-smi").write_text(f"#!/bin/sh\nprintf '{listed}'\n")
+    (tmp_path / "nvidia-smi").chmod(0o755)
+    done, steps = _nightly("schemes", "true", PATH=f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    steps.unlink(missing_ok=True)
+    assert done.returncode == 0, done.stderr
+    assert [line for line in done.stderr.splitlines() if "GPU" in line] == expected, done.stderr
+
+
 @pytest.mark.parametrize(("gpus", "timing"), [("1", "schemes"), ("2", "benchmark")])
 def test_the_step_that_times_the_schemes_writes_the_json_the_gate_compares(tmp_path, gpus, timing):
     """The benchmark JSON the next night's gate reads (`<run>-benchmarks.json`) and the gate (COMPARE) go with the
