@@ -13,8 +13,9 @@
 - `StaticCacheDecoder` decodes greedily on a static KV cache with the whole forward compiled in reduce-overhead mode
   (CUDA graphs), the path where batch-1 decode can show FP8 speed; `greedy_decode` is the eager dynamic-cache loop.
   Where inductor's CUDA-graph pool check fails in it, `describe_pool_leak` adds what holds the memory to the error.
-- `decode_timed_schemes` reads which schemes' PyTorch decode is timed (QUANTSUITE_DECODE_SCHEMES); prefill is
-  timed for every scheme.
+- `host_bound_schemes` reads which schemes' host-bound figures are timed: PyTorch decode (QUANTSUITE_DECODE_SCHEMES)
+  and vLLM's large-batch and image workloads (QUANTSUITE_VLLM_BATCH_SCHEMES); prefill and vLLM's batch 1 are timed
+  for every scheme.
 - `gate_baseline` keeps, from a previous run's benchmark JSON, the entries stable enough to fail a nightly on
   (the nightly's benchmark step, quantsuite/steps.py, compares against it).
 
@@ -392,25 +393,30 @@ def decode_step(model: torch.nn.Module, batch_size: int, prompt_length: int, new
 
 
 DECODE_SCHEMES = "QUANTSUITE_DECODE_SCHEMES"
+VLLM_BATCH_SCHEMES = "QUANTSUITE_VLLM_BATCH_SCHEMES"
 RENAMED = {"QUANTSUITE_COMPILED_DECODE_SCHEMES": DECODE_SCHEMES}
 
 
-def decode_timed_schemes(environ: Mapping[str, str], catalog: Catalog, selected: list[SchemeSpec]) -> frozenset[str]:
-    """The schemes whose PyTorch decode benchmarks run (fake-quant and real-FP8 decode, the eager and compiled
-    batch-1 decode pairs), from $QUANTSUITE_DECODE_SCHEMES: `all` (unset), `none`, or comma-separated scheme names
-    or aliases. Eager decode is bound by the host, so its rounds spread more than FP8 changes it, and each compiled
-    pair compiles two whole forwards: the GPU nightly times one scheme's decode (quantsuite/steps.py), every
-    scheme's decode speed comes from vLLM's paired batch-1 runs. The BF16 reference joins when a `selected` scheme
-    is named: the unpaired decode ratios divide by its figures. A bad value raises ValueError naming the fix."""
+def host_bound_schemes(environ: Mapping[str, str], catalog: Catalog, selected: list[SchemeSpec],
+                         variable: str = DECODE_SCHEMES) -> frozenset[str]:  # fmt: skip
+    """The schemes whose host-bound benchmarks run, from `variable`: `all` (unset), `none`, or comma-separated scheme
+    names or aliases. $QUANTSUITE_DECODE_SCHEMES picks the PyTorch decode benchmarks (fake-quant and real-FP8
+    decode, the eager and compiled batch-1 decode pairs): eager decode is bound by the host, so its rounds spread
+    more than FP8 changes it, and each compiled pair compiles two whole forwards. $QUANTSUITE_VLLM_BATCH_SCHEMES
+    picks vLLM's large-batch and image-prompt workloads of the paired speed runs: host-bound on an H200 at the 3B
+    shape, read as within noise in every GPU run (reports/profile-gpu-h200-nightly, gpu-40). The GPU nightly names
+    one scheme for each (quantsuite/steps.py); every scheme's decode speed comes from vLLM's paired batch-1 runs.
+    The BF16 reference joins when a `selected` scheme is named: the unpaired decode ratios divide by its figures. A
+    bad value raises ValueError naming the fix."""
     for old, new in RENAMED.items():
-        if old in environ:
+        if old in environ and new == variable:
             raise ValueError(f"{old} is now {new} (it picks the eager decode benchmarks too); set {new} instead")
-    value = environ.get(DECODE_SCHEMES, "").strip() or "all"
+    value = environ.get(variable, "").strip() or "all"
     if value == "all":
         return frozenset(scheme.name for scheme in catalog.schemes)
     if value == "none":
         return frozenset()
-    accepted = f"{DECODE_SCHEMES}={value}: accepted values are all, none or comma-separated scheme names"
+    accepted = f"{variable}={value}: accepted values are all, none or comma-separated scheme names"
     names = [name.strip() for name in value.split(",") if name.strip()]
     if not names:  # catalog.select([]) means every scheme
         raise ValueError(accepted)

@@ -27,6 +27,7 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import ScalarFormatter
 
 from quantsuite import REPORTS_DIR, analysis
+from quantsuite.bench import VLLM_BATCH_SCHEMES
 from quantsuite.cache import write_atomic
 
 PLOTS = ("sensitivity.png", "coverage_heatmap.png", "pareto.png", "localization.png", "optimality_gap.png",
@@ -184,12 +185,14 @@ def speed_reading(paired: dict, bound: float, between_runs: float = 0.0) -> tupl
 def _vllm_sections(vllm: dict[str, dict], garbage: dict | None) -> list[str]:
     """The vLLM verdict table (teacher-forced error against the BF16 noise floor) and the paired speed table;
     a section without data is left out."""
-    verdicts, speeds = [], []
+    verdicts, speeds, untimed = [], [], []
     for name, checks in sorted(vllm.items()):
         for check, entry in sorted(checks.items()):
             if not isinstance(entry, dict):
                 continue  # run_id
             if check == "speed":
+                if entry.get("untimed_workloads"):
+                    untimed.append(f"{name} ({', '.join(entry['untimed_workloads'])})")
                 for workload, paired in sorted(entry.get("workloads", {}).items()):
                     share = paired.get("bound_share")
                     between = between_run_spread(entry["device"], workload)
@@ -230,6 +233,9 @@ def _vllm_sections(vllm: dict[str, dict], garbage: dict | None) -> list[str]:
                   "| scheme | workload | ratio | per-round range | noise | reading | BF16 / scheme ms per token "
                   "| bound | share of bound's gain | device |", "|---|---|---|---|---|---|---|---|---|---|", *speeds,
                   ""]  # fmt: skip
+        if untimed:
+            lines += [f"Timed at batch 1 only ({VLLM_BATCH_SCHEMES} names the schemes whose large-batch and image "
+                      f"workloads are timed; they are host-bound on an H200): {'; '.join(untimed)}.", ""]  # fmt: skip
     return lines
 
 

@@ -84,9 +84,11 @@ def nightly_steps(gpus: int) -> tuple[Step, ...]:
 
 
 # Prefill benchmarks at a compute-bound shape (docs/benchmarks.md); PyTorch decode (host-bound, eager and compiled)
-# timed for one scheme: vLLM's paired batch-1 runs time every scheme's decode (reports/profile-gpu-h200-nightly)
+# and vLLM's large-batch and image workloads (host-bound on an H200) timed for one scheme: vLLM's paired batch-1 runs
+# time every scheme's decode (reports/profile-gpu-h200-nightly)
 NIGHTLY_ENV = {"QUANTSUITE_BENCH_BATCH": "8", "QUANTSUITE_BENCH_PREFILL_TOKENS": "1024",
-               "QUANTSUITE_DECODE_SCHEMES": "fp8_modelopt_default"}  # fmt: skip
+               "QUANTSUITE_DECODE_SCHEMES": "fp8_modelopt_default",
+               "QUANTSUITE_VLLM_BATCH_SCHEMES": "fp8_modelopt_default"}  # fmt: skip
 
 
 def _pytest() -> list[str]:

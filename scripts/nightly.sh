@@ -27,6 +27,8 @@
 #                      real-FP8, and batch-1 pairs with BF16, eager and with CUDA graphs (default here
 #                      fp8_modelopt_default: eager decode is host-bound and each compiled pair compiles two whole
 #                      forwards; vLLM's paired runs time every scheme's decode); `all` or `none`
+#   QUANTSUITE_VLLM_BATCH_SCHEMES  the same for vLLM's large-batch and image-prompt workloads of the paired speed
+#                      runs (default here fp8_modelopt_default: host-bound on an H200; batch 1 is timed for every scheme)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 exec "${PYTHON:-python3}" -m quantsuite.steps nightly

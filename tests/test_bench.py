@@ -14,11 +14,12 @@ import pytest
 from quantsuite import PROJECT_ROOT
 from quantsuite.bench import (
     DECODE_SCHEMES,
+    VLLM_BATCH_SCHEMES,
     StaticCacheDecoder,
     compiled_fp8_support,
     decode_step,
-    decode_timed_schemes,
     fp8_matmul_support,
+    host_bound_schemes,
     pool_allocation_origins,
     prefill_step,
     slow_fp8_matmul,
@@ -53,7 +54,18 @@ def decode_schemes(pytestconfig, catalog) -> frozenset[str]:
     """The schemes whose PyTorch decode is timed ($QUANTSUITE_DECODE_SCHEMES; a bad value stops the run, saying
     what is accepted)."""
     try:
-        return decode_timed_schemes(os.environ, catalog, catalog.select(pytestconfig.getoption("--scheme")))
+        return host_bound_schemes(os.environ, catalog, catalog.select(pytestconfig.getoption("--scheme")))
+    except ValueError as error:
+        pytest.exit(str(error), returncode=pytest.ExitCode.USAGE_ERROR)
+
+
+@pytest.fixture(scope="session")
+def vllm_batch_schemes(pytestconfig, catalog) -> frozenset[str]:
+    """The schemes whose vLLM large-batch and image workloads are timed ($QUANTSUITE_VLLM_BATCH_SCHEMES; batch 1 is
+    timed for every scheme; a bad value stops the run, saying what is accepted)."""
+    try:
+        return host_bound_schemes(os.environ, catalog, catalog.select(pytestconfig.getoption("--scheme")),
+                                  VLLM_BATCH_SCHEMES)  # fmt: skip
     except ValueError as error:
         pytest.exit(str(error), returncode=pytest.ExitCode.USAGE_ERROR)
 
@@ -323,21 +335,27 @@ def test_cut_in_its_first_round(benchmark):
     ("default", ["top50"], {"fp8_modelopt_default"}),  # its BF16 decode would have nothing to be the baseline of
     (" fp8_modelopt_default , top50 ", ["top50"], {"fp8_modelopt_default", "fp8_autoquant_top50", "bf16"}),
 ])  # fmt: skip
-def test_decode_is_timed_for_the_schemes_named(catalog, value, selected, expected):
-    environ = {} if value is None else {DECODE_SCHEMES: value}
+@pytest.mark.parametrize("variable", [DECODE_SCHEMES, VLLM_BATCH_SCHEMES])
+def test_host_bound_figures_are_timed_for_the_schemes_named(catalog, variable, value, selected, expected):
+    environ = {} if value is None else {variable: value}
     everything = {scheme.name for scheme in catalog.schemes}
-    chosen = decode_timed_schemes(environ, catalog, catalog.select(selected))
+    chosen = host_bound_schemes(environ, catalog, catalog.select(selected), variable)
     assert chosen == (everything if expected == "every scheme" else expected)
+    other = VLLM_BATCH_SCHEMES if variable == DECODE_SCHEMES else DECODE_SCHEMES
+    assert host_bound_schemes(environ, catalog, catalog.select(selected), other) == everything  # the other list's own
 
 
-@pytest.mark.parametrize(("environ", "names"), [
-    ({DECODE_SCHEMES: "defualt"}, ["defualt", "accepted values are all, none", "fp8_modelopt_default (default)"]),
-    ({DECODE_SCHEMES: " , "}, ["accepted values are all, none or comma-separated scheme names"]),
-    ({"QUANTSUITE_COMPILED_DECODE_SCHEMES": "default"}, [f"set {DECODE_SCHEMES} instead"]),
+@pytest.mark.parametrize(("variable", "environ", "names"), [
+    (DECODE_SCHEMES, {DECODE_SCHEMES: "defualt"}, ["QUANTSUITE_DECODE_SCHEMES=defualt", "accepted values are all, none",
+                                                   "fp8_modelopt_default (default)"]),
+    (VLLM_BATCH_SCHEMES, {VLLM_BATCH_SCHEMES: "defualt"}, ["QUANTSUITE_VLLM_BATCH_SCHEMES=defualt",
+                                                           "fp8_modelopt_default (default)"]),
+    (DECODE_SCHEMES, {DECODE_SCHEMES: " , "}, ["accepted values are all, none or comma-separated scheme names"]),
+    (DECODE_SCHEMES, {"QUANTSUITE_COMPILED_DECODE_SCHEMES": "default"}, [f"set {DECODE_SCHEMES} instead"]),
 ])  # fmt: skip
-def test_a_bad_decode_scheme_list_names_the_fix(catalog, environ, names):
+def test_a_bad_scheme_list_names_the_fix(catalog, variable, environ, names):
     with pytest.raises(ValueError) as error:
-        decode_timed_schemes(environ, catalog, [])
+        host_bound_schemes(environ, catalog, [], variable)
     assert all(name in str(error.value) for name in names), str(error.value)
 
 
@@ -585,11 +603,12 @@ def test_autoquant_resolve_time(benchmark, workbench, scheme):
 
 @benchmark_test
 @pytest.mark.paired
-def test_vllm_speed(benchmark, workbench, scheme, vllm_python, vllm_service, export_dropped_after):
-    """vLLM throughput of each export against BF16, paired (alternating rounds on the same prompts): large-batch
-    output tokens/s and batch-1 decode ms/token, with the weight-bytes bound. Runs under xdist too (one scheme
-    and one engine pair per GPU); results go to reports/vllm/<model>/<scheme>.json (`speed`) and, without xdist,
-    to the benchmark JSON's extra_info."""
+def test_vllm_speed(benchmark, workbench, scheme, vllm_python, vllm_service, export_dropped_after, vllm_batch_schemes):
+    """vLLM throughput of each export against BF16, paired (alternating rounds on the same prompts): batch-1 decode
+    ms/token, with the weight-bytes bound, and for the schemes $QUANTSUITE_VLLM_BATCH_SCHEMES names (all unless set)
+    large-batch and image-prompt output tokens/s. Runs under xdist too (one scheme and one engine pair per GPU);
+    results go to reports/vllm/<model>/<scheme>.json (`speed`) and, without xdist, to the benchmark JSON's
+    extra_info."""
     from quantsuite.stages.vllm import VllmUnsupportedHere
     from quantsuite.vllm.service import vllm_version
 
@@ -607,7 +626,8 @@ def test_vllm_speed(benchmark, workbench, scheme, vllm_python, vllm_service, exp
         except VllmUnsupportedHere as error:
             pytest.skip(f"this machine cannot run it in vLLM: {error}")
         _info(benchmark, workbench, scheme.name, "vllm_paired", 0)
-        timed_rounds(benchmark, lambda: results.append(measure(rounds)), rounds=1)
+        batches = scheme.name in vllm_batch_schemes
+        timed_rounds(benchmark, lambda: results.append(measure(rounds, batches)), rounds=1)
     result = results[-1]
     benchmark.extra_info.update({"vllm_check": check, "vllm": vllm_version(vllm_python),
                                  "weight_bytes_bound": result["weight_bytes_bound"],

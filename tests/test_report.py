@@ -234,6 +234,12 @@ def test_speed_section_shows_ratio_bound_share_and_reading():
     assert row.split(" | ")[2:6] == ["1.100x", "1.080-1.120", "3.3%", "faster"]  # H200 batch 1: identical runs 3.3%
     assert "| 1.50x | 20% | NVIDIA H200 |" in row
     assert _vllm_cell({"run_id": "r", "speed": speed}) == "batch1:1.10x(bound 1.50x, faster)", "the schemes table"
+    assert not any("Timed at batch 1 only" in line for line in lines)
+    lines = _vllm_sections({"fp8_x": {"run_id": "r", "speed": speed | {"untimed_workloads": ["batch256", "images256"]}},
+                            "fp8_y": {"run_id": "r", "speed": speed}}, None)  # fmt: skip
+    said = [line for line in lines if line.startswith("Timed at batch 1 only")]
+    assert len(said) == 1 and said[0].endswith(": fp8_x (batch256, images256)."), lines
+    assert "QUANTSUITE_VLLM_BATCH_SCHEMES" in said[0]
 
 
 def test_solver_table_lists_every_auto_scheme(report_dir, workbench, catalog, request):

@@ -365,11 +365,12 @@ class VllmChecks:
                 kept.stack.close()
 
     @contextlib.contextmanager
-    def speed_session(self, scheme: SchemeSpec, service) -> Iterator[Callable[[int], dict]]:
+    def speed_session(self, scheme: SchemeSpec, service) -> Iterator[Callable[..., dict]]:
         """Everything a speed measurement of the scheme needs, ready before it starts: its engine and the BF16
         reference's (`engine`: kept, or loaded now), with the host-wide SPEED_LOCK held throughout (one measurement
         at a time per host: work beside the rounds moves the ratios, reports/bounds/README.md). Raises
-        VllmUnsupportedHere (this hardware) or RuntimeError (no load) on entry; yields `measure(rounds)`."""
+        VllmUnsupportedHere (this hardware) or RuntimeError (no load) on entry; yields `measure(rounds, batches=True)`
+        (`batches`: time the large-batch and image workloads too, `_measure`)."""
         with self.speed_engine(scheme, service, hold=True) as engine:
             if vllm_service.is_unsupported_here(engine.error):
                 raise VllmUnsupportedHere(f"{scheme.name}: {vllm_service.error_text(engine.error)}")
@@ -381,12 +382,13 @@ class VllmChecks:
             if baseline.error:
                 raise RuntimeError("the BF16 export does not load in vLLM for the speed runs: "
                                    f"{vllm_service.error_text(baseline.error)}")  # fmt: skip
-            yield lambda rounds: self._measure(scheme, engine, engine.options, baseline, rounds)
+            yield lambda rounds, batches=True: self._measure(scheme, engine, engine.options, baseline, rounds, batches)
 
-    def _measure(self, scheme: SchemeSpec, engine, options: dict, baseline, rounds: int) -> dict:
+    def _measure(self, scheme: SchemeSpec, engine, options: dict, baseline, rounds: int, batches: bool) -> dict:
         """Paired with the BF16 export's engine `baseline` (already open): per workload the median per-round
         ratio, the weight-bytes bound (BF16 checkpoint bytes / the scheme's) and the share of the bound's gain
-        realized, (ratio - 1) / (bound - 1). Never cached; merged into the scheme's reports/vllm JSON."""
+        realized, (ratio - 1) / (bound - 1); without `batches` batch 1 alone (vllm.speed.timed_workloads), the
+        others named under `untimed_workloads`. Never cached; merged into the scheme's reports/vllm JSON."""
         reference_bytes = self.exports.tensor_bytes(self.context.reference_scheme())
         scheme_bytes = self.exports.tensor_bytes(scheme)
         captions = [caption.text for caption in self.context.splits.evaluation]
@@ -394,9 +396,9 @@ class VllmChecks:
                         "checkpoint_bytes": scheme_bytes, "bf16_checkpoint_bytes": reference_bytes,
                         "weight_bytes_bound": reference_bytes / scheme_bytes}  # fmt: skip
         cuda = self.context.device.type == "cuda"
-        workloads = list(vllm_speed.workloads(self.context.tokenizer, captions, cuda))
-        if self.image_inputs:
-            workloads.append(vllm_speed.image_workload(self.image_inputs, cuda))
+        workloads, untimed = vllm_speed.timed_workloads(self.context.tokenizer, captions, self.image_inputs, cuda,
+                                                        batches)  # fmt: skip
+        result["untimed_workloads"] = untimed
         for workload in workloads:
             paired = vllm_speed.paired_speed(baseline, engine, workload, rounds)
             if paired.get("error"):

@@ -1,6 +1,6 @@
 """vLLM's speed as users see it: `paired_speed` runs BF16 and a scheme alternating round by round on the same
 prompts (CUDA graphs on a GPU), ratio = median of per-round ratios, over `workloads` (a batch and batch 1) and,
-where the data has images, `image_workload` (image prompts, prefill-heavy).
+where the data has images, `image_workload` (image prompts, prefill-heavy); `timed_workloads` picks which.
 """
 
 from __future__ import annotations
@@ -47,6 +47,18 @@ def image_workload(image_inputs: dict, cuda: bool) -> Workload:
     picks = [index % count for index in range(batch)]
     return Workload(f"images{batch}", tuple(tuple(image_inputs["sequences"][i]) for i in picks), new_tokens,
                     tuple(image_inputs["images"][i] for i in picks), image_inputs["image_token"])  # fmt: skip
+
+
+def timed_workloads(tokenizer, captions: list[str], image_inputs: dict | None, cuda: bool,
+                    batches: bool = True) -> tuple[list[Workload], list[str]]:  # fmt: skip
+    """(the workloads to time, the names of those left untimed): batch 1 always; the large batch and, where the data
+    has images, the image prompts only with `batches` (the schemes $QUANTSUITE_VLLM_BATCH_SCHEMES names:
+    quantsuite.bench.host_bound_schemes)."""
+    large, single = workloads(tokenizer, captions, cuda)
+    host_bound = [large, *([image_workload(image_inputs, cuda)] if image_inputs else [])]
+    if batches:
+        return [large, single, *host_bound[1:]], []
+    return [single], [workload.name for workload in host_bound]
 
 
 def paired_speed(baseline: Engine, candidate: Engine, workload: Workload, rounds: int) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from PIL import Image
 
 from quantsuite.vllm import worker
-from quantsuite.vllm.speed import image_workload
+from quantsuite.vllm.speed import image_workload, timed_workloads
 
 PAD = 7
 
@@ -73,3 +73,18 @@ def test_a_kept_baseline_engine_is_warmed_once_per_workload():
     log.clear()
     paired_speed(bf16, second, single, rounds=1)
     assert log == ["bf16", "b", "bf16", "b"]  # a workload new to both engines warms both
+
+
+def test_the_batch_and_image_workloads_are_timed_only_where_asked(tmp_path):
+    """Batch 1 (every scheme's decode speed) is always timed; the large batch and the image prompts, host-bound on an
+    H200, only for the schemes $QUANTSUITE_VLLM_BATCH_SCHEMES names, and the others' result says which it left out."""
+    def tokenizer(text):
+        return {"input_ids": [3, 4, 5]}
+
+    inputs = _image_inputs(tmp_path, 2)
+    timed, untimed = timed_workloads(tokenizer, ["a caption"], inputs, cuda=False)
+    assert ([w.name for w in timed], untimed) == (["batch8", "batch1", "images8"], [])
+    timed, untimed = timed_workloads(tokenizer, ["a caption"], inputs, cuda=True, batches=False)
+    assert ([w.name for w in timed], untimed) == (["batch1"], ["batch256", "images256"])
+    timed, untimed = timed_workloads(tokenizer, ["a caption"], None, cuda=False, batches=False)
+    assert ([w.name for w in timed], untimed) == (["batch1"], ["batch8"])
