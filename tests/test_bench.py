@@ -49,25 +49,25 @@ def _not_under_xdist(request):
         pytest.skip("benchmarks never run under pytest-xdist (workers share the CPU/GPU); run them with -p no:xdist")
 
 
-@pytest.fixture(scope="session")
-def decode_schemes(pytestconfig, catalog) -> frozenset[str]:
-    """The schemes whose PyTorch decode is timed ($QUANTSUITE_DECODE_SCHEMES; a bad value stops the run, saying
-    what is accepted)."""
+def _named_schemes(pytestconfig, catalog, variable: str) -> frozenset[str]:
+    """host_bound_schemes of `variable` for this run; a bad value stops the run, saying what is accepted."""
     try:
-        return host_bound_schemes(os.environ, catalog, catalog.select(pytestconfig.getoption("--scheme")))
+        return host_bound_schemes(os.environ, catalog, catalog.select(pytestconfig.getoption("--scheme")), variable)
     except ValueError as error:
         pytest.exit(str(error), returncode=pytest.ExitCode.USAGE_ERROR)
+
+
+@pytest.fixture(scope="session")
+def decode_schemes(pytestconfig, catalog) -> frozenset[str]:
+    """The schemes whose PyTorch decode is timed ($QUANTSUITE_DECODE_SCHEMES)."""
+    return _named_schemes(pytestconfig, catalog, DECODE_SCHEMES)
 
 
 @pytest.fixture(scope="session")
 def vllm_batch_schemes(pytestconfig, catalog) -> frozenset[str]:
     """The schemes whose vLLM large-batch and image workloads are timed ($QUANTSUITE_VLLM_BATCH_SCHEMES; batch 1 is
-    timed for every scheme; a bad value stops the run, saying what is accepted)."""
-    try:
-        return host_bound_schemes(os.environ, catalog, catalog.select(pytestconfig.getoption("--scheme")),
-                                  VLLM_BATCH_SCHEMES)  # fmt: skip
-    except ValueError as error:
-        pytest.exit(str(error), returncode=pytest.ExitCode.USAGE_ERROR)
+    timed for every scheme)."""
+    return _named_schemes(pytestconfig, catalog, VLLM_BATCH_SCHEMES)
 
 
 def _skip_unless_decode_timed(decode_schemes: frozenset[str], scheme) -> None:

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ from quantsuite.vllm.verdict import (
     model_free_verdict,
     teacher_forced,
 )
-from tests.vllm import alive
+from tests.vllm import left_running
 
 vllm = pytest.mark.vllm_compat  # xdist work units: quantsuite.plugin.collection.scheduling_group
 
@@ -167,9 +166,7 @@ def test_separate_engine_core_ends_with_its_engine(workbench, vllm_service):
         # MIN_SEQUENCE_TOKENS: shorter prompts crash vLLM's CPU attention (SIGILL); 4 tokens did on an AMX box
         timed = engine.call("timed", prompts=[list(range(1, MIN_SEQUENCE_TOKENS + 4))], max_tokens=4)
         assert timed.get("output_tokens") == 4, timed
-    deadline = time.monotonic() + 10  # an orphan leaves the server's tree, so the pids seen above are followed
-    while (left := [pid for pid in running if alive(pid)]) and time.monotonic() < deadline:
-        time.sleep(0.5)
+    left = left_running(running)  # an orphan leaves the server's tree, so the pids seen above are followed
     assert left == [], f"left running after the engine closed: {left}"
 
 

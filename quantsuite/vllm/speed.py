@@ -55,10 +55,10 @@ def timed_workloads(tokenizer, captions: list[str], image_inputs: dict | None, c
     has images, the image prompts only with `batches` (the schemes $QUANTSUITE_VLLM_BATCH_SCHEMES names:
     quantsuite.bench.host_bound_schemes)."""
     large, single = workloads(tokenizer, captions, cuda)
-    host_bound = [large, *([image_workload(image_inputs, cuda)] if image_inputs else [])]
+    images = [image_workload(image_inputs, cuda)] if image_inputs else []
     if batches:
-        return [large, single, *host_bound[1:]], []
-    return [single], [workload.name for workload in host_bound]
+        return [large, single, *images], []
+    return [single], [workload.name for workload in (large, *images)]
 
 
 def paired_speed(baseline: Engine, candidate: Engine, workload: Workload, rounds: int) -> dict:

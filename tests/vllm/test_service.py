@@ -16,7 +16,7 @@ import pytest
 
 import quantsuite
 from quantsuite.vllm import service
-from tests.vllm import alive
+from tests.vllm import alive, left_running
 
 
 @pytest.mark.parametrize(("cpu_build", "ours", "users", "expected"), [
@@ -62,13 +62,6 @@ class LLM:  # vLLM's engine starting its separate engine core, then loading for 
 """
 
 
-def still_alive_after(pid: int, seconds: float = 10.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return alive(pid)
-
-
 @pytest.fixture
 def loading_server(tmp_path, monkeypatch):
     """A real server (worker.py serve) on the stand-in vLLM, with an engine whose open the suite gave up while its
@@ -105,7 +98,7 @@ def test_a_server_closed_during_an_open_ends_the_engine_core(loading_server):
     started end with the server (run gpu-40 found such a core still holding 43.5 GiB of the H200, 9 minutes on)."""
     server, core = loading_server
     server.close()
-    assert not still_alive_after(core)
+    assert left_running([core]) == []
 
 
 def test_a_server_whose_suite_process_is_gone_ends_the_engine_core(loading_server):
@@ -113,7 +106,7 @@ def test_a_server_whose_suite_process_is_gone_ends_the_engine_core(loading_serve
     server, core = loading_server
     server.process.stdin.close()
     server.process.wait(timeout=30)
-    assert not still_alive_after(core)
+    assert left_running([core]) == []
 
 
 def test_a_server_that_died_leaves_no_engine_core_after_close(loading_server):
@@ -123,4 +116,4 @@ def test_a_server_that_died_leaves_no_engine_core_after_close(loading_server):
     server.process.wait(timeout=30)
     assert alive(core)
     server.close()
-    assert not still_alive_after(core)
+    assert left_running([core]) == []
