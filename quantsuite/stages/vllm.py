@@ -319,18 +319,18 @@ class VllmChecks:
                     stack.enter_context(lock)  # re-entered (same lock object): held until the stack closes
             yield engine
 
-    def load_options(self) -> dict:
+    def load_options(self, fit_memory: bool = True) -> dict:
         """The arguments of every engine that loads an export (vllm.service.engine_options), as users run vLLM (CUDA
-        graphs, the engine core in its own process on a GPU), with one image per prompt where the data has images."""
-        options = vllm_service.engine_options(self.context.device, "speed", share=self.engine_share)
+        graphs, the engine core in its own process on a GPU), with one image per prompt where the data has images.
+        `fit_memory`: with the GPU share fitted to what is free now (only just before the engine opens)."""
+        options = vllm_service.engine_options(self.context.device, "speed", self.engine_share, fit_memory)
         return options | ({"images_per_prompt": 1} if self.image_inputs else {})
 
     def engine(self, service, export_dir: Path, patch: bool):
         """The engine of `export_dir` with `load_options` (and the CPU build's compatibility patch where `patch`):
         the kept one when it still runs in this service, else loaded now and kept in its role's place (the BF16
         reference's, or the scheme's, whose engine it closes first). An engine that did not load is not kept."""
-        options = self.load_options()
-        settings = {key: value for key, value in options.items() if key != "gpu_memory_utilization"}  # fitted anew
+        settings = self.load_options(fit_memory=False)  # which engine; what is free is not asked before it must be
         wanted = (str(export_dir), json.dumps(settings, sort_keys=True), patch)
         reference_key = self.exports.export_key(self.context.reference_scheme())
         role = "reference" if Path(export_dir).name == reference_key else "scheme"
@@ -341,6 +341,7 @@ class VllmChecks:
             return kept.engine
         self.close_engines(role)
         self.context.release()  # the engine gets the device: nothing of ours stays on it
+        options = self.load_options()  # fitted now: the engine it replaces and our models have freed their memory
         stack = contextlib.ExitStack()
         engine = stack.enter_context(service.engine(export_dir, options, patch))
         if engine.error:

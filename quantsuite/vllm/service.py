@@ -258,17 +258,20 @@ def memory_utilization(device: torch.device, share: float = 0.85, reserve_gib: f
 CPU_KV_CACHE_BYTES = 256 * 2**20
 
 
-def engine_options(device: torch.device, purpose: str, share: float = 0.85) -> dict:
+def engine_options(device: torch.device, purpose: str, share: float = 0.85, fit_memory: bool = True) -> dict:
     """Engine arguments per backend: `check` (eager, small, engine core inside the engine process) or `speed`
     on a GPU as users run vLLM: CUDA graphs, and the engine core in a process of its own (vLLM's default; the
-    worker pops `separate_engine_core`). Measured on an H200 with the core inside the engine process, batch-256
+    worker pops `separate_engine_core`). `fit_memory`: on a GPU, add the `gpu_memory_utilization` that fits what is
+    free now (`memory_utilization`); ask for it only when the engine is about to open, after whatever it replaces
+    has freed the device. Measured on an H200 with the core inside the engine process, batch-256
     BF16 output tokens/s moved 12.6k-24.1k between rounds: host-bound, scheduling serialized with the GPU work.
     The CPU build keeps it inside (its spawned processes would lack quantsuite's opt-in compatibility patch)."""
     options: dict = {"max_model_len": 512, "enforce_eager": True}
     if device.type == "cpu":  # KV cache for 64 prompts of 64 tokens of a 7B model; each engine allocates (zeroes) it
         options["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
     if device.type == "cuda":
-        options["gpu_memory_utilization"] = memory_utilization(device, share)
+        if fit_memory:
+            options["gpu_memory_utilization"] = memory_utilization(device, share)
         if purpose == "speed":
             graphs = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY", "cudagraph_capture_sizes": CUDA_GRAPH_SIZES}
             options |= {"enforce_eager": False, "max_num_seqs": 256, "compilation_config": graphs,

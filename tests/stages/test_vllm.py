@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from quantsuite.vllm.service import is_unsupported_here
 
@@ -72,3 +75,70 @@ def test_the_pytorch_reference_is_built_once_per_export_and_read_back_exactly(wo
     again = workbench.vllm.reference(export_dir, key)
     assert reference_events()[len(before) :] == [before[-1].replace("built", "reused").split(" in ")[0]]
     assert again == cached == workbench.vllm.reference(export_dir)  # no key: computed afresh, not cached
+
+
+GIB = 2**30
+
+
+class _Card:
+    """An 80 GiB GPU (an H100) as `torch.cuda.mem_get_info` reports it: each open engine holds the share of the card
+    it was given, this process its models and activations until `release`."""
+
+    total = 80 * GIB
+
+    def __init__(self, models: int) -> None:
+        self.engines: dict[str, float] = {}
+        self.models = models
+
+    def mem_get_info(self, device=None) -> tuple[int, int]:
+        return int(self.total - sum(self.engines.values()) - self.models), self.total
+
+
+class _CardService:
+    """Stands in for VllmService on a `_Card`: an engine holds its `gpu_memory_utilization` until it closes."""
+
+    python, log_path, starts = Path("/nonexistent/python"), Path("/nonexistent/log"), 1
+    process = SimpleNamespace(poll=lambda: None)  # a server that runs
+
+    def __init__(self, card: _Card) -> None:
+        self.card, self.opened = card, []
+
+    @contextlib.contextmanager
+    def engine(self, export_dir, options, patch=False):
+        name = Path(export_dir).name
+        self.opened.append((name, options["gpu_memory_utilization"]))
+        self.card.engines[name] = options["gpu_memory_utilization"] * self.card.total
+        try:
+            yield SimpleNamespace(error=None, opened={"loaded": True}, options=options)
+        finally:
+            del self.card.engines[name]
+
+
+def test_an_engine_is_fitted_to_the_card_once_what_it_replaces_has_freed_it(workbench, monkeypatch, tmp_path):
+    """On an 80 GiB H100 (run gpu-41) a scheme's verdict failed with "only 7.8 GiB free": its engine, kept from the
+    speed pair, was to be reused, but the engine's GPU share was fitted first, with both kept engines (0.3 of the
+    card each) and this process's models still on the card. The share is fitted only when an engine opens, after
+    the engine it replaces has closed and the models are released, so each engine gets the share it asks for."""
+    from quantsuite.stages.vllm import VllmChecks
+
+    card = _Card(models=40 * GIB)
+    service = _CardService(card)
+    context = workbench.context
+    reference = tmp_path / workbench.exports.export_key(context.reference_scheme())
+    exports = SimpleNamespace(export_key=lambda scheme: reference.name)  # keyed on the CPU: no CUDA here to name
+    monkeypatch.setattr(context, "device", torch.device("cuda"))
+    monkeypatch.setattr(context, "release", lambda: setattr(card, "models", 0))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", card.mem_get_info)
+    checks = VllmChecks(context, workbench.schemes, exports, engine_share=0.3)
+    first, second = tmp_path / "first-scheme", tmp_path / "second-scheme"
+
+    def engine_with_models_loaded(export_dir: Path):  # a PyTorch reference or benchmark ran before each load
+        card.models = 40 * GIB
+        return checks.engine(service, export_dir, patch=False)
+
+    for export_dir in (reference, first, first, second):  # first twice: its speed pair's engine serves its verdict
+        assert not engine_with_models_loaded(export_dir).error
+    assert service.opened == [(reference.name, 0.3), (first.name, 0.3), (second.name, 0.3)]
+    assert sorted(card.engines) == sorted([reference.name, second.name])  # the first scheme's closed for the second
+    checks.close_engines()
+    assert card.engines == {}
