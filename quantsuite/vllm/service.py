@@ -251,7 +251,10 @@ def memory_utilization(device: torch.device, share: float = 0.85, reserve_gib: f
     free, total = torch.cuda.mem_get_info(device)
     fitted = (free - reserve_gib * 2**30) / total
     if fitted < 0.1:
-        raise MemoryError(f"only {free / 2**30:.1f} GiB free on {device}: not enough for a vLLM engine")
+        ours = torch.cuda.memory_reserved(device)
+        raise MemoryError(f"only {free / 2**30:.1f} of {total / 2**30:.1f} GiB free on {device}: not enough for a "
+                          f"vLLM engine (this process holds {ours / 2**30:.1f} GiB; the rest is other processes': "
+                          "open vLLM engines, other workers; nvidia-smi lists them)")  # fmt: skip
     return round(min(share, fitted), 3)
 
 

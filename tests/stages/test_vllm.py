@@ -142,3 +142,15 @@ def test_an_engine_is_fitted_to_the_card_once_what_it_replaces_has_freed_it(work
     assert sorted(card.engines) == sorted([reference.name, second.name])  # the first scheme's closed for the second
     checks.close_engines()
     assert card.engines == {}
+
+
+def test_a_card_too_full_for_an_engine_says_who_holds_it(monkeypatch):
+    """gpu-41's failure read "only 7.8 GiB free": not whose memory it was. The error names this process's share."""
+    from quantsuite.vllm.service import memory_utilization
+
+    card = _Card(models=50 * GIB)
+    card.engines["kept"] = 24 * GIB
+    monkeypatch.setattr(torch.cuda, "mem_get_info", card.mem_get_info)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: card.models)
+    with pytest.raises(MemoryError, match=r"only 6\.0 of 80\.0 GiB free .*this process holds 50\.0 GiB"):
+        memory_utilization(torch.device("cuda"), 0.3)
