@@ -167,7 +167,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             items[:] = keep
     _keep_shard(config, items, names_by_key)
     items[:] = scheme_major_order(items, lambda item: next(iter(schemes_named(item.nodeid, names_by_key)), None),
-                                  lambda item: item.get_closest_marker("scheme_first") is not None)
+                                  lambda item: item.get_closest_marker("scheme_first") is not None,
+                                  lambda item: "vllm_service" in getattr(item, "fixturenames", ()))  # fmt: skip
     config.stash[WANT_REPORT] = any(m.name in STAGE_MARKERS for item in items for m in item.iter_markers())
 
 
@@ -177,24 +178,30 @@ def scheme_of(item: pytest.Item):
     return spec.params.get("scheme") if spec else None
 
 
-def scheme_major_order(items: list, scheme_of, first=lambda item: False) -> list:
+def scheme_major_order(items: list, scheme_of, first=lambda item: False, last=lambda item: False) -> list:
     """Each scheme's tests moved up to its first test, so they run together (in their order, except those `first`
-    picks: a test marked `scheme_first` leads its scheme's tests); tests of no scheme keep their places, and each
+    picks, which lead, and those `last` picks, which end them: a test marked `scheme_first` leads its scheme's
+    tests, and those that use vLLM end them); tests of no scheme keep their places, and each
     scheme's tests stay where its first one was, which keeps the xdist work units in the same order. pytest orders
     by the session-scoped parameters, `vllm_check` as much as `scheme`, so a scheme's cuda verdict used to run after
     every other scheme's tests, when --drop-exports had deleted its export: on one H200 (run gpu-18) the nightly
     built top50's export three times and the other schemes' twice. The export benchmark leads (`scheme_first`) so
     that the build it times is the scheme's only one (after the drift tests of tests/stages/ had built the export,
     it built it again: run gpu-33), and the fake-quant benchmarks follow it while its fake-quant model is held
-    (after the vLLM checks had freed it, it was calibrated again).
+    (after the vLLM checks had freed it, it was calibrated again). The tests that use vLLM come after the scheme's
+    PyTorch work: a speed pair and a verdict keep two engines open (the BF16 reference's and the scheme's), and
+    before this the scheme's PyTorch benchmarks ran beside both, which an 80 GiB card may not hold at 7B
+    (reports/profile-gpu-h200-nightly/, run gpu-41); now they run beside the BF16 reference's engine alone.
 
     >>> scheme_major_order(["a1", "x", "b1", "a2", "y"], lambda item: item[0] if item[1:] else None)
     ['a1', 'a2', 'x', 'b1', 'y']
     >>> scheme_major_order(["a1", "x", "a2*"], lambda item: item[0] if item[1:] else None, lambda i: "*" in i)
     ['a2*', 'a1', 'x']
+    >>> scheme_major_order(["a1v", "a2", "a3*"], lambda item: item[0], lambda i: "*" in i, lambda i: "v" in i)
+    ['a3*', 'a2', 'a1v']
     """
     groups: dict = {}
     for index, item in enumerate(items):
         scheme = scheme_of(item)
         groups.setdefault(index if scheme is None else f"scheme:{scheme}", []).append(item)
-    return [item for group in groups.values() for item in sorted(group, key=lambda item: not first(item))]
+    return [item for group in groups.values() for item in sorted(group, key=lambda item: (not first(item), last(item)))]

@@ -68,6 +68,21 @@ def test_the_export_benchmark_leads_its_scheme_then_the_fake_quant_ones():
     assert "test_cached_drift_touches_no_export[fp8_autoquant_top50]" in names[3:]
 
 
+def test_a_schemes_vllm_tests_end_it_after_its_pytorch_work():
+    """A scheme's speed pair and verdict keep two vLLM engines open (the BF16 reference's and the scheme's); its
+    PyTorch benchmarks ran beside both, between the speed pair and the verdict. The tests that use vLLM now end the
+    scheme, in their own order (the speed pair, whose engine the CPU build's patched check reuses, then the checks),
+    so the PyTorch work runs beside the BF16 reference's engine alone."""
+    from tests.plugin.test_options import collections
+
+    (tests,) = collections(("-m", "per_scheme and (autoquant or drift or export or vllm_compat or benchmark)",
+                            "--scheme=top50"))  # fmt: skip
+    names = [test.rpartition("::")[2].partition("[")[0] for test in tests]
+    uses_vllm = [name for name in names if name in ("test_vllm", "test_vllm_speed")]
+    assert len(uses_vllm) == 5 and names[-5:] == ["test_vllm_speed"] + ["test_vllm"] * 4, names
+    assert {"test_real_fp8_paired", "test_drift_within_bounds", "test_export_matches_manifest"} <= set(names[:-5])
+
+
 def test_shards_split_the_run_into_whole_schemes_the_same_in_every_step():
     """--scheme keeps a test only when every scheme it builds is selected (named in its parameters or its
     `uses_schemes` marks). --shard K/N: the shards together run every test once; each scheme's tests (by name or
