@@ -68,19 +68,21 @@ def test_the_export_benchmark_leads_its_scheme_then_the_fake_quant_ones():
     assert "test_cached_drift_touches_no_export[fp8_autoquant_top50]" in names[3:]
 
 
-def test_a_schemes_vllm_tests_end_it_after_its_pytorch_work():
+def test_a_schemes_vllm_tests_end_it_after_its_pytorch_work(pytestconfig):
     """A scheme's speed pair and verdict keep two vLLM engines open (the BF16 reference's and the scheme's); its
     PyTorch benchmarks ran beside both, between the speed pair and the verdict. The tests that use vLLM now end the
     scheme, in their own order (the speed pair, whose engine the CPU build's patched check reuses, then the checks),
     so the PyTorch work runs beside the BF16 reference's engine alone."""
+    from quantsuite.plugin.collection import vllm_checks
     from tests.plugin.test_options import collections
 
     (tests,) = collections(("-m", "per_scheme and (autoquant or drift or export or vllm_compat or benchmark)",
                             "--scheme=top50"))  # fmt: skip
     names = [test.rpartition("::")[2].partition("[")[0] for test in tests]
-    uses_vllm = [name for name in names if name in ("test_vllm", "test_vllm_speed")]
-    assert len(uses_vllm) == 5 and names[-5:] == ["test_vllm_speed"] + ["test_vllm"] * 4, names
-    assert {"test_real_fp8_paired", "test_drift_within_bounds", "test_export_matches_manifest"} <= set(names[:-5])
+    checks = len(vllm_checks(pytestconfig))  # model_free and the loads this machine's vLLM can run
+    assert names[-1 - checks :] == ["test_vllm_speed"] + ["test_vllm"] * checks, names
+    pytorch_work = {"test_real_fp8_paired", "test_drift_within_bounds", "test_export_matches_manifest"}
+    assert pytorch_work <= set(names[: -1 - checks])
 
 
 def test_shards_split_the_run_into_whole_schemes_the_same_in_every_step():
