@@ -149,8 +149,7 @@ class VllmChecks:
             if export_key is not None and reference_dir is None:
                 engine = self.engine(service, export_dir, patch)
             else:
-                self.context.release()  # the engine gets the device: nothing of ours stays on it
-                engine = stack.enter_context(service.engine(export_dir, self.load_options(), patch))
+                engine = stack.enter_context(self._open(service, export_dir, patch))
             result = {key: engine.opened.get(key) for key in ("loaded", "error", "kernels", "patches",
                                                                "load_seconds", "vllm_version")}  # fmt: skip
             result["options"] = engine.options
@@ -339,16 +338,20 @@ class VllmChecks:
             del self._kept[role]  # another service, or its server ended (a restart): that engine is gone with it
         elif kept is not None and kept.wanted == wanted:
             return kept.engine
-        self.close_engines(role)
-        self.context.release()  # the engine gets the device: nothing of ours stays on it
-        options = self.load_options()  # fitted now: the engine it replaces and our models have freed their memory
+        self.close_engines(role)  # first: its memory is free when the new engine's share is fitted
         stack = contextlib.ExitStack()
-        engine = stack.enter_context(service.engine(export_dir, options, patch))
+        engine = stack.enter_context(self._open(service, export_dir, patch))
         if engine.error:
             stack.close()
         else:
             self._kept[role] = KeptEngine(_server(service), wanted, stack, engine)
         return engine
+
+    def _open(self, service, export_dir: Path, patch: bool):
+        """`service.engine` of `export_dir` (a context manager): this process's models released first, then the
+        engine's GPU share fitted to what is free (`load_options`), so the fit counts none of our memory."""
+        self.context.release()  # the engine gets the device: nothing of ours stays on it
+        return service.engine(export_dir, self.load_options(), patch)
 
     @contextlib.contextmanager
     def engines_closed(self) -> Iterator[None]:
