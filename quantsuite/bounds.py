@@ -36,6 +36,9 @@ LOOSER = {"max": max, "min": min}  # the looser of two bounds of a figure of tha
 # the environment variables that choose a CPU's kernels (ATen's dispatch, oneDNN's and MKL's ISA limits): records
 # are measured under several (quantsuite.measure_bounds), and cache keys include those in force (stages.context)
 CPU_KERNEL_ENV_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+# CPU features under one ATen capability (AVX512) that give oneDNN's BF16 GEMMs other kernels: an AVX-512 BF16 box
+# and an AMX one compute different figures (reports/bounds/README.md, 2026-12-05)
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile")
 # the GPU's: cuBLAS's workspace (none: no split-K algorithms), cuBLASLt preferred for GEMMs, TF32 off (convolutions)
 CUDA_KERNEL_ENV_VARS = ("CUBLAS_WORKSPACE_CONFIG", "TORCH_BLAS_PREFER_CUBLASLT", "NVIDIA_TF32_OVERRIDE")
 KERNEL_ENV_VARS = CPU_KERNEL_ENV_VARS + CUDA_KERNEL_ENV_VARS
@@ -133,6 +136,13 @@ class BoundsRecord(Strict):
         return {int(condition.rpartition("seed=")[2]) for condition in self.conditions}
 
 
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (Linux /proc/cpuinfo; none elsewhere)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    text = cpuinfo.read_text() if cpuinfo.is_file() else ""
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.partition(":")[2].split()}
+
+
 def record_path(model_tag: str, device_class: str = "cpu", directory: Path = BOUNDS_DIR) -> Path:
     """<model>.json on CPU, <model>.cuda-sm90.json for GPUs of compute capability 9.0."""
     suffix = "" if device_class == "cpu" else "." + device_class.replace(" ", "-").replace("_", "")
@@ -160,12 +170,16 @@ def has_figure(measurement: dict, figure: str) -> bool:
     return True
 
 
-def resolution(measurement: dict, figure: str) -> float:
-    """The smallest step a figure can take: one token of an agreement, one weight of a code share, 0 for a KL."""
-    if figure.endswith("top1_agreement"):
-        return 1.0 / figure_value(measurement, figure.rpartition(".")[0] + ".tokens")
-    if figure.endswith("differing_code_share"):
-        return 1.0 / max(measurement["export_fidelity"]["quantized_weights"], 1)
+def resolution(measurement: dict, figure: str) -> float | None:
+    """The smallest step a figure can take: one token of an agreement, one weight of a code share, 0 for a KL; None
+    where the measurement lacks the count (a recorded value standing in for a run, measure_bounds.filled)."""
+    try:
+        if figure.endswith("top1_agreement"):
+            return 1.0 / figure_value(measurement, figure.rpartition(".")[0] + ".tokens")
+        if figure.endswith("differing_code_share"):
+            return 1.0 / max(measurement["export_fidelity"]["quantized_weights"], 1)
+    except KeyError:
+        return None
     return 0.0
 
 
@@ -195,7 +209,7 @@ def derive(figure: str, runs: dict[tuple[str, int], dict], k: float = K_SIGMA) -
         return FigureBound(kind=kind, values=values, sigma_within=0.0, sigma_kernels=0.0, sigma_seeds=0.0,
                            seed_bounds=dict.fromkeys(seeds_seen, identity), any_seed=identity,
                            catches="any drift (exact in every run)")  # fmt: skip
-    quantum = max(resolution(m, figure) for m in runs.values())
+    quantum = max((step for m in runs.values() if (step := resolution(m, figure)) is not None), default=0.0)
     at_seed_zero = [figure_value(m, figure) for (_, seed), m in runs.items() if seed == 0]
     # one run of numerics at seed 0 (a GPU record without --repeats) has no spread of its own: its within-run
     # standard error stands in, so that no bound sits exactly on the value it was measured at

