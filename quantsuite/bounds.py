@@ -16,8 +16,10 @@ Records: reports/bounds/<model>.json (CPU), <model>.cuda-sm90.json (GPUs of comp
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import platform
 import statistics
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -136,11 +138,22 @@ class BoundsRecord(Strict):
         return {int(condition.rpartition("seed=")[2]) for condition in self.conditions}
 
 
-def cpu_flags() -> set[str]:
-    """This CPU's feature flags (Linux /proc/cpuinfo; none elsewhere)."""
+@functools.cache
+def _cpuinfo(field: str) -> str:
+    """The first value of `field` in /proc/cpuinfo (Linux; "" elsewhere or where it lacks the field)."""
     cpuinfo = Path("/proc/cpuinfo")
-    text = cpuinfo.read_text() if cpuinfo.is_file() else ""
-    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.partition(":")[2].split()}
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    return next((line.partition(":")[2].strip() for line in lines if line.split(":")[0].strip() == field), "")
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (/proc/cpuinfo; none where it has none)."""
+    return set(_cpuinfo("flags").split())
+
+
+def cpu_model() -> str:
+    """This CPU's model name (/proc/cpuinfo, else the machine type), with AMX named where it has the tiles."""
+    return (_cpuinfo("model name") or platform.machine()) + (" with AMX" if "amx_tile" in cpu_flags() else "")
 
 
 def record_path(model_tag: str, device_class: str = "cpu", directory: Path = BOUNDS_DIR) -> Path:

@@ -40,6 +40,7 @@ from quantsuite.bounds import (
     KERNEL_ENV_VARS,
     BoundsRecord,
     cpu_flags,
+    cpu_model,
     derive,
     figure_value,
     has_figure,
@@ -279,14 +280,6 @@ def _measurement(figure: str, value: float, se_figure: str | None, se: float) ->
     return measurement
 
 
-def _cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo), with AMX named where it has the tiles (CPU_NEEDS)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
-    name = next((line.partition(":")[2].strip() for line in lines if line.startswith("model name")), platform.machine())
-    return name + (" with AMX" if "amx_tile" in cpu_flags() else "")
-
-
 def machine(device: str, vllm_python: Path | None) -> dict[str, str]:
     """Where this process measures: date, CPU and its kernel set, GPU, package and vLLM versions."""
     import torch
@@ -297,7 +290,7 @@ def machine(device: str, vllm_python: Path | None) -> dict[str, str]:
         "date": time.strftime("%Y-%m-%d"),
         "cpu": platform.processor() or platform.machine(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "versions": json.dumps(package_versions()),
     }
     if device == "cuda":
