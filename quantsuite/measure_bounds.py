@@ -233,10 +233,10 @@ def filled(existing: BoundsRecord | None, measured: dict[tuple[str, int, int], d
         raise SystemExit(f"--fill: {', '.join(alien)} not among the conditions of {path} "
                          f"({', '.join(existing.conditions)}); --fill measures a record's own conditions, or a "
                          "kernel set it lacks at seed 0 (not native)")  # fmt: skip
-    versions = machine("cpu" if existing.device == "cpu" else "cuda", None)["versions"]
-    if versions != existing.measured.get("versions"):
+    info = machine("cpu" if existing.device == "cpu" else "cuda", None)
+    if info["versions"] != existing.measured.get("versions"):
         raise SystemExit(f"--fill: {path} was measured with {existing.measured.get('versions')}, this environment "
-                         f"has {versions}; measure the whole record again (without --fill)")  # fmt: skip
+                         f"has {info['versions']}; measure the whole record again (without --fill)")  # fmt: skip
     schemes, lines = {}, []
     for scheme, figures in existing.schemes.items():
         schemes[scheme] = dict(figures)
@@ -253,7 +253,6 @@ def filled(existing: BoundsRecord | None, measured: dict[tuple[str, int, int], d
             values = ", ".join(f"{name} {figure_value(m, figure):.4g}" for name, (_, m) in new.items())
             lines.append(f"{scheme} {figure}: {values}; seed-0 bound {bound.seed_bounds.get(0, math.nan):.4g} -> "
                          f"{schemes[scheme][figure].seed_bounds.get(0, math.nan):.4g}")  # fmt: skip
-    info = machine("cpu" if existing.device == "cpu" else "cuda", None)
     when = f"{info['date']} on {info['cpu_model']} ({info['cpu_capability']} native): {len(lines)} figures"
     when = "; ".join(filter(None, (existing.measured.get("filled"), when)))
     record = existing.model_copy(update={"schemes": schemes, "measured": existing.measured | {"filled": when},
