@@ -248,6 +248,25 @@ def test_garbage_load_is_not_called_compatible(tmp_path, workbench, catalog, vll
     assert not decision.compatible, decision.text
 
 
+def _assert_planted_fault_caught(workbench, top50, control: str, part: str, result: dict, floor: float, decision,
+                                 own) -> None:  # fmt: skip
+    """The end of a planted-fault test of top50's verdict on `part` ("teacher_forced" or "images"): publish the
+    control, then top50's own result must pass, the fault must sit at least 1.5x further from the floor, and the
+    verdict must call it incompatible. Without a recorded bound (NOISE_FACTOR) that last step xfails, naming the
+    blind spot."""
+    workbench.vllm.publish_control(control, {
+        part: result[part], "floor": floor, "error_ratio": decision.error_ratio,
+        "own_error_ratio": own.error_ratio, "bound": decision.bound})  # fmt: skip
+    assert own.compatible, own.text
+    assert decision.error_ratio >= 1.5 * own.error_ratio, (decision.error_ratio, own.error_ratio)
+    _, source = workbench.vllm.bound(top50, part=part)
+    if decision.compatible and source.startswith("NOISE_FACTOR"):
+        what = "image bound" if part == "images" else "bound"
+        pytest.xfail(f"blind spot without a recorded {what}: {decision.error_ratio:.1f}x the floor (top50's own "
+                     f"{own.error_ratio:.2f}x) is inside {NOISE_FACTOR:g}x")  # fmt: skip
+    assert not decision.compatible, decision.text
+
+
 @pytest.mark.uses_schemes("top50")
 @vllm
 def test_image_prompts_judged_against_1d_positions_fail(workbench, catalog, vllm_python, vllm_service, top50_export,
@@ -272,16 +291,8 @@ def test_image_prompts_judged_against_1d_positions_fail(workbench, catalog, vllm
     result = workbench.vllm.run(vllm_service, export_dir, check)  # reference computed afresh
     assert result.get("loaded"), result.get("error")
     decision, floor = workbench.vllm.decide(top50, result["images"], check, vllm_service, part="images")
-    workbench.vllm.publish_control("image_reference_with_1d_positions", {
-        "images": result["images"], "floor": floor, "error_ratio": decision.error_ratio,
-        "own_error_ratio": own.error_ratio, "bound": decision.bound})  # fmt: skip
-    assert own.compatible, own.text
-    assert decision.error_ratio >= 1.5 * own.error_ratio, (decision.error_ratio, own.error_ratio)
-    _, source = workbench.vllm.bound(top50, part="images")
-    if decision.compatible and source.startswith("NOISE_FACTOR"):
-        pytest.xfail(f"blind spot without a recorded image bound: {decision.error_ratio:.1f}x the image floor "
-                     f"(top50's own {own.error_ratio:.2f}x) is inside {NOISE_FACTOR:g}x")  # fmt: skip
-    assert not decision.compatible, decision.text
+    _assert_planted_fault_caught(workbench, top50, "image_reference_with_1d_positions", "images", result, floor,
+                                 decision, own)  # fmt: skip
 
 
 @pytest.mark.uses_schemes("top50")
@@ -302,16 +313,8 @@ def test_a_verdict_fed_another_exports_reference(workbench, catalog, vllm_python
     decision, floor = workbench.vllm.decide(top50, result["teacher_forced"], check, vllm_service)
     own, _ = workbench.vllm.decide(top50, workbench.vllm.check(top50, check, vllm_service)["teacher_forced"], check,
                                    vllm_service)  # fmt: skip
-    workbench.vllm.publish_control(f"wrong_reference_{reference}", {
-        "teacher_forced": result["teacher_forced"], "floor": floor, "error_ratio": decision.error_ratio,
-        "own_error_ratio": own.error_ratio, "bound": decision.bound})  # fmt: skip
-    assert own.compatible, own.text
-    assert decision.error_ratio >= 1.5 * own.error_ratio, (decision.error_ratio, own.error_ratio)
-    _, source = workbench.vllm.bound(top50)
-    if decision.compatible and source.startswith("NOISE_FACTOR"):
-        pytest.xfail(f"blind spot without a recorded bound: {decision.error_ratio:.1f}x the floor (top50's own "
-                     f"{own.error_ratio:.2f}x) is inside {NOISE_FACTOR:g}x")  # fmt: skip
-    assert not decision.compatible, decision.text
+    _assert_planted_fault_caught(workbench, top50, f"wrong_reference_{reference}", "teacher_forced", result, floor,
+                                 decision, own)  # fmt: skip
 
 
 @pytest.mark.uses_schemes("top50")
