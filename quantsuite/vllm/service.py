@@ -91,8 +91,9 @@ def is_transient(error: dict | None) -> bool:
 
 def is_unsupported_here(error: dict | None) -> bool:
     """An error that says this machine cannot run the check, not that the export is wrong: an ISA the CPU build
-    requires, or vLLM's inductor-compiled CPU ops failing under ATen's scalar kernel set (ATEN_CPU_CAPABILITY=default,
-    which vLLM inherits; reports/bounds/README.md)."""
+    requires, or its AMX kernels refused under a forced kernel set (UNSUPPORTED_HERE_PATTERNS), or vLLM's
+    inductor-compiled CPU ops failing under ATen's scalar kernel set (ATEN_CPU_CAPABILITY=default, which vLLM
+    inherits; reports/bounds/README.md)."""
     if not error:
         return False
     if re.search(UNSUPPORTED_HERE_PATTERNS, str(error.get("key_line"))):
