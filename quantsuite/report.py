@@ -658,43 +658,44 @@ def _plot_proxy(proxy: dict, path: Path) -> int:
     return len(names)
 
 
-def _plot_frontier(rows: dict[str, dict], path: Path) -> int:
-    if len(rows) < 2:
-        return 0
+def _plot_against_drift(path: Path, points: dict[str, tuple[float, float]], front: list[str], *,
+                        xerr: list[list[float]] | None, yerr: list[list[float]], front_label: str, **axes) -> int:
+    """Scatter of schemes (x, KL) with their error bars, the front joined by a line, numbered labels."""
     figure, axis = plt.subplots(figsize=(9, 4.5))
-    points = {name: (row["bits"], row["kl_mean"]) for name, row in rows.items()}
     names = sorted(points)
-    y = [points[n][1] for n in names]
-    axis.errorbar([points[n][0] for n in names], y, yerr=_error_bars(y, [rows[n]["kl_interval"] for n in names]),
-                  fmt="o", ms=4)  # fmt: skip
-    front = pareto_front(points)
-    axis.plot([points[n][0] for n in front], [points[n][1] for n in front], "-", alpha=0.5, label="Pareto front")
-    axis.set(yscale="log", xlabel="LM storage bits per weight (scales included)",
-             ylabel="KL(BF16 || quant), mean per token", title="Storage bits against drift, every scheme")  # fmt: skip
+    axis.errorbar([points[n][0] for n in names], [points[n][1] for n in names], xerr=xerr, yerr=yerr, fmt="o",
+                  ms=4)  # fmt: skip
+    axis.plot([points[n][0] for n in front], [points[n][1] for n in front], "-", alpha=0.5, label=front_label)
+    axis.set(yscale="log", **axes)
     axis.legend(fontsize=7)
     numbered_labels(figure, axis, [(n, *points[n]) for n in names])
     _save(figure, path)
-    return len(points)
+    return len(names)
+
+
+def _plot_frontier(rows: dict[str, dict], path: Path) -> int:
+    if len(rows) < 2:
+        return 0
+    points = {name: (row["bits"], row["kl_mean"]) for name, row in rows.items()}
+    names = sorted(points)
+    yerr = _error_bars([points[n][1] for n in names], [rows[n]["kl_interval"] for n in names])
+    return _plot_against_drift(path, points, pareto_front(points), xerr=None, yerr=yerr, front_label="Pareto front",
+                               xlabel="LM storage bits per weight (scales included)",
+                               ylabel="KL(BF16 || quant), mean per token",
+                               title="Storage bits against drift, every scheme")  # fmt: skip
 
 
 def _plot_speed_frontier(rows: dict[str, dict], path: Path) -> int:
     if len(rows) < 2:
         return 0
-    figure, axis = plt.subplots(figsize=(9, 4.5))
-    names = sorted(rows)
-    x = [rows[n]["ratio"] for n in names]
-    y = [rows[n]["kl_mean"] for n in names]
-    axis.errorbar(x, y, xerr=_error_bars(x, [rows[n]["range"] for n in names]),
-                  yerr=_error_bars(y, [rows[n]["kl_interval"] for n in names]), fmt="o", ms=4)  # fmt: skip
+    points = {name: (row["ratio"], row["kl_mean"]) for name, row in rows.items()}
+    names = sorted(points)
+    xerr = _error_bars([points[n][0] for n in names], [rows[n]["range"] for n in names])
+    yerr = _error_bars([points[n][1] for n in names], [rows[n]["kl_interval"] for n in names])
     front = sorted((n for n in names if rows[n]["on_front"]), key=lambda n: rows[n]["ratio"])
-    axis.plot([rows[n]["ratio"] for n in front], [rows[n]["kl_mean"] for n in front], "-", alpha=0.5,
-              label="Pareto front (medians)")  # fmt: skip
-    axis.set(yscale="log", xlabel="vLLM batch-1 decode speed / BF16 (paired; bars: per-round range)",
-             ylabel="KL(BF16 || quant) [95%]", title="Speed against drift")  # fmt: skip
-    axis.legend(fontsize=7)
-    numbered_labels(figure, axis, [(n, rows[n]["ratio"], rows[n]["kl_mean"]) for n in names])
-    _save(figure, path)
-    return len(names)
+    return _plot_against_drift(path, points, front, xerr=xerr, yerr=yerr, front_label="Pareto front (medians)",
+                               xlabel="vLLM batch-1 decode speed / BF16 (paired; bars: per-round range)",
+                               ylabel="KL(BF16 || quant) [95%]", title="Speed against drift")  # fmt: skip
 
 
 def _calibration_pairs(manifests: dict[str, dict]) -> list[tuple[str, str]]:
