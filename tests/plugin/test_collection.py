@@ -71,18 +71,25 @@ def test_the_export_benchmark_leads_its_scheme_then_the_fake_quant_ones():
 def test_a_schemes_vllm_tests_end_it_after_its_pytorch_work(pytestconfig):
     """A scheme's speed pair and verdict keep two vLLM engines open (the BF16 reference's and the scheme's); its
     PyTorch benchmarks ran beside both, between the speed pair and the verdict. The tests that use vLLM now end the
-    scheme, in their own order (the speed pair, whose engine the CPU build's patched check reuses, then the checks),
-    so the PyTorch work runs beside the BF16 reference's engine alone."""
+    scheme, so the PyTorch work runs beside the BF16 reference's engine alone: first the checks (each computes its
+    PyTorch reference before its engine loads; the patched one last on the CPU build), then the speed pair, which
+    reuses the engine the last check loaded. After the speed pair, the cuda verdict's reference ran beside both
+    engines and ran out of memory on an 80 GiB H100 at 7B (run gpu-43). A planted fault that runs vLLM on an
+    engine of its own comes after the speed pair: its PyTorch reference closes the scheme's engine."""
     from quantsuite.plugin.collection import vllm_checks
     from tests.plugin.test_options import collections
 
-    (tests,) = collections(("-m", "per_scheme and (autoquant or drift or export or vllm_compat or benchmark)",
-                            "--scheme=top50"))  # fmt: skip
-    names = [test.rpartition("::")[2].partition("[")[0] for test in tests]
+    nightly, whole = collections(("-m", "per_scheme and (autoquant or drift or export or vllm_compat or benchmark)",
+                                  "--scheme=top50"), ("--scheme=top50", "--scheme=default"))  # fmt: skip
+    names = [test.rpartition("::")[2].partition("[")[0] for test in nightly]
     checks = len(vllm_checks(pytestconfig))  # model_free and the loads this machine's vLLM can run
-    assert names[-1 - checks :] == ["test_vllm_speed"] + ["test_vllm"] * checks, names
+    assert names[-1 - checks :] == ["test_vllm"] * checks + ["test_vllm_speed"], names
     pytorch_work = {"test_real_fp8_paired", "test_drift_within_bounds", "test_export_matches_manifest"}
     assert pytorch_work <= set(names[: -1 - checks])
+    default = [test.rpartition("::")[2] for test in whole if "fp8_modelopt_default]" in test]
+    speed = default.index("test_vllm_speed[fp8_modelopt_default]")
+    assert [name.partition("[")[0] for name in default[speed - checks : speed]] == ["test_vllm"] * checks, default
+    assert default[speed + 1 :] == ["test_a_verdict_fed_another_exports_reference[fp8_modelopt_default]"], default
 
 
 def test_shards_split_the_run_into_whole_schemes_the_same_in_every_step():

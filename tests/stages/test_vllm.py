@@ -109,7 +109,8 @@ class _CardService:
         self.opened.append((name, options["gpu_memory_utilization"]))
         self.card.engines[name] = options["gpu_memory_utilization"] * self.card.total
         try:
-            yield SimpleNamespace(error=None, opened={"loaded": True}, options=options)
+            yield SimpleNamespace(error=None, opened={"loaded": True}, options=options,
+                                  call=lambda request, **arguments: {"outputs": []})  # fmt: skip
         finally:
             del self.card.engines[name]
 
@@ -154,3 +155,52 @@ def test_a_card_too_full_for_an_engine_says_who_holds_it(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: card.models)
     with pytest.raises(MemoryError, match=r"only 6\.0 of 80\.0 GiB free .*this process holds 50\.0 GiB"):
         memory_utilization(torch.device("cuda"), 0.3)
+
+
+def test_a_checks_pytorch_reference_reloads_beside_the_bf16_engine_alone(workbench, monkeypatch, tmp_path):
+    """On an 80 GiB H100 at 7B (run gpu-43) a scheme's cuda verdict ran out of memory reloading its export in
+    PyTorch: the speed pair had run first and kept both engines (0.3 of the card each), and this process still held
+    its models. The reference is now computed before the check takes its engine, with the models released and the
+    scheme's kept engine closed (the BF16 reference's stays: it is every speed pair's baseline); the scheme's
+    engine then opens again for the check and stays for the speed pair."""
+    from quantsuite.stages import vllm as stage
+
+    card = _Card(models=40 * GIB)
+    service = _CardService(card)
+    context = workbench.context
+    reference = tmp_path / workbench.exports.export_key(context.reference_scheme())
+    scheme = tmp_path / "first-scheme"
+    exports = SimpleNamespace(export_key=lambda spec: reference.name)
+    monkeypatch.setattr(context, "device", torch.device("cuda"))
+    monkeypatch.setattr(context, "release", lambda: setattr(card, "models", 0))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", card.mem_get_info)
+    reloads = []  # what was on the card when the export was reloaded in PyTorch
+
+    def reload(export_dir, device):
+        reloads.append((sorted(card.engines), card.models))
+        return torch.nn.Identity()
+
+    monkeypatch.setattr(stage, "load_export", reload)
+    for name, value in (("reference_scores", {}), ("fuse_like_vllm", []), ("reference_generate", []),
+                        ("teacher_forced", {}), ("agreement", {})):  # fmt: skip
+        monkeypatch.setattr(stage.vllm_verdict, name, lambda *arguments, value=value: value)
+    built = iter(range(10))
+
+    def build_afresh(kind, key, build, label=""):  # nothing of this stand-in reaches the run's cache
+        directory = tmp_path / f"{kind}-{next(built)}"
+        directory.mkdir()
+        build(directory)
+        return directory, False
+
+    monkeypatch.setattr(context.cache, "get_or_build", build_afresh)
+    checks = stage.VllmChecks(context, workbench.schemes, exports, engine_share=0.3)
+    checks.__dict__["image_inputs"] = None  # text prompts only
+    for export_dir in (reference, scheme):  # the speed pair ran first: both engines kept
+        assert not checks.engine(service, export_dir, patch=False).error
+    card.models = 40 * GIB  # and PyTorch work after it
+    result = checks.run(service, scheme, "cuda", "first-scheme-key")
+    assert result["loaded"] and not result.get("error"), result
+    assert reloads == [([reference.name], 0)], "the reload ran beside the scheme's engine or this process's models"
+    assert service.opened == [(reference.name, 0.3), (scheme.name, 0.3), (scheme.name, 0.3)]
+    assert sorted(card.engines) == sorted([reference.name, scheme.name])  # kept for the speed pair
+    checks.close_engines()
