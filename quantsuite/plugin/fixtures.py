@@ -56,9 +56,12 @@ def scheme_result(workbench, scheme):
     return workbench.schemes.result(scheme)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def fake_quant_model(workbench, scheme):
-    """The scheme's fake-quantized model, run forward; skips where ModelOpt can only run it on CUDA."""
+    """The scheme's fake-quantized model, run forward; skips where ModelOpt can only run it on CUDA. Per test: the
+    schemes stage keeps the model for the scheme's next test, and a vLLM engine or PyTorch reference that needs the
+    device frees it (`RunContext.release`); a session-scoped value kept it on the device through the scheme's vLLM
+    tests (7B on an 80 GiB H100: run gpu-43)."""
     from quantsuite.stages.context import CudaRequired
 
     try:
