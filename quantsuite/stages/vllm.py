@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+from filelock import FileLock
+
 from quantsuite import checkpoint, formats
 from quantsuite.bounds import VLLM_IMAGE_RATIO, VLLM_RATIO
 from quantsuite.cache import code_hash
@@ -34,7 +36,7 @@ from quantsuite.vllm import service as vllm_service
 from quantsuite.vllm import speed as vllm_speed
 from quantsuite.vllm import verdict as vllm_verdict
 
-SPEED_LOCK = "vllm-speed"  # cache.exclusive name held by every vLLM speed measurement and speed-engine load
+SPEED_LOCK = "vllm-speed"  # cache.exclusive name held by every vLLM speed measurement and every engine load
 IMAGE_PROMPTS = 8  # the evaluation split's image prompts each load is also scored on (where the data has images)
 
 
@@ -317,19 +319,18 @@ class VllmChecks:
                                             "image_error_ratio_se": image.error_ratio_se}  # fmt: skip
         return ratios
 
+    @functools.cached_property
+    def speed_lock(self) -> FileLock:
+        """The host-wide SPEED_LOCK (a FileLock), one object per process: re-entrant, so the loads inside a speed
+        measurement that holds it take it again (another object on the same file would wait for itself)."""
+        return self.context.cache.exclusive(SPEED_LOCK)
+
     @contextlib.contextmanager
     def speed_engine(self, scheme: SchemeSpec, service, hold: bool = False) -> Iterator:
-        """The scheme's engine (`engine`: kept from its verdict, or loaded now), taken under the host-wide
-        SPEED_LOCK (loading beside another worker's rounds would disturb them) and, with `hold`, holding the lock
-        until the block ends. The engine's `error` says why it did not load."""
-        lock = self.context.cache.exclusive(SPEED_LOCK)
-        with contextlib.ExitStack() as stack:
-            with lock:
-                patch = self.context.device.type != "cuda"
-                engine = self.engine(service, self.exports.path(scheme), patch)
-                if hold:
-                    stack.enter_context(lock)  # re-entered (same lock object): held until the stack closes
-            yield engine
+        """The scheme's engine (`engine`: kept from its checks, or loaded now) and, with `hold`, the host-wide
+        SPEED_LOCK held until the block ends. The engine's `error` says why it did not load."""
+        with self.speed_lock if hold else contextlib.nullcontext():
+            yield self.engine(service, self.exports.path(scheme), self.context.device.type != "cuda")
 
     def load_options(self, fit_memory: bool = True) -> dict:
         """The arguments of every engine that loads an export (vllm.service.engine_options), as users run vLLM (CUDA
@@ -360,11 +361,17 @@ class VllmChecks:
             self._kept[role] = KeptEngine(_server(service), wanted, stack, engine)
         return engine
 
-    def _open(self, service, export_dir: Path, patch: bool):
-        """`service.engine` of `export_dir` (a context manager): this process's models released first, then the
-        engine's GPU share fitted to what is free (`load_options`), so the fit counts none of our memory."""
+    @contextlib.contextmanager
+    def _open(self, service, export_dir: Path, patch: bool) -> Iterator:
+        """`service.engine` of `export_dir`: this process's models released first, then the engine's GPU share
+        fitted to what is free (`load_options`), so the fit counts none of our memory. It loads under the host-wide
+        SPEED_LOCK: a load beside another worker's timed rounds would disturb them (the engine a scheme's speed pair
+        uses is the one its checks loaded)."""
         self.context.release()  # the engine gets the device: nothing of ours stays on it
-        return service.engine(export_dir, self.load_options(), patch)
+        with contextlib.ExitStack() as stack:
+            with self.speed_lock:
+                engine = stack.enter_context(service.engine(export_dir, self.load_options(), patch))
+            yield engine
 
     @contextlib.contextmanager
     def engines_closed(self) -> Iterator[None]:

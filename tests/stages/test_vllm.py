@@ -95,16 +95,25 @@ class _Card:
 
 
 class _CardService:
-    """Stands in for VllmService on a `_Card`: an engine holds its `gpu_memory_utilization` until it closes."""
+    """Stands in for VllmService on a `_Card`: an engine holds its `gpu_memory_utilization` until it closes; with
+    `speed_lock` (the host-wide SPEED_LOCK's file), whether another worker could have taken it during each load."""
 
     python, log_path, starts = Path("/nonexistent/python"), Path("/nonexistent/log"), 1
     process = SimpleNamespace(poll=lambda: None)  # a server that runs
 
-    def __init__(self, card: _Card) -> None:
-        self.card, self.opened = card, []
+    def __init__(self, card: _Card, speed_lock: Path | None = None) -> None:
+        self.card, self.opened, self.speed_lock, self.loaded_under_lock = card, [], speed_lock, []
 
     @contextlib.contextmanager
     def engine(self, export_dir, options, patch=False):
+        from filelock import FileLock, Timeout
+
+        if self.speed_lock is not None:
+            try:  # another worker's lock object on the same file
+                FileLock(str(self.speed_lock)).acquire(timeout=0).lock.release()
+                self.loaded_under_lock.append(False)
+            except Timeout:
+                self.loaded_under_lock.append(True)
         name = Path(export_dir).name
         self.opened.append((name, options["gpu_memory_utilization"]))
         self.card.engines[name] = options["gpu_memory_utilization"] * self.card.total
@@ -162,12 +171,13 @@ def test_a_checks_pytorch_reference_reloads_beside_the_bf16_engine_alone(workben
     PyTorch: the speed pair had run first and kept both engines (0.3 of the card each), and this process still held
     its models. The reference is now computed before the check takes its engine, with the models released and the
     scheme's kept engine closed (the BF16 reference's stays: it is every speed pair's baseline); the scheme's
-    engine then opens again for the check and stays for the speed pair."""
+    engine then opens again for the check and stays for the speed pair. Every load holds the host-wide SPEED_LOCK:
+    the speed pair reuses the engine a check loaded, and a load beside another worker's timed rounds disturbs them."""
     from quantsuite.stages import vllm as stage
 
     card = _Card(models=40 * GIB)
-    service = _CardService(card)
     context = workbench.context
+    service = _CardService(card, context.cache.root / f"{stage.SPEED_LOCK}.lock")
     reference = tmp_path / workbench.exports.export_key(context.reference_scheme())
     scheme = tmp_path / "first-scheme"
     exports = SimpleNamespace(export_key=lambda spec: reference.name)
@@ -203,4 +213,5 @@ def test_a_checks_pytorch_reference_reloads_beside_the_bf16_engine_alone(workben
     assert reloads == [([reference.name], 0)], "the reload ran beside the scheme's engine or this process's models"
     assert service.opened == [(reference.name, 0.3), (scheme.name, 0.3), (scheme.name, 0.3)]
     assert sorted(card.engines) == sorted([reference.name, scheme.name])  # kept for the speed pair
+    assert service.loaded_under_lock == [True] * 3, "a load beside another worker's timed rounds (SPEED_LOCK)"
     checks.close_engines()
