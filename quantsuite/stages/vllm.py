@@ -55,8 +55,9 @@ class VllmChecks:
 
     Every load of a scheme's export runs as users run vLLM (`load_options`), so one engine serves the scheme's
     verdict and its speed pair: an engine that loaded is kept, one for the BF16 reference (noise floor, speed
-    baseline) and one for the scheme in hand, until another export or settings need its place, `close_engines`
-    (the scheme's tests are done) or the service ends. `engine_share`: the card share each engine asks for (two
+    baseline) and one for the scheme in hand, until another export or settings need its place, a PyTorch reference
+    needs the device (`reference`: the scheme's closes), `close_engines` (the scheme's tests are done) or the service
+    ends. `engine_share`: the card share each engine asks for (two
     per process; the pytest layer divides it among the processes sharing a GPU)."""
 
     def __init__(self, context: RunContext, schemes: Schemes, exports: Exports, engine_share: float = 0.3) -> None:
