@@ -126,12 +126,12 @@ def test_shards_split_the_run_into_whole_schemes_the_same_in_every_step():
 def test_a_uses_schemes_mark_naming_no_scheme_is_one_usage_error(tmp_path):
     """A typo in a `uses_schemes` mark would make --scheme keep or drop the test silently: every run refuses it,
     naming the test, the mark and where names come from."""
-    from tests.plugin.test_options import _pytest
+    from tests.plugin.test_options import _pytest, suite_plugins
 
     (tmp_path / "test_typo.py").write_text('import pytest\n\n\n@pytest.mark.uses_schemes("top5O")\n'
                                            "def test_typo():\n    pass\n")  # fmt: skip
-    plugins = [part for name in ("options", "session", "collection") for part in ("-p", f"quantsuite.plugin.{name}")]
-    done = _pytest("-p", "no:cacheprovider", *plugins, "--collect-only", "test_typo.py", cwd=tmp_path)
+    done = _pytest("-p", "no:cacheprovider", *suite_plugins("options", "session", "collection"), "--collect-only",
+                   "test_typo.py", cwd=tmp_path)
     output = done.stdout + done.stderr
     assert done.returncode == 4, output[-3000:]  # pytest's usage error
     assert "test_typo.py::test_typo: @pytest.mark.uses_schemes names ['top5O'], not in the catalog" in output

@@ -8,10 +8,10 @@ from __future__ import annotations
 def test_an_interrupted_run_ends_with_its_summary(tmp_path):
     """Before the fix, `_benchmark_published`'s teardown read `request.node.funcargs`, which pytest sets to None on
     an interrupt: an AttributeError traceback replaced the summary (durations, stage table, report)."""
-    from tests.plugin.test_options import _pytest
+    from tests.plugin.test_options import _pytest, suite_plugins
 
     (tmp_path / "test_interrupted.py").write_text("def test_interrupted():\n    raise KeyboardInterrupt\n")
-    completed = _pytest("-p", "no:cacheprovider", "-p", "quantsuite.plugin.fixtures", "test_interrupted.py",
+    completed = _pytest("-p", "no:cacheprovider", *suite_plugins("fixtures"), "test_interrupted.py",
                         cwd=tmp_path)  # fmt: skip
     output = completed.stdout + completed.stderr
     assert "KeyboardInterrupt" in output and "no tests ran" in output, output[-3000:]
@@ -43,11 +43,10 @@ def test_the_fake_quant_model_is_freed_by_a_release_after_its_test(pytestconfig,
     """A session-scoped `fake_quant_model` kept the scheme's model through the scheme's later tests, where
     `RunContext.release` (before a vLLM engine or a PyTorch reference takes the device) could not free it: on an
     80 GiB H100 at 7B (run gpu-43) a verdict's reference reload ran out of memory with it on the card."""
-    from tests.plugin.test_options import _pytest
+    from tests.plugin.test_options import _pytest, suite_plugins
 
     (tmp_path / "test_held.py").write_text(HELD_AFTER_ITS_TEST)
-    plugins = [part for name in ("options", "session", "collection", "fixtures")
-               for part in ("-p", f"quantsuite.plugin.{name}")]  # fmt: skip
+    plugins = suite_plugins("options", "session", "collection", "fixtures")
     completed = _pytest("-p", "no:cacheprovider", *plugins, "--scheme=default",
                         f"--cache-dir={pytestconfig.getoption('--cache-dir')}", f"--reports-dir={tmp_path / 'reports'}",
                         "test_held.py", cwd=tmp_path)  # fmt: skip

@@ -34,6 +34,12 @@ def _pytest(*arguments: str, xdist: bool = False, cwd: Path = PROJECT_ROOT) -> s
                           capture_output=True, timeout=300, env=environment)  # fmt: skip
 
 
+def suite_plugins(*names: str) -> list[str]:
+    """pytest arguments that load these modules of quantsuite/plugin/ (a test file outside the project has no
+    conftest to load them)."""
+    return [part for name in names for part in ("-p", f"quantsuite.plugin.{name}")]
+
+
 # The options that do not change what a run computes on (run_input_arguments leaves them to the caller): which
 # schemes, where artifacts and reports go, the vLLM interpreter, the research studies' own settings, the shard.
 NOT_RUN_INPUTS = {"--scheme", "--cache-dir", "--drop-exports", "--vllm-python", "--research-studies",
