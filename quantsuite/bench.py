@@ -44,17 +44,22 @@ class Fp8MatmulUnavailable(RuntimeError):
 
 
 def fp8_matmul_support(device: torch.device) -> str | None:
-    """None if torch._scaled_mm runs on `device` (CUDA >= 8.9, or a CPU build that has the op), else why not."""
+    """None if torch._scaled_mm runs on `device` (CUDA >= 8.9, or a CPU build that has the op) as ScaledMmLinear
+    calls it (per-tensor scales and a BF16 bias, rows padded to 16) in a process that has run a BF16 matmul, as
+    every model forward has; else why not. A CPU whose oneDNN is capped below what torch detects (forced AVX2 on an
+    AMX box) ran the op before its first BF16 matmul and failed it from then on (reports/bounds/README.md)."""
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         if (major, minor) < (8, 9):
             return f"FP8 GEMM needs compute capability >= 8.9 (Ada/Hopper); this GPU is {major}.{minor}"
-    one = torch.tensor(1.0, device=device)
+    ones = torch.ones(16, 16, device=device)
+    ones.bfloat16() @ ones.bfloat16()
     try:
-        torch._scaled_mm(torch.zeros(16, 16, device=device).to(FP8), torch.zeros(16, 16, device=device).to(FP8).t(),
-                         scale_a=one, scale_b=one, out_dtype=torch.bfloat16)  # fmt: skip
+        torch._scaled_mm(ones.to(FP8), ones.to(FP8).t(), scale_a=ones[0, 0], scale_b=ones[0, 0],
+                         bias=ones[0].bfloat16(), out_dtype=torch.bfloat16)  # fmt: skip
     except (RuntimeError, NotImplementedError) as error:
-        return f"torch._scaled_mm FP8 GEMM does not run on {device} with torch {torch.__version__}: {error}"
+        return (f"torch._scaled_mm FP8 GEMM does not run on {device} with torch {torch.__version__} (CPU kernels "
+                f"{torch.backends.cpu.get_cpu_capability()}): {error}")  # fmt: skip
     return None
 
 

@@ -376,6 +376,35 @@ def test_the_real_fp8_skip_is_decided_from_the_manifest_as_the_reload_would(work
     assert skipped == reloaded_others, f"{name}: skipped {skipped}, the reload has QuantLinear: {reloaded_others}"
 
 
+@pytest.mark.parametrize("fails", ["with a bias", "after a BF16 matmul", "never"])
+def test_fp8_matmul_support_calls_the_op_as_the_layers_do(monkeypatch, fails):
+    """Forced AVX2 on an AMX box (oneDNN capped below what torch detects): torch._scaled_mm ran until the process's
+    first BF16 matmul and failed from then on, so a probe that called it first said yes and every real-FP8 layer
+    then raised. Planted in the op's place (any box): the probe reports an op that fails with a BF16 bias, as
+    ScaledMmLinear passes one, or after a BF16 matmul, as every model forward runs one; and passes one that works."""
+    import torch
+
+    ran = {"bf16 matmul": False}
+    matmul = torch.Tensor.__matmul__
+
+    def recorded_matmul(a, b):
+        ran["bf16 matmul"] |= a.dtype == torch.bfloat16
+        return matmul(a, b)
+
+    def scaled_mm(a, b, *, bias=None, **_options):
+        if (fails == "with a bias" and bias is not None) or (fails == "after a BF16 matmul" and ran["bf16 matmul"]):
+            raise RuntimeError("could not create a primitive descriptor for the matmul primitive")
+        return torch.zeros(a.shape[0], b.shape[1], dtype=torch.bfloat16)
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", recorded_matmul)
+    monkeypatch.setattr(torch, "_scaled_mm", scaled_mm)
+    reason = fp8_matmul_support(torch.device("cpu"))
+    if fails == "never":
+        assert reason is None, reason
+    else:
+        assert reason is not None and "primitive descriptor" in reason, reason
+
+
 def test_slow_fp8_matmul_is_measured_not_assumed():
     """The real-FP8 benchmarks skip on a CPU whose _scaled_mm is a reference kernel (1900x a BF16 matmul on the
     2-core box of 2026-12-01); the verdict comes from timing both products against the tolerated ratio."""
@@ -651,6 +680,8 @@ def test_compiled_fp8_support_is_measured_on_this_kernel_set():
 
     import torch
 
+    if unsupported := fp8_matmul_support(torch.device("cpu")):
+        pytest.skip(f"no FP8 layer to compile: {unsupported}")
     probe = ("import torch; torch.set_num_threads(1); from quantsuite.bench import compiled_fp8_support; "
              "print('REASON', compiled_fp8_support(torch.device('cpu')))")  # fmt: skip
     completed = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=600)
@@ -680,6 +711,8 @@ def test_the_compiled_fp8_probe_catches_a_wrong_or_failing_compile(monkeypatch, 
 
     from quantsuite.bench import compiled_fp8_support
 
+    if unsupported := fp8_matmul_support(torch.device("cpu")):
+        pytest.skip(f"no FP8 layer to compile: {unsupported}")
     monkeypatch.setattr(torch, "compile", lambda layer, **_options: compiled(layer))
     reason = compiled_fp8_support.__wrapped__(torch.device("cpu"))  # not the process's cached answer
     assert reason is None if expected is None else expected in reason, reason
