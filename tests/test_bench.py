@@ -100,10 +100,10 @@ def _vocab(workbench) -> int:
     return len(workbench.context.tokenizer)
 
 
-def _skip_without_fp8_matmul(workbench) -> None:
-    reason = fp8_matmul_support(workbench.context.device)
-    if reason:
-        pytest.skip(reason)
+def _skip_without_fp8_matmul(device, what: str = "") -> None:
+    """Skip, `what` and then why, where torch._scaled_mm does not run on `device` as the FP8 layers call it."""
+    if reason := fp8_matmul_support(device):
+        pytest.skip(f"{what}{reason}")
 
 
 def _pair_runs(kind: str, path: str, device) -> bool:
@@ -124,7 +124,7 @@ def _skip_unless_fp8_layers_only(manifest: dict) -> None:
 
 def _skip_unless_real_fp8(workbench, scheme) -> None:
     """The checks of the real-FP8 path that need no load: the op is there, and the scheme has only FP8 layers."""
-    _skip_without_fp8_matmul(workbench)
+    _skip_without_fp8_matmul(workbench.context.device)
     _skip_unless_fp8_layers_only(workbench.schemes.result(scheme).manifest)
 
 
@@ -411,8 +411,7 @@ def test_slow_fp8_matmul_is_measured_not_assumed():
     import torch
 
     cpu = torch.device("cpu")
-    if reason := fp8_matmul_support(cpu):
-        pytest.skip(reason)
+    _skip_without_fp8_matmul(cpu)
     assert "x a BF16 matmul" in slow_fp8_matmul(cpu, limit=0.0)
     assert slow_fp8_matmul(cpu, limit=1e9) is None
 
@@ -680,8 +679,7 @@ def test_compiled_fp8_support_is_measured_on_this_kernel_set():
 
     import torch
 
-    if unsupported := fp8_matmul_support(torch.device("cpu")):
-        pytest.skip(f"no FP8 layer to compile: {unsupported}")
+    _skip_without_fp8_matmul(torch.device("cpu"), "no FP8 layer to compile: ")
     probe = ("import torch; torch.set_num_threads(1); from quantsuite.bench import compiled_fp8_support; "
              "print('REASON', compiled_fp8_support(torch.device('cpu')))")  # fmt: skip
     completed = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=600)
@@ -711,8 +709,7 @@ def test_the_compiled_fp8_probe_catches_a_wrong_or_failing_compile(monkeypatch, 
 
     from quantsuite.bench import compiled_fp8_support
 
-    if unsupported := fp8_matmul_support(torch.device("cpu")):
-        pytest.skip(f"no FP8 layer to compile: {unsupported}")
+    _skip_without_fp8_matmul(torch.device("cpu"), "no FP8 layer to compile: ")
     monkeypatch.setattr(torch, "compile", lambda layer, **_options: compiled(layer))
     reason = compiled_fp8_support.__wrapped__(torch.device("cpu"))  # not the process's cached answer
     assert reason is None if expected is None else expected in reason, reason
