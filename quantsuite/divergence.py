@@ -187,14 +187,23 @@ class ClippingProbe:
     def __init__(self, model: torch.nn.Module, image_token_id: int) -> None:
         self.model, self.image_token_id = model, image_token_id
         self.stats: dict[str, dict] = {}
-        self._image: torch.Tensor | None = None
-        self._text: torch.Tensor | None = None
+        self._positions: dict[str, torch.Tensor] = {}  # "image" / "text" -> (batch, sequence) mask of this batch
+        self._on_device: dict[tuple[str, torch.device], torch.Tensor] = {}
         self._handles: list = []
 
     def observe(self, batch: dict) -> None:
         ids = batch["input_ids"]
-        self._image = ids == self.image_token_id
-        self._text = batch["attention_mask"].bool() & (ids != self.image_token_id)
+        self._positions = {"image": ids == self.image_token_id,
+                           "text": batch["attention_mask"].bool() & (ids != self.image_token_id)}  # fmt: skip
+        self._on_device = {}
+
+    def _mask(self, where: str, device: torch.device) -> torch.Tensor:
+        """The batch's `where` positions as (batch, sequence, 1) on `device`, copied there once per batch (a copy
+        from host memory in every layer's hook waited for the GPU each time)."""
+        key = (where, device)
+        if key not in self._on_device:
+            self._on_device[key] = self._positions[where].to(device).unsqueeze(-1)
+        return self._on_device[key]
 
     def _hook(self, name: str, quantizer):
         @torch.no_grad()
@@ -209,8 +218,8 @@ class ClippingProbe:
                     entry[f"{where}_max"] = torch.zeros((), device=x.device)
                     entry[f"{where}_clipped"] = torch.zeros((), dtype=torch.int64, device=x.device)
                     entry[f"{where}_values"] = torch.zeros((), dtype=torch.int64, device=x.device)
-            for where, positions in (("image", self._image), ("text", self._text)):
-                mask = positions.to(x.device).unsqueeze(-1)  # (batch, sequence, 1) against (batch, sequence, features)
+            for where in ("image", "text"):
+                mask = self._mask(where, x.device)  # (batch, sequence, 1) against (batch, sequence, features)
                 entry[f"{where}_max"] = torch.maximum(entry[f"{where}_max"], torch.where(mask, x, 0.0).amax())
                 entry[f"{where}_clipped"] += ((x > entry["amax"]) & mask).sum()
                 entry[f"{where}_values"] += mask.sum() * x.shape[-1]

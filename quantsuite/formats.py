@@ -26,6 +26,7 @@ from ModelOpt's code, so comparing them with ModelOpt's fake quantization checks
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -39,28 +40,33 @@ OPTIONAL_TENSORS = ("weight_scale", "weight_scale_2", "input_scale", "pre_quant_
 DTYPE_BYTES = {"F8_E4M3": 1, "U8": 1, "I8": 1, "BF16": 2, "F16": 2, "F32": 4}
 
 
-def _fp4_boundaries() -> tuple[torch.Tensor, torch.Tensor]:
+@functools.cache
+def fp4_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grid, midpoints, ties_up) of e2m1 on `device`, made once per device: an NVFP4 layer's input is rounded in
+    every forward, and copying these from host memory there each time stalled the GPU (a blocking copy waits for
+    every kernel queued before it) several times per layer."""
     grid = torch.tensor(FP4_GRID)
     midpoints = (grid[1:] + grid[:-1]) / 2
     # round half to even: a midpoint goes up when the upper neighbour's code is even (0.75 -> 1, 1.75 -> 2, 3.5 -> 4)
     ties_up = torch.tensor([code % 2 == 0 for code in range(1, 8)])
-    return midpoints, ties_up
+    return grid.to(device), midpoints.to(device), ties_up.to(device)
 
 
 def round_to_fp4(x: torch.Tensor) -> torch.Tensor:
     """Nearest e2m1 value (ties to even code), saturating at +-6."""
-    midpoints, ties_up = _fp4_boundaries()
+    grid, midpoints, ties_up = fp4_tables(x.device)
     magnitude = x.abs().clamp(max=FP4_MAX).float()
-    index = torch.bucketize(magnitude, midpoints.to(x.device))  # midpoint itself -> lower code
-    tie = (index < 7) & (magnitude == midpoints.to(x.device)[index.clamp(max=6)])
-    index = index + (tie & ties_up.to(x.device)[index.clamp(max=6)]).long()
-    return torch.tensor(FP4_GRID, device=x.device)[index] * torch.sign(x.float())
+    index = torch.bucketize(magnitude, midpoints)  # midpoint itself -> lower code
+    below = index.clamp(max=6)
+    tie = (index < 7) & (magnitude == midpoints[below])
+    index = index + (tie & ties_up[below]).long()
+    return grid[index] * torch.sign(x.float())
 
 
 def fp4_values(packed: torch.Tensor) -> torch.Tensor:
     """e2m1 values of a uint8 tensor holding two codes per byte along the last dimension (low nibble first)."""
     codes = torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(-2).long()
-    magnitude = torch.tensor(FP4_GRID, device=packed.device)[codes & 0x7]
+    magnitude = fp4_tables(packed.device)[0][codes & 0x7]
     return torch.where(codes >= 8, -magnitude, magnitude)
 
 

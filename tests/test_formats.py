@@ -34,6 +34,19 @@ def test_fp4_rounding_is_nearest_ties_to_even_and_saturates():
     assert round_to_fp4(x).tolist() == [0.0, 0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, 6.0, -3.0]
 
 
+def test_nvfp4_input_rounding_makes_no_tensor_from_host_data_per_call(monkeypatch):
+    """An NVFP4 layer rounds its input in every forward; the e2m1 tables it rounds with are made once per device
+    (`fp4_tables`). Made per call, each was a copy from host memory, which on a GPU waits for every queued kernel,
+    several times per layer. Planted: the tables built inside `round_to_fp4` again fail it (three tensors per call)."""
+    x, global_scale = torch.randn(2, 32), torch.tensor(0.01)
+    expected = fake_nvfp4(x, global_scale)  # the first call on this device makes the tables
+    made = []
+    make = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *args, **kwargs: made.append(args) or make(*args, **kwargs))
+    assert torch.equal(fake_nvfp4(x, global_scale), expected)
+    assert made == [], f"tensors made from host data in a call: {made}"
+
+
 def test_int4_two_output_rows_per_byte():
     codes = torch.tensor([[-8, 7, 0], [1, -1, 3]], dtype=torch.int16)  # (out=2, in=3)
     packed = ((codes[0] & 0xF) | ((codes[1] & 0xF) << 4)).to(torch.uint8)[None]  # row 0 low, row 1 high
