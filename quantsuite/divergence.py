@@ -43,6 +43,22 @@ class Capture:
     hidden: dict[str, torch.Tensor]  # "block.N" / "final_norm" -> (tokens, hidden)
 
 
+class BatchMasks:
+    """A batch's boolean masks (on the host) as per-layer hooks read them: each copied to a device once per batch.
+    A copy from host memory in every layer's hook waited for the GPU each time, and a model spread over several
+    GPUs asks for each of its devices."""
+
+    def __init__(self, **masks: torch.Tensor) -> None:
+        self.masks = masks
+        self._copies: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+    def on(self, name: str, device: torch.device) -> torch.Tensor:
+        key = (name, device)
+        if key not in self._copies:
+            self._copies[key] = self.masks[name].to(device)
+        return self._copies[key]
+
+
 @torch.no_grad()
 def capture(model: torch.nn.Module, batches: list[dict], device: torch.device,
             before_batch: Callable[[dict], None] | None = None) -> Capture:  # fmt: skip
@@ -56,7 +72,7 @@ def capture(model: torch.nn.Module, batches: list[dict], device: torch.device,
     def hook(name: str):
         def record(_module, _inputs, output):
             tensor = output[0] if isinstance(output, tuple) else output
-            stores.setdefault(name, []).append(tensor[masks[-1].to(tensor.device)].to(device))
+            stores.setdefault(name, []).append(tensor[current.on("measured", tensor.device)].to(device))
 
         return record
 
@@ -67,10 +83,11 @@ def capture(model: torch.nn.Module, batches: list[dict], device: torch.device,
         for batch in batches:
             mask = batch.get("measure_mask", batch["attention_mask"]).bool()
             masks.append(mask)
+            current = BatchMasks(measured=mask)
             if before_batch is not None:
                 before_batch(batch)
             output = model(**model_inputs(batch, device))
-            logits.append(output.logits[mask.to(output.logits.device)].to(device))
+            logits.append(output.logits[current.on("measured", output.logits.device)].to(device))
             shifted = torch.full_like(batch["labels"], IGNORE_INDEX)
             shifted[:, :-1] = batch["labels"][:, 1:]
             next_tokens.append(shifted[mask])
@@ -187,23 +204,13 @@ class ClippingProbe:
     def __init__(self, model: torch.nn.Module, image_token_id: int) -> None:
         self.model, self.image_token_id = model, image_token_id
         self.stats: dict[str, dict] = {}
-        self._positions: dict[str, torch.Tensor] = {}  # "image" / "text" -> (batch, sequence) mask of this batch
-        self._on_device: dict[tuple[str, torch.device], torch.Tensor] = {}
+        self._positions = BatchMasks()  # this batch's image and text positions, (batch, sequence)
         self._handles: list = []
 
     def observe(self, batch: dict) -> None:
         ids = batch["input_ids"]
-        self._positions = {"image": ids == self.image_token_id,
-                           "text": batch["attention_mask"].bool() & (ids != self.image_token_id)}  # fmt: skip
-        self._on_device = {}
-
-    def _mask(self, where: str, device: torch.device) -> torch.Tensor:
-        """The batch's `where` positions as (batch, sequence, 1) on `device`, copied there once per batch (a copy
-        from host memory in every layer's hook waited for the GPU each time)."""
-        key = (where, device)
-        if key not in self._on_device:
-            self._on_device[key] = self._positions[where].to(device).unsqueeze(-1)
-        return self._on_device[key]
+        self._positions = BatchMasks(image=ids == self.image_token_id,
+                                     text=batch["attention_mask"].bool() & (ids != self.image_token_id))  # fmt: skip
 
     def _hook(self, name: str, quantizer):
         @torch.no_grad()
@@ -219,7 +226,7 @@ class ClippingProbe:
                     entry[f"{where}_clipped"] = torch.zeros((), dtype=torch.int64, device=x.device)
                     entry[f"{where}_values"] = torch.zeros((), dtype=torch.int64, device=x.device)
             for where in ("image", "text"):
-                mask = self._mask(where, x.device)  # (batch, sequence, 1) against (batch, sequence, features)
+                mask = self._positions.on(where, x.device).unsqueeze(-1)  # against (batch, sequence, features)
                 entry[f"{where}_max"] = torch.maximum(entry[f"{where}_max"], torch.where(mask, x, 0.0).amax())
                 entry[f"{where}_clipped"] += ((x > entry["amax"]) & mask).sum()
                 entry[f"{where}_values"] += mask.sum() * x.shape[-1]
