@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,6 +23,9 @@ from quantsuite.vllm.verdict import (
     decide,
     fuse_like_vllm,
     model_free_verdict,
+    reference_generate,
+    reference_scores,
+    same_length_groups,
     teacher_forced,
 )
 from tests.vllm import left_running
@@ -352,6 +356,40 @@ def test_teacher_forced_metrics():
     other = {"sequences": [{"actual_logprobs": [-1.5, -2.0], "top1": [3, 5]}]}
     assert teacher_forced(reference, other) == {"logprob_mae": 0.25, "logprob_p99": 0.5, "top1_agreement": 0.5,
                                                 "positions": 2, "sequence_error_sums": [0.5]}  # fmt: skip
+
+
+class _PrefixModel(torch.nn.Module):
+    """A stand-in language model whose logits at a position depend on the tokens up to it and on the width of the
+    forward's input: a row padded, or moved to another row, gets other scores. It records each forward's shape."""
+
+    def __init__(self, vocab: int = 32) -> None:
+        super().__init__()
+        self.embedding = torch.nn.Embedding(vocab, vocab)
+        self.shapes: list[tuple[int, ...]] = []
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        self.shapes.append(tuple(input_ids.shape))
+        return SimpleNamespace(logits=self.embedding(input_ids).cumsum(1) + 0.1 * input_ids.shape[1])
+
+
+def test_the_reference_scores_each_sequence_as_it_scores_alone():
+    """The PyTorch reference runs sequences of one length together, without padding (`same_length_groups`): each
+    sequence's scores, and each greedy prompt's tokens, are what a forward of it alone gives, in the order given,
+    in fewer forwards than sequences. Planted faults: right-padding the rows, or returning them in group order."""
+    torch.manual_seed(0)
+    model = _PrefixModel()
+    sequences = [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11], [2, 4, 6, 8, 10], [3, 1, 4, 1, 5, 9], [7, 7, 7, 7, 7]]
+    groups = same_length_groups(sequences, size=2)
+    assert groups == [[0, 2], [4], [1, 3]]  # one length per group, at most `size`, every index once
+    device = torch.device("cpu")
+    model.shapes.clear()
+    together = reference_scores(model, sequences, device)
+    assert len(model.shapes) == len(same_length_groups(sequences)) < len(sequences)
+    alone = [reference_scores(model, [sequence], device)["sequences"][0] for sequence in sequences]
+    assert together["sequences"] == alone
+    prompts = sequences[:3]
+    assert reference_generate(model, prompts, 3, device) == [reference_generate(model, [prompt], 3, device)[0]
+                                                             for prompt in prompts]  # fmt: skip
 
 
 def test_the_error_ratio_standard_error_resamples_sequences_paired():
