@@ -23,8 +23,6 @@ from quantsuite.stages.export import Exports
 from quantsuite.stages.scheme import Schemes
 from quantsuite.timing import STAGE_TIMES
 
-FORWARD = "drift: forward passes, fake quant + export"
-
 
 class Drift:
     """Measurements under `drift/<key>` (key: the export's key + evaluation data + code), published as
@@ -68,10 +66,11 @@ class Drift:
         context = self.context
         batches, device = context.batches("evaluation"), context.device
         images = context.batches("evaluation", images=True)
-        with STAGE_TIMES.measure(FORWARD):
+        with STAGE_TIMES.measure("drift: forward passes, fake quant"):
             fake = capture(quantized, batches, device)  # (a): measured before anything touches the export
-            fake_images, clipping = None, []
-            if images:  # one pass gives the image prompts' logits and the clipping at their image positions
+        fake_images, clipping = None, []
+        if images:  # one pass gives the image prompts' logits and the clipping at their image positions
+            with STAGE_TIMES.measure("drift: forward passes, fake quant, image prompts + clipping"):
                 with ClippingProbe(quantized, context.tokenizer.convert_tokens_to_ids("<|image_pad|>")) as probe:
                     fake_images = capture(quantized, images, device, before_batch=probe.observe)
                 clipping = probe.rows()
@@ -79,7 +78,7 @@ class Drift:
             fidelity = export_fidelity(quantized, export_dir)
         # a model spread over several GPUs (device_map="auto") is reloaded spread the same way
         reloaded = load_export(export_dir, device, device_map=spread_device_map(quantized))
-        with STAGE_TIMES.measure(FORWARD):
+        with STAGE_TIMES.measure("drift: forward passes, export"):
             exported = capture(reloaded, batches, device)  # (b)
             exported_images = capture(reloaded, images, device) if images else None
         del reloaded
