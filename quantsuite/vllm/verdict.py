@@ -142,8 +142,8 @@ REFERENCE_BATCH = 8  # sequences of one length per forward of the PyTorch refere
 
 def same_length_groups(sequences: list[list[int]], size: int = REFERENCE_BATCH) -> list[list[int]]:
     """Indices of `sequences` in groups of at most `size` sequences of one length: the reference runs a group as
-    one forward without padding, so each row computes what it would alone (a padded row does not: on CPU the
-    logits of a sequence padded from 12 to 20 tokens moved by up to 0.06)."""
+    one forward without padding, so each row computes what it would alone; padding moves a row's logits (a GEMM
+    of other shape: reports/bounds/README.md, session 39)."""
     by_length: dict[int, list[int]] = {}
     for index, sequence in enumerate(sequences):
         by_length.setdefault(len(sequence), []).append(index)
