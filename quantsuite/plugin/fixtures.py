@@ -3,6 +3,7 @@ export and drift, and vLLM's environment and service; each benchmark's timing ha
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,14 @@ def catalog(pytestconfig):
 @pytest.fixture(scope="session")
 def model_spec(pytestconfig: pytest.Config) -> ModelSpec:
     return settings(pytestconfig).model_spec
+
+
+@pytest.fixture(scope="session")
+def small_model_spec(model_spec: ModelSpec) -> ModelSpec:
+    """The tiny model on the run's device and dtype: for the tests of size-free logic (how the cache keeps, drops
+    and rebuilds exports) that build a fresh cache from nothing, which at the 3B shape made them the slowest rows
+    of the GPU nightly's machinery step (reports/profile-gpu-h200-nightly/README.md, gpu-39)."""
+    return dataclasses.replace(model_spec, name="tiny")
 
 
 @pytest.fixture(scope="session")

@@ -42,20 +42,20 @@ def test_a_drift_test_served_from_the_cache_builds_no_export(pytestconfig, workb
 
 
 @pytest.mark.uses_schemes("default", "fp8_all_layers")
-def test_a_catalog_reader_keeps_no_export_it_built_only_for_drift(tmp_path, model_spec, data_config, catalog):
+def test_a_catalog_reader_keeps_no_export_it_built_only_for_drift(tmp_path, small_model_spec, data_config, catalog):
     """The research studies and the nested-scheme check read every catalog scheme's drift; on a cache without it
     (a fresh runner, the other shard's schemes) each built the scheme's export and kept it: 4-6 GiB a scheme at 3B,
     enough to fill a 64 GiB runner (gpu-37). With keep_export=False such an export goes once its drift is measured,
     and an export that was there before stays. Planted: keeping the built export fails the first check."""
     from quantsuite.pipeline import Workbench
 
-    bench = Workbench(model_spec, data_config, catalog, tmp_path / "cache", tmp_path / "reports")
+    bench = Workbench(small_model_spec, data_config, catalog, tmp_path / "cache", tmp_path / "reports")
     there_before, read_once = catalog.scheme("default"), catalog.scheme("fp8_all_layers")
     kept = bench.exports.path(there_before)
     for scheme in (there_before, read_once):
         bench.drift.measure(scheme, keep_export=False)
     assert not bench.exports.is_built(read_once), bench.context.cache.events
     assert bench.exports.is_built(there_before) and kept.is_dir()
-    later = Workbench(model_spec, data_config, catalog, tmp_path / "cache", tmp_path / "reports")
+    later = Workbench(small_model_spec, data_config, catalog, tmp_path / "cache", tmp_path / "reports")
     assert later.drift.measure(read_once)["scheme"] == "fp8_all_layers"  # served from the cache: no export
     assert not later.exports.is_built(read_once)

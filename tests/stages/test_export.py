@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
@@ -13,20 +12,11 @@ from quantsuite.pipeline import Workbench
 pytestmark = pytest.mark.export
 
 
-@pytest.fixture
-def small_model(model_spec):
-    """The tiny model on the run's device and dtype, for the tests that build a fresh cache to see how exports are
-    kept, dropped and rebuilt: that logic is the same at any model size, and at the 3B shape each of these tests
-    built its exports from nothing, the slowest rows of the GPU nightly's machinery step
-    (reports/profile-gpu-h200-nightly/README.md, gpu-39)."""
-    return dataclasses.replace(model_spec, name="tiny")
-
-
 @pytest.mark.uses_schemes("default")
 @pytest.mark.parametrize("damage", ["truncate", "unfinished"])
-def test_corrupt_or_half_written_export_is_rebuilt(tmp_path, small_model, data_config, catalog, damage):
+def test_corrupt_or_half_written_export_is_rebuilt(tmp_path, small_model_spec, data_config, catalog, damage):
     scheme = catalog.scheme("default")  # a plain scheme: no scoring pass in the fresh cache
-    bench = Workbench(small_model, data_config, catalog, tmp_path / "cache", tmp_path / "reports")
+    bench = Workbench(small_model_spec, data_config, catalog, tmp_path / "cache", tmp_path / "reports")
     path = bench.exports.path(scheme)
     good = (path / "model.safetensors").read_bytes()
     if damage == "truncate":
@@ -36,7 +26,7 @@ def test_corrupt_or_half_written_export_is_rebuilt(tmp_path, small_model, data_c
     else:
         (path / ".complete").unlink()  # a crash mid-build: the directory is never read
         assert not bench.context.cache.is_complete("exports", path.name)
-    again = Workbench(small_model, data_config, catalog, tmp_path / "cache", tmp_path / "reports")
+    again = Workbench(small_model_spec, data_config, catalog, tmp_path / "cache", tmp_path / "reports")
     rebuilt = again.exports.path(scheme)
     assert rebuilt == path and (rebuilt / "model.safetensors").read_bytes() == good
     assert any(e.startswith(("rebuilt exports/", "built exports/")) for e in again.context.cache.events)
@@ -53,8 +43,8 @@ def test_tensor_bytes_come_from_the_export_and_its_pointer_says_the_same(workben
 
 
 @pytest.mark.uses_schemes("bf16", "default")
-def test_drop_keeps_the_bf16_reference(tmp_path, small_model, data_config, catalog):
-    bench = Workbench(small_model, data_config, catalog, tmp_path / "cache", tmp_path / "reports")
+def test_drop_keeps_the_bf16_reference(tmp_path, small_model_spec, data_config, catalog):
+    bench = Workbench(small_model_spec, data_config, catalog, tmp_path / "cache", tmp_path / "reports")
     reference, plain = catalog.scheme("bf16"), catalog.scheme("default")
     kept, dropped = bench.exports.path(reference), bench.exports.path(plain)
     bench.exports.drop(reference)
@@ -64,11 +54,11 @@ def test_drop_keeps_the_bf16_reference(tmp_path, small_model, data_config, catal
 
 
 @pytest.mark.uses_schemes("bf16", "default")
-def test_rebuild_builds_a_schemes_export_in_its_place_and_leaves_the_bf16_reference(tmp_path, small_model, data_config,
-                                                                                    catalog):  # fmt: skip
+def test_rebuild_builds_a_schemes_export_in_its_place_and_leaves_the_bf16_reference(tmp_path, small_model_spec,
+                                                                                    data_config, catalog):  # fmt: skip
     """What the export benchmark times: a scheme's export built afresh where the later tests find it (one build,
     not one beside it); the BF16 reference's, read by every worker, is built beside it and left as it was."""
-    bench = Workbench(small_model, data_config, catalog, tmp_path / "cache", tmp_path / "reports")
+    bench = Workbench(small_model_spec, data_config, catalog, tmp_path / "cache", tmp_path / "reports")
     reference, plain = catalog.scheme("bf16"), catalog.scheme("default")
     kept, built = bench.exports.path(reference), bench.exports.path(plain)
     for directory in (kept, built):
