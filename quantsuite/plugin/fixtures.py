@@ -32,9 +32,9 @@ def model_spec(pytestconfig: pytest.Config) -> ModelSpec:
 
 @pytest.fixture(scope="session")
 def small_model_spec(model_spec: ModelSpec) -> ModelSpec:
-    """The tiny model on the run's device and dtype: for the tests of size-free logic (how the cache keeps, drops
-    and rebuilds exports) that build a fresh cache from nothing, which at the 3B shape made them the slowest rows
-    of the GPU nightly's machinery step (reports/profile-gpu-h200-nightly/README.md, gpu-39)."""
+    """The tiny model on the run's device and dtype, for the tests of size-free logic that build a fresh cache from
+    nothing (how the cache reuses scores, keeps, drops and rebuilds exports): at the 3B shape they were the slowest
+    rows of the GPU nightly's machinery step (reports/profile-gpu-h200-nightly/README.md, gpu-39)."""
     return dataclasses.replace(model_spec, name="tiny")
 
 

@@ -15,19 +15,20 @@ pytestmark = pytest.mark.autoquant
 
 
 @pytest.mark.uses_schemes("top25", "top50")
-def test_second_scheme_and_second_run_reuse_scores(tmp_path, monkeypatch, model_spec, data_config, catalog):
-    """One scoring pass serves every scheme sharing (model, data, formats, method); a new run reuses the cache."""
+def test_second_scheme_and_second_run_reuse_scores(tmp_path, monkeypatch, small_model_spec, data_config, catalog):
+    """One scoring pass serves every scheme sharing (model, data, formats, method); a new run reuses the cache.
+    On the tiny model whatever the run's (a fresh cache: at the 3B shape a cold scoring pass of its own)."""
     import modelopt.torch.quantization as mtq
 
     calls = []
     original = mtq.auto_quantize
     monkeypatch.setattr(mtq, "auto_quantize", lambda *a, **k: calls.append(1) or original(*a, **k))
-    first = Workbench(model_spec, data_config, catalog, tmp_path / "cache", tmp_path / "reports")
+    first = Workbench(small_model_spec, data_config, catalog, tmp_path / "cache", tmp_path / "reports")
     top25, top50 = catalog.scheme("top25"), catalog.scheme("top50")
     assert not first.schemes.result(top25).reused
     assert not first.schemes.result(top50).reused
     assert len(calls) == 1 and first.scores.runs == 1
-    second = Workbench(model_spec, data_config, catalog, tmp_path / "cache", tmp_path / "reports")
+    second = Workbench(small_model_spec, data_config, catalog, tmp_path / "cache", tmp_path / "reports")
     again = second.schemes.result(top50)
     assert again.reused and second.scores.runs == 0 and len(calls) == 1
     assert again.manifest == first.schemes.result(top50).manifest
