@@ -23,6 +23,7 @@ from quantsuite.vllm.verdict import (
     decide,
     fuse_like_vllm,
     model_free_verdict,
+    reference_batch,
     reference_generate,
     reference_scores,
     same_length_groups,
@@ -93,11 +94,12 @@ def test_noise_floor_is_small(workbench, vllm_python, vllm_service):
 @vllm
 def test_grouping_the_reference_moves_it_by_less_than_a_tenth_of_the_noise_floor(workbench, vllm_python,
                                                                                    vllm_service):  # fmt: skip
-    """The verdict's PyTorch reference runs the sequences of one length in one forward (`same_length_groups`); one
-    sequence at a time its GEMMs would have other shapes, and on some kernels other roundings. On the BF16 export
-    the two arrangements must differ by at most a tenth of the noise floor (vLLM against the reference), so that
-    the arrangement cannot move a verdict on this device. Planted: right-padded groups of 8 in place of the
-    same-length ones fail it on CPU (reports/bounds/README.md, session 39)."""
+    """The verdict's PyTorch reference may run the sequences of one length in one forward (`same_length_groups`,
+    on the device types of REFERENCE_BATCH); one sequence at a time its GEMMs have other shapes, and on some kernels
+    other roundings. On the BF16 export the two arrangements must differ by at most a tenth of the noise floor (vLLM
+    against the reference), so that the arrangement cannot move a verdict on this device: what turns grouping on
+    for a device type. Planted: right-padded groups of 8 in place of the same-length ones fail it on CPU
+    (reports/bounds/README.md, session 39)."""
     check = workbench.vllm.backend(vllm_python)
     reference = workbench.context.reference_scheme()
     floor = workbench.vllm.check(reference, check, vllm_service)
@@ -107,8 +109,8 @@ def test_grouping_the_reference_moves_it_by_less_than_a_tenth_of_the_noise_floor
     workbench.vllm.close_engines("scheme")  # as the verdict's reference takes the device
     workbench.context.release()
     model = load_export(workbench.exports.path(reference), device)
-    grouped = reference_scores(model, sequences, device)
-    alone = {"sequences": [reference_scores(model, [sequence], device)["sequences"][0] for sequence in sequences]}
+    grouped = reference_scores(model, sequences, device, batch=8)
+    alone = reference_scores(model, sequences, device, batch=1)
     del model
     moved, noise = teacher_forced(alone, grouped)["logprob_mae"], floor["teacher_forced"]["logprob_mae"]
     assert moved <= 0.1 * noise, f"grouping moved the BF16 reference by MAE {moved:.3g}, {moved / noise:.2f}x the floor"
@@ -407,13 +409,14 @@ def test_the_reference_scores_each_sequence_as_it_scores_alone():
     assert groups == [[0, 2], [4], [1, 3]]  # one length per group, at most `size`, every index once
     device = torch.device("cpu")
     model.shapes.clear()
-    together = reference_scores(model, sequences, device)
-    assert len(model.shapes) == len(same_length_groups(sequences)) < len(sequences)
+    together = reference_scores(model, sequences, device, batch=8)
+    assert len(model.shapes) == len(same_length_groups(sequences, 8)) < len(sequences)
     alone = [reference_scores(model, [sequence], device)["sequences"][0] for sequence in sequences]
-    assert together["sequences"] == alone
+    assert together["sequences"] == alone == reference_scores(model, sequences, device, batch=1)["sequences"]
     prompts = sequences[:3]
-    assert reference_generate(model, prompts, 3, device) == [reference_generate(model, [prompt], 3, device)[0]
-                                                             for prompt in prompts]  # fmt: skip
+    assert reference_generate(model, prompts, 3, device, batch=8) == [reference_generate(model, [prompt], 3, device)[0]
+                                                                      for prompt in prompts]  # fmt: skip
+    assert reference_batch(device) > 1 and reference_batch(torch.device("cuda")) == 1  # until measured there
 
 
 def test_the_error_ratio_standard_error_resamples_sequences_paired():

@@ -137,10 +137,18 @@ def fuse_like_vllm(model: torch.nn.Module) -> int:
     return changed
 
 
-REFERENCE_BATCH = 8  # sequences of one length per forward of the PyTorch reference
+# Sequences of one length per forward of the PyTorch reference, by device type; one at a time elsewhere. Grouping
+# changes the GEMMs' shapes: it is on where test_grouping_the_reference_moves_it_by_less_than_a_tenth_of_the_noise_floor
+# has passed (reports/bounds/README.md, session 39), and not yet on CUDA, where cuBLAS picks its kernels by shape.
+REFERENCE_BATCH = {"cpu": 8}
 
 
-def same_length_groups(sequences: list[list[int]], size: int = REFERENCE_BATCH) -> list[list[int]]:
+def reference_batch(device: torch.device) -> int:
+    """How many sequences of one length the reference runs in one forward on `device` (REFERENCE_BATCH)."""
+    return REFERENCE_BATCH.get(device.type, 1)
+
+
+def same_length_groups(sequences: list[list[int]], size: int) -> list[list[int]]:
     """Indices of `sequences` in groups of at most `size` sequences of one length: the reference runs a group as
     one forward without padding, so each row computes what it would alone; padding moves a row's logits (a GEMM
     of other shape: reports/bounds/README.md, session 39)."""
@@ -161,11 +169,13 @@ def _row_scores(logits: torch.Tensor, ids: torch.Tensor, keep: torch.Tensor | No
 
 
 @torch.no_grad()
-def reference_scores(model: torch.nn.Module, sequences: list[list[int]], device: torch.device) -> dict:
+def reference_scores(model: torch.nn.Module, sequences: list[list[int]], device: torch.device,
+                     batch: int | None = None) -> dict:  # fmt: skip
     """What `score` returns, computed by the PyTorch reference: per position, the logprob of the actual next
-    token and the top-1 token (sequences of one length share a forward: `same_length_groups`)."""
+    token and the top-1 token; `batch` sequences of one length share a forward (`same_length_groups`; default
+    `reference_batch(device)`)."""
     results: list[dict] = [{}] * len(sequences)
-    for group in same_length_groups(sequences):
+    for group in same_length_groups(sequences, batch or reference_batch(device)):
         ids = torch.tensor([sequences[index] for index in group], device=device)
         logits = model(input_ids=ids).logits[:, :-1].float()
         for row, index in enumerate(group):
@@ -247,12 +257,12 @@ def decide(metrics: dict, floor: dict, bound: float = NOISE_FACTOR, source: str 
 
 
 @torch.no_grad()
-def reference_generate(model: torch.nn.Module, prompts: list[list[int]], max_tokens: int,
-                       device: torch.device) -> list[dict]:  # fmt: skip
-    """Greedy decoding in PyTorch (no EOS stop, like the vLLM run) with the chosen tokens' logprobs; prompts of
-    one length decode together (`same_length_groups`: they stay of one length)."""
+def reference_generate(model: torch.nn.Module, prompts: list[list[int]], max_tokens: int, device: torch.device,
+                       batch: int | None = None) -> list[dict]:  # fmt: skip
+    """Greedy decoding in PyTorch (no EOS stop, like the vLLM run) with the chosen tokens' logprobs; `batch`
+    prompts of one length decode together (as in `reference_scores`: they stay of one length)."""
     outputs: list[dict] = [{}] * len(prompts)
-    for group in same_length_groups(prompts):
+    for group in same_length_groups(prompts, batch or reference_batch(device)):
         ids = torch.tensor([prompts[index] for index in group], device=device)
         tokens: list[list[int]] = [[] for _ in group]
         logprobs: list[list[float]] = [[] for _ in group]
