@@ -416,7 +416,7 @@ def test_the_reference_scores_each_sequence_as_it_scores_alone():
     prompts = sequences[:3]
     assert reference_generate(model, prompts, 3, device, batch=8) == [reference_generate(model, [prompt], 3, device)[0]
                                                                       for prompt in prompts]  # fmt: skip
-    assert reference_batch(device) > 1 and reference_batch(torch.device("cuda")) == 1  # until measured there
+    assert reference_batch(device) > 1  # the CPU reference groups (REFERENCE_BATCH)
 
 
 def test_the_error_ratio_standard_error_resamples_sequences_paired():
