@@ -67,7 +67,7 @@ def capture(model: torch.nn.Module, batches: list[dict], device: torch.device,
     each forward pass (a ClippingProbe's `observe`: its hooks record the same pass)."""
     decoder = language_model(model)
     stores: dict[str, list[torch.Tensor]] = {}
-    masks: list[torch.Tensor] = []
+    rows_before = 0  # the batches' rows so far: captions are numbered across batches
 
     def hook(name: str):
         def record(_module, _inputs, output):
@@ -82,7 +82,6 @@ def capture(model: torch.nn.Module, batches: list[dict], device: torch.device,
     try:
         for batch in batches:
             mask = batch.get("measure_mask", batch["attention_mask"]).bool()
-            masks.append(mask)
             current = BatchMasks(measured=mask)
             if before_batch is not None:
                 before_batch(batch)
@@ -91,8 +90,8 @@ def capture(model: torch.nn.Module, batches: list[dict], device: torch.device,
             shifted = torch.full_like(batch["labels"], IGNORE_INDEX)
             shifted[:, :-1] = batch["labels"][:, 1:]
             next_tokens.append(shifted[mask])
-            first_row = sum(done.shape[0] for done in masks[:-1])
-            sequences.append(torch.arange(first_row, first_row + mask.shape[0]).unsqueeze(1).expand_as(mask)[mask])
+            sequences.append(torch.arange(rows_before, rows_before + mask.shape[0]).unsqueeze(1).expand_as(mask)[mask])
+            rows_before += mask.shape[0]
     finally:
         for handle in handles:
             handle.remove()
