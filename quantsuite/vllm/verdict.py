@@ -270,9 +270,10 @@ def reference_generate(model: torch.nn.Module, prompts: list[list[int]], max_tok
             logits = model(input_ids=ids).logits[:, -1].float()
             log_softmax = torch.log_softmax(logits, dim=-1)
             chosen = logits.argmax(-1)
-            for row, token in enumerate(chosen.tolist()):
+            picked = log_softmax.gather(1, chosen[:, None])[:, 0]  # read from the device once a step, not per row
+            for row, (token, logprob) in enumerate(zip(chosen.tolist(), picked.tolist(), strict=True)):
                 tokens[row].append(token)
-                logprobs[row].append(float(log_softmax[row, token]))
+                logprobs[row].append(logprob)
             ids = torch.cat([ids, chosen[:, None]], dim=1)
         for row, index in enumerate(group):
             outputs[index] = {"token_ids": tokens[row], "logprobs": logprobs[row]}
