@@ -98,8 +98,9 @@ def test_grouping_the_reference_moves_it_by_less_than_a_tenth_of_the_noise_floor
     on the device types of REFERENCE_BATCH); one sequence at a time its GEMMs have other shapes, and on some kernels
     other roundings. On the BF16 export the two arrangements must differ by at most a tenth of the noise floor (vLLM
     against the reference), so that the arrangement cannot move a verdict on this device: what turns grouping on
-    for a device type. Planted: right-padded groups of 8 in place of the same-length ones fail it on CPU
-    (reports/bounds/README.md, session 39)."""
+    for a device type. Where REFERENCE_BATCH keeps a device type one at a time and the move is larger, it xfails
+    with the figure (CUDA: reports/bounds/README.md, session 40). Planted: right-padded groups of 8 in place of the
+    same-length ones fail it on CPU (session 39)."""
     check = workbench.vllm.backend(vllm_python)
     reference = workbench.context.reference_scheme()
     floor = workbench.vllm.check(reference, check, vllm_service)
@@ -114,6 +115,9 @@ def test_grouping_the_reference_moves_it_by_less_than_a_tenth_of_the_noise_floor
     del model
     moved, noise = teacher_forced(alone, grouped)["logprob_mae"], floor["teacher_forced"]["logprob_mae"]
     print(f"{device}: grouped against one at a time MAE {moved:.3g}, floor {noise:.3g}, {moved / noise:.3f}x")
+    if reference_batch(device) == 1 and moved > 0.1 * noise:  # why grouping is off on this device type
+        pytest.xfail(f"the reference runs one sequence at a time on {device.type}: grouping would move it by MAE "
+                     f"{moved:.3g}, {moved / noise:.2f}x the floor")  # fmt: skip
     assert moved <= 0.1 * noise, f"grouping moved the BF16 reference by MAE {moved:.3g}, {moved / noise:.2f}x the floor"
 
 

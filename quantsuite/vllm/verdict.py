@@ -139,7 +139,7 @@ def fuse_like_vllm(model: torch.nn.Module) -> int:
 
 # Sequences of one length per forward of the PyTorch reference, by device type; one at a time elsewhere. Grouping
 # changes the GEMMs' shapes: it is on where test_grouping_the_reference_moves_it_by_less_than_a_tenth_of_the_noise_floor
-# has passed (reports/bounds/README.md, session 39), and not yet on CUDA, where cuBLAS picks its kernels by shape.
+# passes (reports/bounds/README.md, session 39), and off on CUDA, where that check failed (session 40).
 REFERENCE_BATCH = {"cpu": 8}
 
 
