@@ -114,11 +114,11 @@ def test_grouping_the_reference_moves_it_by_less_than_a_tenth_of_the_noise_floor
     alone = reference_scores(model, sequences, device, batch=1)
     del model
     moved, noise = teacher_forced(alone, grouped)["logprob_mae"], floor["teacher_forced"]["logprob_mae"]
-    print(f"{device}: grouped against one at a time MAE {moved:.3g}, floor {noise:.3g}, {moved / noise:.3f}x")
+    figure = f"MAE {moved:.3g}, {moved / noise:.3f}x the floor ({noise:.3g})"
+    print(f"{device}: grouped against one at a time: {figure}")
     if reference_batch(device) == 1 and moved > 0.1 * noise:  # why grouping is off on this device type
-        pytest.xfail(f"the reference runs one sequence at a time on {device.type}: grouping would move it by MAE "
-                     f"{moved:.3g}, {moved / noise:.2f}x the floor")  # fmt: skip
-    assert moved <= 0.1 * noise, f"grouping moved the BF16 reference by MAE {moved:.3g}, {moved / noise:.2f}x the floor"
+        pytest.xfail(f"the reference runs one sequence at a time on {device.type}: grouping would move it by {figure}")
+    assert moved <= 0.1 * noise, f"grouping moved the BF16 reference by {figure}"
 
 
 @pytest.fixture(scope="module")
