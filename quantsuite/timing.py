@@ -114,3 +114,41 @@ class StageTimes:
 
 
 STAGE_TIMES = StageTimes()  # this process's table (a profiler's state: stages add to it, the conftest reads it)
+
+
+class SchemeTimes:
+    """Seconds of each scheme's tests (set-up, call and teardown summed), in the order the schemes first ran, and
+    of the tests of no scheme: what one scheme costs a run, its first-in-the-process costs included.
+
+    >>> times = SchemeTimes()
+    >>> times.add("top50", "tests/test_drift.py::test_drift[top50]", 2.0)
+    >>> times.add("top50", "tests/test_vllm_compat.py::test_vllm[cuda-top50]", 3.0)
+    >>> times.add(None, "tests/test_cache.py::test_lock", 0.5)
+    >>> [round(times.seconds(scheme), 1) for scheme in times.schemes()]
+    [5.0, 0.5]
+    """
+
+    def __init__(self) -> None:
+        self._tests: dict[str | None, dict[str, float]] = {}  # scheme -> test id -> seconds
+
+    def add(self, scheme: str | None, test: str, seconds: float) -> None:
+        tests = self._tests.setdefault(scheme, {})
+        tests[test] = tests.get(test, 0.0) + seconds
+
+    def schemes(self) -> list[str | None]:
+        return list(self._tests)
+
+    def seconds(self, scheme: str | None) -> float:
+        return sum(self._tests.get(scheme, {}).values())
+
+    def lines(self) -> list[str]:
+        """The table in run order, tests of no scheme last; each scheme's slowest test named."""
+        order = [scheme for scheme in self._tests if scheme is not None] + ([None] if None in self._tests else [])
+        lines = [f"{'scheme':<36} {'seconds':>9} {'tests':>6}  slowest test"]
+        for scheme in order:
+            tests = self._tests[scheme]
+            slowest = max(tests, key=tests.get)
+            name = scheme if scheme is not None else "(tests of no scheme)"
+            lines.append(f"{name:<36} {self.seconds(scheme):9.1f} {len(tests):6d}  "
+                         f"{slowest.partition('::')[2]} {tests[slowest]:.1f} s")  # fmt: skip
+        return lines

@@ -122,3 +122,21 @@ def test_a_span_timed_by_the_caller_counts_once(clock):
         clock.now += 5
         times.add("wait for another worker's exports", 3.0)
     assert times.as_dict() == {"build drift": [2.0, 1, 0], "wait for another worker's exports": [3.0, 1, 0]}
+
+
+def test_scheme_times_sum_each_schemes_tests_in_run_order():
+    """Each test's phases add up under its scheme; schemes in the order they first ran, tests of no scheme last, each
+    scheme's slowest test named. Planted: a phase counted under another scheme, or a test counted twice, moves a sum."""
+    from quantsuite.timing import SchemeTimes
+
+    times = SchemeTimes()
+    reports = [("top50", "t.py::test_drift[top50]", 1.0), (None, "t.py::test_lock", 0.25),
+               ("top50", "t.py::test_drift[top50]", 2.0), ("bf16", "t.py::test_vllm[cpu-bf16]", 4.0),
+               ("top50", "t.py::test_vllm[cpu-top50]", 0.5)]  # fmt: skip
+    for scheme, test, seconds in reports:
+        times.add(scheme, test, seconds)
+    assert times.schemes() == ["top50", None, "bf16"]
+    assert [times.seconds(scheme) for scheme in ("top50", "bf16", None)] == [3.5, 4.0, 0.25]
+    lines = times.lines()
+    assert [line.split()[0] for line in lines[1:]] == ["top50", "bf16", "(tests"]
+    assert lines[1].split()[1:3] == ["3.5", "2"] and lines[1].endswith("test_drift[top50] 3.0 s")

@@ -5,7 +5,7 @@
 - `session`: the run's settings, checked once at start-up and built once per process (`settings(config)`);
 - `collection`: scheme and vLLM-check parametrization, --scheme selection, order, xdist work units;
 - `fixtures`: the session fixtures (Workbench, fake-quant model, export, vLLM service);
-- `summary`: time per stage, artifacts, and the run's report at the end.
+- `summary`: time per stage and per scheme, artifacts, and the run's report at the end.
 
 The root conftest loads them (`pytest_plugins`); the steps of a run are in scripts/test.sh and scripts/nightly.sh.
 """

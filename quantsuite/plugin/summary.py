@@ -1,5 +1,5 @@
-"""What a run tells at its end: time per stage over all xdist workers, the artifacts built or reused, and
-reports/<run-id>/report.md joined from the JSON this run left."""
+"""What a run tells at its end: time per stage over all xdist workers, time per scheme (each scheme's tests), the
+artifacts built or reused, and reports/<run-id>/report.md joined from the JSON this run left."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from quantsuite.plugin.collection import schemes_named
 from quantsuite.plugin.session import WANT_REPORT, WORKBENCH, settings
+from quantsuite.timing import SchemeTimes
 
 WORKER_STAGE_TIMES = pytest.StashKey[list]()
 SESSION_STARTED = pytest.StashKey[float]()
@@ -16,6 +18,24 @@ SESSION_STARTED = pytest.StashKey[float]()
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     session.config.stash[SESSION_STARTED] = time.perf_counter()
+    if not hasattr(session.config, "workerinput"):  # the controller gets every worker's test reports too
+        session.config.pluginmanager.register(SchemeTimer(session.config), "quantsuite-scheme-times")
+
+
+class SchemeTimer:
+    """Each test's set-up, call and teardown seconds under the first scheme its id names (`schemes_named`): the
+    "quantsuite time per scheme" table at the end, from this process's reports or, under xdist, its workers'."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.times = SchemeTimes()
+        self._names_by_key: dict[str, str] | None = None
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if self._names_by_key is None:
+            self._names_by_key = settings(self.config).catalog.names_by_key()
+        scheme = next(iter(schemes_named(report.nodeid, self._names_by_key)), None)
+        self.times.add(scheme, report.nodeid, report.duration)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -63,6 +83,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     if stage_lines:
         terminalreporter.section("quantsuite time per stage")
         for line in stage_lines:
+            terminalreporter.write_line(line)
+    timer = config.pluginmanager.get_plugin("quantsuite-scheme-times")
+    if timer is not None and any(scheme is not None for scheme in timer.times.schemes()):
+        terminalreporter.section("quantsuite time per scheme")
+        terminalreporter.write_line("each scheme's tests, set-up + call + teardown, in the order the schemes ran")
+        for line in timer.times.lines():
             terminalreporter.write_line(line)
     bench = config.stash.get(WORKBENCH, None)
     if bench is None or not bench.context.cache.events:
