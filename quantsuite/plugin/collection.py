@@ -51,6 +51,12 @@ def schemes_named(nodeid: str, names_by_key: Mapping[str, str]) -> list[str]:
     return [names_by_key[param] for param in params if param in names_by_key]
 
 
+def first_scheme_named(nodeid: str, names_by_key: Mapping[str, str]) -> str | None:
+    """The scheme a test id belongs to: the first its parameters name (`schemes_named`), None for a test of no
+    scheme. Its xdist work unit, its place in the run's order and its row of the time-per-scheme table follow it."""
+    return next(iter(schemes_named(nodeid, names_by_key)), None)
+
+
 def schemes_built(item: pytest.Item, names_by_key: Mapping[str, str]) -> set[str]:
     """Every catalog scheme a test builds: those its parameters name (`schemes_named`) and those its
     `uses_schemes` marks name (a test of the machinery that uses top50 as its vehicle, a planted fault on top50's
@@ -73,7 +79,7 @@ def scheduling_group(nodeid: str, names_by_key: Mapping[str, str]) -> str:
     then run at once, one per worker, as they did in every CI run so far (xdist_group marks had never taken
     effect; serializing them made the first CI pass 53 min instead of 21)."""
     path, _, name = nodeid.partition("::")
-    scheme = next(iter(schemes_named(nodeid, names_by_key)), None)
+    scheme = first_scheme_named(nodeid, names_by_key)
     uses_vllm = path in VLLM_TEST_MODULES or name.startswith("test_vllm_speed")
     if uses_vllm and scheme is None:
         return "vllm"
@@ -165,8 +171,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             config.hook.pytest_deselected(items=drop)
             items[:] = keep
     _keep_shard(config, items, names_by_key)
-    items[:] = scheme_major_order(items, lambda item: next(iter(schemes_named(item.nodeid, names_by_key)), None),
-                                  _place_in_scheme)
+    items[:] = scheme_major_order(items, lambda item: first_scheme_named(item.nodeid, names_by_key), _place_in_scheme)
     config.stash[WANT_REPORT] = any(m.name in STAGE_MARKERS for item in items for m in item.iter_markers())
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from quantsuite.plugin.collection import schemes_named
+from quantsuite.plugin.collection import first_scheme_named
 from quantsuite.plugin.session import WANT_REPORT, WORKBENCH, settings
 from quantsuite.timing import SchemeTimes
 
@@ -23,7 +23,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 
 class SchemeTimer:
-    """Each test's set-up, call and teardown seconds under the first scheme its id names (`schemes_named`): the
+    """Each test's set-up, call and teardown seconds under the scheme its id belongs to (`first_scheme_named`): the
     "quantsuite time per scheme" table at the end, from this process's reports or, under xdist, its workers'."""
 
     def __init__(self, config: pytest.Config) -> None:
@@ -34,7 +34,7 @@ class SchemeTimer:
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if self._names_by_key is None:
             self._names_by_key = settings(self.config).catalog.names_by_key()
-        scheme = next(iter(schemes_named(report.nodeid, self._names_by_key)), None)
+        scheme = first_scheme_named(report.nodeid, self._names_by_key)
         self.times.add(scheme, report.nodeid, report.duration)
 
 
