@@ -19,22 +19,20 @@ SESSION_STARTED = pytest.StashKey[float]()
 def pytest_sessionstart(session: pytest.Session) -> None:
     session.config.stash[SESSION_STARTED] = time.perf_counter()
     if not hasattr(session.config, "workerinput"):  # the controller gets every worker's test reports too
-        session.config.pluginmanager.register(SchemeTimer(session.config), "quantsuite-scheme-times")
+        names_by_key = settings(session.config).catalog.names_by_key()
+        session.config.pluginmanager.register(SchemeTimer(names_by_key), "quantsuite-scheme-times")
 
 
 class SchemeTimer:
     """Each test's set-up, call and teardown seconds under the scheme its id belongs to (`first_scheme_named`): the
     "quantsuite time per scheme" table at the end, from this process's reports or, under xdist, its workers'."""
 
-    def __init__(self, config: pytest.Config) -> None:
-        self.config = config
+    def __init__(self, names_by_key: dict[str, str]) -> None:
+        self.names_by_key = names_by_key
         self.times = SchemeTimes()
-        self._names_by_key: dict[str, str] | None = None
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        if self._names_by_key is None:
-            self._names_by_key = settings(self.config).catalog.names_by_key()
-        scheme = first_scheme_named(report.nodeid, self._names_by_key)
+        scheme = first_scheme_named(report.nodeid, self.names_by_key)
         self.times.add(scheme, report.nodeid, report.duration)
 
 

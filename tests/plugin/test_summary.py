@@ -11,10 +11,8 @@ from quantsuite.plugin import summary
 
 
 @pytest.fixture
-def timer(monkeypatch) -> summary.SchemeTimer:
-    catalog = load_catalog()
-    monkeypatch.setattr(summary, "settings", lambda config: SimpleNamespace(catalog=catalog))
-    return summary.SchemeTimer(SimpleNamespace())
+def timer() -> summary.SchemeTimer:
+    return summary.SchemeTimer(load_catalog().names_by_key())
 
 
 def test_each_tests_phases_count_under_the_first_scheme_its_id_names(timer):
@@ -34,10 +32,11 @@ def test_each_tests_phases_count_under_the_first_scheme_its_id_names(timer):
     assert [times.seconds(name) for name in times.schemes()] == [4.75, 1.0, 0.125, 2.0]
 
 
-def test_only_the_controller_keeps_the_table():
+def test_only_the_controller_keeps_the_table(monkeypatch):
     """Under xdist the controller gets every worker's test reports, so a worker keeping a table too would be a
     second, partial one: only a process that is not a worker registers the timer."""
     registered = []
+    monkeypatch.setattr(summary, "settings", lambda config: SimpleNamespace(catalog=load_catalog()))
 
     def session(workerinput: bool) -> SimpleNamespace:
         config = SimpleNamespace(stash={}, pluginmanager=SimpleNamespace(register=lambda *a: registered.append(a)))
