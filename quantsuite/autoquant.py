@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from quantsuite.catalog import VISION_PATTERN, SchemeSpec, block_index
+from quantsuite.catalog import SchemeSpec, block_index, vision_tower_off
 from quantsuite.data import model_inputs
 
 NO_QUANT = "NONE"
@@ -286,7 +286,7 @@ def calibrate_kv_cache(model: torch.nn.Module, kv_preset: str, batches: list[dic
     import modelopt.torch.quantization as mtq
 
     entries = copy.deepcopy(getattr(mtq, kv_preset))["quant_cfg"]
-    entries.append({"quantizer_name": VISION_PATTERN, "enable": False})
+    entries.append(vision_tower_off())
     mtq.set_quantizer_by_cfg(model, entries)
     with mtq.set_quantizer_by_cfg_context(model, [{"quantizer_name": "*", "enable": False}, *entries]):
         mtq.calibrate(model, algorithm="max", forward_loop=calibrate_loop(batches, device, "Calibrating KV cache"))

@@ -28,6 +28,14 @@ from quantsuite.formats import FORMATS, ExportFormat
 
 CATALOG_PATH = PROJECT_ROOT / "schemes.yaml"
 VISION_PATTERN = "*visual*"
+
+
+def vision_tower_off() -> dict:
+    """The quant_cfg entry that keeps the vision tower BF16: its quantizers off and holding no format. Off alone is
+    not enough: ModelOpt 0.47's Conv3d takes its NVFP4 implicit-GEMM kernel whenever both its quantizers are
+    configured NVFP4, enabled or not, so under the NVFP4 preset the patch embedding was computed by another kernel
+    than the BF16 model's (and that kernel is compiled on first use)."""
+    return {"quantizer_name": VISION_PATTERN, "cfg": {"num_bits": 8, "block_sizes": None}, "enable": False}
 LM_HEAD_PATTERN = "*lm_head*"
 BLOCK_PATTERN = re.compile(r"(?:^|\.)language_model\.layers\.(\d+)\.")  # an LM decoder block's modules
 
@@ -197,7 +205,7 @@ class FormatSpec(Strict):
                 {"quantizer_name": f"{LM_HEAD_PATTERN}{kind}_quantizer", "enable": True} for kind in ("weight", "input")
             ]
         entries += [{"quantizer_name": f"{pattern}quantizer", "enable": False} for pattern in self.exclude_modules]
-        entries.append({"quantizer_name": VISION_PATTERN, "enable": False})
+        entries.append(vision_tower_off())
         return {"quant_cfg": entries, "algorithm": config["algorithm"]}
 
 

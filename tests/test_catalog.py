@@ -7,7 +7,7 @@ import copy
 import pytest
 import yaml
 
-from quantsuite.catalog import CATALOG_PATH, SchemeError, dump_catalog, load_catalog, parse_catalog
+from quantsuite.catalog import CATALOG_PATH, SchemeError, dump_catalog, load_catalog, parse_catalog, vision_tower_off
 
 
 @pytest.fixture
@@ -119,11 +119,34 @@ def test_format_quant_config_keeps_vision_disabled_last():
     catalog = load_catalog()
     for name, spec in catalog.formats.items():
         entries = spec.quant_config()["quant_cfg"]
-        assert entries[-1] == {"quantizer_name": "*visual*", "enable": False}, name
+        assert entries[-1] == vision_tower_off() and not entries[-1]["enable"], name
     mlp_only = catalog.formats["FP8_MLP_ONLY"].quant_config()["quant_cfg"]
     assert {"quantizer_name": "*self_attn*quantizer", "enable": False} in mlp_only
     kv = catalog.formats["FP8_KV_CACHE"].quant_config()["quant_cfg"]
     assert any(entry["quantizer_name"] == "*[kv]_bmm_quantizer" for entry in kv)
+
+
+def test_under_every_format_the_vision_tower_takes_no_quantized_kernel():
+    """Each format's config applied to the tiny model (quantizers inserted, nothing calibrated: no CUDA needed):
+    every vision quantizer is off and holds no block format, and no vision Conv3d takes ModelOpt's NVFP4
+    implicit-GEMM kernel, which it took under the NVFP4 preset with its quantizers off (the patch embedding then
+    differed from the BF16 model's on CUDA, and a fresh machine compiled that kernel: run gpu-50)."""
+    import modelopt.torch.quantization as mtq
+
+    from quantsuite.models import ModelSpec, load_model
+
+    bf16 = load_model(ModelSpec("tiny", device="cpu")).model
+    formatted, implicit_gemm = {}, {}
+    for name, spec in load_catalog().formats.items():
+        config = spec.quant_config() | {"algorithm": None}  # the quantizers as configured, none calibrated
+        model = mtq.quantize(copy.deepcopy(bf16), config, forward_loop=None)
+        vision = {n: m for n, m in model.named_modules() if n.startswith("model.visual.")}
+        quantizers = {n: m for n, m in vision.items() if isinstance(m, mtq.nn.TensorQuantizer)}
+        assert quantizers, name  # the vision tower's layers were wrapped: the check looks at something
+        formatted[name] = [n for n, q in quantizers.items() if q.is_enabled or q.block_sizes]
+        implicit_gemm[name] = [n for n, m in vision.items() if getattr(m, "_should_use_implicit_gemm", bool)()]
+    assert not {name: layers for name, layers in implicit_gemm.items() if layers}
+    assert not {name: len(layers) for name, layers in formatted.items() if layers}
 
 
 def test_every_handled_preset_is_a_preset_of_the_installed_modelopt():
