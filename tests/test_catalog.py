@@ -126,27 +126,42 @@ def test_format_quant_config_keeps_vision_disabled_last():
     assert any(entry["quantizer_name"] == "*[kv]_bmm_quantizer" for entry in kv)
 
 
-def test_under_every_format_the_vision_tower_takes_no_quantized_kernel():
-    """Each format's config applied to the tiny model (quantizers inserted, nothing calibrated: no CUDA needed):
-    every vision quantizer is off and holds no block format, and no vision Conv3d takes ModelOpt's NVFP4
-    implicit-GEMM kernel, which it took under the NVFP4 preset with its quantizers off (the patch embedding then
-    differed from the BF16 model's on CUDA, and a fresh machine compiled that kernel: run gpu-50)."""
+def test_under_every_format_the_vision_tower_computes_what_the_bf16_one_does():
+    """Each format's config applied to the tiny model (quantizers inserted, nothing calibrated: no CUDA needed): the
+    vision tower's output on random patches (4 attention windows) is the BF16 model's bit for bit, every vision
+    quantizer is off and holds no block format, and no vision Conv3d takes ModelOpt's NVFP4 implicit-GEMM kernel.
+    It took that kernel under the NVFP4 preset with its quantizers off: the patch embedding then differed from the
+    BF16 model's on CUDA, and a fresh machine compiled the kernel on its first image prompt (run gpu-50)."""
     import modelopt.torch.quantization as mtq
+    import torch
 
     from quantsuite.models import ModelSpec, load_model
 
     bf16 = load_model(ModelSpec("tiny", device="cpu")).model
-    formatted, implicit_gemm = {}, {}
+    vision = bf16.model.visual.config
+    patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    patches = torch.randn(256, patch, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    grid = torch.tensor([[1, 16, 16]])
+
+    def vision_output(model) -> torch.Tensor:
+        with torch.no_grad():
+            return model.model.visual(patches, grid_thw=grid).pooler_output
+
+    expected = vision_output(bf16)
+    formatted, implicit_gemm, moved = {}, {}, []
     for name, spec in load_catalog().formats.items():
         config = spec.quant_config() | {"algorithm": None}  # the quantizers as configured, none calibrated
         model = mtq.quantize(copy.deepcopy(bf16), config, forward_loop=None)
-        vision = {n: m for n, m in model.named_modules() if n.startswith("model.visual.")}
-        quantizers = {n: m for n, m in vision.items() if isinstance(m, mtq.nn.TensorQuantizer)}
+        modules = {n: m for n, m in model.named_modules() if n.startswith("model.visual.")}
+        quantizers = {n: m for n, m in modules.items() if isinstance(m, mtq.nn.TensorQuantizer)}
         assert quantizers, name  # the vision tower's layers were wrapped: the check looks at something
         formatted[name] = [n for n, q in quantizers.items() if q.is_enabled or q.block_sizes]
-        implicit_gemm[name] = [n for n, m in vision.items() if getattr(m, "_should_use_implicit_gemm", bool)()]
+        implicit_gemm[name] = [n for n, m in modules.items() if getattr(m, "_should_use_implicit_gemm", bool)()]
+        if not implicit_gemm[name] and not torch.equal(vision_output(model), expected):
+            moved.append(name)
     assert not {name: layers for name, layers in implicit_gemm.items() if layers}
     assert not {name: len(layers) for name, layers in formatted.items() if layers}
+    assert not moved
 
 
 def test_every_handled_preset_is_a_preset_of_the_installed_modelopt():
