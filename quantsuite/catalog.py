@@ -28,6 +28,8 @@ from quantsuite.formats import FORMATS, ExportFormat
 
 CATALOG_PATH = PROJECT_ROOT / "schemes.yaml"
 VISION_PATTERN = "*visual*"
+LM_HEAD_PATTERN = "*lm_head*"
+BLOCK_PATTERN = re.compile(r"(?:^|\.)language_model\.layers\.(\d+)\.")  # an LM decoder block's modules
 
 
 def vision_tower_off() -> dict:
@@ -36,8 +38,6 @@ def vision_tower_off() -> dict:
     configured NVFP4, enabled or not, so under the NVFP4 preset the patch embedding was computed by another kernel
     than the BF16 model's (and that kernel is compiled on first use)."""
     return {"quantizer_name": VISION_PATTERN, "cfg": {"num_bits": 8, "block_sizes": None}, "enable": False}
-LM_HEAD_PATTERN = "*lm_head*"
-BLOCK_PATTERN = re.compile(r"(?:^|\.)language_model\.layers\.(\d+)\.")  # an LM decoder block's modules
 
 
 def block_index(module_name: str) -> int | None:
