@@ -126,18 +126,23 @@ def test_format_quant_config_keeps_vision_disabled_last():
     assert any(entry["quantizer_name"] == "*[kv]_bmm_quantizer" for entry in kv)
 
 
-def test_under_every_format_the_vision_tower_computes_what_the_bf16_one_does():
-    """Each format's config applied to the tiny model (quantizers inserted, nothing calibrated: no CUDA needed): the
-    vision tower's output on random patches (4 attention windows) is the BF16 model's bit for bit, every vision
-    quantizer is off and holds no block format, and no vision Conv3d takes ModelOpt's NVFP4 implicit-GEMM kernel.
-    It took that kernel under the NVFP4 preset with its quantizers off: the patch embedding then differed from the
-    BF16 model's on CUDA, and a fresh machine compiled the kernel on its first image prompt (run gpu-50)."""
+def test_every_format_config_changes_nothing_but_what_it_quantizes(workbench):
+    """Each format's config applied to the tiny model (quantizers inserted, nothing calibrated: no CUDA needed):
+    - as configured, the vision tower's output on random patches (4 attention windows) is the BF16 model's bit for
+      bit, no vision quantizer is on or holds a block format, and no vision Conv3d takes ModelOpt's NVFP4
+      implicit-GEMM kernel. It took that kernel under the NVFP4 preset with its quantizers off: the patch embedding
+      then differed from the BF16 model's on CUDA, and a fresh machine compiled the kernel on its first image prompt
+      (run gpu-50);
+    - with every quantizer off, ModelOpt's wrapped model gives the BF16 model's logits bit for bit on a text batch
+      and an image-prompt batch: what the drift figures measure is quantization, not the wrappers."""
     import modelopt.torch.quantization as mtq
     import torch
 
-    from quantsuite.models import ModelSpec, load_model
+    from quantsuite.divergence import capture
 
-    bf16 = load_model(ModelSpec("tiny", device="cpu")).model
+    context = workbench.context
+    bf16 = context.load().model
+    batches = context.batches("evaluation")[:1] + context.batches("evaluation", images=True)[:1]
     vision = bf16.model.visual.config
     patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
     patches = torch.randn(256, patch, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
@@ -147,8 +152,8 @@ def test_under_every_format_the_vision_tower_computes_what_the_bf16_one_does():
         with torch.no_grad():
             return model.model.visual(patches, grid_thw=grid).pooler_output
 
-    expected = vision_output(bf16)
-    formatted, implicit_gemm, moved = {}, {}, []
+    expected_vision, expected = vision_output(bf16), capture(bf16, batches, context.device)
+    formatted, implicit_gemm, vision_moved, logits_moved = {}, {}, [], []
     for name, spec in load_catalog().formats.items():
         config = spec.quant_config() | {"algorithm": None}  # the quantizers as configured, none calibrated
         model = mtq.quantize(copy.deepcopy(bf16), config, forward_loop=None)
@@ -157,11 +162,17 @@ def test_under_every_format_the_vision_tower_computes_what_the_bf16_one_does():
         assert quantizers, name  # the vision tower's layers were wrapped: the check looks at something
         formatted[name] = [n for n, q in quantizers.items() if q.is_enabled or q.block_sizes]
         implicit_gemm[name] = [n for n, m in modules.items() if getattr(m, "_should_use_implicit_gemm", bool)()]
-        if not implicit_gemm[name] and not torch.equal(vision_output(model), expected):
-            moved.append(name)
+        if implicit_gemm[name]:
+            continue  # its Conv3d needs CUDA
+        if not torch.equal(vision_output(model), expected_vision):
+            vision_moved.append(name)
+        mtq.disable_quantizer(model, "*")
+        if not torch.equal(capture(model, batches, context.device).logits, expected.logits):
+            logits_moved.append(name)
     assert not {name: layers for name, layers in implicit_gemm.items() if layers}
     assert not {name: len(layers) for name, layers in formatted.items() if layers}
-    assert not moved
+    assert not vision_moved
+    assert not logits_moved
 
 
 def test_every_handled_preset_is_a_preset_of_the_installed_modelopt():
