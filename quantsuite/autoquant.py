@@ -228,7 +228,6 @@ class Resolution:
 
 def resolve_config(state: dict, scheme: SchemeSpec) -> Resolution:
     """Per-scheme decisions from one stored search state (no model, no data: a pure function of the scores)."""
-    import modelopt.torch.quantization as mtq
     from modelopt.torch.quantization.algorithms import _resolve_best_recipe
 
     groups = group_scores(state)
@@ -254,11 +253,19 @@ def resolve_config(state: dict, scheme: SchemeSpec) -> Resolution:
             quantized = {name: score for name, score in group["scores"].items() if name != NO_QUANT}
             pick = min(quantized, key=quantized.get) if group["block"] in chosen and quantized else NO_QUANT
             recipes[hparam] = group["recipes"][pick]
-    replay = copy.copy(state)
-    replay["best"] = dict(state["best"], recipe=recipes)
-    config = mtq.get_auto_quantize_config(replay)
+    config = picks_config(state, recipes)
     group_formats = {hparam: recipe_name(recipe) for hparam, recipe in recipes.items()}
     return Resolution(config, group_formats, sensitivity, chosen, solver, groups)
+
+
+def picks_config(state: dict, recipes: dict) -> dict:
+    """The `mtq.quantize` config ModelOpt builds for `recipes` (group hparam -> QuantRecipe) picked over the search
+    state `state`: its `get_auto_quantize_config` replaying them as the search's best."""
+    import modelopt.torch.quantization as mtq
+
+    replay = copy.copy(state)
+    replay["best"] = dict(state["best"], recipe=recipes)
+    return mtq.get_auto_quantize_config(replay)
 
 
 @torch.no_grad()

@@ -126,21 +126,36 @@ def test_format_quant_config_keeps_vision_disabled_last():
     assert any(entry["quantizer_name"] == "*[kv]_bmm_quantizer" for entry in kv)
 
 
-def test_every_format_config_changes_nothing_but_what_it_quantizes(workbench):
-    """Each format's config applied to the tiny model (quantizers inserted, nothing calibrated: no CUDA needed):
+def test_every_format_config_changes_nothing_but_what_it_quantizes(workbench, catalog):
+    """Each format's config, and AutoQuant's for each preset picked in every layer group the search offered it
+    (ModelOpt's `get_auto_quantize_config` replaying top50's search state, as `resolve_config` builds a scheme's;
+    NVFP4 picks, eb7's, are scored on CUDA only), applied to the tiny model (quantizers inserted, nothing
+    calibrated: no CUDA needed):
     - as configured, the vision tower's output on random patches (4 attention windows) is the BF16 model's bit for
       bit, no vision quantizer is on or holds a block format, and no vision Conv3d takes ModelOpt's NVFP4
       implicit-GEMM kernel. It took that kernel under the NVFP4 preset with its quantizers off: the patch embedding
       then differed from the BF16 model's on CUDA, and a fresh machine compiled the kernel on its first image prompt
       (run gpu-50);
     - with every quantizer off, ModelOpt's wrapped model gives the BF16 model's logits bit for bit on a text batch
-      and an image-prompt batch: what the drift figures measure is quantization, not the wrappers."""
+      and an image-prompt batch: what the drift figures measure is quantization, not the wrappers.
+    Planted (session 42): AutoQuant's config with the vision tower's quantizers off but holding NVFP4 fails for every
+    preset, naming the patch embedding; NVFP4 picked in the vision tower's groups fails naming its kernel."""
     import modelopt.torch.quantization as mtq
     import torch
+    from modelopt.torch.quantization.algorithms import QuantRecipe
 
+    from quantsuite.autoquant import NO_QUANT, group_scores, picks_config
+    from quantsuite.catalog import PRESET_ALGORITHMS
     from quantsuite.divergence import capture
 
     context = workbench.context
+    configs = {name: spec.quant_config() for name, spec in catalog.formats.items()}
+    state, _ = workbench.scores.state(workbench.scores.plan(catalog.scheme("top50")))
+    groups = group_scores(state)
+    for preset in PRESET_ALGORITHMS:  # picked where the search offered a format (not the vision tower, not lm_head)
+        picks = {hparam: QuantRecipe(preset) if set(group["recipes"]) != {NO_QUANT} else group["recipes"][NO_QUANT]
+                 for hparam, group in groups.items()}  # fmt: skip
+        configs[f"AutoQuant {preset}"] = picks_config(state, picks)
     bf16 = context.load().model
     batches = context.batches("evaluation")[:1] + context.batches("evaluation", images=True)[:1]
     vision = bf16.model.visual.config
@@ -154,16 +169,16 @@ def test_every_format_config_changes_nothing_but_what_it_quantizes(workbench):
 
     expected_vision, expected = vision_output(bf16), capture(bf16, batches, context.device)
     formatted, implicit_gemm, vision_moved, logits_moved = {}, {}, [], []
-    for name, spec in load_catalog().formats.items():
-        config = spec.quant_config() | {"algorithm": None}  # the quantizers as configured, none calibrated
+    for name, config in configs.items():
+        config = config | {"algorithm": None}  # the quantizers as configured, none calibrated
         model = mtq.quantize(copy.deepcopy(bf16), config, forward_loop=None)
         modules = {n: m for n, m in model.named_modules() if n.startswith("model.visual.")}
         quantizers = {n: m for n, m in modules.items() if isinstance(m, mtq.nn.TensorQuantizer)}
         assert quantizers, name  # the vision tower's layers were wrapped: the check looks at something
         formatted[name] = [n for n, q in quantizers.items() if q.is_enabled or q.block_sizes]
         implicit_gemm[name] = [n for n, m in modules.items() if getattr(m, "_should_use_implicit_gemm", bool)()]
-        if implicit_gemm[name]:
-            continue  # its Conv3d needs CUDA
+        if implicit_gemm[name] or formatted[name]:
+            continue  # fails below; its Conv3d or its vision quantizers' block formats may need CUDA
         if not torch.equal(vision_output(model), expected_vision):
             vision_moved.append(name)
         mtq.disable_quantizer(model, "*")
