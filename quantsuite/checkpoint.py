@@ -484,7 +484,7 @@ def _load_export(export_dir: Path, device: torch.device | str, dtype: torch.dtyp
     return model.to(device).eval()
 
 
-def _effective_input_scale(model: torch.nn.Module, name: str, tensors: dict, hub: str) -> torch.Tensor | None:
+def effective_input_scale(model: torch.nn.Module, name: str, tensors: dict, hub: str) -> torch.Tensor | None:
     """The per-input factor an export layer applies before its weight: its stored pre_quant_scale, or, where
     ModelOpt folded it into the preceding norm (q/k/v, gate/up), that norm's exported weight / the model's."""
     if f"{hub}.pre_quant_scale" in tensors:
@@ -593,7 +593,7 @@ def export_fidelity(model: torch.nn.Module, export_dir: Path) -> dict:
                 stored = {suffix: tensor.to(fake.device) for suffix, tensor in layer_tensors(tensors, hub,
                                                                                             layer_spec).items()}
                 exported = layer_spec.dequantize(stored)  # on the model's device: a GPU compares 3B weights in ~1 s
-                factor = _effective_input_scale(model, name, tensors, hub) if layer_spec.pre_quant_scale else None
+                factor = effective_input_scale(model, name, tensors, hub) if layer_spec.pre_quant_scale else None
                 exported = exported if factor is None else exported * factor.to(fake.device).reshape(1, -1)
                 mismatch = int(((exported - fake).abs() > fake.abs() / 32 + 1e-12).sum())
                 differing, total = differing + mismatch, total + fake.numel()

@@ -13,6 +13,7 @@ from quantsuite.checkpoint import (
     ExportError,
     _excluded,
     check_export,
+    effective_input_scale,
     export_rule_weights,
     fused_groups,
     hub_name,
@@ -203,13 +204,13 @@ def test_the_export_rules_explain_an_awq_export(workbench, catalog, name):
     group = [n for n, _ in model.named_modules() if ".layers.0.self_attn." in n and n.endswith(("q_proj", "k_proj",
                                                                                                 "v_proj"))]  # fmt: skip
     spec = FORMATS[_quant_algo(workbench, scheme)]
-    norm = model.get_submodule(group[0].replace("self_attn.q_proj", "input_layernorm")).weight.float()
-    folded = tensors[hub_name(group[0]).replace("self_attn.q_proj", "input_layernorm") + ".weight"].float() / norm
+    folded = effective_input_scale(model, group[0], tensors, hub_name(group[0]))  # the AWQ factor in input_layernorm
 
     def differing(expected: list[torch.Tensor]) -> float:
         shares = []
-        for layer, weight in zip(group, expected, strict=True):
-            exported = spec.dequantize(layer_tensors(tensors, hub_name(layer), spec)) * folded.reshape(1, -1)
+        for layer, weight in zip(group, expected, strict=True):  # on the model's device, the export's on the CPU
+            stored = {key: t.to(weight.device) for key, t in layer_tensors(tensors, hub_name(layer), spec).items()}
+            exported = spec.dequantize(stored) * folded.to(weight.device).reshape(1, -1)
             shares.append(float(((exported - weight).abs() > weight.abs() / 32 + 1e-12).float().mean()))
         return max(shares)
 
