@@ -451,7 +451,8 @@ def _load_export(export_dir: Path, device: torch.device | str, dtype: torch.dtyp
         spec = FORMATS[algorithm]
         parent_name, _, child = memory_name(layer).rpartition(".")
         parent = model.get_submodule(parent_name)
-        present = layer_tensors(tensors, layer, spec)
+        # dequantized where the model runs: on a GPU, not on the host's cores (reports/profile-gpu-h200-nightly, gpu-51)
+        present = {suffix: tensor.to(device) for suffix, tensor in layer_tensors(tensors, layer, spec).items()}
         missing, unexpected = spec.tensor_name_problems(stored_suffixes(tensors, layer, spec))
         if missing:
             raise ExportError(f"{export_dir}: {algorithm} layer {layer} lacks {missing}")
@@ -459,8 +460,8 @@ def _load_export(export_dir: Path, device: torch.device | str, dtype: torch.dtyp
             raise ExportError(f"{export_dir}: {layer} stores {unexpected}, which quant_algo {algorithm} does not "
                               "have")  # fmt: skip
         bias = tensors.get(f"{layer}.bias")
-        module = _quantized_module(spec, present, None if bias is None else bias.to(dtype), dtype)
-        setattr(parent, child, module.to(device))
+        module = _quantized_module(spec, present, None if bias is None else bias.to(device, dtype), dtype)
+        setattr(parent, child, module)
         used.update(f"{layer}.{suffix}" for suffix in present)
         used.update([f"{layer}.bias"] if bias is not None else [])
     kv_scales = sorted(name for name in tensors if name.endswith((".k_scale", ".v_scale")))

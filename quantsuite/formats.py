@@ -102,12 +102,20 @@ def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     return x.float().reshape(*x.shape[:-1], x.shape[-1] // block, block)
 
 
+def powers_of_two(exponent: torch.Tensor) -> torch.Tensor:
+    """float32 2^k for integer-valued k in [-127, 127] (E8M0's range), built from the bits: exact on every device,
+    where exp2 is only as exact as the device's math library."""
+    k = exponent.to(torch.int32)
+    bits = torch.where(k > -127, (k + 127) << 23, torch.full_like(k, 1 << 22))  # 2^-127 is a float32 subnormal
+    return bits.view(torch.float32)
+
+
 def fake_mxfp8(x: torch.Tensor, block: int = 32) -> torch.Tensor:
     """MXFP8 at run time: per block of 32, scale 2^ceil(log2(amax / 448)) (E8M0, exponent in [-127, 127])."""
     blocks = _blocks(x, block)
     amax = blocks.abs().amax(dim=-1, keepdim=True)
     exponent = torch.where(amax > 0, torch.ceil(torch.log2(amax / FP8_MAX)), torch.full_like(amax, -127.0))
-    scale = torch.exp2(exponent.clamp(-127, 127))
+    scale = powers_of_two(exponent.clamp(-127, 127))
     return ((blocks / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).float() * scale).reshape(x.shape)
 
 
@@ -198,7 +206,7 @@ class ExportFormat:
         else:
             codes = fp4_values(weight)
         if self.scale_dtype == "U8":  # E8M0: a power of two, exponent biased by 127
-            scale = torch.exp2(scale.float() - 127)
+            scale = powers_of_two(scale.float() - 127)
         scale = scale.float()
         if self.weight_scale == "block":
             scale = blockwise(scale, self.block_size or 1)

@@ -19,6 +19,7 @@ from quantsuite.formats import (
     fake_nvfp4,
     fp4_values,
     int4_rows,
+    powers_of_two,
     round_to_fp4,
 )
 
@@ -61,6 +62,45 @@ def test_mxfp8_scale_is_a_power_of_two_per_block():
     fake = fake_mxfp8(block[None])
     scale = 2.0 ** torch.ceil(torch.log2(block.abs().max() / 448))
     assert torch.equal(fake, (block / scale).to(torch.float8_e4m3fn).float()[None] * scale)
+
+
+def test_e8m0_scales_are_exact_powers_of_two():
+    """MXFP8's E8M0 scales decode to 2^k exactly, subnormal 2^-127 included (built from the bits, not exp2)."""
+    k = torch.arange(-127, 128, dtype=torch.float32)
+    mantissa, exponent = torch.frexp(powers_of_two(k))
+    assert torch.equal(mantissa, torch.full_like(k, 0.5)) and torch.equal(exponent, k.int() + 1)
+
+
+def _random_layer(spec, out_features: int, in_features: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """One layer's export tensors of `spec` with random codes and positive scales (E8M0 exponents near 2^0)."""
+    tensors = {}
+    for name, (dtype, shape) in spec.tensors(out_features, in_features).items():
+        if dtype == "U8":
+            low, high = (120, 135) if name == "weight_scale" else (0, 256)
+            tensors[name] = torch.randint(low, high, shape, dtype=torch.uint8, generator=generator)
+        elif dtype == "I8":
+            tensors[name] = torch.randint(-128, 128, shape, dtype=torch.int8, generator=generator)
+        else:
+            value = torch.rand(shape, generator=generator) + 0.01
+            value = value * 448 * torch.sign(torch.randn(shape, generator=generator)) if name == "weight" else value
+            torch_dtype = {"F8_E4M3": torch.float8_e4m3fn, "F32": torch.float32, "BF16": torch.bfloat16}[dtype]
+            tensors[name] = value.to(torch_dtype)
+    return tensors
+
+
+@pytest.mark.export
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: compares its decoding with the CPU's")
+@pytest.mark.parametrize("algorithm", sorted(FORMATS))
+def test_a_gpu_dequantizes_every_format_to_the_cpus_bits(algorithm):
+    """An export's reload dequantizes on the model's device (checkpoint._load_export): a GPU must read the same
+    weights as the CPU did, bit for bit, in float32 and after the cast to bf16."""
+    spec = FORMATS[algorithm]
+    tensors = _random_layer(spec, 256, 512, torch.Generator().manual_seed(0))
+    cpu = spec.dequantize(tensors)
+    gpu = spec.dequantize({name: tensor.cuda() for name, tensor in tensors.items()}).cpu()
+    assert torch.equal(cpu.view(torch.int32), gpu.view(torch.int32)), (cpu != gpu).sum()
+    assert torch.equal(cpu.bfloat16().view(torch.int16), gpu.bfloat16().view(torch.int16))
 
 
 def test_nvfp4_block_scale_in_units_of_the_global_scale():
