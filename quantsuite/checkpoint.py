@@ -374,9 +374,12 @@ def read_tensors(export_dir: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def layer_tensors(tensors: dict[str, torch.Tensor], layer: str, spec: ExportFormat) -> dict[str, torch.Tensor]:
-    """The format's tensors of one exported layer (suffix -> tensor), those present."""
-    return {suffix: tensors[f"{layer}.{suffix}"] for suffix in spec.tensors(1, 1) if f"{layer}.{suffix}" in tensors}
+def layer_tensors(tensors: dict[str, torch.Tensor], layer: str, spec: ExportFormat,
+                  device: torch.device | str | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The format's tensors of one exported layer (suffix -> tensor), those present; on `device` if given (decoded
+    where the model runs: on a GPU, not on the host's cores, reports/profile-gpu-h200-nightly, gpu-51)."""
+    return {suffix: tensors[f"{layer}.{suffix}"].to(device) for suffix in spec.tensors(1, 1)
+            if f"{layer}.{suffix}" in tensors}  # fmt: skip
 
 
 def layer_algorithms(export_dir: Path, tensors: dict) -> dict[str, str]:
@@ -451,8 +454,7 @@ def _load_export(export_dir: Path, device: torch.device | str, dtype: torch.dtyp
         spec = FORMATS[algorithm]
         parent_name, _, child = memory_name(layer).rpartition(".")
         parent = model.get_submodule(parent_name)
-        # dequantized where the model runs: on a GPU, not on the host's cores (reports/profile-gpu-h200-nightly, gpu-51)
-        present = {suffix: tensor.to(device) for suffix, tensor in layer_tensors(tensors, layer, spec).items()}
+        present = layer_tensors(tensors, layer, spec, device)
         missing, unexpected = spec.tensor_name_problems(stored_suffixes(tensors, layer, spec))
         if missing:
             raise ExportError(f"{export_dir}: {algorithm} layer {layer} lacks {missing}")
@@ -591,8 +593,7 @@ def export_fidelity(model: torch.nn.Module, export_dir: Path) -> dict:
             expected = export_rule_weights([model.get_submodule(name) for name in group], layer_spec)
             for name, fake in zip(group, expected, strict=True):
                 hub = hub_name(name)
-                stored = {suffix: tensor.to(fake.device) for suffix, tensor in layer_tensors(tensors, hub,
-                                                                                            layer_spec).items()}
+                stored = layer_tensors(tensors, hub, layer_spec, fake.device)
                 exported = layer_spec.dequantize(stored)  # on the model's device: a GPU compares 3B weights in ~1 s
                 factor = effective_input_scale(model, name, tensors, hub) if layer_spec.pre_quant_scale else None
                 exported = exported if factor is None else exported * factor.to(fake.device).reshape(1, -1)

@@ -209,7 +209,7 @@ def test_the_export_rules_explain_an_awq_export(workbench, catalog, name):
     def differing(expected: list[torch.Tensor]) -> float:
         shares = []
         for layer, weight in zip(group, expected, strict=True):  # on the model's device, the export's on the CPU
-            stored = {key: t.to(weight.device) for key, t in layer_tensors(tensors, hub_name(layer), spec).items()}
+            stored = layer_tensors(tensors, hub_name(layer), spec, weight.device)
             exported = spec.dequantize(stored) * folded.to(weight.device).reshape(1, -1)
             shares.append(float(((exported - weight).abs() > weight.abs() / 32 + 1e-12).float().mean()))
         return max(shares)
