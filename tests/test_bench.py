@@ -29,7 +29,7 @@ from quantsuite.checkpoint import FP8_LINEAR_ALGORITHMS, load_export
 from quantsuite.timing import STAGE_TIMES
 
 benchmark_test = pytest.mark.benchmark  # every timing test; the kernel check below runs in the default suite
-PROMPT, NEW_TOKENS = 16, 16
+PROMPT, NEW_TOKENS = 16, int(os.environ.get("QUANTSUITE_BENCH_DECODE_TOKENS", 16))  # CI: 8 (quantsuite/steps.py)
 # Prefill shape: the defaults keep CPU CI fast; on a GPU, eager PyTorch at 4 x 64 tokens is bound by the host
 # (kernel launches), so the nightly also measures a compute-bound shape (e.g. 8 x 1024) where FP8 GEMMs can show.
 BATCH = int(os.environ.get("QUANTSUITE_BENCH_BATCH", 4))
