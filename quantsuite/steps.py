@@ -39,10 +39,12 @@ CI_RUN_ID = "latest-tiny"  # one run id for both passes: the report joins this r
 CI = (
     # everything but the PyTorch benchmarks, each scheme's tests on one worker; the vLLM speed pairs (`paired`) run
     # here, as in the nightly's per-scheme step, in the engines the scheme's verdicts opened (on CPU they are no speed
-    # claim); the score-size study on 3 sizes x 2 draws (6 scoring passes, not the default 18: its checks are the
-    # same; reports/research-studies-tiny-cpu ran all)
+    # claim; vLLM's large-batch and image workloads timed for one scheme, as in the nightly, batch 1 for every one);
+    # the score-size study on 3 sizes x 2 draws (6 scoring passes, not the default 18: its checks are the same;
+    # reports/research-studies-tiny-cpu ran all)
     Step("tests", ("-m", "not benchmark or paired", "--durations=25", "--research-score-sizes=16,64,128",
-                   "--research-draws=0,1"), parallel=True),
+                   "--research-draws=0,1"), parallel=True,
+         env={"QUANTSUITE_VLLM_BATCH_SCHEMES": "fp8_modelopt_default"}),
     # the PyTorch benchmarks in one process (never under xdist); they write their JSON and the run's report; each
     # decode round 8 new tokens, not 16 (eager decode on CPU is ModelOpt's per-call fake quant of every weight)
     Step("benchmarks", ("-m", "benchmark and not paired", "--benchmark-disable-gc", "-p", "no:xdist",
