@@ -16,6 +16,8 @@
 - `host_bound_schemes` reads which schemes' host-bound figures are timed: PyTorch decode (QUANTSUITE_DECODE_SCHEMES)
   and vLLM's large-batch and image workloads (QUANTSUITE_VLLM_BATCH_SCHEMES); prefill and vLLM's batch 1 are timed
   for every scheme.
+- `benchmark_shape` reads the benchmarks' batch, token counts and rounds from QUANTSUITE_BENCH_* (a bad value is one
+  usage error when the run starts).
 - `gate_baseline` keeps, from a previous run's benchmark JSON, the entries stable enough to fail a nightly on
   (the nightly's benchmark step, quantsuite/steps.py, compares against it).
 
@@ -29,6 +31,7 @@ import functools
 import json
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -395,6 +398,38 @@ def decode_step(model: torch.nn.Module, batch_size: int, prompt_length: int, new
         synchronize(device)
 
     return step, batch_size * new_tokens
+
+
+@dataclass(frozen=True)
+class BenchmarkShape:
+    """The PyTorch benchmarks' workload and rounds (docs/benchmarks.md): prefill `batch` x `prefill_tokens`; decode
+    `batch` x `decode_tokens` new tokens after a 16-token prompt; `rounds` timed after `warmup` untimed."""
+
+    batch: int = 4
+    prefill_tokens: int = 64
+    decode_tokens: int = 16
+    rounds: int = 5
+    warmup: int = 2
+
+
+SHAPE_VARIABLES = {"batch": ("QUANTSUITE_BENCH_BATCH", 1), "prefill_tokens": ("QUANTSUITE_BENCH_PREFILL_TOKENS", 1),
+                   "decode_tokens": ("QUANTSUITE_BENCH_DECODE_TOKENS", 1), "rounds": ("QUANTSUITE_BENCH_ROUNDS", 1),
+                   "warmup": ("QUANTSUITE_BENCH_WARMUP", 0)}  # fmt: skip
+
+
+def benchmark_shape(environ: Mapping[str, str]) -> BenchmarkShape:
+    """BenchmarkShape from its variables (SHAPE_VARIABLES; unset or empty: the default); a value that is not a whole
+    number at least the variable's minimum raises ValueError naming the variable, the minimum and the default."""
+    values = {}
+    for name, (variable, minimum) in SHAPE_VARIABLES.items():
+        text = environ.get(variable, "").strip()
+        if not text:
+            continue
+        if not text.isdigit() or int(text) < minimum:
+            raise ValueError(f"{variable}={text!r}: expected a whole number of at least {minimum} (unset: "
+                             f"{getattr(BenchmarkShape, name)})")  # fmt: skip
+        values[name] = int(text)
+    return BenchmarkShape(**values)
 
 
 DECODE_SCHEMES = "QUANTSUITE_DECODE_SCHEMES"

@@ -15,7 +15,9 @@ from quantsuite import PROJECT_ROOT
 from quantsuite.bench import (
     DECODE_SCHEMES,
     VLLM_BATCH_SCHEMES,
+    BenchmarkShape,
     StaticCacheDecoder,
+    benchmark_shape,
     compiled_fp8_support,
     decode_step,
     fp8_matmul_support,
@@ -29,12 +31,12 @@ from quantsuite.checkpoint import FP8_LINEAR_ALGORITHMS, load_export
 from quantsuite.timing import STAGE_TIMES
 
 benchmark_test = pytest.mark.benchmark  # every timing test; the kernel check below runs in the default suite
-PROMPT, NEW_TOKENS = 16, int(os.environ.get("QUANTSUITE_BENCH_DECODE_TOKENS", 16))  # CI: 8 (quantsuite/steps.py)
-# Prefill shape: the defaults keep CPU CI fast; on a GPU, eager PyTorch at 4 x 64 tokens is bound by the host
-# (kernel launches), so the nightly also measures a compute-bound shape (e.g. 8 x 1024) where FP8 GEMMs can show.
-BATCH = int(os.environ.get("QUANTSUITE_BENCH_BATCH", 4))
-PREFILL_TOKENS = int(os.environ.get("QUANTSUITE_BENCH_PREFILL_TOKENS", 64))
-ROUNDS, WARMUP = int(os.environ.get("QUANTSUITE_BENCH_ROUNDS", 5)), int(os.environ.get("QUANTSUITE_BENCH_WARMUP", 2))
+# The shape from the environment, checked when the run starts (a bad value is one usage error, plugin.session). The
+# prefill defaults keep CPU CI fast; on a GPU, eager PyTorch at 4 x 64 tokens is bound by the host (kernel launches),
+# so the nightly also measures a compute-bound shape (e.g. 8 x 1024) where FP8 GEMMs can show.
+SHAPE = benchmark_shape(os.environ)
+PROMPT, NEW_TOKENS = 16, SHAPE.decode_tokens
+BATCH, PREFILL_TOKENS, ROUNDS, WARMUP = SHAPE.batch, SHAPE.prefill_tokens, SHAPE.rounds, SHAPE.warmup
 # Stage-table rows of the benchmark step (its 3B-shape run on an H200, gpu-19, spent 448 s, 74%, outside the named
 # stages: the rounds were 158 s of it, warm-ups and torch.compile the rest)
 ROUNDS_STAGE = "benchmark rounds (with warm-ups, BF16 pairs)"
@@ -357,6 +359,17 @@ def test_a_bad_scheme_list_names_the_fix(catalog, variable, environ, names):
     with pytest.raises(ValueError) as error:
         host_bound_schemes(environ, catalog, [], variable)
     assert all(name in str(error.value) for name in names), str(error.value)
+
+
+def test_the_benchmark_shape_comes_from_its_variables():
+    assert benchmark_shape({}) == BenchmarkShape() == BenchmarkShape(4, 64, 16, 5, 2)
+    assert benchmark_shape({"QUANTSUITE_BENCH_DECODE_TOKENS": " 8 ", "QUANTSUITE_BENCH_WARMUP": "0",
+                            "QUANTSUITE_BENCH_BATCH": ""}) == BenchmarkShape(decode_tokens=8, warmup=0)  # fmt: skip
+    for variable, value, minimum in [("QUANTSUITE_BENCH_DECODE_TOKENS", "0", 1), ("QUANTSUITE_BENCH_ROUNDS", "2.5", 1),
+                                     ("QUANTSUITE_BENCH_WARMUP", "-1", 0), ("QUANTSUITE_BENCH_BATCH", "eight", 1)]:
+        with pytest.raises(ValueError) as error:
+            benchmark_shape({variable: value})
+        assert f"{variable}={value!r}: expected a whole number of at least {minimum}" in str(error.value)
 
 
 @pytest.mark.parametrize("name", ["default", "int4_awq", "mixed_fp8_int4_awq_eb10"])

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from quantsuite.bench import benchmark_shape
 from quantsuite.cache import keep_toolchain_caches
 from quantsuite.catalog import Catalog, load_catalog
 from quantsuite.data import DataConfig
@@ -78,6 +79,7 @@ def pytest_configure(config: pytest.Config) -> None:
         require_samples("scoring + training", max(research.score_sizes), len(splits.scoring + splits.training),
                         "--research-score-sizes")  # fmt: skip
         shard = parse_shard(option("--shard"))
+        benchmark_shape(os.environ)  # read again by tests/test_bench.py, which would fail to import
     except (SchemeError, ModelSourceError, CaptionDataError, VllmSetupError, ValueError) as error:
         raise pytest.UsageError(str(error)) from None
     model_spec = replace(requested, device=worker_device(requested.device))
