@@ -23,6 +23,7 @@
 #                      (real-FP8 prefill at >= 8192 tokens; see GATED_KINDS in quantsuite/bench.py)
 #   QUANTSUITE_BENCH_BATCH / QUANTSUITE_BENCH_PREFILL_TOKENS  prefill shape (default 8 x 1024 here)
 #   QUANTSUITE_BENCH_ROUNDS / QUANTSUITE_BENCH_WARMUP         rounds per benchmark (default 5 / 2)
+#   QUANTSUITE_BENCH_DECODE_TOKENS  new tokens of each PyTorch decode round (default 16)
 #   QUANTSUITE_DECODE_SCHEMES  schemes (comma-separated names or aliases) whose PyTorch decode is timed: fake-quant,
 #                      real-FP8, and batch-1 pairs with BF16, eager and with CUDA graphs (default here
 #                      fp8_modelopt_default: eager decode is host-bound and each compiled pair compiles two whole
