@@ -373,7 +373,9 @@ def markdown(record: BoundsRecord) -> str:
     where = record.measured.get("gpu") or f"CPU {record.measured['cpu']}"
     lines = [f"# Verdict bounds: {record.model} ({record.device})", "", f"Written by `{record.command}` "
              f"({record.measured['date']}, {where}, native ATen capability {record.measured['cpu_capability']}"
-             + (f", {record.measured['vllm']}" if "vllm" in record.measured else "") + f"). k = {record.k_sigma:g}. "
+             + (f", {record.measured['vllm']}" if "vllm" in record.measured else "") + ")"
+             + (f"; updated {record.measured['updated']}" if "updated" in record.measured else "")
+             + f". k = {record.k_sigma:g}. "
              "Conditions: " + ", ".join(record.conditions) + ".", "",
              "| scheme | figure | values (min .. max) | within | kernels | seeds | seed 0 bound | catches | any seed |",
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip

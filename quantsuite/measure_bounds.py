@@ -199,15 +199,21 @@ def generate(model: str, kernel_sets: list[str], seeds: list[int], workdir: Path
 
 def updated(existing: BoundsRecord | None, measured: BoundsRecord, path: Path) -> BoundsRecord:
     """`existing` with the schemes of `measured` re-measured (the other schemes kept): both must be measured under the
-    same conditions, k and package (and vLLM) versions; the command and `measured` say both runs."""
+    same conditions, k, device class and package (and vLLM) versions; the command and `measured` say both runs. A
+    record holds for its whole device class (any CPU; every GPU of one compute capability), so another GPU of the
+    class may update it, as another CPU may a CPU record: `measured` names the GPU of an update made on another."""
     if existing is None:
         raise SystemExit(f"--update: there is no record at {path} to update; run without --update first")
     same = ("conditions", "k_sigma", "device")
     if any(getattr(existing, name) != getattr(measured, name) for name in same) or any(
-            existing.measured.get(name) != measured.measured.get(name) for name in ("versions", "vllm", "gpu")):
+            existing.measured.get(name) != measured.measured.get(name) for name in ("versions", "vllm")):
         raise SystemExit(f"--update: {path} was measured under other conditions or versions than this run ("
-                         f"{', '.join(same)}, versions, vLLM, GPU must match); rewrite the record without --update")
-    when = f"{measured.measured['date']}: {' '.join(sorted(measured.schemes))}"
+                         f"{', '.join(same)}, versions, vLLM must match); rewrite the record without --update")
+    gpu = measured.measured.get("gpu")
+    on = f" on {gpu}" if gpu and gpu != existing.measured.get("gpu") else ""
+    when = f"{measured.measured['date']}{on}: {' '.join(sorted(measured.schemes))}"
+    if earlier := existing.measured.get("updated"):  # each update is named, the earlier ones kept
+        when = f"{earlier}; {when}"
     return existing.model_copy(update={"schemes": existing.schemes | measured.schemes,
                                        "measured": existing.measured | {"updated": when},
                                        "command": f"{existing.command}; then {measured.command} --update"})

@@ -39,7 +39,8 @@ def test_a_kept_workdir_is_derived_without_measuring_and_keeps_where_it_was_meas
 
 
 def test_update_replaces_only_the_measured_schemes(tmp_path):
-    """`--update` re-measures some schemes and keeps the others; a record of other conditions or versions is refused."""
+    """`--update` re-measures some schemes and keeps the others; a record of other conditions, versions or device
+    class is refused, another GPU of its class is not (it is named)."""
     from quantsuite.measure_bounds import updated
 
     measured_on = {"date": "2026-12-02", "cpu": "x86_64", "cpu_capability": "AVX512", "versions": "{}"}
@@ -58,6 +59,20 @@ def test_update_replaces_only_the_measured_schemes(tmp_path):
     assert merged.command.endswith("--schemes top50 --update") and "updated" in merged.measured
     with pytest.raises(SystemExit, match="rewrite the record without --update"):
         updated(first, second.model_copy(update={"k_sigma": 2.0}), tmp_path / "tiny.json")
+
+    def on(record, gpu: str | None, device: str = "cuda sm_90", versions: str = "{}"):
+        return record.model_copy(update={"device": device, "measured": record.measured | {"gpu": gpu,
+                                                                                          "versions": versions}})
+
+    # another GPU of the record's device class may update it, and is named; another class or versions may not
+    merged = updated(on(first, "NVIDIA H200"), on(second, "NVIDIA H100 80GB HBM3"), tmp_path / "g.json")
+    assert merged.schemes["top50"] == second.schemes["top50"] and merged.measured["gpu"] == "NVIDIA H200"
+    assert merged.measured["updated"] == "2026-12-02 on NVIDIA H100 80GB HBM3: top50"
+    again = updated(merged, on(second, "NVIDIA H200"), tmp_path / "g.json")
+    assert again.measured["updated"] == "2026-12-02 on NVIDIA H100 80GB HBM3: top50; 2026-12-02: top50"
+    for other in (on(second, "NVIDIA B200", device="cuda sm_100"), on(second, "NVIDIA H200", versions='{"torch": 1}')):
+        with pytest.raises(SystemExit, match="rewrite the record without --update"):
+            updated(on(first, "NVIDIA H200"), other, tmp_path / "g.json")
     with pytest.raises(SystemExit, match="no record"):
         updated(None, second, tmp_path / "tiny.json")
 
