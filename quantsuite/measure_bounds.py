@@ -15,7 +15,9 @@ A workdir that holds a condition's measurements resumes without measuring it aga
     python -m quantsuite.measure_bounds --model tiny --schemes bf16 top50 --update   # re-measure two schemes
     python -m quantsuite.measure_bounds --model tiny --kernels default --seeds 0 --fill  # figures it lacks there
 
-`--update` keeps the existing record's other schemes; it must be measured under the same conditions.
+`--update` keeps the existing record's other schemes; it must be measured under the same conditions (another GPU of
+the record's compute capability may update it). A workdir's condition is kept only where it holds every scheme asked
+for.
 
 writes reports/bounds/<model>.json (<model>.cuda-sm90.json on an H100/H200) and a .md table beside it.
 """
@@ -148,9 +150,15 @@ def _run_condition(model: str, condition: tuple[str, int, int], workdir: Path, t
 def measure(model: str, conditions: list[tuple[str, int, int]], workdir: Path, parallel: int, device: str,
             schemes: list[str] | None, vllm_python: Path | None) -> dict[tuple[str, int, int], dict]:  # fmt: skip
     """Each condition (kernel set, seed, repeat) measured in a subprocess, `parallel` at a time; one whose
-    measurements `workdir` already holds is kept."""
+    measurements `workdir` already holds, for every scheme of `schemes`, is kept (a workdir an update of other
+    schemes left is measured again, in the condition's kept cache)."""
     threads = max(1, (os.cpu_count() or 1) // parallel)
-    pending = [c for c in conditions if not (workdir / f"{_condition_name(*c)}.json").is_file()]  # resumes
+
+    def kept(condition: tuple[str, int, int]) -> bool:
+        path = workdir / f"{_condition_name(*condition)}.json"
+        return path.is_file() and set(schemes or ()) <= set(json.loads(path.read_text()))
+
+    pending = [c for c in conditions if not kept(c)]  # resumes
     running: list[tuple[tuple[str, int, int], subprocess.Popen]] = []
     while pending or running:
         while pending and len(running) < parallel:
@@ -181,7 +189,8 @@ def generate(model: str, kernel_sets: list[str], seeds: list[int], workdir: Path
     # a repeat counts as one more set of numerics at seed 0 (what the kernel sets are on a CPU)
     runs_of = {(f"{kernels}" + (f"/repeat{repeat}" if repeat else ""), seed): m for (kernels, seed, repeat), m
                in measured.items()}  # fmt: skip
-    names = sorted(name for name, value in first.items() if name not in ("device_class", "measured_on"))
+    names = sorted(name for name in first if name not in ("device_class", "measured_on")
+                   and (schemes is None or name in schemes))  # fmt: skip
     by_scheme = {}
     for name in names:
         runs = {condition: m[name] for condition, m in runs_of.items() if name in m}

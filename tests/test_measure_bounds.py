@@ -38,6 +38,34 @@ def test_a_kept_workdir_is_derived_without_measuring_and_keeps_where_it_was_meas
     assert "measure_bounds --model tiny --device cpu --kernels native default --seeds 0 1" in record.command
 
 
+def test_a_kept_workdir_of_other_schemes_is_measured_again(tmp_path, monkeypatch):
+    """Two `--update`s of other schemes in one workdir: the second measured its condition again (it reused the
+    first's measurements, and recorded the first's schemes under its own command); a kept condition that holds
+    the schemes asked for, and more, gives those alone."""
+    import types
+
+    import quantsuite.measure_bounds as measure_bounds
+
+    measured_on = {"date": "2026-12-02", "cpu": "x86_64", "cpu_capability": "AVX512", "versions": "{}"}
+    kept = {"int4_awq": _measurement(2e-2, None), "device_class": "cpu", "measured_on": measured_on}
+    (tmp_path / "native-seed0.json").write_text(json.dumps(kept))
+    launched = []
+
+    def run_condition(model, condition, workdir, threads, device, schemes, vllm_python):
+        launched.append((condition, schemes))
+        document = {name: _measurement(1e-3, 1.5) for name in schemes} | {"device_class": "cpu",
+                                                                         "measured_on": measured_on}
+        (workdir / "native-seed0.json").write_text(json.dumps(document))
+        return types.SimpleNamespace(returncode=0, poll=lambda: 0)  # a finished process
+
+    monkeypatch.setattr(measure_bounds, "_run_condition", run_condition)
+    monkeypatch.setattr(measure_bounds.time, "sleep", lambda seconds: None)
+    record = generate("tiny", ["native"], [0], tmp_path, parallel=1, k=3.0, schemes=["top50", "default"])
+    assert launched == [(("native", 0, 0), ["top50", "default"])] and set(record.schemes) == {"top50", "default"}
+    record = generate("tiny", ["native"], [0], tmp_path, parallel=1, k=3.0, schemes=["top50"])
+    assert len(launched) == 1 and set(record.schemes) == {"top50"}  # kept: it holds top50
+
+
 def test_update_replaces_only_the_measured_schemes(tmp_path):
     """`--update` re-measures some schemes and keeps the others; a record of other conditions, versions or device
     class is refused, another GPU of its class is not (it is named)."""
