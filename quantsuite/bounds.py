@@ -374,7 +374,7 @@ def markdown(record: BoundsRecord) -> str:
     lines = [f"# Verdict bounds: {record.model} ({record.device})", "", f"Written by `{record.command}` "
              f"({record.measured['date']}, {where}, native ATen capability {record.measured['cpu_capability']}"
              + (f", {record.measured['vllm']}" if "vllm" in record.measured else "") + ")"
-             + (f"; updated {record.measured['updated']}" if "updated" in record.measured else "")
+             + "".join(f"; {done} {record.measured[done]}" for done in ("updated", "filled") if done in record.measured)
              + f". k = {record.k_sigma:g}. "
              "Conditions: " + ", ".join(record.conditions) + ".", "",
              "| scheme | figure | values (min .. max) | within | kernels | seeds | seed 0 bound | catches | any seed |",

@@ -221,8 +221,7 @@ def updated(existing: BoundsRecord | None, measured: BoundsRecord, path: Path) -
     gpu = measured.measured.get("gpu")
     on = f" on {gpu}" if gpu and gpu != existing.measured.get("gpu") else ""
     when = f"{measured.measured['date']}{on}: {' '.join(sorted(measured.schemes))}"
-    if earlier := existing.measured.get("updated"):  # each update is named, the earlier ones kept
-        when = f"{earlier}; {when}"
+    when = "; ".join(filter(None, (existing.measured.get("updated"), when)))  # the earlier updates kept, as --fill's
     return existing.model_copy(update={"schemes": existing.schemes | measured.schemes,
                                        "measured": existing.measured | {"updated": when},
                                        "command": f"{existing.command}; then {measured.command} --update"})
