@@ -14,6 +14,8 @@ A workdir that holds a condition's measurements resumes without measuring it aga
         no-split-k cublaslt no-tf32 --schemes bf16 top50 default --no-vllm   # GPU numerics' spread
     python -m quantsuite.measure_bounds --model tiny --schemes bf16 top50 --update   # re-measure two schemes
     python -m quantsuite.measure_bounds --model tiny --kernels default --seeds 0 --fill  # figures it lacks there
+    python -m quantsuite.measure_bounds --model qwen2.5-vl-3b-shape --device cuda --kernels native --seeds 0 \
+        --schemes w4a8_awq --fill                                         # another card's run: card-<gpu>
 
 `--update` keeps the existing record's other schemes; it must be measured under the same conditions (another GPU of
 the record's compute capability may update it). A workdir's condition is kept only where it holds every scheme asked
@@ -29,6 +31,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -37,6 +40,7 @@ from pathlib import Path
 
 from quantsuite.bounds import (
     BOUNDS_DIR,
+    CARD,
     FIGURES,
     K_SIGMA,
     KERNEL_ENV_VARS,
@@ -206,18 +210,26 @@ def generate(model: str, kernel_sets: list[str], seeds: list[int], workdir: Path
                         conditions=conditions_text, schemes=by_scheme)  # fmt: skip
 
 
+def card_condition(gpu: str) -> str:
+    """A GPU record's condition for a run on another machine with that card ('NVIDIA H200' -> 'card-h200')."""
+    return CARD.removeprefix("kernels=") + "-".join(re.findall(r"[a-z0-9]+", gpu.lower().removeprefix("nvidia")))
+
+
 def updated(existing: BoundsRecord | None, measured: BoundsRecord, path: Path) -> BoundsRecord:
     """`existing` with the schemes of `measured` re-measured (the other schemes kept): both must be measured under the
-    same conditions, k, device class and package (and vLLM) versions; the command and `measured` say both runs. A
-    record holds for its whole device class (any CPU; every GPU of one compute capability), so another GPU of the
-    class may update it, as another CPU may a CPU record: `measured` names the GPU of an update made on another."""
+    same conditions (but the cards --fill added: a re-measured scheme has none), k, device class and package (and
+    vLLM) versions; the command and `measured` say both runs. A record holds for its whole device class (any CPU;
+    every GPU of one compute capability), so another GPU of the class may update it, as another CPU may a CPU
+    record: `measured` names the GPU of an update made on another."""
     if existing is None:
         raise SystemExit(f"--update: there is no record at {path} to update; run without --update first")
-    same = ("conditions", "k_sigma", "device")
+    same = ("k_sigma", "device")
     if any(getattr(existing, name) != getattr(measured, name) for name in same) or any(
-            existing.measured.get(name) != measured.measured.get(name) for name in ("versions", "vllm")):
+            existing.measured.get(name) != measured.measured.get(name) for name in ("versions", "vllm")) or [
+            c for c in existing.conditions if not c.startswith(CARD)] != list(measured.conditions):
         raise SystemExit(f"--update: {path} was measured under other conditions or versions than this run ("
-                         f"{', '.join(same)}, versions, vLLM must match); rewrite the record without --update")
+                         f"conditions, {', '.join(same)}, versions, vLLM must match); rewrite the record without "
+                         "--update")  # fmt: skip
     gpu = measured.measured.get("gpu")
     on = f" on {gpu}" if gpu and gpu != existing.measured.get("gpu") else ""
     when = f"{measured.measured['date']}{on}: {' '.join(sorted(measured.schemes))}"
@@ -234,20 +246,32 @@ def filled(existing: BoundsRecord | None, measured: dict[tuple[str, int, int], d
     run under the scalar kernel set on the box that measured tiny.json; on another box it does), or a kernel set
     the record lacks, at seed 0 (`amx`: a CI box of another CPU moved figures past the bounds of the sets on
     record): then every figure is new there, and the record lists the condition. Not `native`, whose kernels are
-    the box's: the record's `native` came from the box that measured it. The recorded runs' standard errors enter
-    as the record's RMS of them (`sigma_within`), so the RMS over all runs is exact; a figure's resolution step
-    (one token, one weight) comes from the new runs, which hold it. Figures the record has under a condition are
-    kept. Returns the record and a line per figure filled."""
+    the box's: the record's `native` came from the box that measured it. On a GPU, where no forcing reproduces
+    another card, `native` at seed 0 is this machine's card (`card_condition`), a condition of the schemes measured
+    here: the spread across machines of the record's device class (the schemes another measured keep theirs). The
+    recorded runs' standard errors enter as the record's RMS of them (`sigma_within`), so the RMS over all runs is
+    exact; a figure's resolution step (one token, one weight) comes from the new runs, which hold it. Figures the
+    record has under a condition are kept. Returns the record and a line per figure filled."""
     if existing is None:
         raise SystemExit(f"--fill: there is no record at {path} to fill; run without --fill first")
-    labels = {c: f"kernels={c[0]} seed={c[1]}" for c in measured}  # as the record names its conditions (derive)
-    added = [labels[c] for c in measured if labels[c] not in existing.conditions and c[0] != "native" and c[1] == 0]
+    gpu_record = existing.device != "cpu"
+
+    def kernels_of(condition: tuple[str, int, int], measurement: dict) -> str:
+        gpu = (measurement.get("measured_on") or {}).get("gpu")
+        on_card = gpu_record and condition[0] == "native" and condition[1] == 0 and gpu
+        return card_condition(gpu) if on_card else condition[0]
+
+    kernels = {c: kernels_of(c, m) for c, m in measured.items()}
+    labels = {c: f"kernels={kernels[c]} seed={c[1]}" for c in measured}  # as derive names them
+    added = [labels[c] for c in measured if labels[c] not in existing.conditions and kernels[c] != "native"
+             and c[1] == 0]  # fmt: skip
     alien = [labels[c] for c in measured if (labels[c] not in existing.conditions and labels[c] not in added) or c[2]]
     if alien:
         raise SystemExit(f"--fill: {', '.join(alien)} not among the conditions of {path} "
                          f"({', '.join(existing.conditions)}); --fill measures a record's own conditions, or a "
-                         "kernel set it lacks at seed 0 (not native)")  # fmt: skip
-    info = machine("cpu" if existing.device == "cpu" else "cuda", None)
+                         "kernel set it lacks at seed 0 (not native; on a GPU, native at seed 0 is the card's)"
+                         )  # fmt: skip
+    info = machine("cpu", None)  # the date and package versions, as the conditions' processes have them
     if info["versions"] != existing.measured.get("versions"):
         raise SystemExit(f"--fill: {path} was measured with {existing.measured.get('versions')}, this environment "
                          f"has {info['versions']}; measure the whole record again (without --fill)")  # fmt: skip
@@ -262,12 +286,14 @@ def filled(existing: BoundsRecord | None, measured: dict[tuple[str, int, int], d
             _, se_figure = FIGURES[figure]
             runs = {_condition_key(name): _measurement(figure, value, se_figure, bound.sigma_within)
                     for name, value in bound.values.items()}  # fmt: skip
-            runs |= {(c[0], c[1]): m for c, m in new.values()}
+            runs |= {_condition_key(name): m for name, (_, m) in new.items()}
             schemes[scheme][figure] = derive(figure, runs, existing.k_sigma)
             values = ", ".join(f"{name} {figure_value(m, figure):.4g}" for name, (_, m) in new.items())
             lines.append(f"{scheme} {figure}: {values}; seed-0 bound {bound.seed_bounds.get(0, math.nan):.4g} -> "
                          f"{schemes[scheme][figure].seed_bounds.get(0, math.nan):.4g}")  # fmt: skip
-    when = f"{info['date']} on {info['cpu_model']} ({info['cpu_capability']} native): {len(lines)} figures"
+    gpus = sorted({gpu for m in measured.values() if (gpu := (m.get("measured_on") or {}).get("gpu"))})
+    where = ", ".join(gpus) if gpu_record and gpus else f"{info['cpu_model']} ({info['cpu_capability']} native)"
+    when = f"{info['date']} on {where}: {len(lines)} figures"
     when = "; ".join(filter(None, (existing.measured.get("filled"), when)))
     record = existing.model_copy(update={"schemes": schemes, "measured": existing.measured | {"filled": when},
                                          "conditions": (*existing.conditions, *added),

@@ -205,3 +205,51 @@ def test_gpu_kernel_sets_force_other_cublas_choices_in_their_condition_only(tmp_
     assert seen["no-split-k:0"]["CUBLAS_WORKSPACE_CONFIG"] == ":0:0"
     assert "TORCH_BLAS_PREFER_CUBLASLT" not in seen["no-split-k:0"] and "TORCH_BLAS_PREFER_CUBLASLT" not in seen[
         "native:0"]  # fmt: skip
+
+
+def test_fill_on_a_gpu_adds_the_cards_run_as_a_condition_of_the_schemes_it_measured(tmp_path):
+    """No forcing reproduces another card, so a GPU record's spread across machines is measured on them: `--fill`
+    on another machine adds its native run as `card-<gpu>` for the schemes it measured, and their bounds then hold
+    what that card computes (a top-1 0.0246 on an H200 against an H100's 0.0521 +- 0.0042 at seed 0). The schemes
+    it did not measure keep theirs; another fill adds more schemes under the same condition; an update of a scheme
+    drops its card's values (measured on the old code)."""
+    from quantsuite.measure_bounds import card_condition, filled, updated
+
+    def w4a8(top1: float) -> dict:
+        side = {"kl_mean": 0.345, "kl_mean_se": 2e-3, "top1_agreement": top1, "top1_agreement_se": 0.0042,
+                "tokens": 1000}  # fmt: skip
+        return {"fake_quant": side, "export": side, "fake_vs_export": side,
+                "export_fidelity": {"differing_code_share": 0.002, "quantized_weights": 10_000}}  # fmt: skip
+
+    h100 = {"date": "2026-12-06", "cpu": "x86_64", "cpu_capability": "AVX512", "versions": _versions(),
+            "gpu": "NVIDIA H100 80GB HBM3"}  # fmt: skip
+    (tmp_path / "h100").mkdir()
+    (tmp_path / "h100" / "native-seed0.json").write_text(json.dumps(
+        {"w4a8_awq": w4a8(0.0521), "int4_awq": w4a8(0.0228), "device_class": "cuda sm_90", "measured_on": h100}))
+    record = generate("qwen2.5-vl-3b-shape", ["native"], [0], tmp_path / "h100", parallel=1, k=3.0, device="cuda")
+    top1 = "fake_quant.top1_agreement"
+    assert not record.schemes["w4a8_awq"][top1].limit(0).holds(0.0246)
+    assert card_condition("NVIDIA H200") == "card-h200"
+    assert card_condition("NVIDIA H100 80GB HBM3") == "card-h100-80gb-hbm3"
+    h200 = h100 | {"gpu": "NVIDIA H200"}
+    path = tmp_path / "g.json"
+    on_h200 = {("native", 0, 0): {"w4a8_awq": w4a8(0.0246), "device_class": "cuda sm_90", "measured_on": h200}}
+    once, lines = filled(record, on_h200, path, "python -m x")
+    assert once.conditions == ("kernels=native seed=0", "kernels=card-h200 seed=0")
+    assert set(once.schemes["w4a8_awq"][top1].values) == set(once.conditions)
+    assert once.schemes["w4a8_awq"][top1].limit(0).holds(0.0246)  # the spread of the two cards
+    assert once.schemes["int4_awq"] == record.schemes["int4_awq"]  # not measured there: as it was
+    assert once.measured["filled"].endswith("on NVIDIA H200: 6 figures") and len(lines) == 6
+    more = {("native", 0, 0): {"int4_awq": w4a8(0.0152), "device_class": "cuda sm_90", "measured_on": h200}}
+    twice, _ = filled(once, more, path, "python -m x")
+    assert twice.conditions == once.conditions and "kernels=card-h200 seed=0" in twice.schemes["int4_awq"][top1].values
+    assert twice.schemes["w4a8_awq"] == once.schemes["w4a8_awq"]
+    (tmp_path / "again").mkdir()
+    (tmp_path / "again" / "native-seed0.json").write_text(json.dumps(
+        {"w4a8_awq": w4a8(0.05), "device_class": "cuda sm_90", "measured_on": h100}))
+    again = generate("qwen2.5-vl-3b-shape", ["native"], [0], tmp_path / "again", parallel=1, k=3.0, device="cuda")
+    merged = updated(twice, again, path)
+    assert merged.conditions == twice.conditions and set(merged.schemes["w4a8_awq"][top1].values) == {
+        "kernels=native seed=0"}
+    with pytest.raises(SystemExit, match="not among the conditions"):  # another seed is no card's
+        filled(record, {("native", 1, 0): on_h200[("native", 0, 0)]}, path, "python -m x")
