@@ -154,7 +154,7 @@ MXFP8_3B_KL, TOP25_3B_KL = 0.0567, 0.000551
 
 
 def test_a_schemes_own_hand_set_bounds_come_before_its_peers_record(catalog):
-    """On the 3B shape the H200 record measured five schemes. MXFP8 is an FP8 peer by family, but its block scales
+    """On the 3B shape the H200 record first measured five schemes. MXFP8 is an FP8 peer by family, but its block scales
     are not per-tensor FP8's: the loosest FP8 record (0.0561) failed its measured KL (0.0567, twice) while its own
     bound holds it; and top25's own bound catches a KL 2.5x its measured one, which the borrowed 0.056 let through."""
     recorded = load_record("qwen2.5-vl-3b-shape", "cuda sm_90")
