@@ -255,13 +255,9 @@ def filled(existing: BoundsRecord | None, measured: dict[tuple[str, int, int], d
     if existing is None:
         raise SystemExit(f"--fill: there is no record at {path} to fill; run without --fill first")
     gpu_record = existing.device != "cpu"
-
-    def kernels_of(condition: tuple[str, int, int], measurement: dict) -> str:
-        gpu = (measurement.get("measured_on") or {}).get("gpu")
-        on_card = gpu_record and condition[0] == "native" and condition[1] == 0 and gpu
-        return card_condition(gpu) if on_card else condition[0]
-
-    kernels = {c: kernels_of(c, m) for c, m in measured.items()}
+    gpus = {c: (m.get("measured_on") or {}).get("gpu") for c, m in measured.items()}  # the card each ran on
+    kernels = {c: card_condition(gpus[c]) if gpu_record and c[:2] == ("native", 0) and gpus[c] else c[0]
+               for c in measured}  # fmt: skip
     labels = {c: f"kernels={kernels[c]} seed={c[1]}" for c in measured}  # as derive names them
     added = [labels[c] for c in measured if labels[c] not in existing.conditions and kernels[c] != "native"
              and c[1] == 0]  # fmt: skip
@@ -291,8 +287,8 @@ def filled(existing: BoundsRecord | None, measured: dict[tuple[str, int, int], d
             values = ", ".join(f"{name} {figure_value(m, figure):.4g}" for name, (_, m) in new.items())
             lines.append(f"{scheme} {figure}: {values}; seed-0 bound {bound.seed_bounds.get(0, math.nan):.4g} -> "
                          f"{schemes[scheme][figure].seed_bounds.get(0, math.nan):.4g}")  # fmt: skip
-    gpus = sorted({gpu for m in measured.values() if (gpu := (m.get("measured_on") or {}).get("gpu"))})
-    where = ", ".join(gpus) if gpu_record and gpus else f"{info['cpu_model']} ({info['cpu_capability']} native)"
+    cards = sorted(set(filter(None, gpus.values())))
+    where = ", ".join(cards) if gpu_record and cards else f"{info['cpu_model']} ({info['cpu_capability']} native)"
     when = f"{info['date']} on {where}: {len(lines)} figures"
     when = "; ".join(filter(None, (existing.measured.get("filled"), when)))
     record = existing.model_copy(update={"schemes": schemes, "measured": existing.measured | {"filled": when},
