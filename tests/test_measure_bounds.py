@@ -253,3 +253,27 @@ def test_fill_on_a_gpu_adds_the_cards_run_as_a_condition_of_the_schemes_it_measu
         "kernels=native seed=0"}
     with pytest.raises(SystemExit, match="not among the conditions"):  # another seed is no card's
         filled(record, {("native", 1, 0): on_h200[("native", 0, 0)]}, path, "python -m x")
+
+
+def test_a_fills_command_names_the_schemes_it_measured(tmp_path, monkeypatch):
+    """The record names the command of each measurement, so that it can be run again: a fill's command names the
+    schemes it measured, as a generated record's does (the 3B GPU record's first fill, session 47, did not)."""
+    import quantsuite.measure_bounds as measure_bounds
+    from quantsuite.bounds import load_record
+
+    measured_on = {"date": "2026-12-06", "cpu": "x86_64", "cpu_capability": "AVX512", "versions": _versions()}
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "native-seed0.json").write_text(json.dumps(
+        {"fp8_autoquant_top50": _measurement(1e-3, None), "device_class": "cpu", "measured_on": measured_on}))
+    record = generate("tiny", ["native"], [0], tmp_path / "kept", parallel=1, k=3.0, schemes=["fp8_autoquant_top50"])
+    out = tmp_path / "bounds"
+    out.mkdir()
+    (out / "tiny.json").write_text(record.model_dump_json())
+    on_avx2 = {("avx2", 0, 0): {"fp8_autoquant_top50": _measurement(1.1e-3, None), "device_class": "cpu"}}
+    monkeypatch.setattr(measure_bounds, "measure", lambda *args: on_avx2)
+    assert measure_bounds.main(["--kernels", "avx2", "--seeds", "0", "--schemes", "top50", "--no-vllm", "--fill",
+                                "--out-dir", str(out), "--workdir", str(tmp_path / "work")]) == 0  # fmt: skip
+    filled = load_record("tiny", directory=out)
+    assert filled.conditions == ("kernels=native seed=0", "kernels=avx2 seed=0")
+    assert filled.command.endswith("then python -m quantsuite.measure_bounds --model tiny --device cpu --kernels avx2 "
+                                   "--seeds 0 --schemes fp8_autoquant_top50 --fill")  # fmt: skip
