@@ -59,7 +59,7 @@ FIGURES: dict[str, tuple[Literal["max", "min"], str | None]] = {
     "export.kl_mean": ("max", "export.kl_mean_se"),
     "fake_vs_export.kl_mean": ("max", "fake_vs_export.kl_mean_se"),
     "fake_vs_export.top1_agreement": ("min", "fake_vs_export.top1_agreement_se"),
-    "export_fidelity.differing_code_share": ("max", None),
+    "export_fidelity.differing_code_share": ("max", "export_fidelity.differing_code_share_se"),
     IMAGE_KL: ("max", "image_prompts.fake_quant.kl_mean_se"),
     IMAGE_TOP1: ("min", "image_prompts.fake_quant.top1_agreement_se"),
     VLLM_RATIO: ("max", "vllm.error_ratio_se"),
@@ -219,7 +219,9 @@ def derive(figure: str, runs: dict[tuple[str, int], dict], k: float = K_SIGMA) -
     """The bounds of `figure` from one scheme's drift measurements under each (kernel set, seed)."""
     kind, se_figure = FIGURES[figure]
     values = {f"kernels={kernels} seed={seed}": figure_value(m, figure) for (kernels, seed), m in runs.items()}
-    errors = [figure_value(m, se_figure) for m in runs.values()] if se_figure else [0.0]
+    # a run measured before its figure had a standard error (a code share before session 47) counts 0, as it did
+    errors = [figure_value(m, se_figure) if has_figure(m, se_figure) else 0.0 for m in runs.values()] if se_figure \
+        else [0.0]
     within = math.sqrt(sum(e * e for e in errors) / len(errors))
     identity = 0.0 if kind == "max" else 1.0  # no drift at all (the BF16 reference): nothing may drift, then
     if all(value == identity for value in values.values()):

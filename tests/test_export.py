@@ -224,3 +224,15 @@ def test_the_export_rules_explain_an_awq_export(workbench, catalog, name):
 def _quant_algo(workbench, scheme) -> str:
     (algo,) = {m["quant_algo"] for m in workbench.schemes.result(scheme).manifest["modules"] if m["quant_algo"]}
     return algo
+
+
+def test_a_code_shares_standard_error_counts_layers_not_weights():
+    """The weights of one layer differ together (its factors and scales move them), so the share's standard error
+    takes the layers as its samples: layers of equal shares have none, however few weights differ; one layer far
+    from the others gives its deviation over the total, scaled by m / (m - 1)."""
+    from quantsuite.checkpoint import share_standard_error
+
+    assert share_standard_error([(2, 1000), (4, 2000), (1, 500)]) == 0.0
+    assert share_standard_error([(7, 1000)]) == 0.0  # one layer: no spread to measure
+    # shares 0 and 10 / 100 over 200 weights: p = 0.05, deviations -5 and +5, sqrt(2 / 1 x 50) / 200
+    assert share_standard_error([(0, 100), (10, 100)]) == pytest.approx(10 / 200)
