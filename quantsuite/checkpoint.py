@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from quantsuite.divergence import pooled_standard_error
 from quantsuite.formats import (
     FORMATS,
     FP8,
@@ -575,8 +576,8 @@ def export_fidelity(model: torch.nn.Module, export_dir: Path) -> dict:
     per-tensor amax). A correct export of any format then differs only where bf16 rounding ties fall.
     `differing_code_share`: share of weights differing by more than 1/32 of their magnitude (one code step of
     FP8 is >= 1/16, of int4 / fp4 more; bf16 rounding of the fake-quant output <= 1/256);
-    `differing_code_share_se`: its standard error over layers (`share_standard_error`), its within-run spread in
-    the verdict bounds (quantsuite.bounds);
+    `differing_code_share_se`: its standard error with the layers resampled (`divergence.pooled_standard_error`: a
+    layer's factors and scales move its weights together), its within-run spread in the verdict bounds;
     `weight_relative_error_max`: the largest per-layer ||E - F|| / ||F||.
     """
     tensors = read_tensors(export_dir)
@@ -584,7 +585,8 @@ def export_fidelity(model: torch.nn.Module, export_dir: Path) -> dict:
     quantized = [name for name, module in model.named_modules()
                  if getattr(module, "weight_quantizer", None) is not None and module.weight_quantizer.is_enabled
                  and hub_name(name) in algorithms]  # fmt: skip
-    counts: list[tuple[int, int]] = []  # (weights differing, weights) per layer
+    differing: list[int] = []  # per layer: its weights that differ, and its weights
+    weights: list[int] = []
     worst, worst_layer = 0.0, None
     with torch.no_grad():
         for group in fused_groups(quantized):
@@ -599,23 +601,13 @@ def export_fidelity(model: torch.nn.Module, export_dir: Path) -> dict:
                 exported = layer_spec.dequantize(stored)  # on the model's device: a GPU compares 3B weights in ~1 s
                 factor = effective_input_scale(model, name, tensors, hub) if layer_spec.pre_quant_scale else None
                 exported = exported if factor is None else exported * factor.to(fake.device).reshape(1, -1)
-                counts.append((int(((exported - fake).abs() > fake.abs() / 32 + 1e-12).sum()), fake.numel()))
+                differing.append(int(((exported - fake).abs() > fake.abs() / 32 + 1e-12).sum()))
+                weights.append(fake.numel())
                 error = float((exported - fake).norm() / fake.norm().clamp_min(1e-30))
                 if error >= worst:
                     worst, worst_layer = error, hub
-    total = sum(weights for _, weights in counts)
-    return {"differing_code_share": sum(differing for differing, _ in counts) / total if total else 0.0,
-            "differing_code_share_se": share_standard_error(counts), "quantized_weights": total,
+    total = sum(weights)
+    return {"differing_code_share": sum(differing) / total if total else 0.0,
+            "differing_code_share_se": pooled_standard_error(differing, weights), "quantized_weights": total,
             "weight_relative_error_max": worst, "worst_layer": worst_layer}  # fmt: skip
 
-
-def share_standard_error(counts: list[tuple[int, int]]) -> float:
-    """The standard error of a share pooled over clusters, sum(d) / sum(n) of (d, n) per cluster, with the clusters
-    (layers) as the sampled units: sqrt(m / (m - 1) * sum((d - p n)^2)) / sum(n) for m clusters (0 below two). The
-    weights of one layer do not differ independently: its factors and scales move them together."""
-    total = sum(n for _, n in counts)
-    if len(counts) < 2 or not total:
-        return 0.0
-    share = sum(d for d, _ in counts) / total
-    spread = sum((d - share * n) ** 2 for d, n in counts)
-    return math.sqrt(len(counts) / (len(counts) - 1) * spread) / total

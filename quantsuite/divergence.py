@@ -140,11 +140,18 @@ def per_caption(per_token: torch.Tensor, sequences: torch.Tensor) -> dict[str, l
 
 def bootstrap_standard_error(per_token: torch.Tensor, sequences: torch.Tensor, resamples: int = 2000) -> float:
     """Standard error of the mean of `per_token` over tokens when whole captions are resampled (a caption's tokens
-    are not independent): scipy's bootstrap of sum(values) / sum(tokens) over captions, paired, fixed seed."""
+    are not independent): `pooled_standard_error` with the captions as the groups."""
+    by_caption = per_caption(per_token, sequences)
+    return pooled_standard_error(by_caption["sums"], by_caption["tokens"], resamples)
+
+
+def pooled_standard_error(sums: list[float], counts: list[float], resamples: int = 2000) -> float:
+    """Standard error of sum(sums) / sum(counts) when whole groups are resampled (a group's members are not
+    independent: a caption's tokens, a layer's weights): scipy's bootstrap over the groups, paired, fixed seed; 0
+    below two groups."""
     from scipy.stats import bootstrap
 
-    by_caption = per_caption(per_token, sequences)
-    sums, counts = np.asarray(by_caption["sums"]), np.asarray(by_caption["tokens"], dtype=float)
+    sums, counts = np.asarray(sums, dtype=float), np.asarray(counts, dtype=float)
     if sums.size < 2:
         return 0.0
     result = bootstrap((sums, counts), lambda s, n, axis=-1: s.sum(axis) / n.sum(axis), paired=True,

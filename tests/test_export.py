@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -228,11 +229,11 @@ def _quant_algo(workbench, scheme) -> str:
 
 def test_a_code_shares_standard_error_counts_layers_not_weights():
     """The weights of one layer differ together (its factors and scales move them), so the share's standard error
-    takes the layers as its samples: layers of equal shares have none, however few weights differ; one layer far
-    from the others gives its deviation over the total, scaled by m / (m - 1)."""
-    from quantsuite.checkpoint import share_standard_error
+    resamples layers, as the KLs' resample captions (`pooled_standard_error`): layers of equal shares have none,
+    however few weights differ; two layers of shares 0 and 0.1 give the bootstrap's 0.05 / sqrt(2) (resamples of
+    both layers: 0, 0.05 or 0.1), not the 0.015 of 200 weights sampled one by one."""
+    from quantsuite.divergence import pooled_standard_error
 
-    assert share_standard_error([(2, 1000), (4, 2000), (1, 500)]) == 0.0
-    assert share_standard_error([(7, 1000)]) == 0.0  # one layer: no spread to measure
-    # shares 0 and 10 / 100 over 200 weights: p = 0.05, deviations -5 and +5, sqrt(2 / 1 x 50) / 200
-    assert share_standard_error([(0, 100), (10, 100)]) == pytest.approx(10 / 200)
+    assert pooled_standard_error([2, 4, 1], [1000, 2000, 500]) == pytest.approx(0.0, abs=1e-15)
+    assert pooled_standard_error([7], [1000]) == 0.0  # one layer: no spread to measure
+    assert pooled_standard_error([0, 10], [100, 100]) == pytest.approx(0.05 / math.sqrt(2), rel=0.05)
