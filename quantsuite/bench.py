@@ -72,8 +72,13 @@ def compiled_fp8_support(device: torch.device) -> str | None:
     FP8 reduction), for layers of 128, 256 and 512 inputs, at this process's thread count; else why not. With torch
     2.13 and the AVX2 CPU kernel set inductor's fused FP8 reduction returned inf or nan for some of these shapes and
     thread counts on one box (not on another); under the scalar kernel set (ATEN_CPU_CAPABILITY=default) inductor's
-    C++ build failed on one box (reports/bounds/README.md). Checked once per process."""
+    C++ build failed on one box (reports/bounds/README.md). Checked once per process; a process of its own (the
+    probe's) keeps inductor's precompiled headers with its kernels, as the pytest layer's do."""
     from types import SimpleNamespace
+
+    from quantsuite.vllm.worker import keep_precompiled_headers_with_inductor_cache
+
+    keep_precompiled_headers_with_inductor_cache()
 
     generator = torch.Generator().manual_seed(0)
     for inputs in (128, 256, 512):

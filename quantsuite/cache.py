@@ -123,6 +123,7 @@ def keep_toolchain_caches(root: Path) -> dict[str, str]:
     library wrote into the environment since (ModelOpt's import sets torch's /tmp one) is replaced. The folders are
     made here: torch does not make a missing PYTORCH_KERNEL_CACHE_PATH (it warns and caches nothing)."""
     from quantsuite import USER_ENVIRONMENT
+    from quantsuite.vllm.worker import keep_precompiled_headers_with_inductor_cache
 
     folders = toolchain_root(root, os.environ)
     chosen = {name: str(folders / folder) for name, folder in TOOLCHAIN_CACHES.items()
@@ -130,6 +131,7 @@ def keep_toolchain_caches(root: Path) -> dict[str, str]:
     for folder in chosen.values():
         Path(folder).mkdir(parents=True, exist_ok=True)
     os.environ.update(chosen)
+    keep_precompiled_headers_with_inductor_cache()  # torch's /tmp constant, not a variable: set in this process
     return chosen
 
 

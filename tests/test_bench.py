@@ -693,7 +693,7 @@ def test_vllm_speed(benchmark, workbench, scheme, vllm_python, vllm_service, exp
                                                  for name, w in result["workloads"].items()}})  # fmt: skip
 
 
-def test_compiled_fp8_support_is_measured_on_this_kernel_set():
+def test_compiled_fp8_support_is_measured_on_this_kernel_set(tmp_path):
     """torch 2.13's inductor computed the fused FP8 reduction wrongly under the AVX2 kernel set at one thread on one
     box (a forced-AVX2 clone failed every FP8 scheme's compiled one-row path with an infinite error) and right on
     another (an AMD EPYC box, forced AVX2: the probe said None and the compiled one-row paths matched); under the
@@ -701,7 +701,9 @@ def test_compiled_fp8_support_is_measured_on_this_kernel_set():
     (reports/bounds/README.md). Each is a measured fact the probe must report, in a fresh process at one thread
     (this process may hold compiled code of another thread count); nothing on the native kernels. A None is checked
     where it is used: `test_scaled_mm_layers_match_the_dequantized_export` then runs the compiled paths. That the
-    probe catches a wrong or failing compile wherever it happens: the planted faults below."""
+    probe catches a wrong or failing compile wherever it happens: the planted faults below. Its process keeps
+    inductor's precompiled headers (~150 MB) in the suite's cache, not in torch's <tmp>/torchinductor_<user>."""
+    import os
     import subprocess
     import sys
 
@@ -710,8 +712,10 @@ def test_compiled_fp8_support_is_measured_on_this_kernel_set():
     _skip_without_fp8_matmul(torch.device("cpu"), "no FP8 layer to compile: ")
     probe = ("import torch; torch.set_num_threads(1); from quantsuite.bench import compiled_fp8_support; "
              "print('REASON', compiled_fp8_support(torch.device('cpu')))")  # fmt: skip
-    completed = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=600)
+    completed = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=600,
+                               env=os.environ | {"TMPDIR": str(tmp_path)})  # fmt: skip
     assert completed.returncode == 0, completed.stderr[-2000:]
+    assert not list(tmp_path.glob("torchinductor_*")), "inductor wrote its precompiled headers outside the cache"
     reason = completed.stdout.rpartition("REASON ")[2].strip()
     capability = torch.backends.cpu.get_cpu_capability()
     if capability == "AVX2":  # wrong on one box, right on another

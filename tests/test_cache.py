@@ -150,7 +150,8 @@ def test_toolchain_caches_live_under_the_cache_dir(tmp_path, monkeypatch, workbe
     """Compilers' and JIT builds' caches go under <cache>/toolchains/ (a runner that keeps the cache dir starts
     warm), inherited by subprocesses (the vLLM server, measure_bounds' conditions); a place in the user's
     environment wins, a library's default does not (importing ModelOpt had set torch's /tmp one, so inductor's
-    cache stayed in /tmp). The pytest layer did it for this session at configure."""
+    cache stayed in /tmp), and inductor's precompiled headers go with its kernels (torch keeps them in /tmp: ~150 MB
+    per fresh clone's interpreter). The pytest layer did it for this session at configure."""
     import os
     import subprocess
     import sys
@@ -161,6 +162,11 @@ def test_toolchain_caches_live_under_the_cache_dir(tmp_path, monkeypatch, workbe
     root = str(workbench.context.cache.root.resolve())
     for name in set(TOOLCHAIN_CACHES) - set(quantsuite.USER_ENVIRONMENT):
         assert os.environ.get(name, "").startswith(root), f"{name}={os.environ.get(name)}: not under {root}"
+    # inductor's precompiled headers: a module constant under torch's /tmp default, not a variable
+    from torch._inductor import codecache
+
+    headers = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / "precompiled_headers"
+    assert Path(codecache._HEADER_DIR) == headers and Path(codecache._HEADER_LOCK_DIR).parent == headers
     for name in TOOLCHAIN_CACHES:
         monkeypatch.setenv(name, "/a/library/default")  # restored after the test
         monkeypatch.delitem(quantsuite.USER_ENVIRONMENT, name, raising=False)

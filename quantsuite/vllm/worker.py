@@ -269,6 +269,27 @@ ENGINE_MODULES = ("vllm.v1.worker.cpu_worker", "vllm.v1.executor.uniproc_executo
                   "vllm.distributed.elastic_ep.elastic_execute")  # fmt: skip
 
 
+def keep_precompiled_headers_with_inductor_cache() -> str | None:
+    """Point inductor's precompiled C++ headers at TORCHINDUCTOR_CACHE_DIR/precompiled_headers, in this process
+    (and the engines it forks); returns the folder, or None where torch has no such constant or no cache folder is
+    set. torch keeps them in <tmp>/torchinductor_<user>/ whatever that variable says (a module constant fixed at
+    import), one header of ~150 MB per interpreter's include paths: a fresh clone's suite left two there, which a
+    runner keeping the suite's cache directory did not keep (reports/profile-cpu-2core/README.md, session 48).
+    The suite's processes (quantsuite.cache.keep_toolchain_caches) and the vLLM server run this one function."""
+    folder = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not folder:
+        return None
+    try:  # torch's private API: where it is missing, the headers stay where torch puts them
+        from torch._inductor import codecache
+    except ImportError:
+        return None
+    if not hasattr(codecache, "_HEADER_DIR"):
+        return None
+    codecache._HEADER_DIR = os.path.join(folder, "precompiled_headers")
+    codecache._HEADER_LOCK_DIR = os.path.join(codecache._HEADER_DIR, "locks")
+    return codecache._HEADER_DIR
+
+
 def preload_engine_imports() -> bool:
     """On vLLM's CPU build, import here what every engine imports (`vllm.LLM` and the engine behind it: 4.2 s on
     the 2-core CI box, paid again by each forked engine before; then ENGINE_MODULES, what it imported while it
@@ -280,7 +301,8 @@ def preload_engine_imports() -> bool:
     compiles vLLM's `batched_count_greater_than` and paid them again (1.3 s). Both are cached functions that run
     no torch op, so the server starts no thread pool before it forks (a fork after torch ran an op here hung the
     engine). Then the loaded heap is frozen out of the garbage collector: vLLM collects at every engine load, and
-    walking the inherited heap cost each forked engine ~1.3 s of its ~2.4 s load."""
+    walking the inherited heap cost each forked engine ~1.3 s of its ~2.4 s load. Inductor's precompiled headers go
+    to its cache folder, the suite's (`keep_precompiled_headers_with_inductor_cache`)."""
     import importlib.metadata
 
     try:
@@ -298,6 +320,7 @@ def preload_engine_imports() -> bool:
 
         cpu_vec_isa.pick_vec_isa()
         codecache.torch_key()
+    keep_precompiled_headers_with_inductor_cache()
     with contextlib.suppress(ImportError):  # hashed by inductor's cache key when Triton is installed
         from triton.runtime.cache import triton_key
 
