@@ -134,7 +134,7 @@ class VllmService:
         self.python, self.log_dir = Path(python), Path(log_dir)
         self.environment = environment or {}
         self.process: subprocess.Popen | None = None
-        self.replies = Path(tempfile.mkdtemp(prefix="quantsuite-vllm-"))
+        self.replies: Path | None = None  # the replies' folder, made when the server starts, removed at close
         self.log_path = self.log_dir / f"vllm-service-{os.getpid()}.log"
         self.requests = 0
         self.starts = 0
@@ -147,6 +147,7 @@ class VllmService:
 
     def _start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.replies = self.replies or Path(tempfile.mkdtemp(prefix="quantsuite-vllm-"))
         settings = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1",
                     "PYTHONPATH": os.environ.get("QUANTSUITE_VLLM_PYTHONPATH", "")}  # fmt: skip
         environment = os.environ | settings | self.environment
@@ -180,7 +181,9 @@ class VllmService:
             except (OSError, subprocess.TimeoutExpired):
                 pass
         self._stop()
-        shutil.rmtree(self.replies, ignore_errors=True)
+        if self.replies is not None:
+            shutil.rmtree(self.replies, ignore_errors=True)
+            self.replies = None
 
     def log_since(self, offset: int) -> str:
         with open(self.log_path, "rb") as log:

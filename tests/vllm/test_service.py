@@ -44,6 +44,9 @@ def test_the_server_starts_with_its_openmp_threads(monkeypatch, tmp_path, cpu_bu
     server._start()
     server.process = None  # nothing was started
     assert started[0].get("OMP_NUM_THREADS") == expected
+    replies = server.replies
+    server.close()  # a closed service leaves no replies folder in the temp dir (five per run were left there)
+    assert replies.parent.is_dir() and not replies.exists()
 
 
 LOADING_FOREVER = """
