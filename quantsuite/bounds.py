@@ -77,6 +77,7 @@ class Limit:
 
     kind: Literal["max", "min"]
     bound: float
+    basis: str = ""  # how the bound was made, for a failing verdict's message (FigureBound.basis)
 
     def holds(self, value: float) -> bool:
         return value <= self.bound if self.kind == "max" else value >= self.bound
@@ -109,7 +110,40 @@ class FigureBound(Strict):
         return max(values) if self.kind == "max" else min(values)
 
     def limit(self, seed: int) -> Limit:
-        return Limit(self.kind, self.seed_bounds.get(seed, self.any_seed))
+        return Limit(self.kind, self.seed_bounds.get(seed, self.any_seed), self.basis(seed))
+
+    def basis(self, seed: int) -> str:
+        """How the bound at `seed` was made, and so how far to trust it on this machine: the worst value, k and the
+        sigma, and where the sigma came from (`derive`): the spread of the runs at seed 0, the within-run standard
+        error (fewer than three runs), or the figure's resolution (one token, one weight). Where fewer than three
+        runs carry no within-run error (a record measured before its figure had one), nothing measured how far
+        another machine of the device class may move the figure, and the text says how to add one's run."""
+        sign = "+" if self.kind == "max" else "-"
+
+        def k(bound: float, worst: float, sigma: float) -> str:
+            return f"{abs(bound - worst) / sigma:.3g}" if sigma else "0"
+
+        if self.sigma_all == 0.0:
+            return "exact in every run"
+        if seed not in self.seed_bounds:
+            return (f"data seed {seed} not measured: worst of {len(self.values)} runs {self.worst():.4g} {sign} "
+                    f"{k(self.any_seed, self.worst(), self.sigma_all)} x {self.sigma_all:.2g} (within-run, kernel "
+                    "and seed spread together)")  # fmt: skip
+        at_zero = [value for condition, value in self.values.items() if condition.endswith(" seed=0")]
+        spread = _std(at_zero)
+        if spread == self.sigma_kernels:
+            source = f"the spread of {len(at_zero)} runs at seed 0"
+        elif self.sigma_within == self.sigma_kernels:
+            source = f"the within-run standard error ({len(at_zero)} run(s) at seed 0, too few for a spread)"
+        else:
+            source = f"the figure's resolution, above the spread of {len(at_zero)} run(s) at seed 0 ({spread:.2g})"
+            if len(at_zero) < 3 and self.sigma_within == 0.0:
+                source += ("; no within-run error was measured (runs from before the figure had one), so another "
+                           "machine of this device class may compute beyond it: its run, added with `python -m "
+                           "quantsuite.measure_bounds ... --fill`, widens the bound by the spread it finds")
+        worst = self.worst(seed)
+        return (f"{worst:.4g} {sign} {k(self.seed_bounds[seed], worst, self.sigma_kernels)} x "
+                f"{self.sigma_kernels:.2g}, sigma from {source}")  # fmt: skip
 
     def margins_sigma(self) -> dict[str, float]:
         """Each bound's distance from the worst value it covers, in units of its sigma (inf: zero spread, zero gap;

@@ -273,3 +273,25 @@ def test_one_run_of_a_code_share_keeps_its_layer_error_as_its_spread():
     assert bound.sigma_within == pytest.approx(4.98e-5) and bound.sigma_kernels == pytest.approx(4.98e-5)
     assert all(bound.limit(0).holds(other) for other in (4.979e-4, 5.056e-4))
     assert not bound.limit(0).holds(7.826e-3)  # one layer's scale off by 10% (the planted fault's share on tiny)
+
+
+def test_a_bound_says_where_its_sigma_came_from():
+    """A failing verdict's message carries its bound's basis (`Limit.basis`): the spread of the runs, the within-run
+    error of too few runs, or the resolution alone. The last, for a one-run figure with no within-run error (the GPU
+    record's AWQ code shares, measured before they had one), says that another machine of the class may compute
+    beyond it and how to add its run, since nothing measured that spread."""
+    share = "export_fidelity.differing_code_share"
+
+    def run(value: float, error: float | None) -> dict:
+        fidelity = {"differing_code_share": value, "quantized_weights": 1_000_000}
+        return {"export_fidelity": fidelity | ({"differing_code_share_se": error} if error is not None else {})}
+
+    old = derive(share, {("native", 0): run(1.5e-3, None), ("card-h100", 0): run(1.5e-3, None)}).limit(0)
+    assert old.basis.startswith("0.0015 + 3 x 1e-06, sigma from the figure's resolution") and "--fill" in old.basis
+    one = derive(share, {("native", 0): run(1.5e-3, 5e-5)}).limit(0)
+    assert "within-run standard error (1 run(s)" in one.basis and "--fill" not in one.basis
+    spread = derive(share, {(kernels, 0): run(value, 5e-5) for kernels, value in
+                            (("native", 1.5e-3), ("avx2", 1.6e-3), ("default", 1.4e-3))}).limit(0)  # fmt: skip
+    assert spread.basis == "0.0016 + 3 x 0.0001, sigma from the spread of 3 runs at seed 0", spread.basis
+    assert derive(share, {("native", 0): run(0.0, 0.0)}).limit(0).basis == "exact in every run"
+    assert "data seed 4 not measured" in derive(share, {("native", 0): run(1.5e-3, 5e-5)}).limit(4).basis

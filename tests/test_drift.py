@@ -19,7 +19,8 @@ def _limits(workbench, scheme) -> tuple[dict, str]:
 def _violations(limits: dict, measurement: dict, prefixes: tuple[str, ...], source: str) -> list[str]:
     from quantsuite.bounds import figure_value
 
-    return [f"{figure} {figure_value(measurement, figure):.4g} not {limit.kind} {limit.bound:.4g} ({source})"
+    return [f"{figure} {figure_value(measurement, figure):.4g} not {limit.kind} {limit.bound:.4g} ({source}"
+            + (f"; bound = {limit.basis})" if limit.basis else ")")
             for figure, limit in limits.items() if figure.startswith(prefixes)
             and not limit.holds(figure_value(measurement, figure))]  # fmt: skip
 
