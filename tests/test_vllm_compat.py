@@ -250,14 +250,13 @@ def test_the_server_preloads_what_engines_import_on_the_cpu_build(vllm_python):
 
     # the freeze counted from before the preload: on the CUDA build (H200, run gpu-39) the heap was already frozen
     # before it by what the imports ran, so a count above 0 said nothing of the preload
-    script = (f"import gc, sys; sys.path.insert(0, {str(WORKER.parent)!r}); import worker, torch; "
+    script = (f"import gc, os, sys; sys.path.insert(0, {str(WORKER.parent)!r}); import worker, torch; "
               "frozen = gc.get_freeze_count(); "
               "print(worker.preload_engine_imports(), 'vllm.entrypoints.llm' in sys.modules "
               "and all(name in sys.modules for name in worker.ENGINE_MODULES), "
               "torch.cuda.is_initialized(), gc.get_freeze_count() > frozen, "
               "getattr(sys.modules.get('torch._inductor.codecache'), '_HEADER_DIR', '').startswith("
               "os.environ['TORCHINDUCTOR_CACHE_DIR']))")  # fmt: skip
-    script = "import os; " + script
     done = subprocess.run([str(vllm_python), "-c", script], capture_output=True, text=True, timeout=300)
     cpu = is_cpu_build(vllm_python)
     # the preloaded heap frozen out of every engine's collections; inductor's precompiled headers in the suite's cache
